@@ -1,0 +1,69 @@
+//! The one place where errors become what clients see.
+//!
+//! Each variant maps to one gRPC code. Validation errors carry a
+//! `google.rpc.BadRequest` detail naming the field; storage failures are
+//! logged here and reach the client only as a generic `INTERNAL`.
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+use crate::{store::StoreError, validate::ValidationError};
+
+/// Why a request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Invalid(#[from] ValidationError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl Error {
+    /// The gRPC status code for this error. Also used where the contract
+    /// reports a code inside a message (SyncUsers Acks, BulkAddUsers errors).
+    pub fn code(&self) -> Code {
+        match self {
+            Error::Invalid(_) => Code::InvalidArgument,
+            Error::Store(StoreError::AlreadyExists(_)) => Code::AlreadyExists,
+            Error::Store(StoreError::NotFound(_)) => Code::NotFound,
+            Error::Store(StoreError::VersionMismatch { .. }) => Code::FailedPrecondition,
+            Error::Store(StoreError::Internal(_)) => Code::Internal,
+        }
+    }
+
+    /// The message a client sees.
+    pub fn client_message(&self) -> String {
+        match self {
+            Error::Store(err @ StoreError::Internal(_)) => {
+                tracing::error!(error = %err, "request failed");
+                "internal storage error".to_owned()
+            }
+            other => other.to_string(),
+        }
+    }
+}
+
+impl From<Error> for Status {
+    fn from(err: Error) -> Status {
+        match &err {
+            Error::Invalid(invalid) => Status::with_error_details(
+                Code::InvalidArgument,
+                invalid.to_string(),
+                ErrorDetails::with_bad_request_violation(invalid.field, &invalid.description),
+            ),
+            _ => Status::new(err.code(), err.client_message()),
+        }
+    }
+}
+
+impl From<ValidationError> for Status {
+    fn from(err: ValidationError) -> Status {
+        Error::from(err).into()
+    }
+}
+
+impl From<StoreError> for Status {
+    fn from(err: StoreError) -> Status {
+        Error::from(err).into()
+    }
+}

@@ -1,0 +1,30 @@
+//! user-service: a gRPC user service that shows all four call patterns over
+//! one shared store.
+//!
+//! # Layout
+//!
+//! A request travels down this list and its reply back up:
+//!
+//! - `main.rs` (the `user-service` binary): flags, logging, signals; calls
+//!   [`server::run`].
+//! - [`server`]: transport limits, the services on the port (UserService,
+//!   health, reflection) and graceful shutdown.
+//! - [`service`]: one handler per RPC (decode, validate, one store call,
+//!   convert), a module per streaming pattern.
+//! - [`validate`]: the input rules, apart from gRPC.
+//! - [`error`]: the one place where errors become gRPC statuses.
+//! - [`store`]: the [`store::Store`] trait, the in-memory backend and the
+//!   change feed that SyncUsers streams subscribe to.
+//! - [`user`]: the domain types (users and changes).
+//! - [`proto`]: the generated wire types and conversions.
+
+pub mod error;
+pub mod proto;
+pub mod server;
+pub mod service;
+pub mod store;
+pub mod user;
+pub mod validate;
+
+pub use server::{Config, run};
+pub use store::{MemoryStore, Store};

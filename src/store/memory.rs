@@ -1,0 +1,436 @@
+//! The in-memory store: an ordered set of users behind one lock.
+
+use std::{borrow::Borrow, cmp::Ordering, collections::BTreeSet, ops::Bound, sync::Arc};
+
+use parking_lot::RwLock;
+use uuid::Uuid;
+
+use super::{ChangeFeed, ListFilter, Page, Store, StoreError, Subscription};
+use crate::user::{Change, ChangeKind, NewUser, User};
+
+/// Most users a listing page looks at under one lock hold, matching or not:
+/// a filter that matches few users must not turn one page into a scan of the
+/// whole store while writers wait.
+const MAX_SCAN_PER_PAGE: usize = 4096;
+
+/// Users in memory, lost when the process exits.
+///
+/// A cheap handle: clones share the same users.
+#[derive(Debug, Clone)]
+pub struct MemoryStore {
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    // A blocking (not async) lock, because no critical section awaits: each
+    // operation takes it once, does its few map operations and releases it.
+    // That is also what makes every write atomic even if the calling task is
+    // cancelled. parking_lot's RwLock is small, fast when uncontended and lets
+    // reads (GetUser, listing pages) run side by side.
+    state: RwLock<State>,
+    feed: ChangeFeed,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    users: BTreeSet<ById>,
+    /// The seq of the last committed change.
+    seq: u64,
+}
+
+/// A stored user, ordered (and looked up, through `Borrow<str>`) by its id.
+/// Keeping the id inside the user instead of as a separate map key stores
+/// each id once.
+#[derive(Debug, Clone)]
+struct ById(Arc<User>);
+
+impl Borrow<str> for ById {
+    fn borrow(&self) -> &str {
+        self.0.id()
+    }
+}
+
+impl Ord for ById {
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.0.id().cmp(other.0.id())
+    }
+}
+
+impl PartialOrd for ById {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl PartialEq for ById {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.id() == other.0.id()
+    }
+}
+
+impl Eq for ById {}
+
+impl MemoryStore {
+    /// `feed_capacity`: how far a change-feed subscriber may fall behind
+    /// before it is cut off (see [`ChangeFeed`]).
+    pub fn new(feed_capacity: usize) -> Self {
+        MemoryStore {
+            shared: Arc::new(Shared {
+                state: RwLock::new(State::default()),
+                feed: ChangeFeed::new(feed_capacity),
+            }),
+        }
+    }
+
+    /// How many users are stored.
+    pub fn len(&self) -> usize {
+        self.shared.state.read().users.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The seq of the last committed change (0 before the first).
+    pub fn last_seq(&self) -> u64 {
+        self.shared.state.read().seq
+    }
+
+    /// The change feed, e.g. to count subscribers.
+    pub fn feed(&self) -> &ChangeFeed {
+        &self.shared.feed
+    }
+
+    /// Builds the user to store for a create, outside any lock.
+    fn prepare(user: &NewUser, version: u64) -> User {
+        if user.id.is_empty() {
+            // UUIDv7 is time-ordered and the `uuid` crate keeps a counter so
+            // that ids made in the same millisecond still increase; the
+            // lowercase text form sorts like the bytes.
+            let mut buf = Uuid::encode_buffer();
+            let id = Uuid::now_v7().hyphenated().encode_lower(&mut buf);
+            User::new(id, user, version)
+        } else {
+            User::new(&user.id, user, version)
+        }
+    }
+}
+
+impl State {
+    /// Commits one change: the next seq, published while the lock is still
+    /// held so that subscribers see changes in commit order.
+    fn commit(&mut self, feed: &ChangeFeed, kind: ChangeKind, user: Arc<User>) -> Change {
+        self.seq += 1;
+        let change = Change {
+            seq: self.seq,
+            kind,
+            user,
+        };
+        feed.publish(change.clone());
+        change
+    }
+
+    fn create(&mut self, feed: &ChangeFeed, user: Arc<User>) -> Result<Change, StoreError> {
+        if self.users.contains(user.id()) {
+            return Err(StoreError::AlreadyExists(user.id().to_owned()));
+        }
+        self.users.insert(ById(user.clone()));
+        Ok(self.commit(feed, ChangeKind::Created, user))
+    }
+}
+
+fn check_version(expected: Option<u64>, actual: u64) -> Result<(), StoreError> {
+    match expected {
+        Some(expected) if expected != actual => {
+            Err(StoreError::VersionMismatch { expected, actual })
+        }
+        _ => Ok(()),
+    }
+}
+
+impl Store for MemoryStore {
+    async fn create(&self, user: NewUser) -> Result<Change, StoreError> {
+        let user = Arc::new(Self::prepare(&user, 1));
+        let mut state = self.shared.state.write();
+        state.create(&self.shared.feed, user)
+    }
+
+    async fn create_many(&self, users: Vec<NewUser>) -> Vec<Result<Change, StoreError>> {
+        // Allocate outside the lock, then commit the whole batch under one
+        // lock hold instead of one per user.
+        let prepared: Vec<Arc<User>> = users
+            .iter()
+            .map(|user| Arc::new(Self::prepare(user, 1)))
+            .collect();
+        let mut state = self.shared.state.write();
+        prepared
+            .into_iter()
+            .map(|user| state.create(&self.shared.feed, user))
+            .collect()
+    }
+
+    async fn upsert(
+        &self,
+        user: NewUser,
+        expected_version: Option<u64>,
+    ) -> Result<Change, StoreError> {
+        let prepared = Self::prepare(&user, 1);
+        let mut state = self.shared.state.write();
+        let stored = state.users.get(prepared.id()).map(|u| u.0.version());
+        check_version(expected_version, stored.unwrap_or(0))?;
+        match stored {
+            None => {
+                let user = Arc::new(prepared);
+                state.users.insert(ById(user.clone()));
+                Ok(state.commit(&self.shared.feed, ChangeKind::Created, user))
+            }
+            Some(version) => {
+                let user = Arc::new(User::new(prepared.id(), &user, version + 1));
+                state.users.replace(ById(user.clone()));
+                Ok(state.commit(&self.shared.feed, ChangeKind::Updated, user))
+            }
+        }
+    }
+
+    async fn delete(&self, id: &str, expected_version: Option<u64>) -> Result<Change, StoreError> {
+        let mut state = self.shared.state.write();
+        let stored = match state.users.get(id) {
+            Some(stored) => stored.0.version(),
+            None => return Err(StoreError::NotFound(id.to_owned())),
+        };
+        check_version(expected_version, stored)?;
+        let ById(user) = state
+            .users
+            .take(id)
+            .expect("checked above under the same lock");
+        Ok(state.commit(&self.shared.feed, ChangeKind::Deleted, user))
+    }
+
+    async fn get(&self, id: &str) -> Result<Arc<User>, StoreError> {
+        let state = self.shared.state.read();
+        match state.users.get(id) {
+            Some(ById(user)) => Ok(user.clone()),
+            None => Err(StoreError::NotFound(id.to_owned())),
+        }
+    }
+
+    async fn list_page(
+        &self,
+        filter: ListFilter,
+        after: Option<&str>,
+        max: usize,
+    ) -> Result<Page, StoreError> {
+        let start = match after {
+            Some(after) => Bound::Excluded(after),
+            None => Bound::Unbounded,
+        };
+        let state = self.shared.state.read();
+        let mut page = Page {
+            users: Vec::with_capacity(max.min(MAX_SCAN_PER_PAGE)),
+            next_after: None,
+        };
+        let mut last_scanned = None;
+        for (scanned, ById(user)) in state
+            .users
+            .range::<str, _>((start, Bound::Unbounded))
+            .enumerate()
+        {
+            if page.users.len() == max || scanned == MAX_SCAN_PER_PAGE {
+                // More users follow: resume after the last one looked at.
+                page.next_after = last_scanned.map(|u: &Arc<User>| u.id().to_owned());
+                break;
+            }
+            if filter.matches(user) {
+                page.users.push(user.clone());
+            }
+            last_scanned = Some(user);
+        }
+        Ok(page)
+    }
+
+    fn subscribe(&self) -> Subscription {
+        self.shared.feed.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> MemoryStore {
+        MemoryStore::new(1024)
+    }
+
+    fn named(id: &str, first_name: &str) -> NewUser {
+        NewUser {
+            id: id.into(),
+            first_name: first_name.into(),
+            ..NewUser::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn create_assigns_increasing_ids_and_version_one() {
+        let store = store();
+        let mut last = String::new();
+        for _ in 0..1000 {
+            let change = store.create(named("", "Ann")).await.unwrap();
+            assert_eq!(change.kind, ChangeKind::Created);
+            assert_eq!(change.user.version(), 1);
+            assert!(change.user.id() > last.as_str(), "ids must increase");
+            last = change.user.id().to_owned();
+        }
+        assert_eq!(store.len(), 1000);
+    }
+
+    #[tokio::test]
+    async fn create_rejects_a_stored_id_and_commits_nothing() {
+        let store = store();
+        store.create(named("a", "Ann")).await.unwrap();
+        let err = store.create(named("a", "Bob")).await.unwrap_err();
+        assert_eq!(err, StoreError::AlreadyExists("a".into()));
+        assert_eq!(store.get("a").await.unwrap().first_name(), "Ann");
+        assert_eq!(store.last_seq(), 1);
+    }
+
+    #[tokio::test]
+    async fn create_many_reports_each_row() {
+        let store = store();
+        let results = store
+            .create_many(vec![named("a", "A"), named("b", "B"), named("a", "C")])
+            .await;
+        assert!(results[0].is_ok() && results[1].is_ok());
+        assert_eq!(results[2], Err(StoreError::AlreadyExists("a".into())));
+        let seqs: Vec<u64> = results[..2]
+            .iter()
+            .map(|r| r.as_ref().unwrap().seq)
+            .collect();
+        assert_eq!(seqs, [1, 2]);
+    }
+
+    #[tokio::test]
+    async fn upsert_bumps_versions_and_checks_expected() {
+        let store = store();
+        let created = store.upsert(named("a", "A"), None).await.unwrap();
+        assert_eq!(
+            (created.kind, created.user.version()),
+            (ChangeKind::Created, 1)
+        );
+        let updated = store.upsert(named("a", "B"), Some(1)).await.unwrap();
+        assert_eq!(
+            (updated.kind, updated.user.version()),
+            (ChangeKind::Updated, 2)
+        );
+        assert_eq!(updated.user.first_name(), "B");
+        let err = store.upsert(named("a", "C"), Some(1)).await.unwrap_err();
+        assert_eq!(
+            err,
+            StoreError::VersionMismatch {
+                expected: 1,
+                actual: 2
+            }
+        );
+        let err = store.upsert(named("new", "C"), Some(3)).await.unwrap_err();
+        assert_eq!(
+            err,
+            StoreError::VersionMismatch {
+                expected: 3,
+                actual: 0
+            }
+        );
+        assert_eq!(store.last_seq(), 2, "failed ops use no seq");
+    }
+
+    #[tokio::test]
+    async fn delete_then_recreate_starts_at_version_one() {
+        let store = store();
+        store.upsert(named("a", "A"), None).await.unwrap();
+        store.upsert(named("a", "A"), None).await.unwrap();
+        let err = store.delete("a", Some(1)).await.unwrap_err();
+        assert_eq!(
+            err,
+            StoreError::VersionMismatch {
+                expected: 1,
+                actual: 2
+            }
+        );
+        let deleted = store.delete("a", Some(2)).await.unwrap();
+        assert_eq!(
+            (deleted.kind, deleted.user.version()),
+            (ChangeKind::Deleted, 2)
+        );
+        assert_eq!(
+            store.delete("a", None).await.unwrap_err(),
+            StoreError::NotFound("a".into())
+        );
+        let again = store.upsert(named("a", "A"), None).await.unwrap();
+        assert_eq!((again.kind, again.user.version()), (ChangeKind::Created, 1));
+    }
+
+    #[tokio::test]
+    async fn list_pages_in_id_order_with_filter() {
+        let store = store();
+        for i in 0..10 {
+            let mut user = named(&format!("u{i}"), "N");
+            user.verified = i % 2 == 0;
+            store.create(user).await.unwrap();
+        }
+        let all = ListFilter::default();
+        let page = store.list_page(all, None, 4).await.unwrap();
+        let ids: Vec<&str> = page.users.iter().map(|u| u.id()).collect();
+        assert_eq!(ids, ["u0", "u1", "u2", "u3"]);
+        assert_eq!(page.next_after.as_deref(), Some("u3"));
+
+        let page = store.list_page(all, Some("u7"), 4).await.unwrap();
+        let ids: Vec<&str> = page.users.iter().map(|u| u.id()).collect();
+        assert_eq!(ids, ["u8", "u9"]);
+        assert_eq!(page.next_after, None);
+
+        let verified = ListFilter {
+            verified: Some(true),
+        };
+        let page = store.list_page(verified, None, 100).await.unwrap();
+        let ids: Vec<&str> = page.users.iter().map(|u| u.id()).collect();
+        assert_eq!(ids, ["u0", "u2", "u4", "u6", "u8"]);
+    }
+
+    #[tokio::test]
+    async fn a_sparse_filter_scans_a_bounded_number_per_page() {
+        let store = store();
+        let users = (0..MAX_SCAN_PER_PAGE + 10)
+            .map(|i| named(&format!("u{i:06}"), "N"))
+            .collect();
+        store.create_many(users).await;
+        let verified = ListFilter {
+            verified: Some(true),
+        };
+        let page = store.list_page(verified, None, 10).await.unwrap();
+        assert!(page.users.is_empty());
+        let resume = page.next_after.expect("more to scan");
+        assert_eq!(resume, format!("u{:06}", MAX_SCAN_PER_PAGE - 1));
+        let page = store.list_page(verified, Some(&resume), 10).await.unwrap();
+        assert!(page.users.is_empty());
+        assert_eq!(page.next_after, None);
+    }
+
+    #[tokio::test]
+    async fn subscribers_see_changes_in_commit_order() {
+        let store = store();
+        let mut sub = store.subscribe();
+        store.create(named("a", "A")).await.unwrap();
+        store.upsert(named("a", "B"), None).await.unwrap();
+        store.delete("a", None).await.unwrap();
+        let kinds: Vec<(u64, ChangeKind)> = (0..3)
+            .map(|_| sub.try_recv().map(|c| (c.seq, c.kind)).unwrap())
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                (1, ChangeKind::Created),
+                (2, ChangeKind::Updated),
+                (3, ChangeKind::Deleted)
+            ]
+        );
+    }
+}

@@ -1,0 +1,110 @@
+//! The shared user store: the [`Store`] trait every backend implements, its
+//! errors, and the change feed.
+//!
+//! The RPC code only sees this trait, so a backend can be swapped without
+//! touching it. Callers validate input first (see `validate`); a store trusts
+//! that ids and fields follow the rules.
+
+mod feed;
+mod memory;
+
+use std::{future::Future, sync::Arc};
+
+pub use feed::{ChangeFeed, Subscription};
+pub use memory::MemoryStore;
+
+use crate::user::{Change, NewUser, User};
+
+/// Why a store operation did not happen. A failed operation changes nothing.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    #[error("user {0:?} already exists")]
+    AlreadyExists(String),
+    #[error("user {0:?} not found")]
+    NotFound(String),
+    /// The caller expected one version and the store holds another
+    /// (`actual` is 0 when no such user exists).
+    #[error("expected version {expected}, stored version is {actual}")]
+    VersionMismatch { expected: u64, actual: u64 },
+    /// The backend failed. The text is for logs, not for clients.
+    #[error("storage failure: {0}")]
+    Internal(String),
+}
+
+/// Which users a listing returns.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ListFilter {
+    /// `Some(v)`: only users whose `verified` equals `v`.
+    pub verified: Option<bool>,
+}
+
+impl ListFilter {
+    pub fn matches(&self, user: &User) -> bool {
+        self.verified.is_none_or(|v| user.verified() == v)
+    }
+}
+
+/// One page of a listing.
+#[derive(Debug, Default)]
+pub struct Page {
+    /// Matching users in ascending id order.
+    pub users: Vec<Arc<User>>,
+    /// Where the next page starts (strictly after this id), or `None` when the
+    /// listing has reached the end. It can be past the last user returned:
+    /// users the filter skipped are not scanned again.
+    pub next_after: Option<String>,
+}
+
+/// A user store shared by every call.
+///
+/// Every write is atomic: it commits completely, with the next seq, and is
+/// published to the change feed in commit order, or it fails and commits
+/// nothing. Implementations are cheap-to-clone handles.
+pub trait Store: Clone + Send + Sync + Unpin + 'static {
+    /// Stores a new user with version 1, assigning a UUIDv7 when `user.id` is
+    /// empty. An id already stored is [`StoreError::AlreadyExists`].
+    fn create(&self, user: NewUser) -> impl Future<Output = Result<Change, StoreError>> + Send;
+
+    /// Creates each user in order, as [`Store::create`] would one by one, and
+    /// returns one result per user. Backends commit the batch together where
+    /// they can, which is what makes bulk import fast.
+    fn create_many(
+        &self,
+        users: Vec<NewUser>,
+    ) -> impl Future<Output = Vec<Result<Change, StoreError>>> + Send;
+
+    /// Creates or replaces a user. Replacing bumps the version; an empty id
+    /// creates a user with a new id. With `expected_version` set, the stored
+    /// version (0 when there is none) must equal it.
+    fn upsert(
+        &self,
+        user: NewUser,
+        expected_version: Option<u64>,
+    ) -> impl Future<Output = Result<Change, StoreError>> + Send;
+
+    /// Deletes a user. With `expected_version` set, the stored version must
+    /// equal it.
+    fn delete(
+        &self,
+        id: &str,
+        expected_version: Option<u64>,
+    ) -> impl Future<Output = Result<Change, StoreError>> + Send;
+
+    /// Reads one user.
+    fn get(&self, id: &str) -> impl Future<Output = Result<Arc<User>, StoreError>> + Send;
+
+    /// Reads up to `max` users matching `filter` with ids strictly after
+    /// `after` (from the start when `None`), in ascending id order.
+    ///
+    /// Each call is short: a listing is a sequence of pages, so that no lock
+    /// or transaction is held while a client reads slowly.
+    fn list_page(
+        &self,
+        filter: ListFilter,
+        after: Option<&str>,
+        max: usize,
+    ) -> impl Future<Output = Result<Page, StoreError>> + Send;
+
+    /// Subscribes to every change committed from now on.
+    fn subscribe(&self) -> Subscription;
+}
