@@ -65,6 +65,9 @@ struct Import {
     batch: Vec<NewUser>,
     /// The stream index of each row in `batch`.
     batch_index: Vec<u64>,
+    /// Rows of this batch that failed validation, reported with the batch so
+    /// that errors are listed in stream order.
+    batch_invalid: Vec<(u64, Error)>,
 }
 
 impl Import {
@@ -77,25 +80,27 @@ impl Import {
                 self.batch.push(user);
                 self.batch_index.push(index);
             }
-            Err(invalid) => self.fail(index, invalid.into()),
+            Err(invalid) => self.batch_invalid.push((index, invalid.into())),
         }
     }
 
     async fn commit<S: Store>(&mut self, store: &S) {
-        if self.batch.is_empty() {
-            return;
-        }
-        // `drain` keeps the buffers' capacity for the next batch.
-        let results = store.create_many(self.batch.drain(..).collect()).await;
-        let mut indexes = std::mem::take(&mut self.batch_index);
-        for (&index, result) in indexes.iter().zip(results) {
-            match result {
-                Ok(_) => self.report.added += 1,
-                Err(err) => self.fail(index, err.into()),
+        let mut failures = std::mem::take(&mut self.batch_invalid);
+        if !self.batch.is_empty() {
+            // `drain` keeps the buffers' capacity for the next batch.
+            let results = store.create_many(self.batch.drain(..).collect()).await;
+            for (index, result) in self.batch_index.drain(..).zip(results) {
+                match result {
+                    Ok(_) => self.report.added += 1,
+                    Err(err) => failures.push((index, err.into())),
+                }
             }
         }
-        indexes.clear();
-        self.batch_index = indexes;
+        failures.sort_unstable_by_key(|(index, _)| *index);
+        for (index, err) in failures.drain(..) {
+            self.fail(index, err);
+        }
+        self.batch_invalid = failures;
     }
 
     fn fail(&mut self, index: u64, err: Error) {

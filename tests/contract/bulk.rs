@@ -1,0 +1,120 @@
+//! BulkAddUsers.
+
+use tonic::Code;
+use user_service::proto;
+
+use crate::common::{Backend, list_all, request_stream, user, user_with_id, within};
+
+crate::for_each_backend!(
+    imports_every_valid_row_and_reports_the_rest,
+    reports_at_most_100_errors_but_counts_all,
+    an_empty_stream_adds_nothing,
+    rows_stored_before_an_abort_stay_stored,
+);
+
+async fn imports_every_valid_row_and_reports_the_rest(backend: Backend) {
+    let server = backend.start().await;
+    let mut client = server.client().await;
+    client.add_user(user_with_id("taken")).await.unwrap();
+
+    let rows = vec![
+        user("ok 0"),            // 0
+        user(""),                // 1: invalid first_name
+        user_with_id("dup"),     // 2
+        user_with_id("dup"),     // 3: duplicate within the stream
+        user_with_id("taken"),   // 4: duplicate against the store
+        user_with_id("bad id!"), // 5: invalid id
+        user("ok 6"),            // 6
+    ];
+    let report = client
+        .bulk_add_users(tokio_stream::iter(rows))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(report.added, 3);
+    assert_eq!(report.failed, 4);
+    let errors: Vec<(u64, i32)> = report.errors.iter().map(|e| (e.index, e.code)).collect();
+    assert_eq!(
+        errors,
+        [
+            (1, Code::InvalidArgument as i32),
+            (3, Code::AlreadyExists as i32),
+            (4, Code::AlreadyExists as i32),
+            (5, Code::InvalidArgument as i32),
+        ]
+    );
+    assert!(report.errors[0].message.contains("first_name"));
+    assert!(report.errors[1].message.contains("dup"));
+
+    let mut names: Vec<String> = list_all(&mut client)
+        .await
+        .into_iter()
+        .map(|u| u.first_name)
+        .collect();
+    names.sort();
+    assert_eq!(names, ["Ann", "Ann", "ok 0", "ok 6"]); // "taken", "dup", two new
+}
+
+async fn reports_at_most_100_errors_but_counts_all(backend: Backend) {
+    let server = backend.start().await;
+    let mut client = server.client().await;
+    let rows = (0..300).map(|i| if i % 2 == 0 { user("") } else { user("fine") });
+    let report = client
+        .bulk_add_users(tokio_stream::iter(rows))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((report.added, report.failed), (150, 150));
+    assert_eq!(report.errors.len(), 100);
+    let indexes: Vec<u64> = report.errors.iter().map(|e| e.index).collect();
+    let expected: Vec<u64> = (0..100).map(|i| i * 2).collect();
+    assert_eq!(indexes, expected);
+}
+
+async fn an_empty_stream_adds_nothing(backend: Backend) {
+    let server = backend.start().await;
+    let mut client = server.client().await;
+    let report = client
+        .bulk_add_users(tokio_stream::iter(Vec::<proto::User>::new()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(report, proto::BulkAddUsersResponse::default());
+}
+
+async fn rows_stored_before_an_abort_stay_stored(backend: Backend) {
+    let server = backend.start().await;
+    let mut client = server.client().await;
+    let mut watcher = server.client().await;
+    let (_sync_tx, sync_rx) = request_stream::<proto::SyncRequest>();
+    let mut changes = watcher.sync_users(sync_rx).await.unwrap().into_inner();
+
+    let (tx, rows) = request_stream();
+    let call = tokio::spawn(async move { client.bulk_add_users(rows).await });
+    for i in 0..50 {
+        tx.send(user_with_id(&format!("row-{i:02}"))).await.unwrap();
+    }
+    // Wait until the server has committed all 50 (their Changes arrive)...
+    for _ in 0..50 {
+        within("a change", changes.message())
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    // ...then abort the call mid-stream.
+    call.abort();
+    let _ = call.await;
+
+    let mut client = server.client().await;
+    let stored = list_all(&mut client).await;
+    assert_eq!(stored.len(), 50);
+    assert_eq!(stored[0].id, "row-00");
+    assert_eq!(stored[49].id, "row-49");
+    // The server still takes imports.
+    let report = client
+        .bulk_add_users(tokio_stream::iter(vec![user("after")]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(report.added, 1);
+}

@@ -1,0 +1,317 @@
+//! SyncUsers.
+
+use tokio::sync::mpsc;
+use tonic::{Code, Streaming};
+use user_service::proto::{
+    self, Ack, Change, SyncRequest, SyncResponse, change::Kind, sync_request::Op,
+    sync_response::Event,
+};
+
+use crate::common::{Backend, Client, TestServer, request_stream, user, user_with_id, within};
+
+crate::for_each_backend!(
+    acks_report_each_outcome_and_changes_follow_commits,
+    requests_apply_in_the_order_sent,
+    streams_see_every_change_from_every_call_with_gapless_seq,
+    the_response_starts_before_the_first_request,
+    closing_with_no_requests_ends_with_ok,
+    a_lagging_subscriber_is_aborted_not_skipped,
+);
+
+/// One SyncUsers call: `tx` sends requests (drop it to close our side),
+/// `rx` reads Acks and Changes.
+struct Sync {
+    tx: mpsc::Sender<SyncRequest>,
+    rx: Streaming<SyncResponse>,
+    _client: Client,
+}
+
+impl Sync {
+    /// Opens a call on a connection of its own.
+    async fn open(server: &TestServer) -> Sync {
+        let mut client = server.client().await;
+        let (tx, requests) = request_stream();
+        let rx = client.sync_users(requests).await.unwrap().into_inner();
+        Sync {
+            tx,
+            rx,
+            _client: client,
+        }
+    }
+
+    async fn send(&self, request_id: u64, op: Option<Op>, expected_version: u64) {
+        let request = SyncRequest {
+            request_id,
+            op,
+            expected_version,
+        };
+        self.tx.send(request).await.unwrap();
+    }
+
+    async fn next(&mut self) -> Event {
+        within("a SyncUsers event", self.rx.message())
+            .await
+            .unwrap()
+            .expect("the stream is open")
+            .event
+            .expect("an event")
+    }
+
+    async fn next_change(&mut self) -> Change {
+        loop {
+            if let Event::Change(change) = self.next().await {
+                return change;
+            }
+        }
+    }
+
+    /// Closes our side and reads the rest of the call, which must end with OK.
+    async fn finish(mut self) -> (Vec<Ack>, Vec<Change>) {
+        drop(self.tx);
+        let (mut acks, mut changes) = (Vec::new(), Vec::new());
+        while let Some(response) = within("the call to end", self.rx.message()).await.unwrap() {
+            match response.event.unwrap() {
+                Event::Ack(ack) => acks.push(ack),
+                Event::Change(change) => changes.push(change),
+            }
+        }
+        (acks, changes)
+    }
+}
+
+fn upsert(u: proto::User) -> Option<Op> {
+    Some(Op::Upsert(u))
+}
+
+fn delete(id: &str) -> Option<Op> {
+    Some(Op::DeleteId(id.into()))
+}
+
+async fn acks_report_each_outcome_and_changes_follow_commits(backend: Backend) {
+    let server = backend.start().await;
+    let sync = Sync::open(&server).await;
+    let ok = Code::Ok as i32;
+    // (request, expected code, expected seq)
+    sync.send(1, upsert(user("New")), 0).await; // create, new id
+    sync.send(2, upsert(user_with_id("a")), 0).await; // create "a"
+    sync.send(3, upsert(user_with_id("a")), 1).await; // update "a" to version 2
+    sync.send(4, upsert(user_with_id("a")), 1).await; // stale version
+    sync.send(5, None, 0).await; // no op
+    sync.send(6, upsert(user_with_id("")), 0).await; // fine: creates a new id
+    sync.send(
+        7,
+        upsert(proto::User {
+            first_name: " ".into(),
+            ..user_with_id("a")
+        }),
+        0,
+    )
+    .await;
+    sync.send(8, delete("nope"), 0).await;
+    sync.send(9, delete("a"), 5).await;
+    sync.send(10, delete("a"), 2).await;
+    sync.send(11, upsert(user_with_id("a")), 0).await; // back, at version 1
+    sync.send(12, delete(""), 0).await;
+    sync.send(13, upsert(user_with_id("b")), 7).await; // expected version of a missing user
+    let (acks, changes) = sync.finish().await;
+
+    let outcome: Vec<(u64, i32, u64)> =
+        acks.iter().map(|a| (a.request_id, a.code, a.seq)).collect();
+    let (invalid, not_found, precondition) = (
+        Code::InvalidArgument as i32,
+        Code::NotFound as i32,
+        Code::FailedPrecondition as i32,
+    );
+    assert_eq!(
+        outcome,
+        [
+            (1, ok, 1),
+            (2, ok, 2),
+            (3, ok, 3),
+            (4, precondition, 0),
+            (5, invalid, 0),
+            (6, ok, 4),
+            (7, invalid, 0),
+            (8, not_found, 0),
+            (9, precondition, 0),
+            (10, ok, 5),
+            (11, ok, 6),
+            (12, invalid, 0),
+            (13, precondition, 0),
+        ]
+    );
+    let versions: Vec<u64> = acks
+        .iter()
+        .filter(|a| a.code == ok)
+        .map(|a| a.user.as_ref().unwrap().version)
+        .collect();
+    assert_eq!(versions, [1, 1, 2, 1, 2, 1]);
+    assert!(acks[4].message.contains("op"), "{}", acks[4].message);
+    assert!(
+        acks[6].message.contains("first_name"),
+        "{}",
+        acks[6].message
+    );
+    assert!(
+        acks[11].message.contains("delete_id"),
+        "{}",
+        acks[11].message
+    );
+    assert!(
+        acks.iter()
+            .filter(|a| a.code != ok)
+            .all(|a| a.user.is_none())
+    );
+
+    // Every committed op, and only those, as a Change with the Ack's seq and user.
+    let kinds: Vec<(u64, Kind)> = changes.iter().map(|c| (c.seq, c.kind())).collect();
+    assert_eq!(
+        kinds,
+        [
+            (1, Kind::Created),
+            (2, Kind::Created),
+            (3, Kind::Updated),
+            (4, Kind::Created),
+            (5, Kind::Deleted),
+            (6, Kind::Created),
+        ]
+    );
+    for ack in acks.iter().filter(|a| a.code == ok) {
+        let change = changes.iter().find(|c| c.seq == ack.seq).unwrap();
+        assert_eq!(change.user, ack.user);
+    }
+    // A deleted user's Change carries the user as it was.
+    assert_eq!(changes[4].user.as_ref().unwrap().id, "a");
+    assert_eq!(changes[4].user.as_ref().unwrap().version, 2);
+}
+
+async fn requests_apply_in_the_order_sent(backend: Backend) {
+    let server = backend.start().await;
+    let sync = Sync::open(&server).await;
+    // Each request expects the version the previous one produced: any
+    // reordering would fail one with FAILED_PRECONDITION.
+    for i in 0..300u64 {
+        let u = proto::User {
+            first_name: format!("v{}", i + 1),
+            ..user_with_id("counter")
+        };
+        sync.send(i, upsert(u), i).await;
+    }
+    let (acks, changes) = sync.finish().await;
+    assert_eq!(acks.len(), 300);
+    for (i, ack) in acks.iter().enumerate() {
+        assert_eq!(ack.request_id, i as u64);
+        assert_eq!(ack.code, 0, "request {i}: {}", ack.message);
+        assert_eq!(ack.user.as_ref().unwrap().version, i as u64 + 1);
+    }
+    assert_eq!(changes.len(), 300);
+}
+
+async fn streams_see_every_change_from_every_call_with_gapless_seq(backend: Backend) {
+    let server = backend.start().await;
+    let mut client = server.client().await;
+    let mut a = Sync::open(&server).await;
+    let mut b = Sync::open(&server).await;
+
+    a.send(1, upsert(user_with_id("from-a")), 0).await;
+    let first = a.next_change().await;
+    b.send(1, upsert(user_with_id("from-b")), 0).await;
+    let second = a.next_change().await;
+    // Both committed: the unary and bulk writes below come after them.
+    client.add_user(user_with_id("from-add")).await.unwrap();
+    let rows = vec![
+        user_with_id("bulk-1"),
+        user_with_id("bulk-2"),
+        user_with_id("bulk-3"),
+    ];
+    client
+        .bulk_add_users(tokio_stream::iter(rows))
+        .await
+        .unwrap();
+
+    let mut seen_by_a = vec![first, second];
+    let mut seen_by_b = Vec::new();
+    while seen_by_a.len() < 6 {
+        seen_by_a.push(a.next_change().await);
+    }
+    while seen_by_b.len() < 6 {
+        seen_by_b.push(b.next_change().await);
+    }
+    // Both streams see the same changes, in the same order, seq 1 to 6.
+    assert_eq!(seen_by_a, seen_by_b);
+    let seen: Vec<(u64, &str)> = seen_by_a
+        .iter()
+        .map(|c| (c.seq, c.user.as_ref().unwrap().id.as_str()))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (1, "from-a"),
+            (2, "from-b"),
+            (3, "from-add"),
+            (4, "bulk-1"),
+            (5, "bulk-2"),
+            (6, "bulk-3"),
+        ]
+    );
+}
+
+async fn the_response_starts_before_the_first_request(backend: Backend) {
+    let server = backend.start().await;
+    let mut client = server.client().await;
+    // `open` returns once the response headers arrive: the server must not
+    // wait for a request first. From then on, the subscription is live.
+    let mut listener = Sync::open(&server).await;
+    let added = client
+        .add_user(user("Ada"))
+        .await
+        .unwrap()
+        .into_inner()
+        .user;
+    let change = listener.next_change().await;
+    assert_eq!(change.seq, 1);
+    assert_eq!(change.kind(), Kind::Created);
+    assert_eq!(change.user, added);
+}
+
+async fn closing_with_no_requests_ends_with_ok(backend: Backend) {
+    let server = backend.start().await;
+    let sync = Sync::open(&server).await;
+    let (acks, changes) = sync.finish().await;
+    assert!(acks.is_empty() && changes.is_empty());
+}
+
+async fn a_lagging_subscriber_is_aborted_not_skipped(backend: Backend) {
+    let server: TestServer = backend.start_with_feed(16).await;
+    let mut client = server.client().await;
+    let mut slow = Sync::open(&server).await;
+    // Commit far more changes than the feed holds, without reading.
+    let rows: Vec<proto::User> = (0..5000).map(|i| user(&format!("u{i}"))).collect();
+    let report = client
+        .bulk_add_users(tokio_stream::iter(rows))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(report.added, 5000);
+
+    let mut expected_seq = 1;
+    let status = loop {
+        match within("the stream to end", slow.rx.message()).await {
+            Ok(Some(response)) => {
+                let Some(Event::Change(change)) = response.event else {
+                    panic!("only changes expected")
+                };
+                // What arrives is gapless: nothing is skipped silently.
+                assert_eq!(change.seq, expected_seq);
+                expected_seq += 1;
+            }
+            Ok(None) => panic!("the stream ended with OK after {expected_seq} changes"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(status.code(), Code::Aborted);
+    assert!(status.message().contains("behind"), "{}", status.message());
+    assert!(expected_seq <= 5000);
+    // The server goes on.
+    assert!(client.add_user(user("next")).await.is_ok());
+}
