@@ -1,15 +1,18 @@
 //! The server around the service: health, reflection, concurrency, shutdown.
 
-use std::collections::HashSet;
+use std::{collections::HashSet, time::Duration};
 
 use tonic::Code;
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
 use tonic_reflection::pb::{v1, v1alpha};
-use user_service::proto::{self, SyncRequest};
+use user_service::{
+    Config,
+    proto::{self, SyncRequest},
+};
 
-use crate::common::{Backend, list_all, request_stream, user, within};
+use crate::common::{Backend, FEED_CAPACITY, list_all, request_stream, user, within};
 
 crate::for_each_backend!(
     health_reports_serving,
@@ -63,7 +66,9 @@ async fn reflection_lists_the_service_in_both_versions(backend: Backend) {
         panic!("unexpected reply {reply:?}")
     };
     let names: HashSet<String> = list.service.into_iter().map(|s| s.name).collect();
-    assert!(names.contains("grpcUser.UserService"), "{names:?}");
+    for service in ["grpcUser.UserService", "grpc.health.v1.Health"] {
+        assert!(names.contains(service), "{service} not in {names:?}");
+    }
 
     let mut client =
         v1alpha::server_reflection_client::ServerReflectionClient::new(server.channel().await);
@@ -129,7 +134,12 @@ async fn concurrent_writers_lose_nothing(backend: Backend) {
 }
 
 async fn shutdown_ends_open_streams_and_returns(backend: Backend) {
-    let mut server = backend.start().await;
+    // A grace period far longer than the test's patience: the server must
+    // stop because its calls ended, not because it gave up on them.
+    let config = Config {
+        shutdown_grace: Duration::from_secs(600),
+    };
+    let mut server = backend.start_with_config(FEED_CAPACITY, config).await;
     let mut client = server.client().await;
     let (_keep_open, requests) = request_stream::<SyncRequest>();
     let mut sync = client.sync_users(requests).await.unwrap().into_inner();

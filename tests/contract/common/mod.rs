@@ -35,9 +35,15 @@ impl Backend {
 
     /// The same, with a given change-feed capacity.
     pub async fn start_with_feed(self, feed_capacity: usize) -> TestServer {
+        self.start_with_config(feed_capacity, Config::default())
+            .await
+    }
+
+    /// The same, with a given change-feed capacity and server config.
+    pub async fn start_with_config(self, feed_capacity: usize, config: Config) -> TestServer {
         match self {
             Backend::Memory => {
-                TestServer::start_with(MemoryStore::new(feed_capacity), Config::default()).await
+                TestServer::start_with(MemoryStore::new(feed_capacity), config).await
             }
         }
     }
