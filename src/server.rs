@@ -92,10 +92,12 @@ pub async fn run<S: Store>(
         .set_serving::<UserServiceServer<UserService<S>>>()
         .await;
 
-    // grpcurl 1.8 only speaks v1alpha; newer clients use v1.
+    // grpcurl 1.8 only speaks v1alpha; newer clients use v1. The health
+    // service is described too, so grpcurl can call it without a proto file.
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
     };
     let reflection_v1 = reflection().build_v1()?;
     let reflection_v1alpha = reflection().build_v1alpha()?;

@@ -64,6 +64,7 @@ async fn reflection_lists_the_service_in_both_versions(backend: Backend) {
     };
     let names: HashSet<String> = list.service.into_iter().map(|s| s.name).collect();
     assert!(names.contains("grpcUser.UserService"), "{names:?}");
+    assert!(names.contains("grpc.health.v1.Health"), "{names:?}");
 
     let mut client =
         v1alpha::server_reflection_client::ServerReflectionClient::new(server.channel().await);
