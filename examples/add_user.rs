@@ -1,22 +1,19 @@
-//! Unary call: AddUser. The client sends one `User`, the server answers with
-//! one `Response` or one error status; either way the call is then over.
+//! Unary call: AddUser. The client sends one `User`; the server answers with
+//! one `Response`, or fails the call with a status. Either way the call is
+//! then over: one message each way.
 //!
 //!     cargo run --example add_user -- --first-name Ada --last-name Lovelace --verified
 //!
-//! An empty `--id` lets the server assign a UUIDv7; a chosen id that is
-//! already stored is refused with `ALREADY_EXISTS`.
+//! Without `--id` the server assigns a UUIDv7; an id that is already stored
+//! is refused with `ALREADY_EXISTS`.
 
 use clap::Parser;
 use user_service::proto::{self, user_service_client::UserServiceClient};
 
 #[derive(Parser)]
 struct Args {
-    /// Server address, `host:port` or a URL.
-    #[arg(
-        long,
-        env = "USER_SERVICE_ADDR",
-        default_value = "http://127.0.0.1:8080"
-    )]
+    /// The server's address, as given to its own `--addr`.
+    #[arg(long, env = "USER_SERVICE_ADDR", default_value = "127.0.0.1:8080")]
     addr: String,
     #[arg(long, default_value = "John")]
     first_name: String,
@@ -26,7 +23,7 @@ struct Args {
     address: String,
     #[arg(long)]
     verified: bool,
-    /// Leave empty for a server-assigned id.
+    /// The user's id; empty: assigned by the server.
     #[arg(long, default_value = "")]
     id: String,
 }
@@ -42,29 +39,20 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         address: args.address,
         verified: args.verified,
         id: args.id,
-        version: 0, // the server sets it and ignores ours
+        version: 0, // set by the server; ignored when sent
     };
 
-    // One request, one awaited answer. A rejected call arrives here as a
-    // `Status` (its code and message), not as a `Response`.
+    // One request, one awaited answer. A rejected call (invalid user, id
+    // taken) arrives as `Err(Status)`: a code and a message, no `Response`.
     match client.add_user(user).await {
         Ok(response) => {
             let reply = response.into_inner();
-            let user = reply.user.unwrap_or_default();
             println!("{} {}", reply.code, reply.message);
-            println!(
-                "added {} v{}: {} {}, {}{}",
-                user.id,
-                user.version,
-                user.first_name,
-                user.last_name,
-                user.address,
-                if user.verified { ", verified" } else { "" }
-            );
+            println!("{:?}", reply.user.unwrap_or_default());
             Ok(())
         }
         Err(status) => {
-            eprintln!("AddUser failed: {:?}: {}", status.code(), status.message());
+            eprintln!("AddUser: {:?}: {}", status.code(), status.message());
             std::process::exit(1);
         }
     }

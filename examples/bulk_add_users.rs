@@ -1,7 +1,7 @@
 //! Client streaming: BulkAddUsers. The client sends any number of `User`
-//! messages, then closes its side; only then does the server answer, once,
-//! with a summary: rows added, rows failed, and why (by 0-based row index).
-//! Bad rows (invalid, or a duplicate id) do not stop the import.
+//! messages, then closes its side; only then does the server answer, once:
+//! rows added, rows failed, and why (by 0-based row index). Bad rows (invalid,
+//! or a duplicate id) are reported; they do not stop the import.
 //!
 //!     cargo run --example bulk_add_users -- --count 1000
 //!     cargo run --example bulk_add_users -- users.jsonl
@@ -18,12 +18,8 @@ use user_service::proto::{self, user_service_client::UserServiceClient};
 
 #[derive(Parser)]
 struct Args {
-    /// Server address, `host:port` or a URL.
-    #[arg(
-        long,
-        env = "USER_SERVICE_ADDR",
-        default_value = "http://127.0.0.1:8080"
-    )]
+    /// The server's address, as given to its own `--addr`.
+    #[arg(long, env = "USER_SERVICE_ADDR", default_value = "127.0.0.1:8080")]
     addr: String,
     /// How many users to generate when no file is given.
     #[arg(long, default_value_t = 5)]
@@ -48,8 +44,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
     let mut client = UserServiceClient::connect(format!("http://{}", args.addr)).await?;
 
-    // The request is a stream that tonic pulls from only as fast as HTTP/2
-    // flow control lets it send: nothing piles up in memory on either side.
+    // The request is a stream that tonic pulls from as fast as HTTP/2 flow
+    // control lets it send: a slow server slows the client down, and
+    // nothing piles up in memory on either side.
     let users = match args.file {
         None => stream::iter((1..=args.count).map(|i| proto::User {
             first_name: format!("User {i}"),
@@ -59,9 +56,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }))
         .boxed(),
         Some(path) => {
-            // serde_json parses one JSON value at a time as it reads the file,
-            // on a blocking thread, and hands users over through a bounded
-            // channel: it runs at most 64 users ahead of the network.
+            // serde_json parses one line at a time as it reads the file, on
+            // a blocking thread that hands users over through a bounded
+            // channel: it runs at most 64 users ahead of the upload.
             let file = BufReader::new(File::open(&path)?);
             let rows = serde_json::Deserializer::from_reader(file).into_iter::<Row>();
             let (tx, rx) = tokio::sync::mpsc::channel(64);
@@ -70,7 +67,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                     let row = match row {
                         Ok(row) => row,
                         Err(err) => {
-                            eprintln!("{}: {err}; not sending the rest", path.display());
+                            eprintln!("{}: {err}; the rest is not sent", path.display());
                             break;
                         }
                     };
@@ -82,19 +79,18 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                         verified: row.verified,
                         version: 0,
                     };
-                    // A failed send means the call is over: stop reading.
                     if tx.blocking_send(user).is_err() {
-                        break;
+                        break; // the call is over
                     }
-                } // `tx` is dropped here: the stream ends, the client's side closes.
+                } // Dropping `tx` ends the stream: the client's side closes.
             });
             ReceiverStream::new(rx).boxed()
         }
     };
 
-    // The reply comes after the stream ends. A call-level error (the server
-    // shutting down) arrives as a `Status` instead; rows the server already
-    // received stay stored, as they do when the client is interrupted.
+    // The one reply comes after the stream ends. A call-level error (the
+    // server shutting down) arrives as `Err(Status)` instead; rows the server
+    // had received are stored all the same, as when the client is interrupted.
     match client.bulk_add_users(users).await {
         Ok(response) => {
             let summary = response.into_inner();
@@ -108,11 +104,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             Ok(())
         }
         Err(status) => {
-            eprintln!(
-                "BulkAddUsers failed: {:?}: {}",
-                status.code(),
-                status.message()
-            );
+            eprintln!("BulkAddUsers: {:?}: {}", status.code(), status.message());
             std::process::exit(1);
         }
     }

@@ -1,6 +1,6 @@
 //! Server streaming: ListUsers. The client sends one request; the server
-//! answers with zero or more `User` messages, one at a time, then ends the
-//! call with a status: OK when the listing is complete, an error otherwise.
+//! answers with any number of `User` messages, one at a time, then ends the
+//! call with a status: OK once the listing is complete, an error otherwise.
 //!
 //!     cargo run --example list_users -- --verified true --limit 10
 //!
@@ -11,12 +11,8 @@ use user_service::proto::{self, user_service_client::UserServiceClient};
 
 #[derive(Parser)]
 struct Args {
-    /// Server address, `host:port` or a URL.
-    #[arg(
-        long,
-        env = "USER_SERVICE_ADDR",
-        default_value = "http://127.0.0.1:8080"
-    )]
+    /// The server's address, as given to its own `--addr`.
+    #[arg(long, env = "USER_SERVICE_ADDR", default_value = "127.0.0.1:8080")]
     addr: String,
     /// Only verified (true) or unverified (false) users; all when absent.
     #[arg(long)]
@@ -40,47 +36,31 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         limit: args.limit,
     };
     // A request the server rejects outright (a malformed `after_id`) fails
-    // here, before any user arrives.
+    // here, before any user is sent.
     let mut users = match client.list_users(request).await {
         Ok(response) => response.into_inner(),
         Err(status) => {
-            eprintln!(
-                "ListUsers failed: {:?}: {}",
-                status.code(),
-                status.message()
-            );
+            eprintln!("ListUsers: {:?}: {}", status.code(), status.message());
             std::process::exit(1);
         }
     };
 
-    // Each `message()` waits for the next user. The server only produces
-    // what this loop reads, so a slow reader slows the server down instead
-    // of filling its memory. `Ok(None)` is the server's OK: the listing is
-    // complete. An error after some users (the server shutting down) means
-    // it was cut short. Dropping `users` early would cancel the call, and
-    // the server would stop its work at once.
+    // Each `message()` waits for the next user. The server reads the store
+    // only as fast as this loop consumes, so a slow reader slows it down
+    // rather than filling its memory. `Ok(None)` is the server's OK: the
+    // listing is complete. An `Err` after some users (the server shutting
+    // down) means it was cut short. Dropping `users` before the end would
+    // cancel the call, and the server would stop its work at once.
     let mut count = 0;
     loop {
         match users.message().await {
             Ok(Some(user)) => {
                 count += 1;
-                println!(
-                    "{} v{}: {} {}, {}{}",
-                    user.id,
-                    user.version,
-                    user.first_name,
-                    user.last_name,
-                    user.address,
-                    if user.verified { ", verified" } else { "" }
-                );
+                println!("{user:?}");
             }
             Ok(None) => break,
             Err(status) => {
-                eprintln!(
-                    "listing cut short after {count} users: {:?}: {}",
-                    status.code(),
-                    status.message()
-                );
+                eprintln!("cut short: {:?}: {}", status.code(), status.message());
                 std::process::exit(1);
             }
         }
