@@ -56,7 +56,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }))
         .boxed(),
         Some(path) => {
-            // serde_json parses one line at a time as it reads the file, on
+            // serde_json parses one user at a time as it reads the file, on
             // a blocking thread that hands users over through a bounded
             // channel: it runs at most 64 users ahead of the upload.
             let file = BufReader::new(File::open(&path)?);

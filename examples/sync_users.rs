@@ -44,27 +44,19 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let name = args
         .name
         .unwrap_or_else(|| format!("p{}", std::process::id()));
-    let upsert = |request_id, n, first_name: &str, expected_version| proto::SyncRequest {
-        request_id,
-        op: Some(Op::Upsert(proto::User {
-            id: format!("{name}-{n}"),
-            first_name: first_name.into(),
-            last_name: name.clone(),
-            ..Default::default()
-        })),
-        expected_version,
+    let user = |n: u32, first_name: &str| proto::User {
+        id: format!("{name}-{n}"),
+        first_name: first_name.into(),
+        last_name: name.clone(),
+        ..Default::default()
     };
-    let delete = |request_id, n| proto::SyncRequest {
-        request_id,
-        op: Some(Op::DeleteId(format!("{name}-{n}"))),
-        expected_version: 0,
-    };
-    let requests = vec![
-        upsert(1, 1, "Ann", 0),   // creates {name}-1, version 1
-        upsert(2, 2, "Bob", 0),   // creates {name}-2
-        upsert(3, 1, "Anna", 1),  // applies: {name}-1 is at version 1, becomes 2
-        upsert(4, 1, "Annie", 1), // rejected with code 9: it is at version 2 now
-        delete(5, 2),             // deletes {name}-2
+    // Each op with its `expected_version` (0: apply whatever the version).
+    let ops = [
+        (Op::Upsert(user(1, "Ann")), 0),  // creates {name}-1 at version 1
+        (Op::Upsert(user(2, "Bob")), 0),  // creates {name}-2
+        (Op::Upsert(user(1, "Anna")), 1), // applies: {name}-1 is at 1, now 2
+        (Op::Upsert(user(1, "Ace")), 1),  // refused (code 9): it is at 2 now
+        (Op::DeleteId(format!("{name}-2")), 0),
     ];
 
     // The sending task: requests go out one by one; dropping `tx` at the end
@@ -73,7 +65,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (tx, rx) = tokio::sync::mpsc::channel(16);
     let (interval, listen) = (args.interval, args.listen);
     tokio::spawn(async move {
-        for request in requests {
+        for (request_id, (op, expected_version)) in (1..).zip(ops) {
+            let request = proto::SyncRequest {
+                request_id,
+                op: Some(op),
+                expected_version,
+            };
             if tx.send(request).await.is_err() {
                 return; // the call is over
             }
@@ -94,7 +91,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     loop {
         let event = match events.message().await {
             Ok(Some(response)) => response.event,
-            Ok(None) => break,
+            Ok(None) => break, // the server ended the call with OK
             Err(status) => {
                 eprintln!("call failed: {:?}: {}", status.code(), status.message());
                 std::process::exit(1);
