@@ -23,9 +23,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
     let mut client = UserServiceClient::connect(format!("http://{}", args.addr)).await?;
 
-    // A deadline bounds the whole call. It travels to the server in the
-    // `grpc-timeout` header; past it the client stops waiting, fails the call
-    // with `DEADLINE_EXCEEDED` and cancels it on the server.
+    // A deadline travels with the request, in the `grpc-timeout` header:
+    // past it the server gives up on the call and answers with an error
+    // status (tonic's: `CANCELLED`, "Timeout expired"). The tonic client does
+    // not enforce it itself; a client cancels a call by dropping its future,
+    // e.g. with `tokio::time::timeout`.
     let mut request = tonic::Request::new(proto::GetUserRequest { id: args.id });
     request.set_timeout(Duration::from_secs(5));
 

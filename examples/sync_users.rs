@@ -11,6 +11,8 @@
 //!
 //! It sends five requests, one per `--interval` seconds, listens `--listen`
 //! seconds more, then closes its side and exits when the server ends the call.
+//! Interrupting it (Ctrl-C) cancels the call instead: the stream is reset and
+//! the server drops this client's subscription.
 
 use std::time::Duration;
 
