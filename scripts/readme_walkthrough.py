@@ -30,6 +30,8 @@ UUID7 = re.compile(r"\b[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0
 
 def section_lines(lines, title):
     """The index range of the section under `## title`."""
+    if f"## {title}\n" not in lines:
+        sys.exit(f"no section '## {title}'")
     start = lines.index(f"## {title}\n") + 1
     end = next((i for i in range(start, len(lines)) if lines[i].startswith("## ")), len(lines))
     return start, end
@@ -78,6 +80,7 @@ def main():
         try:
             run = subprocess.run(
                 ["bash", "-c", command.replace(README_ADDR, addr)],
+                check=False,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
@@ -90,13 +93,17 @@ def main():
             continue
         actual = run.stdout.replace(addr, README_ADDR)
         replacements.append((out_first, out_end, actual.rstrip() + "\n"))
-        # A command fails only where the README shows the error it prints.
-        if run.returncode != 0 and not expected.startswith("ERROR:"):
+        # A command fails only where the README shows the error it prints
+        # (with --update: where grpcurl prints an error status).
+        shows_error = (actual if update else expected).startswith("ERROR:")
+        if run.returncode != 0 and not shows_error:
             print(f"  FAIL: exit status {run.returncode}\n{actual}")
             failed += 1
         elif not update and normalise(expected) != normalise(actual):
             print(f"  FAIL: output differs from {readme}:{out_first + 1}")
-            diff = difflib.unified_diff(normalise(expected), normalise(actual), "README", "actual", lineterm="")
+            diff = difflib.unified_diff(
+                normalise(expected), normalise(actual), "README", "actual", lineterm=""
+            )
             print("\n".join("    " + line for line in diff))
             failed += 1
 

@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Starts and stops a real user-service for the checks that drive it from
 # outside. Source it, then call `start_server`: it sets SERVER_ADDR
 # (host:port) and WORK (a scratch directory), and when the calling script
