@@ -21,20 +21,27 @@ start_server() {
     SERVER_LOG=$WORK/server.log
     trap 'stop_server; rm -rf "$WORK"' EXIT
     trap 'exit 130' INT TERM
-    NO_COLOR=1 RUST_LOG=info target/debug/user-service --addr 127.0.0.1:0 >"$SERVER_LOG" 2>&1 &
+    # Logs go to stderr; stdout is kept apart, so a log line there fails.
+    NO_COLOR=1 RUST_LOG=info target/debug/user-service --addr 127.0.0.1:0 \
+        >"$WORK/server.stdout" 2>"$SERVER_LOG" &
     SERVER_PID=$!
     local waited=0
     # The log may be coloured: drop the escape sequences before matching.
     until SERVER_ADDR=$(sed -e 's/\x1b\[[0-9;]*m//g' "$SERVER_LOG" |
         sed -n 's/.*listening addr=\([0-9.]*:[0-9]*\).*/\1/p' | head -n 1) &&
         [ -n "$SERVER_ADDR" ]; do
+        if grep -q listening "$WORK/server.stdout"; then
+            echo "user-service logs to stdout; logs belong on stderr" >&2
+            return 1
+        fi
         if ! kill -0 "$SERVER_PID" 2>/dev/null; then
             echo "user-service did not start:" >&2
             cat "$SERVER_LOG" >&2
             return 1
         fi
         if [ "$waited" -ge $((SERVER_PATIENCE * 10)) ]; then
-            echo "user-service did not report its address within ${SERVER_PATIENCE}s" >&2
+            echo "user-service did not log its address on stderr within ${SERVER_PATIENCE}s" >&2
+            cat "$WORK/server.stdout" "$SERVER_LOG" >&2
             return 1
         fi
         sleep 0.1
