@@ -4,7 +4,8 @@
 //! committed to the store by anyone (this stream, other streams, AddUser,
 //! BulkAddUsers) while the call is open.
 //!
-//! Run it in two terminals at once; each prints the other's changes:
+//! Run it in two terminals, the second within a few seconds of the first;
+//! each prints the other's changes:
 //!
 //!     cargo run --example sync_users -- --name alice
 //!     cargo run --example sync_users -- --name bob
