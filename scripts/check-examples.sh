@@ -1,0 +1,213 @@
+#!/usr/bin/env bash
+# Runs every example in examples/ against a real user-service on a free
+# loopback port and checks what each prints, in the order a newcomer would
+# run them: unary, server streaming, client streaming, bidirectional.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/server.sh
+
+# Seconds any one example may take before it counts as hung.
+EXAMPLE_TIMEOUT=30
+
+cargo build --locked --quiet --bin user-service --examples
+start_server
+export USER_SERVICE_ADDR=$SERVER_ADDR
+
+checks=0
+fail() {
+    echo "FAIL: $*" >&2
+    exit 1
+}
+
+# run NAME ARGS...: runs an example, expecting success; its stdout is left in
+# $WORK/out and its stderr in $WORK/err.
+run() {
+    local name=$1
+    shift
+    echo "--- $name $*"
+    if ! timeout "$EXAMPLE_TIMEOUT" "target/debug/examples/$name" "$@" >"$WORK/out" 2>"$WORK/err"; then
+        cat "$WORK/out" "$WORK/err" >&2
+        fail "$name $* exited with an error"
+    fi
+    cat "$WORK/out"
+}
+
+# run_failing NAME ARGS...: the same, expecting exit status 1.
+run_failing() {
+    local name=$1 status=0
+    shift
+    echo "--- $name $* (expected to fail)"
+    timeout "$EXAMPLE_TIMEOUT" "target/debug/examples/$name" "$@" >"$WORK/out" 2>"$WORK/err" || status=$?
+    cat "$WORK/err"
+    [ "$status" -eq 1 ] || fail "$name $*: exit status $status, expected 1"
+}
+
+# expect FILE REGEX: some line of FILE matches the extended regex.
+expect() {
+    checks=$((checks + 1))
+    grep -Eq -- "$2" "$1" || {
+        cat "$1" >&2
+        fail "no line of $(basename "$1") matches: $2"
+    }
+}
+
+# expect_all FILE REGEX: every line of FILE matches.
+expect_all() {
+    checks=$((checks + 1))
+    ! grep -Evq -- "$2" "$1" || {
+        cat "$1" >&2
+        fail "a line of $(basename "$1") does not match: $2"
+    }
+}
+
+# expect_same FILE: FILE holds exactly what is on stdin.
+expect_same() {
+    checks=$((checks + 1))
+    diff -u - "$1" >&2 || fail "$(basename "$1") differs from the expected output"
+}
+
+# ids FILE: the ids of the users printed in FILE, one a line, in order.
+ids() {
+    sed -n 's/.* id: "\([^"]*\)".*/\1/p' "$1"
+}
+
+uuid7='[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}'
+
+echo "== unary: add_user, get_user"
+run add_user
+expect "$WORK/out" '^200 user saved successfully$'
+expect "$WORK/out" "^User \{ first_name: \"John\", last_name: \"Doe\", address: \"Somewhere\", verified: false, id: \"$uuid7\", version: 1 \}$"
+john=$(ids "$WORK/out")
+
+run add_user --addr "$SERVER_ADDR" --id ada --first-name Ada --last-name Lovelace --address London --verified
+expect_same "$WORK/out" <<'EOF'
+200 user saved successfully
+User { first_name: "Ada", last_name: "Lovelace", address: "London", verified: true, id: "ada", version: 1 }
+EOF
+
+run_failing add_user --id ada --first-name Ada
+expect_same "$WORK/err" <<'EOF'
+AddUser: AlreadyExists: user "ada" already exists
+EOF
+run_failing add_user --first-name "  "
+expect "$WORK/err" '^AddUser: InvalidArgument: first_name: '
+
+run get_user ada
+expect_same "$WORK/out" <<'EOF'
+User { first_name: "Ada", last_name: "Lovelace", address: "London", verified: true, id: "ada", version: 1 }
+EOF
+run get_user "$john"
+expect "$WORK/out" "id: \"$john\", version: 1 \}$"
+run_failing get_user nobody
+expect_same "$WORK/err" <<'EOF'
+GetUser: NotFound: user "nobody" not found
+EOF
+run_failing get_user ""
+expect "$WORK/err" '^GetUser: InvalidArgument: id: '
+
+echo "== client streaming: bulk_add_users"
+run bulk_add_users --count 4
+expect_same "$WORK/out" <<'EOF'
+added 4, failed 0
+EOF
+
+# Good rows, an invalid row, a duplicate of a stored id and a duplicate
+# within the stream: the bad rows are reported by index, the rest stored.
+cat >"$WORK/users.jsonl" <<'EOF'
+{"id": "grace", "first_name": "Grace", "last_name": "Hopper", "address": "Arlington", "verified": true}
+{"id": "nameless", "first_name": "", "last_name": "Nobody"}
+{"id": "ada", "first_name": "Ada", "last_name": "Again"}
+{"id": "grace", "first_name": "Grace", "last_name": "Again"}
+{"id": "alan", "first_name": "Alan", "last_name": "Turing", "address": "Wilmslow"}
+EOF
+run bulk_add_users "$WORK/users.jsonl"
+expect_same "$WORK/out" <<'EOF'
+added 2, failed 3
+row 1: code 3: first_name: must not be empty
+row 2: code 6: user "ada" already exists
+row 3: code 6: user "grace" already exists
+EOF
+
+# A line that is not JSON ends the upload; the rows before it are sent.
+printf '%s\n' '{"id": "edsger", "first_name": "Edsger"}' 'not json' '{"id": "never", "first_name": "Never"}' >"$WORK/broken.jsonl"
+run bulk_add_users "$WORK/broken.jsonl"
+expect_same "$WORK/out" <<'EOF'
+added 1, failed 0
+EOF
+expect "$WORK/err" 'broken\.jsonl: .* at line 2 column [0-9]+; the rest is not sent$'
+
+echo "== server streaming: list_users"
+# Stored so far: John, Ada, 4 generated users (2 and 4 verified), Grace,
+# Alan, Edsger.
+run list_users
+expect "$WORK/out" '^listed 9 users$'
+ids "$WORK/out" >"$WORK/ids"
+LC_ALL=C sort -c "$WORK/ids" || fail "ListUsers ids are not in ascending order"
+checks=$((checks + 1))
+expect "$WORK/out" 'first_name: "User 3", last_name: "Generated", address: "", verified: false'
+
+run list_users --verified true
+sed '$d' "$WORK/out" >"$WORK/users"
+expect_all "$WORK/users" 'verified: true'
+expect "$WORK/out" '^listed 4 users$'
+
+run list_users --verified false --limit 2
+expect "$WORK/out" '^listed 2 users$'
+
+run list_users --after-id ada
+ids "$WORK/out" >"$WORK/after"
+expect_same "$WORK/after" <<'EOF'
+alan
+edsger
+grace
+EOF
+
+run_failing list_users --after-id "no spaces"
+expect "$WORK/err" '^ListUsers: InvalidArgument: after_id: '
+
+echo "== bidirectional: sync_users"
+run sync_users --name solo --interval 0 --listen 0
+# With no other writer, the server's order is fixed: each op's Ack, then the
+# Change it committed. Seqs continue from the changes made above.
+s=$(sed -n 's/^ack #1 OK seq=\([0-9]*\) .*/\1/p' "$WORK/out")
+[ -n "$s" ] || fail "no OK Ack for request 1"
+expect_same "$WORK/out" <<EOF
+ack #1 OK seq=$s solo-1 v1
+change seq=$s CREATED solo-1 v1 Ann
+ack #2 OK seq=$((s + 1)) solo-2 v1
+change seq=$((s + 1)) CREATED solo-2 v1 Bob
+ack #3 OK seq=$((s + 2)) solo-1 v2
+change seq=$((s + 2)) UPDATED solo-1 v2 Anna
+ack #4 FailedPrecondition: expected version 1, stored version is 2
+ack #5 OK seq=$((s + 3)) solo-2 v1
+change seq=$((s + 3)) DELETED solo-2 v1 Bob
+call ended: OK
+EOF
+
+# Two clients at once, as in two terminals: each prints the other's
+# changes, and each sees one gapless sequence of seqs.
+timeout "$EXAMPLE_TIMEOUT" target/debug/examples/sync_users --name alice --interval 0.5 --listen 1.5 \
+    >"$WORK/alice" 2>&1 &
+alice=$!
+for _ in $(seq 100); do
+    grep -q '^ack #1 ' "$WORK/alice" && break
+    sleep 0.1
+done
+run sync_users --name bob --interval 0.5 --listen 1.5
+cp "$WORK/out" "$WORK/bob"
+wait "$alice" || fail "sync_users --name alice exited with an error: $(cat "$WORK/alice")"
+echo "--- sync_users --name alice (at the same time)"
+cat "$WORK/alice"
+for change in "CREATED bob-1 v1" "CREATED bob-2 v1" "UPDATED bob-1 v2" "DELETED bob-2 v1"; do
+    expect "$WORK/alice" "^change seq=[0-9]+ $change "
+done
+expect "$WORK/bob" '^change seq=[0-9]+ DELETED alice-2 v1 '
+for who in alice bob; do
+    expect "$WORK/$who" '^call ended: OK$'
+    checks=$((checks + 1))
+    sed -n 's/^change seq=\([0-9]*\) .*/\1/p' "$WORK/$who" |
+        awk 'NR > 1 && $1 != prev + 1 { exit 1 } { prev = $1 }' ||
+        fail "$who: change seqs are not gapless"
+done
+
+echo "examples: $checks checks passed"

@@ -1,0 +1,121 @@
+#!/usr/bin/env python3
+"""Runs the commands of a README section and compares what they print with
+the output shown under each of them.
+
+The section is a run of fenced blocks: every ```sh block is one command, and
+the fenced block right after it is the output it prints (stdout and stderr,
+as a terminal shows them). Commands run in order, each with `bash -c`, with
+`localhost:8080` replaced by the given address.
+
+Only what the server makes up is normalised: UUIDv7 ids become <id-1>,
+<id-2>... in order of first appearance, so an id that comes back later must
+still be the same id.
+
+    readme_walkthrough.py README.md "grpcurl walkthrough" 127.0.0.1:PORT
+    readme_walkthrough.py README.md "grpcurl walkthrough" 127.0.0.1:PORT --update
+
+--update writes the real outputs into the README instead of comparing.
+"""
+
+import difflib
+import re
+import subprocess
+import sys
+
+README_ADDR = "localhost:8080"
+# Seconds one command may take before it counts as hung.
+COMMAND_TIMEOUT = 30
+UUID7 = re.compile(r"\b[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}\b")
+
+
+def section_lines(lines, title):
+    """The index range of the section under `## title`."""
+    if f"## {title}\n" not in lines:
+        sys.exit(f"no section '## {title}'")
+    start = lines.index(f"## {title}\n") + 1
+    end = next((i for i in range(start, len(lines)) if lines[i].startswith("## ")), len(lines))
+    return start, end
+
+
+def fenced_blocks(lines, start, end):
+    """(language, first content line, end line) of each fenced block."""
+    blocks, i = [], start
+    while i < end:
+        if lines[i].startswith("```"):
+            lang = lines[i][3:].strip()
+            close = next(j for j in range(i + 1, end) if lines[j].startswith("```"))
+            blocks.append((lang, i + 1, close))
+            i = close
+        i += 1
+    return blocks
+
+
+def normalise(text):
+    ids = {}
+    text = UUID7.sub(lambda m: ids.setdefault(m.group(), f"<id-{len(ids) + 1}>"), text)
+    return [line.rstrip() for line in text.rstrip().splitlines()]
+
+
+def main():
+    readme, title, addr = sys.argv[1:4]
+    update = "--update" in sys.argv[4:]
+    with open(readme) as f:
+        lines = f.readlines()
+    blocks = fenced_blocks(lines, *section_lines(lines, title))
+
+    steps = []
+    for n, (lang, first, end) in enumerate(blocks):
+        if lang != "sh":
+            continue
+        if n + 1 == len(blocks) or blocks[n + 1][0] == "sh":
+            sys.exit(f"{readme}:{first}: a command with no output block after it")
+        steps.append(("".join(lines[first:end]), blocks[n + 1]))
+
+    failed = 0
+    replacements = []
+    for command, (_, out_first, out_end) in steps:
+        shown = "$ " + command.splitlines()[0]
+        print(shown if len(shown) < 100 else shown[:96] + " ...", flush=True)
+        expected = "".join(lines[out_first:out_end])
+        try:
+            run = subprocess.run(
+                ["bash", "-c", command.replace(README_ADDR, addr)],
+                check=False,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                timeout=COMMAND_TIMEOUT,
+            )
+        except subprocess.TimeoutExpired:
+            print(f"  FAIL: no answer within {COMMAND_TIMEOUT}s")
+            failed += 1
+            continue
+        actual = run.stdout.replace(addr, README_ADDR)
+        replacements.append((out_first, out_end, actual.rstrip() + "\n"))
+        # A command fails only where the README shows the error it prints
+        # (with --update: where grpcurl prints an error status).
+        shows_error = (actual if update else expected).startswith("ERROR:")
+        if run.returncode != 0 and not shows_error:
+            print(f"  FAIL: exit status {run.returncode}\n{actual}")
+            failed += 1
+        elif not update and normalise(expected) != normalise(actual):
+            print(f"  FAIL: output differs from {readme}:{out_first + 1}")
+            diff = difflib.unified_diff(
+                normalise(expected), normalise(actual), "README", "actual", lineterm=""
+            )
+            print("\n".join("    " + line for line in diff))
+            failed += 1
+
+    if update:
+        for first, end, text in reversed(replacements):
+            lines[first:end] = [text]
+        with open(readme, "w") as f:
+            f.writelines(lines)
+        print(f"{readme}: wrote the output of {len(replacements)} commands")
+    print(f"{title}: {len(steps) - failed} of {len(steps)} commands print what {readme} shows")
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
