@@ -1017,3 +1017,215 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<u64, OpenError> {
     tx.commit().map_err(sqlite)?;
     Ok(seq as u64)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use super::*;
+
+    fn options() -> SqliteOptions {
+        SqliteOptions {
+            durability: Durability::Full,
+            feed_capacity: 1024,
+        }
+    }
+
+    fn named(id: &str, first_name: &str) -> NewUser {
+        NewUser {
+            id: id.into(),
+            first_name: first_name.into(),
+            ..NewUser::default()
+        }
+    }
+
+    /// Waits (bounded) until every connection to `path` has closed: the last
+    /// one to close checkpoints the log and deletes it.
+    fn wait_closed(path: &Path) {
+        let wal = path.with_extension("db-wal");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while wal.exists() {
+            assert!(Instant::now() < deadline, "the store did not close");
+            thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    #[tokio::test]
+    async fn restart_keeps_users_versions_and_seq() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("users.db");
+        let store = SqliteStore::open(&path, options()).unwrap();
+        let created = store.create(named("", "Ann")).await.unwrap();
+        store.upsert(named("b", "Bob"), None).await.unwrap();
+        store.upsert(named("b", "Bobby"), Some(1)).await.unwrap();
+        store.upsert(named("c", "Cy"), None).await.unwrap();
+        store.delete("c", None).await.unwrap();
+        assert_eq!(store.last_seq().await.unwrap(), 5);
+        drop(store);
+        wait_closed(&path);
+
+        let store = SqliteStore::open(&path, options()).unwrap();
+        assert_eq!(store.last_seq().await.unwrap(), 5);
+        assert_eq!(store.count().await.unwrap(), 2);
+        let ann = store.get(created.user.id()).await.unwrap();
+        assert_eq!(*ann, *created.user);
+        let bob = store.get("b").await.unwrap();
+        assert_eq!((bob.first_name(), bob.version()), ("Bobby", 2));
+        assert_eq!(
+            store.get("c").await.unwrap_err(),
+            StoreError::NotFound("c".into())
+        );
+        // The next change continues the seq: no gap, no reuse.
+        let mut feed = store.subscribe();
+        let next = store.upsert(named("b", "Rob"), Some(2)).await.unwrap();
+        assert_eq!((next.seq, next.user.version()), (6, 3));
+        assert_eq!(feed.try_recv().unwrap(), next);
+        // Ids made after the restart still sort after those made before.
+        let later = store.create(named("", "Dee")).await.unwrap();
+        assert!(later.user.id() > created.user.id());
+    }
+
+    #[tokio::test]
+    async fn failed_ops_in_a_shared_batch_commit_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path().join("users.db"), options()).unwrap();
+        let mut feed = store.subscribe();
+        store.upsert(named("x", "X"), None).await.unwrap();
+        // Many concurrent ops, so that they share batches; half must fail.
+        let mut tasks = Vec::new();
+        for i in 0..200u64 {
+            let store = store.clone();
+            tasks.push(tokio::spawn(async move {
+                match i % 4 {
+                    0 => store.upsert(named("x", "stale"), Some(99)).await,
+                    1 => store.create(named("x", "dup")).await,
+                    2 => store.create(named(&format!("u{i}"), "N")).await,
+                    _ => store.upsert(named(&format!("v{i}"), "N"), Some(0)).await,
+                }
+            }));
+        }
+        let mut ok = 0;
+        for task in tasks {
+            if task.await.unwrap().is_ok() {
+                ok += 1;
+            }
+        }
+        assert_eq!(ok, 100);
+        assert_eq!(store.last_seq().await.unwrap(), 101);
+        assert_eq!(store.count().await.unwrap(), 101);
+        assert_eq!(store.get("x").await.unwrap().first_name(), "X");
+        let seqs: Vec<u64> = (0..101).map(|_| feed.try_recv().unwrap().seq).collect();
+        assert_eq!(seqs, (1..=101).collect::<Vec<_>>(), "gapless, in order");
+        assert!(feed.try_recv().is_err(), "failed ops are not published");
+    }
+
+    #[tokio::test]
+    async fn listing_pages_follow_id_order_and_use_the_filter_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("users.db");
+        let store = SqliteStore::open(&path, options()).unwrap();
+        let users = (0..10)
+            .map(|i| NewUser {
+                verified: i % 2 == 0,
+                ..named(&format!("u{i}"), "N")
+            })
+            .collect();
+        store.create_many(users).await;
+        let page = store
+            .list_page(ListFilter::default(), None, 4)
+            .await
+            .unwrap();
+        let ids: Vec<&str> = page.users.iter().map(|u| u.id()).collect();
+        assert_eq!(ids, ["u0", "u1", "u2", "u3"]);
+        assert_eq!(page.next_after.as_deref(), Some("u3"));
+        let verified = ListFilter {
+            verified: Some(true),
+        };
+        let page = store.list_page(verified, Some("u3"), 100).await.unwrap();
+        let ids: Vec<&str> = page.users.iter().map(|u| u.id()).collect();
+        assert_eq!(ids, ["u4", "u6", "u8"]);
+        assert_eq!(page.next_after, None);
+
+        let conn = open_reader(&path).unwrap();
+        let plan: String = conn
+            .query_row(
+                "EXPLAIN QUERY PLAN SELECT id, first_name, last_name, address, verified, version
+                 FROM users WHERE verified = ?1 AND id > ?2 ORDER BY id LIMIT ?3",
+                params![true, "", 10],
+                |row| row.get(3),
+            )
+            .unwrap();
+        assert!(plan.contains("users_by_verified"), "{plan}");
+    }
+
+    fn assert_refused(path: &Path, expect: fn(&OpenError) -> bool) {
+        let before = std::fs::read(path).unwrap();
+        let err = SqliteStore::open(path, options()).unwrap_err();
+        assert!(expect(&err), "{err:?}");
+        assert!(err.is_refusal());
+        assert!(err.to_string().contains("left untouched"), "{err}");
+        assert_eq!(std::fs::read(path).unwrap(), before, "file changed");
+    }
+
+    #[test]
+    fn a_file_that_is_not_sqlite_is_refused_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("users.db");
+        std::fs::write(&path, "name,address\n".repeat(500)).unwrap();
+        assert_refused(&path, |e| matches!(e, OpenError::NotSqlite { .. }));
+        std::fs::write(&path, b"SQLite format 3\0 but short").unwrap();
+        assert_refused(&path, |e| matches!(e, OpenError::NotSqlite { .. }));
+    }
+
+    #[test]
+    fn another_programs_database_is_refused_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("users.db");
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch("CREATE TABLE notes (body TEXT); INSERT INTO notes VALUES ('hi');")
+            .unwrap();
+        drop(conn);
+        assert_refused(&path, |e| matches!(e, OpenError::Foreign { .. }));
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch("PRAGMA application_id = 42;").unwrap();
+        drop(conn);
+        assert_refused(&path, |e| matches!(e, OpenError::Foreign { .. }));
+    }
+
+    #[tokio::test]
+    async fn a_newer_schema_is_refused_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("users.db");
+        drop(SqliteStore::open(&path, options()).unwrap());
+        wait_closed(&path);
+        let conn = Connection::open(&path).unwrap();
+        conn.execute(
+            "UPDATE schema_version SET version = ?1",
+            [SCHEMA_VERSION + 1],
+        )
+        .unwrap();
+        drop(conn);
+        wait_closed(&path);
+        assert_refused(
+            &path,
+            |e| matches!(e, OpenError::NewerSchema { found, .. } if *found == SCHEMA_VERSION + 1),
+        );
+    }
+
+    #[tokio::test]
+    async fn a_corrupted_store_is_refused_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("users.db");
+        let store = SqliteStore::open(&path, options()).unwrap();
+        let users = (0..2000).map(|i| named(&format!("u{i:05}"), "N")).collect();
+        store.create_many(users).await;
+        drop(store);
+        wait_closed(&path);
+        // Overwrite pages in the middle of the users tree.
+        let mut bytes = std::fs::read(&path).unwrap();
+        assert!(bytes.len() > 16 * 4096, "{}", bytes.len());
+        bytes[8 * 4096..12 * 4096].fill(0xa5);
+        std::fs::write(&path, &bytes).unwrap();
+        assert_refused(&path, |e| matches!(e, OpenError::Corrupt { .. }));
+    }
+}
