@@ -143,7 +143,7 @@ fn bench_user(i: u64, id: String) -> proto::User {
         first_name: format!("User {i}"),
         last_name: "Bench".into(),
         address: "1 Long Street, Springfield".into(),
-        verified: i % 2 == 0,
+        verified: i.is_multiple_of(2),
         id,
         version: 0,
     }
@@ -275,7 +275,7 @@ async fn unary<S: Store>(args: &Args, store: S) -> Result<f64, Box<dyn std::erro
     let mut tasks = Vec::new();
     let mut conn = None;
     for w in 0..args.workers {
-        if w % WORKERS_PER_CONNECTION == 0 {
+        if w.is_multiple_of(WORKERS_PER_CONNECTION) {
             conn = Some(client(&url).await?);
         }
         let mut client = conn.clone().expect("made above");
