@@ -30,7 +30,7 @@ use tonic::transport::Channel;
 use user_service::{
     Config, MemoryStore, SqliteStore, Store,
     proto::{self, user_service_client::UserServiceClient},
-    store::sqlite::{Durability, SqliteOptions, WRITER_CACHE_KIB},
+    store::sqlite::{Durability, SqliteOptions, WAL_AUTOCHECKPOINT_PAGES, WRITER_CACHE_KIB},
 };
 
 #[derive(Debug, Parser)]
@@ -47,6 +47,19 @@ struct Args {
     /// Seconds each unary run lasts.
     #[arg(long, default_value_t = 5)]
     seconds: u64,
+    /// Users per import with random ids (much slower, see BENCHMARKS.md).
+    #[arg(long, default_value_t = 200_000)]
+    random_users: u64,
+    /// Which measurements to run.
+    #[arg(long, value_delimiter = ',', default_value = "bulk,random,unary")]
+    parts: Vec<Part>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Part {
+    Bulk,
+    Random,
+    Unary,
 }
 
 /// Rows per transaction when writing straight into SQLite.
@@ -61,26 +74,36 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let n = args.users;
     println!("users per import: {n}");
 
-    let direct_seq = direct(n, Ids::TimeOrdered)?;
-    report("SQLite alone, UUIDv7 ids", n, direct_seq);
-    let grpc_seq = bulk_grpc(&args, Ids::Server, Durability::Full).await?;
-    report("BulkAddUsers gRPC -> SQLite, server ids", n, grpc_seq);
-    println!(
-        "  gRPC import reaches {:.0}% of SQLite alone",
-        100.0 * direct_seq.as_secs_f64() / grpc_seq.as_secs_f64()
-    );
-
-    let direct_random = direct(n, Ids::Random)?;
-    report("SQLite alone, random ids", n, direct_random);
-    let grpc_random = bulk_grpc(&args, Ids::Random, Durability::Full).await?;
-    report(
-        "BulkAddUsers gRPC -> SQLite, random client ids",
-        n,
-        grpc_random,
-    );
-
-    let memory = bulk_memory(&args).await?;
-    report("BulkAddUsers gRPC -> memory, server ids", n, memory);
+    if args.parts.contains(&Part::Bulk) {
+        let direct_seq = direct(n, Ids::TimeOrdered)?;
+        report("SQLite alone, UUIDv7 ids", n, direct_seq);
+        let grpc_seq = bulk_grpc(&args, n, Ids::Server).await?;
+        report("BulkAddUsers gRPC -> SQLite, server ids", n, grpc_seq);
+        println!(
+            "  gRPC import reaches {:.0}% of SQLite alone",
+            100.0 * direct_seq.as_secs_f64() / grpc_seq.as_secs_f64()
+        );
+        let memory = bulk_memory(&args).await?;
+        report("BulkAddUsers gRPC -> memory, server ids", n, memory);
+    }
+    if args.parts.contains(&Part::Random) {
+        let n = args.random_users;
+        let direct_random = direct(n, Ids::Random)?;
+        report("SQLite alone, random ids", n, direct_random);
+        let grpc_random = bulk_grpc(&args, n, Ids::Random).await?;
+        report(
+            "BulkAddUsers gRPC -> SQLite, random client ids",
+            n,
+            grpc_random,
+        );
+        println!(
+            "  gRPC import reaches {:.0}% of SQLite alone",
+            100.0 * direct_random.as_secs_f64() / grpc_random.as_secs_f64()
+        );
+    }
+    if !args.parts.contains(&Part::Unary) {
+        return Ok(());
+    }
 
     println!(
         "AddUser, {} workers, {} s each:",
@@ -167,7 +190,8 @@ fn direct(n: u64, ids: Ids) -> Result<Duration, Box<dyn std::error::Error>> {
     let mut conn = Connection::open(dir.path().join("users.db"))?;
     conn.execute_batch(&format!(
         "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; \
-         PRAGMA cache_size = -{WRITER_CACHE_KIB};"
+         PRAGMA cache_size = -{WRITER_CACHE_KIB}; \
+         PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES};"
     ))?;
     let mut random = RandomIds(1);
     let start = Instant::now();
@@ -220,25 +244,35 @@ async fn client(url: &str) -> Result<UserServiceClient<Channel>, Box<dyn std::er
     ))
 }
 
-async fn bulk_grpc(
-    args: &Args,
-    ids: Ids,
-    durability: Durability,
-) -> Result<Duration, Box<dyn std::error::Error>> {
+async fn bulk_grpc(args: &Args, n: u64, ids: Ids) -> Result<Duration, Box<dyn std::error::Error>> {
     let dir = tempfile::tempdir()?;
-    let url = serve(sqlite(&dir, durability)?).await?;
-    bulk(args, &url, ids).await
+    let url = serve(sqlite(&dir, Durability::Full)?).await?;
+    let took = bulk(args, n, &url, ids).await?;
+    // Opening a full file: inspection (including `PRAGMA quick_check`) and
+    // schema check, as at every server start.
+    let start = Instant::now();
+    drop(sqlite(&dir, Durability::Full)?);
+    println!(
+        "  (opening the {n}-user file takes {:.2} s)",
+        start.elapsed().as_secs_f64()
+    );
+    Ok(took)
 }
 
 async fn bulk_memory(args: &Args) -> Result<Duration, Box<dyn std::error::Error>> {
     let url = serve(MemoryStore::new(FEED_CAPACITY)).await?;
-    bulk(args, &url, Ids::Server).await
+    bulk(args, args.users, &url, Ids::Server).await
 }
 
-/// Imports `args.users` users over `args.streams` concurrent streams, each on
-/// its own connection.
-async fn bulk(args: &Args, url: &str, ids: Ids) -> Result<Duration, Box<dyn std::error::Error>> {
-    let per_stream = args.users / args.streams;
+/// Imports `n` users over `args.streams` concurrent streams, each on its own
+/// connection.
+async fn bulk(
+    args: &Args,
+    n: u64,
+    url: &str,
+    ids: Ids,
+) -> Result<Duration, Box<dyn std::error::Error>> {
+    let per_stream = n / args.streams;
     let mut clients = Vec::new();
     for _ in 0..args.streams {
         clients.push(client(url).await?);

@@ -118,6 +118,13 @@ pub const MAX_PAGE: usize = 4096;
 /// touched leaves in memory.
 pub const WRITER_CACHE_KIB: u64 = 64 * 1024;
 
+/// WAL pages after which a commit checkpoints the log into the database file
+/// (SQLite's default is 1000, 4 MiB). Each checkpoint copies pages back and
+/// fsyncs the database file; with a 64 MiB log, bulk imports checkpoint a
+/// sixteenth as often, and a page rewritten by several transactions (random
+/// ids) is copied once. The log file grows to about that size.
+pub const WAL_AUTOCHECKPOINT_PAGES: u32 = 16 * 1024;
+
 /// How long a connection waits for a lock held by another connection before
 /// failing. Readers never wait for the writer in WAL mode; this covers the
 /// short exclusive moments (recovery on open, checkpoints) and a second
@@ -973,7 +980,8 @@ fn open_writer(path: &Path, durability: Durability) -> Result<Connection, OpenEr
         });
     }
     conn.execute_batch(&format!(
-        "PRAGMA synchronous = {}; PRAGMA cache_size = -{WRITER_CACHE_KIB};",
+        "PRAGMA synchronous = {}; PRAGMA cache_size = -{WRITER_CACHE_KIB};
+         PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES};",
         durability.pragma()
     ))
     .map_err(sqlite)?;
