@@ -1166,6 +1166,39 @@ mod tests {
         assert!(plan.contains("users_by_verified"), "{plan}");
     }
 
+    #[tokio::test]
+    async fn reads_do_not_wait_for_a_blocked_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("users.db");
+        let store = SqliteStore::open(&path, options()).unwrap();
+        store.create(named("a", "Ann")).await.unwrap();
+        // Another connection takes the write lock: the writer's next
+        // transaction waits for it.
+        let blocker = Connection::open(&path).unwrap();
+        blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let write = tokio::spawn({
+            let store = store.clone();
+            async move { store.create(named("b", "Bob")).await }
+        });
+        let reads = async {
+            let ann = store.get("a").await.unwrap();
+            let page = store
+                .list_page(ListFilter::default(), None, 10)
+                .await
+                .unwrap();
+            (ann, page)
+        };
+        let (ann, page) = tokio::time::timeout(BUSY_TIMEOUT / 2, reads)
+            .await
+            .expect("reads finish while the writer waits");
+        assert_eq!(ann.first_name(), "Ann");
+        assert_eq!(page.users.len(), 1, "the pending write is not visible");
+        assert!(!write.is_finished());
+        blocker.execute_batch("ROLLBACK").unwrap();
+        let change = write.await.unwrap().unwrap();
+        assert_eq!(change.seq, 2);
+    }
+
     fn assert_refused(path: &Path, expect: fn(&OpenError) -> bool) {
         let before = std::fs::read(path).unwrap();
         let err = SqliteStore::open(path, options()).unwrap_err();
