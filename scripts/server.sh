@@ -22,7 +22,7 @@ start_server() {
     trap 'stop_server; rm -rf "$WORK"' EXIT
     trap 'exit 130' INT TERM
     # Logs go to stderr; stdout is kept apart, so a log line there fails.
-    NO_COLOR=1 RUST_LOG=info target/debug/user-service --addr 127.0.0.1:0 \
+    NO_COLOR=1 RUST_LOG=info target/debug/user-service --addr 127.0.0.1:0 --store "sqlite:$WORK/users.db" \
         >"$WORK/server.stdout" 2>"$SERVER_LOG" &
     SERVER_PID=$!
     local waited=0

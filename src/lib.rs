@@ -13,8 +13,8 @@
 //!   convert), a module per streaming pattern.
 //! - [`validate`]: the input rules, apart from gRPC.
 //! - [`error`]: the one place where errors become gRPC statuses.
-//! - [`store`]: the [`store::Store`] trait, the in-memory backend and the
-//!   change feed that SyncUsers streams subscribe to.
+//! - [`store`]: the [`store::Store`] trait, the in-memory and SQLite
+//!   backends and the change feed that SyncUsers streams subscribe to.
 //! - [`user`]: the domain types (users and changes).
 //! - [`proto`]: the generated wire types and conversions.
 
@@ -27,4 +27,4 @@ pub mod user;
 pub mod validate;
 
 pub use server::{Config, run};
-pub use store::{MemoryStore, Store};
+pub use store::{MemoryStore, SqliteStore, Store};

@@ -3,9 +3,8 @@
 use std::{borrow::Borrow, cmp::Ordering, collections::BTreeSet, ops::Bound, sync::Arc};
 
 use parking_lot::RwLock;
-use uuid::Uuid;
 
-use super::{ChangeFeed, ListFilter, Page, Store, StoreError, Subscription};
+use super::{ChangeFeed, ListFilter, Page, Store, StoreError, Subscription, check_version};
 use crate::user::{Change, ChangeKind, NewUser, User};
 
 /// Most users a listing page looks at under one lock hold, matching or not:
@@ -104,16 +103,7 @@ impl MemoryStore {
 
     /// Builds the user to store for a create, outside any lock.
     fn prepare(user: &NewUser, version: u64) -> User {
-        if user.id.is_empty() {
-            // UUIDv7 is time-ordered and the `uuid` crate keeps a counter so
-            // that ids made in the same millisecond still increase; the
-            // lowercase text form sorts like the bytes.
-            let mut buf = Uuid::encode_buffer();
-            let id = Uuid::now_v7().hyphenated().encode_lower(&mut buf);
-            User::new(id, user, version)
-        } else {
-            User::new(&user.id, user, version)
-        }
+        super::prepare_user(user, version)
     }
 }
 
@@ -137,15 +127,6 @@ impl State {
         }
         self.users.insert(ById(user.clone()));
         Ok(self.commit(feed, ChangeKind::Created, user))
-    }
-}
-
-fn check_version(expected: Option<u64>, actual: u64) -> Result<(), StoreError> {
-    match expected {
-        Some(expected) if expected != actual => {
-            Err(StoreError::VersionMismatch { expected, actual })
-        }
-        _ => Ok(()),
     }
 }
 

@@ -1,5 +1,6 @@
 //! The shared user store: the [`Store`] trait every backend implements, its
-//! errors, and the change feed.
+//! errors, and the change feed. Two backends: [`MemoryStore`] (lost on exit)
+//! and [`SqliteStore`] (durable, the server's default).
 //!
 //! The RPC code only sees this trait, so a backend can be swapped without
 //! touching it. Callers validate input first (see `validate`); a store trusts
@@ -7,11 +8,14 @@
 
 mod feed;
 mod memory;
+pub mod sqlite;
 
 use std::{future::Future, sync::Arc};
 
 pub use feed::{ChangeFeed, Subscription};
 pub use memory::MemoryStore;
+pub use sqlite::SqliteStore;
+use uuid::Uuid;
 
 use crate::user::{Change, NewUser, User};
 
@@ -29,6 +33,33 @@ pub enum StoreError {
     /// The backend failed. The text is for logs, not for clients.
     #[error("storage failure: {0}")]
     Internal(String),
+}
+
+/// Builds the user a create stores: `user` with its own id, or a new
+/// server-assigned one when `user.id` is empty. Shared by every backend, so
+/// that ids look and sort the same whatever the store.
+pub(crate) fn prepare_user(user: &NewUser, version: u64) -> User {
+    if user.id.is_empty() {
+        // UUIDv7 is time-ordered and the `uuid` crate keeps a counter so
+        // that ids made in the same millisecond still increase; the
+        // lowercase text form sorts like the bytes.
+        let mut buf = Uuid::encode_buffer();
+        let id = Uuid::now_v7().hyphenated().encode_lower(&mut buf);
+        User::new(id, user, version)
+    } else {
+        User::new(&user.id, user, version)
+    }
+}
+
+/// Checks an op's `expected_version` against the stored version (0 when
+/// there is no such user).
+pub(crate) fn check_version(expected: Option<u64>, actual: u64) -> Result<(), StoreError> {
+    match expected {
+        Some(expected) if expected != actual => {
+            Err(StoreError::VersionMismatch { expected, actual })
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Which users a listing returns.

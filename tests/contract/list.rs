@@ -15,7 +15,7 @@ use user_service::{
 };
 
 use crate::common::{
-    Backend, Client, FEED_CAPACITY, TestServer, list_all, user, user_with_id, within,
+    Backend, Client, FEED_CAPACITY, TestServer, list_all, sqlite_store, user, user_with_id, within,
 };
 
 crate::for_each_backend!(
@@ -159,8 +159,8 @@ async fn rejects_a_malformed_after_id(backend: Backend) {
 
 /// A store that counts its listing pages and its live handles, to see what a
 /// listing does after its client goes away.
-struct Tracked {
-    inner: MemoryStore,
+struct Tracked<S> {
+    inner: S,
     probe: Arc<Probe>,
 }
 
@@ -171,25 +171,22 @@ struct Probe {
     dropped: Notify,
 }
 
-impl Tracked {
-    fn new() -> Self {
+impl<S> Tracked<S> {
+    fn new(inner: S) -> Self {
         let probe = Arc::new(Probe::default());
         probe.handles.store(1, Ordering::SeqCst);
-        Tracked {
-            inner: MemoryStore::new(FEED_CAPACITY),
-            probe,
-        }
+        Tracked { inner, probe }
     }
 }
 
-impl Drop for Tracked {
+impl<S> Drop for Tracked<S> {
     fn drop(&mut self) {
         self.probe.handles.fetch_sub(1, Ordering::SeqCst);
         self.probe.dropped.notify_waiters();
     }
 }
 
-impl Store for Tracked {
+impl<S: Store> Store for Tracked<S> {
     async fn create(&self, user: NewUser) -> Result<Change, StoreError> {
         self.inner.create(user).await
     }
@@ -220,7 +217,7 @@ impl Store for Tracked {
 }
 
 // Cloning is how the service hands the store to a listing: count it.
-impl Clone for Tracked {
+impl<S: Clone> Clone for Tracked<S> {
     fn clone(&self) -> Self {
         self.probe.handles.fetch_add(1, Ordering::SeqCst);
         Tracked {
@@ -232,7 +229,17 @@ impl Clone for Tracked {
 
 #[tokio::test]
 async fn a_cancelled_listing_stops_its_work() {
-    let store = Tracked::new();
+    cancelled_listing_stops_its_work(MemoryStore::new(FEED_CAPACITY)).await;
+}
+
+#[tokio::test]
+async fn a_cancelled_sqlite_listing_stops_its_work() {
+    let (store, _dir) = sqlite_store(FEED_CAPACITY);
+    cancelled_listing_stops_its_work(store).await;
+}
+
+async fn cancelled_listing_stops_its_work<S: Store>(inner: S) {
+    let store = Tracked::new(inner);
     let probe = store.probe.clone();
     let server = TestServer::start_with(store.clone(), Config::default()).await;
     let mut client = server.client().await;

@@ -7,9 +7,10 @@ use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 use user_service::{
-    Config, MemoryStore, Store,
+    Config, MemoryStore, SqliteStore, Store,
     proto::{self, user_service_client::UserServiceClient},
     server::ServeError,
+    store::sqlite::{Durability, SqliteOptions},
 };
 
 /// Change-feed capacity of test servers unless a test asks for another.
@@ -25,6 +26,8 @@ pub type Client = UserServiceClient<Channel>;
 #[derive(Debug, Clone, Copy)]
 pub enum Backend {
     Memory,
+    /// A fresh database file in a temporary directory, durable commits.
+    Sqlite,
 }
 
 impl Backend {
@@ -45,6 +48,12 @@ impl Backend {
             Backend::Memory => {
                 TestServer::start_with(MemoryStore::new(feed_capacity), config).await
             }
+            Backend::Sqlite => {
+                let (store, dir) = sqlite_store(feed_capacity);
+                let mut server = TestServer::start_with(store, Config::default()).await;
+                server._data = Some(dir);
+                server
+            }
         }
     }
 }
@@ -61,6 +70,14 @@ macro_rules! for_each_backend {
                 }
             )*
         }
+        mod sqlite {
+            $(
+                #[tokio::test]
+                async fn $test() {
+                    super::$test($crate::common::Backend::Sqlite).await
+                }
+            )*
+        }
     };
 }
 
@@ -69,6 +86,20 @@ pub struct TestServer {
     pub addr: SocketAddr,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), ServeError>>>,
+    /// The store's files, deleted when the server is dropped.
+    _data: Option<tempfile::TempDir>,
+}
+
+/// A SQLite store in a new temporary directory (deleted when the returned
+/// directory is dropped).
+pub fn sqlite_store(feed_capacity: usize) -> (SqliteStore, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let options = SqliteOptions {
+        durability: Durability::Full,
+        feed_capacity,
+    };
+    let store = SqliteStore::open(dir.path().join("users.db"), options).expect("open store");
+    (store, dir)
 }
 
 impl TestServer {
@@ -90,6 +121,7 @@ impl TestServer {
             addr,
             shutdown: Some(tx),
             task: Some(task),
+            _data: None,
         }
     }
 

@@ -1,0 +1,1272 @@
+//! The SQLite store: users in one file that survives restarts and crashes.
+//!
+//! # Writes: one writer thread, group commit
+//!
+//! One thread owns the only write connection. Callers send it a command over
+//! a bounded channel and await a oneshot reply. The thread takes the first
+//! command waiting, then every other command that has already arrived (up to
+//! [`MAX_BATCH_OPS`] ops), applies them all in one transaction and commits
+//! once: writes that arrive together, from every concurrent call, share one
+//! commit and one fsync, so throughput does not fall to one fsync per user.
+//!
+//! Inside the batch each op checks before it writes (the id is free, the
+//! expected version matches), so an op that fails writes nothing and uses no
+//! seq, while the others go on. The seq of the last change is stored in the
+//! same transaction. Only once the commit has returned are the changes
+//! published to the feed, in commit order, and the callers answered: a reply
+//! means the write is on disk (with [`Durability::Full`], fsynced). If the
+//! transaction fails, it is rolled back whole, every op in it is answered
+//! with an internal error and nothing is published. A failed COMMIT leaves
+//! the writer refusing every later write: after a failed fsync the file's
+//! state is no longer known to this process, and a restart is what recovers
+//! it (SQLite replays or discards the write-ahead log on open).
+//!
+//! # Reads
+//!
+//! Reads never go through the writer. A few read-only connections, used on
+//! tokio's blocking threads, each run one statement: in WAL mode that is a
+//! snapshot of the last commit, taken without waiting for the writer and
+//! without blocking it. A listing is a sequence of such pages, each one short
+//! query resuming after the previous page's last id.
+//!
+//! # The file
+//!
+//! WAL journal. The schema is created and migrated on open, recorded in a
+//! `schema_version` table; the SQLite header's application id marks the file
+//! as this service's. Before anything writes to an existing file it is
+//! inspected read-only: a file that is not SQLite, is another program's
+//! database, is corrupted, or has a newer schema than this build knows is
+//! refused with an [`OpenError`] and left as it was.
+
+use std::{
+    fmt,
+    fs::File,
+    io::{self, Read},
+    path::{Path, PathBuf},
+    sync::Arc,
+    thread,
+    time::Duration,
+};
+
+use parking_lot::Mutex;
+use rusqlite::{
+    Connection, ErrorCode, OpenFlags, OptionalExtension, Transaction, TransactionBehavior, params,
+};
+use tokio::sync::{Semaphore, mpsc, oneshot};
+
+use super::{
+    ChangeFeed, ListFilter, Page, Store, StoreError, Subscription, check_version, prepare_user,
+};
+use crate::user::{Change, ChangeKind, NewUser, User};
+
+/// Marks a database file as this service's, in the SQLite header
+/// (`PRAGMA application_id`): the bytes "USRV". A database with another id
+/// belongs to another program and is never written to.
+pub const APPLICATION_ID: i32 = 0x5553_5256;
+
+/// The schema version this build writes. An older file is migrated on open;
+/// a newer one is refused, since this build cannot know what it means.
+pub const SCHEMA_VERSION: i64 = 1;
+
+/// `MIGRATIONS[v]` takes a file from schema version `v` to `v + 1`. Each runs
+/// in the transaction that also records the new version.
+const MIGRATIONS: &[&str] = &[
+    // 0 -> 1: users keyed by id, and the seq of the last change.
+    //
+    // `WITHOUT ROWID` stores each user in the id-ordered B-tree itself: one
+    // tree, listed in id order without a lookup, and server-assigned UUIDv7
+    // ids append at its right edge. TEXT's default BINARY collation compares
+    // bytes, which is the order the contract promises. The index serves
+    // ListUsers' `verified` filter in id order. STRICT makes SQLite enforce
+    // the column types.
+    "CREATE TABLE users (
+         id TEXT PRIMARY KEY NOT NULL,
+         first_name TEXT NOT NULL,
+         last_name TEXT NOT NULL,
+         address TEXT NOT NULL,
+         verified INTEGER NOT NULL,
+         version INTEGER NOT NULL
+     ) STRICT, WITHOUT ROWID;
+     CREATE INDEX users_by_verified ON users (verified, id);
+     CREATE TABLE change_seq (seq INTEGER NOT NULL) STRICT;
+     INSERT INTO change_seq (seq) VALUES (0);",
+];
+
+/// Most ops (users created, upserts, deletes) committed in one transaction.
+/// Bounds the latency a write waits behind others and the memory a batch
+/// holds, while staying large enough that bulk imports commit thousands of
+/// rows per fsync.
+pub const MAX_BATCH_OPS: usize = 8192;
+
+/// Commands waiting for the writer. Callers wait for room (backpressure)
+/// rather than queue without bound; 1024 covers every call the server admits
+/// on a connection (`MAX_CONCURRENT_STREAMS`) with one op in flight each.
+pub const WRITE_QUEUE: usize = 1024;
+
+/// Reads running at once, each on one connection and one blocking thread.
+/// A couple of cores serve no more; the bound keeps a burst of GetUser and
+/// ListUsers calls from opening connections and threads without limit.
+pub const MAX_READERS: usize = 8;
+
+/// Most users one listing page reads, whatever the caller asks: bounds the
+/// memory and the time of one query.
+pub const MAX_PAGE: usize = 4096;
+
+/// The writer's page cache, in KiB (SQLite's default is 2 MiB). Inserts at
+/// random places in the id tree (client-supplied random ids) touch a page
+/// per row; a larger cache keeps the tree's upper levels and recently
+/// touched leaves in memory.
+pub const WRITER_CACHE_KIB: u64 = 64 * 1024;
+
+/// WAL pages after which a commit checkpoints the log into the database file
+/// (SQLite's default is 1000, 4 MiB). Each checkpoint copies pages back and
+/// fsyncs the database file; with a 64 MiB log, bulk imports checkpoint a
+/// sixteenth as often, and a page rewritten by several transactions (random
+/// ids) is copied once. The log file grows to about that size.
+pub const WAL_AUTOCHECKPOINT_PAGES: u32 = 16 * 1024;
+
+/// How long a connection waits for a lock held by another connection before
+/// failing. Readers never wait for the writer in WAL mode; this covers the
+/// short exclusive moments (recovery on open, checkpoints) and a second
+/// process on the same file.
+pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// When a commit counts as done, set with `--sync`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Durability {
+    /// Every commit is fsynced before its writes are acknowledged: an
+    /// acknowledged write survives a power cut (`synchronous = FULL`).
+    #[default]
+    Full,
+    /// Commits reach the OS before they are acknowledged but are fsynced only
+    /// at checkpoints: an acknowledged write survives a crash of the process,
+    /// not of the machine (`synchronous = NORMAL`).
+    Normal,
+}
+
+impl Durability {
+    fn pragma(self) -> &'static str {
+        match self {
+            Durability::Full => "FULL",
+            Durability::Normal => "NORMAL",
+        }
+    }
+}
+
+impl fmt::Display for Durability {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Durability::Full => "full (fsync before every acknowledgement; survives power loss)",
+            Durability::Normal => {
+                "normal (no fsync before acknowledgement; survives a process crash, not power loss)"
+            }
+        })
+    }
+}
+
+/// How to open a [`SqliteStore`].
+#[derive(Debug, Clone, Copy)]
+pub struct SqliteOptions {
+    pub durability: Durability,
+    /// How far a change-feed subscriber may fall behind before it is cut off
+    /// (see [`ChangeFeed`]).
+    pub feed_capacity: usize,
+}
+
+/// Why a database file could not be opened. Every refusal leaves the file
+/// as it was.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("{}: not a SQLite database; refusing to use it (file left untouched)", path.display())]
+    NotSqlite { path: PathBuf },
+    #[error(
+        "{}: a SQLite database that is not a user-service store ({detail}); \
+         refusing to use it (file left untouched)", path.display()
+    )]
+    Foreign { path: PathBuf, detail: String },
+    #[error(
+        "{}: schema version {found} is newer than this build supports ({supported}); \
+         refusing to use it (file left untouched); run a newer user-service", path.display()
+    )]
+    NewerSchema {
+        path: PathBuf,
+        found: i64,
+        supported: i64,
+    },
+    #[error("{}: the database is corrupted ({detail}); refusing to use it (file left untouched)", path.display())]
+    Corrupt { path: PathBuf, detail: String },
+    #[error("{}: cannot switch to WAL mode (journal mode stays {mode})", path.display())]
+    NoWal { path: PathBuf, mode: String },
+    #[error("{}: {source}", path.display())]
+    Sqlite {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error("{}: {source}", path.display())]
+    Io { path: PathBuf, source: io::Error },
+}
+
+impl OpenError {
+    /// Whether the file itself was refused (as opposed to an I/O or SQLite
+    /// failure while opening it).
+    pub fn is_refusal(&self) -> bool {
+        matches!(
+            self,
+            OpenError::NotSqlite { .. }
+                | OpenError::Foreign { .. }
+                | OpenError::NewerSchema { .. }
+                | OpenError::Corrupt { .. }
+        )
+    }
+
+    fn sqlite(path: &Path, source: rusqlite::Error) -> OpenError {
+        let path = path.to_owned();
+        match source.sqlite_error_code() {
+            Some(ErrorCode::NotADatabase) => OpenError::NotSqlite { path },
+            Some(ErrorCode::DatabaseCorrupt) => OpenError::Corrupt {
+                path,
+                detail: source.to_string(),
+            },
+            _ => OpenError::Sqlite { path, source },
+        }
+    }
+}
+
+/// Users in a SQLite file, durable once a write is acknowledged.
+///
+/// A cheap handle: clones share the writer, the readers and the feed. The
+/// writer thread stops when the last handle is dropped.
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    commands: mpsc::Sender<Command>,
+    readers: Readers,
+    feed: ChangeFeed,
+}
+
+impl SqliteStore {
+    /// Opens (creating or migrating) the store at `path` and starts its
+    /// writer thread. Blocks while it inspects the file: call it at startup.
+    pub fn open(path: impl AsRef<Path>, options: SqliteOptions) -> Result<SqliteStore, OpenError> {
+        let path = path.as_ref();
+        inspect(path)?;
+        let mut conn = open_writer(path, options.durability)?;
+        let seq = migrate(&mut conn, path)?;
+        tracing::info!(
+            path = %path.display(),
+            schema = SCHEMA_VERSION,
+            seq,
+            durability = %options.durability,
+            "opened SQLite store"
+        );
+
+        let feed = ChangeFeed::new(options.feed_capacity);
+        let (commands, receiver) = mpsc::channel(WRITE_QUEUE);
+        let writer = Writer {
+            conn,
+            commands: receiver,
+            feed: feed.clone(),
+            failed: None,
+        };
+        thread::Builder::new()
+            .name("sqlite-writer".into())
+            .spawn(move || writer.run())
+            .map_err(|source| OpenError::Io {
+                path: path.to_owned(),
+                source,
+            })?;
+        Ok(SqliteStore {
+            shared: Arc::new(Shared {
+                commands,
+                readers: Readers::new(path),
+                feed,
+            }),
+        })
+    }
+
+    /// The seq of the last committed change (0 before the first).
+    pub async fn last_seq(&self) -> Result<u64, StoreError> {
+        self.shared
+            .readers
+            .run(|conn| read_seq(conn).map(|seq| seq as u64))
+            .await
+    }
+
+    /// How many users are stored.
+    pub async fn count(&self) -> Result<u64, StoreError> {
+        self.shared
+            .readers
+            .run(|conn| {
+                conn.query_row("SELECT count(*) FROM users", [], |row| row.get::<_, i64>(0))
+                    .map(|n| n as u64)
+            })
+            .await
+    }
+
+    /// The change feed, e.g. to count subscribers.
+    pub fn feed(&self) -> &ChangeFeed {
+        &self.shared.feed
+    }
+
+    /// Sends one command to the writer and waits for its reply.
+    async fn write<T>(
+        &self,
+        command: Command,
+        reply: oneshot::Receiver<T>,
+    ) -> Result<T, StoreError> {
+        self.shared
+            .commands
+            .send(command)
+            .await
+            .map_err(|_| StoreError::Internal("the SQLite writer has stopped".into()))?;
+        reply
+            .await
+            .map_err(|_| StoreError::Internal("the SQLite writer dropped a write".into()))
+    }
+}
+
+impl Store for SqliteStore {
+    async fn create(&self, user: NewUser) -> Result<Change, StoreError> {
+        let mut results = self.create_many(vec![user]).await;
+        results
+            .pop()
+            .unwrap_or_else(|| Err(StoreError::Internal("no result for a create".into())))
+    }
+
+    async fn create_many(&self, users: Vec<NewUser>) -> Vec<Result<Change, StoreError>> {
+        let count = users.len();
+        // Ids and users are built here, on the caller's thread, to keep the
+        // writer's work to the SQL.
+        let users = users
+            .iter()
+            .map(|user| Arc::new(prepare_user(user, 1)))
+            .collect();
+        let (reply, receiver) = oneshot::channel();
+        match self.write(Command::Create { users, reply }, receiver).await {
+            Ok(results) => results,
+            Err(err) => vec![Err(err); count],
+        }
+    }
+
+    async fn upsert(
+        &self,
+        user: NewUser,
+        expected_version: Option<u64>,
+    ) -> Result<Change, StoreError> {
+        let created = Arc::new(prepare_user(&user, 1));
+        let (reply, receiver) = oneshot::channel();
+        let command = Command::Upsert {
+            created,
+            user,
+            expected_version,
+            reply,
+        };
+        self.write(command, receiver).await?
+    }
+
+    async fn delete(&self, id: &str, expected_version: Option<u64>) -> Result<Change, StoreError> {
+        let (reply, receiver) = oneshot::channel();
+        let command = Command::Delete {
+            id: id.to_owned(),
+            expected_version,
+            reply,
+        };
+        self.write(command, receiver).await?
+    }
+
+    async fn get(&self, id: &str) -> Result<Arc<User>, StoreError> {
+        let key = id.to_owned();
+        let user = self
+            .shared
+            .readers
+            .run(move |conn| {
+                conn.prepare_cached(
+                    "SELECT id, first_name, last_name, address, verified, version
+                     FROM users WHERE id = ?1",
+                )?
+                .query_row([&key], user_from_row)
+                .optional()
+            })
+            .await?;
+        user.map(Arc::new)
+            .ok_or_else(|| StoreError::NotFound(id.to_owned()))
+    }
+
+    async fn list_page(
+        &self,
+        filter: ListFilter,
+        after: Option<&str>,
+        max: usize,
+    ) -> Result<Page, StoreError> {
+        // Every id is non-empty, so "after the empty string" is the start.
+        let after = after.unwrap_or("").to_owned();
+        let max = max.min(MAX_PAGE);
+        let users = self
+            .shared
+            .readers
+            .run(move |conn| list(conn, filter, &after, max))
+            .await?;
+        let next_after = if users.len() == max && max > 0 {
+            users.last().map(|user| user.id().to_owned())
+        } else {
+            None
+        };
+        Ok(Page {
+            users: users.into_iter().map(Arc::new).collect(),
+            next_after,
+        })
+    }
+
+    fn subscribe(&self) -> Subscription {
+        self.shared.feed.subscribe()
+    }
+}
+
+/// One listing page: a single statement, so a single WAL snapshot.
+fn list(
+    conn: &Connection,
+    filter: ListFilter,
+    after: &str,
+    max: usize,
+) -> rusqlite::Result<Vec<User>> {
+    let limit = max as i64;
+    match filter.verified {
+        None => conn
+            .prepare_cached(
+                "SELECT id, first_name, last_name, address, verified, version
+                 FROM users WHERE id > ?1 ORDER BY id LIMIT ?2",
+            )?
+            .query_map(params![after, limit], user_from_row)?
+            .collect(),
+        // Served by `users_by_verified`: a range of the index, already in id
+        // order, so a filter that matches few users does not scan the rest.
+        Some(verified) => conn
+            .prepare_cached(
+                "SELECT id, first_name, last_name, address, verified, version
+                 FROM users WHERE verified = ?1 AND id > ?2 ORDER BY id LIMIT ?3",
+            )?
+            .query_map(params![verified, after, limit], user_from_row)?
+            .collect(),
+    }
+}
+
+/// Builds a user from `id, first_name, last_name, address, verified, version`.
+fn user_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<User> {
+    let id: String = row.get(0)?;
+    let fields = NewUser {
+        id: String::new(),
+        first_name: row.get(1)?,
+        last_name: row.get(2)?,
+        address: row.get(3)?,
+        verified: row.get(4)?,
+    };
+    let version: i64 = row.get(5)?;
+    Ok(User::new(&id, &fields, version as u64))
+}
+
+fn read_seq(conn: &Connection) -> rusqlite::Result<i64> {
+    conn.query_row("SELECT seq FROM change_seq", [], |row| row.get(0))
+}
+
+// ---------------------------------------------------------------------------
+// Reads
+
+/// The read-only connections, reused between reads.
+struct Readers {
+    path: Arc<Path>,
+    /// Idle connections. A blocking lock, held only to push or pop one.
+    idle: Arc<Mutex<Vec<Connection>>>,
+    /// At most [`MAX_READERS`] reads run at once.
+    permits: Arc<Semaphore>,
+}
+
+impl fmt::Debug for Readers {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Readers")
+            .field("path", &self.path)
+            .field("idle", &self.idle.lock().len())
+            .finish()
+    }
+}
+
+impl Readers {
+    fn new(path: &Path) -> Self {
+        Readers {
+            path: path.into(),
+            idle: Arc::new(Mutex::new(Vec::new())),
+            permits: Arc::new(Semaphore::new(MAX_READERS)),
+        }
+    }
+
+    /// Runs `read` on a read connection, on a blocking thread.
+    ///
+    /// If the caller goes away (a cancelled listing), the read already
+    /// started finishes (one short statement) and its result is dropped.
+    async fn run<T, F>(&self, read: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    {
+        let permit = self
+            .permits
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| StoreError::Internal("readers closed".into()))?;
+        let (path, idle) = (self.path.clone(), self.idle.clone());
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            let popped = idle.lock().pop();
+            let conn = match popped {
+                Some(conn) => conn,
+                None => open_reader(&path)?,
+            };
+            let result = read(&conn);
+            idle.lock().push(conn);
+            result
+        })
+        .await
+        .map_err(|err| StoreError::Internal(format!("read task failed: {err}")))?
+        .map_err(internal)
+    }
+}
+
+fn open_reader(path: &Path) -> rusqlite::Result<Connection> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    Ok(conn)
+}
+
+fn internal(err: rusqlite::Error) -> StoreError {
+    StoreError::Internal(format!("SQLite: {err}"))
+}
+
+// ---------------------------------------------------------------------------
+// Writes
+
+/// A write for the writer thread, with where to send its result.
+enum Command {
+    /// `create` and `create_many`: users built (ids assigned) by the caller.
+    Create {
+        users: Vec<Arc<User>>,
+        reply: oneshot::Sender<Vec<Result<Change, StoreError>>>,
+    },
+    Upsert {
+        /// The user to store if the id is free (version 1, id assigned).
+        created: Arc<User>,
+        /// The fields, to build the replacement when the id is taken.
+        user: NewUser,
+        expected_version: Option<u64>,
+        reply: oneshot::Sender<Result<Change, StoreError>>,
+    },
+    Delete {
+        id: String,
+        expected_version: Option<u64>,
+        reply: oneshot::Sender<Result<Change, StoreError>>,
+    },
+}
+
+impl Command {
+    fn ops(&self) -> usize {
+        match self {
+            Command::Create { users, .. } => users.len(),
+            Command::Upsert { .. } | Command::Delete { .. } => 1,
+        }
+    }
+
+    fn reply(self, outcome: Outcome) {
+        // A send fails only when the caller has gone away (its call was
+        // cancelled); the write stays committed all the same.
+        match (self, outcome) {
+            (Command::Create { reply, .. }, Outcome::Many(results)) => {
+                let _ = reply.send(results);
+            }
+            (
+                Command::Upsert { reply, .. } | Command::Delete { reply, .. },
+                Outcome::One(result),
+            ) => {
+                let _ = reply.send(result);
+            }
+            (command, _) => command.fail(StoreError::Internal("mismatched write outcome".into())),
+        }
+    }
+
+    fn fail(self, err: StoreError) {
+        match self {
+            Command::Create { users, reply } => {
+                let _ = reply.send(vec![Err(err); users.len()]);
+            }
+            Command::Upsert { reply, .. } | Command::Delete { reply, .. } => {
+                let _ = reply.send(Err(err));
+            }
+        }
+    }
+}
+
+/// What a command did, before it is sent back.
+enum Outcome {
+    Many(Vec<Result<Change, StoreError>>),
+    One(Result<Change, StoreError>),
+}
+
+/// Why a batch did not commit.
+enum BatchError {
+    /// A statement failed: the transaction was rolled back, nothing changed.
+    Apply(rusqlite::Error),
+    /// COMMIT failed: what reached the disk is unknown.
+    Commit(rusqlite::Error),
+}
+
+/// The writer thread's state.
+struct Writer {
+    conn: Connection,
+    commands: mpsc::Receiver<Command>,
+    feed: ChangeFeed,
+    /// Set after a failed COMMIT: every later write is refused with it.
+    failed: Option<String>,
+}
+
+impl Writer {
+    /// Commits batches until every store handle has been dropped.
+    fn run(mut self) {
+        let mut batch = Vec::new();
+        while let Some(first) = self.commands.blocking_recv() {
+            // Group commit: everything that arrived while the previous batch
+            // was committing goes into this one.
+            let mut ops = first.ops();
+            batch.push(first);
+            while ops < MAX_BATCH_OPS {
+                match self.commands.try_recv() {
+                    Ok(command) => {
+                        ops += command.ops();
+                        batch.push(command);
+                    }
+                    Err(_) => break,
+                }
+            }
+            self.commit(&mut batch);
+        }
+        tracing::debug!("SQLite writer stopped");
+    }
+
+    /// Applies and commits `batch`, publishes its changes, then answers each
+    /// command. Leaves `batch` empty.
+    fn commit(&mut self, batch: &mut Vec<Command>) {
+        if let Some(reason) = &self.failed {
+            for command in batch.drain(..) {
+                command.fail(StoreError::Internal(reason.clone()));
+            }
+            return;
+        }
+        match apply(&mut self.conn, batch) {
+            Ok(outcomes) => {
+                // Committed: now, and only now, the feed and the callers.
+                for outcome in &outcomes {
+                    let changes: &[Result<Change, StoreError>] = match outcome {
+                        Outcome::Many(results) => results,
+                        Outcome::One(result) => std::slice::from_ref(result),
+                    };
+                    for change in changes.iter().flatten() {
+                        self.feed.publish(change.clone());
+                    }
+                }
+                for (command, outcome) in batch.drain(..).zip(outcomes) {
+                    command.reply(outcome);
+                }
+            }
+            Err(BatchError::Apply(err)) => {
+                tracing::error!(error = %err, "SQLite write failed; batch rolled back");
+                let reason = format!("SQLite write failed: {err}");
+                for command in batch.drain(..) {
+                    command.fail(StoreError::Internal(reason.clone()));
+                }
+            }
+            Err(BatchError::Commit(err)) => {
+                tracing::error!(
+                    error = %err,
+                    "SQLite commit failed; refusing further writes until restart"
+                );
+                let reason = format!("SQLite commit failed ({err}); restart the server");
+                self.failed = Some(reason.clone());
+                for command in batch.drain(..) {
+                    command.fail(StoreError::Internal(reason.clone()));
+                }
+            }
+        }
+    }
+}
+
+/// Statements of one batch, prepared (from the connection's cache) once.
+struct Statements<'t> {
+    insert_new: rusqlite::CachedStatement<'t>,
+    insert: rusqlite::CachedStatement<'t>,
+    update: rusqlite::CachedStatement<'t>,
+    version_of: rusqlite::CachedStatement<'t>,
+    user_of: rusqlite::CachedStatement<'t>,
+    delete: rusqlite::CachedStatement<'t>,
+}
+
+impl<'t> Statements<'t> {
+    fn prepare(tx: &'t Transaction<'_>) -> rusqlite::Result<Self> {
+        Ok(Statements {
+            // Writes nothing when the id is taken: the pre-check and the
+            // write in one step.
+            insert_new: tx.prepare_cached(
+                "INSERT INTO users (id, first_name, last_name, address, verified, version)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (id) DO NOTHING",
+            )?,
+            insert: tx.prepare_cached(
+                "INSERT INTO users (id, first_name, last_name, address, verified, version)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?,
+            update: tx.prepare_cached(
+                "UPDATE users SET first_name = ?2, last_name = ?3, address = ?4,
+                 verified = ?5, version = ?6 WHERE id = ?1",
+            )?,
+            version_of: tx.prepare_cached("SELECT version FROM users WHERE id = ?1")?,
+            user_of: tx.prepare_cached(
+                "SELECT id, first_name, last_name, address, verified, version
+                 FROM users WHERE id = ?1",
+            )?,
+            delete: tx.prepare_cached("DELETE FROM users WHERE id = ?1")?,
+        })
+    }
+}
+
+/// Runs an insert or update statement for `user` (`?1` id ... `?6` version).
+fn write_user(
+    statement: &mut rusqlite::CachedStatement<'_>,
+    user: &User,
+) -> rusqlite::Result<usize> {
+    // A version is far below i64::MAX: one per update.
+    statement.execute(params![
+        user.id(),
+        user.first_name(),
+        user.last_name(),
+        user.address(),
+        user.verified(),
+        user.version() as i64,
+    ])
+}
+
+/// Runs every command of `batch` in one transaction and commits it.
+fn apply(conn: &mut Connection, batch: &[Command]) -> Result<Vec<Outcome>, BatchError> {
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(BatchError::Apply)?;
+    let outcomes = apply_in(&tx, batch).map_err(BatchError::Apply)?;
+    tx.commit().map_err(BatchError::Commit)?;
+    Ok(outcomes)
+}
+
+fn apply_in(tx: &Transaction<'_>, batch: &[Command]) -> rusqlite::Result<Vec<Outcome>> {
+    // Read inside the write transaction, not cached in memory: the stored
+    // seq is the truth even if another process wrote to the file.
+    let first_seq = read_seq(tx)? as u64;
+    let mut seq = first_seq;
+    let mut outcomes = Vec::with_capacity(batch.len());
+    {
+        let mut st = Statements::prepare(tx)?;
+        let mut next = |kind, user: Arc<User>| {
+            seq += 1;
+            Change { seq, kind, user }
+        };
+        for command in batch {
+            let outcome = match command {
+                Command::Create { users, .. } => {
+                    let mut results = Vec::with_capacity(users.len());
+                    for user in users {
+                        let result = if write_user(&mut st.insert_new, user)? == 0 {
+                            Err(StoreError::AlreadyExists(user.id().to_owned()))
+                        } else {
+                            Ok(next(ChangeKind::Created, user.clone()))
+                        };
+                        results.push(result);
+                    }
+                    Outcome::Many(results)
+                }
+                Command::Upsert {
+                    created,
+                    user,
+                    expected_version,
+                    ..
+                } => {
+                    let stored: Option<i64> = st
+                        .version_of
+                        .query_row([created.id()], |row| row.get(0))
+                        .optional()?;
+                    let stored = stored.map(|v| v as u64);
+                    Outcome::One(
+                        match check_version(*expected_version, stored.unwrap_or(0)) {
+                            Err(err) => Err(err),
+                            Ok(()) => match stored {
+                                None => {
+                                    write_user(&mut st.insert, created)?;
+                                    Ok(next(ChangeKind::Created, created.clone()))
+                                }
+                                Some(version) => {
+                                    let updated =
+                                        Arc::new(User::new(created.id(), user, version + 1));
+                                    write_user(&mut st.update, &updated)?;
+                                    Ok(next(ChangeKind::Updated, updated))
+                                }
+                            },
+                        },
+                    )
+                }
+                Command::Delete {
+                    id,
+                    expected_version,
+                    ..
+                } => {
+                    let stored = st.user_of.query_row([id], user_from_row).optional()?;
+                    Outcome::One(match stored {
+                        None => Err(StoreError::NotFound(id.clone())),
+                        Some(user) => match check_version(*expected_version, user.version()) {
+                            Err(err) => Err(err),
+                            Ok(()) => {
+                                st.delete.execute([id])?;
+                                Ok(next(ChangeKind::Deleted, Arc::new(user)))
+                            }
+                        },
+                    })
+                }
+            };
+            outcomes.push(outcome);
+        }
+    }
+    if seq != first_seq {
+        tx.prepare_cached("UPDATE change_seq SET seq = ?1")?
+            .execute([seq as i64])?;
+    }
+    Ok(outcomes)
+}
+
+// ---------------------------------------------------------------------------
+// Opening the file
+
+/// The first bytes of every SQLite database file.
+const SQLITE_MAGIC: &[u8; 16] = b"SQLite format 3\0";
+
+/// The size of the SQLite file header: a database file is never shorter.
+const SQLITE_HEADER_LEN: u64 = 100;
+
+/// What an existing file holds.
+#[derive(Debug, PartialEq, Eq)]
+enum Existing {
+    /// No file, an empty one, or a database with nothing in it.
+    New,
+    /// This service's store at a schema version this build can open.
+    Ours { version: i64 },
+}
+
+/// Looks at the file without writing to it, and refuses what is not ours.
+fn inspect(path: &Path) -> Result<Existing, OpenError> {
+    let io_err = |source| OpenError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let len = match std::fs::metadata(path) {
+        Ok(meta) => meta.len(),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(Existing::New),
+        Err(err) => return Err(io_err(err)),
+    };
+    // An empty file may still have a write-ahead log beside it (a crash
+    // right after creation): let SQLite look.
+    if len > 0 {
+        let mut magic = [0u8; 16];
+        let read = File::open(path).and_then(|mut file| file.read_exact(&mut magic));
+        if len < SQLITE_HEADER_LEN
+            || matches!(&read, Err(err) if err.kind() == io::ErrorKind::UnexpectedEof)
+            || &magic != SQLITE_MAGIC
+        {
+            return Err(OpenError::NotSqlite {
+                path: path.to_owned(),
+            });
+        }
+        read.map_err(io_err)?;
+    }
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|err| OpenError::sqlite(path, err))?;
+    conn.busy_timeout(BUSY_TIMEOUT)
+        .map_err(|err| OpenError::sqlite(path, err))?;
+    let existing = classify(&conn, path)?;
+    if existing != Existing::New {
+        // Reads every page of the tables and indexes; a damaged file is
+        // refused here rather than failing requests later.
+        let problems: Vec<String> = conn
+            .prepare("PRAGMA quick_check(5)")
+            .and_then(|mut st| {
+                st.query_map([], |row| row.get::<_, String>(0))?
+                    .collect::<rusqlite::Result<_>>()
+            })
+            .map_err(|err| OpenError::sqlite(path, err))?;
+        if problems != ["ok"] {
+            return Err(OpenError::Corrupt {
+                path: path.to_owned(),
+                detail: problems.join("; "),
+            });
+        }
+    }
+    Ok(existing)
+}
+
+/// Decides what a database holds, from its application id and schema.
+fn classify(conn: &Connection, path: &Path) -> Result<Existing, OpenError> {
+    let sqlite = |err| OpenError::sqlite(path, err);
+    let application_id: i32 = conn
+        .query_row("PRAGMA application_id", [], |row| row.get(0))
+        .map_err(sqlite)?;
+    let objects: i64 = conn
+        .query_row("SELECT count(*) FROM sqlite_schema", [], |row| row.get(0))
+        .map_err(sqlite)?;
+    match application_id {
+        0 if objects == 0 => Ok(Existing::New),
+        0 => Err(OpenError::Foreign {
+            path: path.to_owned(),
+            detail: format!("{objects} schema objects and no user-service application id"),
+        }),
+        APPLICATION_ID => {
+            let version: i64 = conn
+                .query_row("SELECT version FROM schema_version", [], |row| row.get(0))
+                .map_err(|err| OpenError::Corrupt {
+                    path: path.to_owned(),
+                    detail: format!("no schema version: {err}"),
+                })?;
+            if version > SCHEMA_VERSION {
+                return Err(OpenError::NewerSchema {
+                    path: path.to_owned(),
+                    found: version,
+                    supported: SCHEMA_VERSION,
+                });
+            }
+            Ok(Existing::Ours { version })
+        }
+        other => Err(OpenError::Foreign {
+            path: path.to_owned(),
+            detail: format!("application id {other:#010x}"),
+        }),
+    }
+}
+
+/// Opens the write connection: WAL, the chosen durability, a larger cache.
+fn open_writer(path: &Path, durability: Durability) -> Result<Connection, OpenError> {
+    let sqlite = |err| OpenError::sqlite(path, err);
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(sqlite)?;
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(sqlite)?;
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))
+        .map_err(sqlite)?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(OpenError::NoWal {
+            path: path.to_owned(),
+            mode,
+        });
+    }
+    conn.execute_batch(&format!(
+        "PRAGMA synchronous = {}; PRAGMA cache_size = -{WRITER_CACHE_KIB};
+         PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES};",
+        durability.pragma()
+    ))
+    .map_err(sqlite)?;
+    Ok(conn)
+}
+
+/// Creates or migrates the schema in one transaction; returns the last seq.
+fn migrate(conn: &mut Connection, path: &Path) -> Result<u64, OpenError> {
+    let sqlite = |err| OpenError::sqlite(path, err);
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(sqlite)?;
+    // Again, under the write lock: the file may have changed since it was
+    // inspected.
+    let from = match classify(&tx, path)? {
+        Existing::New => {
+            tx.execute_batch(&format!(
+                "PRAGMA application_id = {APPLICATION_ID};
+                 CREATE TABLE schema_version (version INTEGER NOT NULL) STRICT;
+                 INSERT INTO schema_version (version) VALUES (0);"
+            ))
+            .map_err(sqlite)?;
+            0
+        }
+        Existing::Ours { version } => version,
+    };
+    for (version, sql) in MIGRATIONS.iter().enumerate().skip(from as usize) {
+        tracing::info!(
+            path = %path.display(),
+            from = version,
+            to = version + 1,
+            "migrating schema"
+        );
+        tx.execute_batch(sql).map_err(sqlite)?;
+    }
+    if from < SCHEMA_VERSION {
+        tx.execute("UPDATE schema_version SET version = ?1", [SCHEMA_VERSION])
+            .map_err(sqlite)?;
+    }
+    let seq = read_seq(&tx).map_err(sqlite)?;
+    tx.commit().map_err(sqlite)?;
+    Ok(seq as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use super::*;
+
+    fn options() -> SqliteOptions {
+        SqliteOptions {
+            durability: Durability::Full,
+            feed_capacity: 1024,
+        }
+    }
+
+    fn named(id: &str, first_name: &str) -> NewUser {
+        NewUser {
+            id: id.into(),
+            first_name: first_name.into(),
+            ..NewUser::default()
+        }
+    }
+
+    /// Waits (bounded) until every connection to `path` has closed: the last
+    /// one to close checkpoints the log and deletes it.
+    fn wait_closed(path: &Path) {
+        let wal = path.with_extension("db-wal");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while wal.exists() {
+            assert!(Instant::now() < deadline, "the store did not close");
+            thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    #[tokio::test]
+    async fn restart_keeps_users_versions_and_seq() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("users.db");
+        let store = SqliteStore::open(&path, options()).unwrap();
+        let created = store.create(named("", "Ann")).await.unwrap();
+        store.upsert(named("b", "Bob"), None).await.unwrap();
+        store.upsert(named("b", "Bobby"), Some(1)).await.unwrap();
+        store.upsert(named("c", "Cy"), None).await.unwrap();
+        store.delete("c", None).await.unwrap();
+        assert_eq!(store.last_seq().await.unwrap(), 5);
+        drop(store);
+        wait_closed(&path);
+
+        let store = SqliteStore::open(&path, options()).unwrap();
+        assert_eq!(store.last_seq().await.unwrap(), 5);
+        assert_eq!(store.count().await.unwrap(), 2);
+        let ann = store.get(created.user.id()).await.unwrap();
+        assert_eq!(*ann, *created.user);
+        let bob = store.get("b").await.unwrap();
+        assert_eq!((bob.first_name(), bob.version()), ("Bobby", 2));
+        assert_eq!(
+            store.get("c").await.unwrap_err(),
+            StoreError::NotFound("c".into())
+        );
+        // The next change continues the seq: no gap, no reuse.
+        let mut feed = store.subscribe();
+        let next = store.upsert(named("b", "Rob"), Some(2)).await.unwrap();
+        assert_eq!((next.seq, next.user.version()), (6, 3));
+        assert_eq!(feed.try_recv().unwrap(), next);
+        // Ids made after the restart still sort after those made before.
+        let later = store.create(named("", "Dee")).await.unwrap();
+        assert!(later.user.id() > created.user.id());
+    }
+
+    #[tokio::test]
+    async fn failed_ops_in_a_shared_batch_commit_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path().join("users.db"), options()).unwrap();
+        let mut feed = store.subscribe();
+        store.upsert(named("x", "X"), None).await.unwrap();
+        // Many concurrent ops, so that they share batches; half must fail.
+        let mut tasks = Vec::new();
+        for i in 0..200u64 {
+            let store = store.clone();
+            tasks.push(tokio::spawn(async move {
+                match i % 4 {
+                    0 => store.upsert(named("x", "stale"), Some(99)).await,
+                    1 => store.create(named("x", "dup")).await,
+                    2 => store.create(named(&format!("u{i}"), "N")).await,
+                    _ => store.upsert(named(&format!("v{i}"), "N"), Some(0)).await,
+                }
+            }));
+        }
+        let mut ok = 0;
+        for task in tasks {
+            if task.await.unwrap().is_ok() {
+                ok += 1;
+            }
+        }
+        assert_eq!(ok, 100);
+        assert_eq!(store.last_seq().await.unwrap(), 101);
+        assert_eq!(store.count().await.unwrap(), 101);
+        assert_eq!(store.get("x").await.unwrap().first_name(), "X");
+        let seqs: Vec<u64> = (0..101).map(|_| feed.try_recv().unwrap().seq).collect();
+        assert_eq!(seqs, (1..=101).collect::<Vec<_>>(), "gapless, in order");
+        assert!(feed.try_recv().is_err(), "failed ops are not published");
+    }
+
+    #[tokio::test]
+    async fn listing_pages_follow_id_order_and_use_the_filter_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("users.db");
+        let store = SqliteStore::open(&path, options()).unwrap();
+        let users = (0..10)
+            .map(|i| NewUser {
+                verified: i % 2 == 0,
+                ..named(&format!("u{i}"), "N")
+            })
+            .collect();
+        store.create_many(users).await;
+        let page = store
+            .list_page(ListFilter::default(), None, 4)
+            .await
+            .unwrap();
+        let ids: Vec<&str> = page.users.iter().map(|u| u.id()).collect();
+        assert_eq!(ids, ["u0", "u1", "u2", "u3"]);
+        assert_eq!(page.next_after.as_deref(), Some("u3"));
+        let verified = ListFilter {
+            verified: Some(true),
+        };
+        let page = store.list_page(verified, Some("u3"), 100).await.unwrap();
+        let ids: Vec<&str> = page.users.iter().map(|u| u.id()).collect();
+        assert_eq!(ids, ["u4", "u6", "u8"]);
+        assert_eq!(page.next_after, None);
+
+        let conn = open_reader(&path).unwrap();
+        let plan: String = conn
+            .query_row(
+                "EXPLAIN QUERY PLAN SELECT id, first_name, last_name, address, verified, version
+                 FROM users WHERE verified = ?1 AND id > ?2 ORDER BY id LIMIT ?3",
+                params![true, "", 10],
+                |row| row.get(3),
+            )
+            .unwrap();
+        assert!(plan.contains("users_by_verified"), "{plan}");
+    }
+
+    #[tokio::test]
+    async fn reads_do_not_wait_for_a_blocked_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("users.db");
+        let store = SqliteStore::open(&path, options()).unwrap();
+        store.create(named("a", "Ann")).await.unwrap();
+        // Another connection takes the write lock: the writer's next
+        // transaction waits for it.
+        let blocker = Connection::open(&path).unwrap();
+        blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let write = tokio::spawn({
+            let store = store.clone();
+            async move { store.create(named("b", "Bob")).await }
+        });
+        let reads = async {
+            let ann = store.get("a").await.unwrap();
+            let page = store
+                .list_page(ListFilter::default(), None, 10)
+                .await
+                .unwrap();
+            (ann, page)
+        };
+        let (ann, page) = tokio::time::timeout(BUSY_TIMEOUT / 2, reads)
+            .await
+            .expect("reads finish while the writer waits");
+        assert_eq!(ann.first_name(), "Ann");
+        assert_eq!(page.users.len(), 1, "the pending write is not visible");
+        assert!(!write.is_finished());
+        blocker.execute_batch("ROLLBACK").unwrap();
+        let change = write.await.unwrap().unwrap();
+        assert_eq!(change.seq, 2);
+    }
+
+    fn assert_refused(path: &Path, expect: fn(&OpenError) -> bool) {
+        let before = std::fs::read(path).unwrap();
+        let err = SqliteStore::open(path, options()).unwrap_err();
+        assert!(expect(&err), "{err:?}");
+        assert!(err.is_refusal());
+        assert!(err.to_string().contains("left untouched"), "{err}");
+        assert_eq!(std::fs::read(path).unwrap(), before, "file changed");
+    }
+
+    #[test]
+    fn a_file_that_is_not_sqlite_is_refused_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("users.db");
+        std::fs::write(&path, "name,address\n".repeat(500)).unwrap();
+        assert_refused(&path, |e| matches!(e, OpenError::NotSqlite { .. }));
+        std::fs::write(&path, b"SQLite format 3\0 but short").unwrap();
+        assert_refused(&path, |e| matches!(e, OpenError::NotSqlite { .. }));
+    }
+
+    #[test]
+    fn another_programs_database_is_refused_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("users.db");
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch("CREATE TABLE notes (body TEXT); INSERT INTO notes VALUES ('hi');")
+            .unwrap();
+        drop(conn);
+        assert_refused(&path, |e| matches!(e, OpenError::Foreign { .. }));
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch("PRAGMA application_id = 42;").unwrap();
+        drop(conn);
+        assert_refused(&path, |e| matches!(e, OpenError::Foreign { .. }));
+    }
+
+    #[tokio::test]
+    async fn a_newer_schema_is_refused_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("users.db");
+        drop(SqliteStore::open(&path, options()).unwrap());
+        wait_closed(&path);
+        let conn = Connection::open(&path).unwrap();
+        conn.execute(
+            "UPDATE schema_version SET version = ?1",
+            [SCHEMA_VERSION + 1],
+        )
+        .unwrap();
+        drop(conn);
+        wait_closed(&path);
+        assert_refused(
+            &path,
+            |e| matches!(e, OpenError::NewerSchema { found, .. } if *found == SCHEMA_VERSION + 1),
+        );
+    }
+
+    #[tokio::test]
+    async fn a_corrupted_store_is_refused_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("users.db");
+        let store = SqliteStore::open(&path, options()).unwrap();
+        let users = (0..2000).map(|i| named(&format!("u{i:05}"), "N")).collect();
+        store.create_many(users).await;
+        drop(store);
+        wait_closed(&path);
+        // Overwrite pages in the middle of the users tree.
+        let mut bytes = std::fs::read(&path).unwrap();
+        assert!(bytes.len() > 16 * 4096, "{}", bytes.len());
+        bytes[8 * 4096..12 * 4096].fill(0xa5);
+        std::fs::write(&path, &bytes).unwrap();
+        assert_refused(&path, |e| matches!(e, OpenError::Corrupt { .. }));
+    }
+}

@@ -1,0 +1,498 @@
+//! The SQLite store through the real `user-service` binary, as a child
+//! process: refused files at startup, and a `SIGKILL` in the middle of a
+//! write load followed by a restart on the same file.
+
+use std::{
+    collections::HashMap,
+    io::{BufRead, BufReader, Read},
+    path::Path,
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+        mpsc as std_mpsc,
+    },
+    time::Duration,
+};
+
+use parking_lot::Mutex;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+use user_service::{
+    proto::{
+        self, SyncRequest, sync_request::Op, sync_response::Event,
+        user_service_client::UserServiceClient,
+    },
+    store::sqlite::{APPLICATION_ID, SCHEMA_VERSION},
+};
+
+/// Bounds every wait for the child process or the load.
+const PATIENCE: Duration = Duration::from_secs(30);
+
+/// The exit code for a refused store file (see `src/main.rs`).
+const EXIT_STORE_REFUSED: i32 = 65;
+
+type Client = UserServiceClient<Channel>;
+
+/// A running server process, killed when dropped.
+struct Server {
+    child: Child,
+    addr: String,
+}
+
+impl Server {
+    /// Starts the binary on `db` and waits (bounded) for its "listening" log
+    /// line, which names the port it bound.
+    fn start(db: &Path) -> Server {
+        let mut child = server_command(db)
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn user-service");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let (tx, rx) = std_mpsc::channel();
+        // Reads the log to its end, so that the child never blocks on a full
+        // pipe; passes on the address once.
+        std::thread::spawn(move || {
+            let mut tx = Some(tx);
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if line.contains("user-service listening")
+                    && let Some(tx) = tx.take()
+                {
+                    let _ = tx.send(listening_addr(&line));
+                }
+            }
+        });
+        let addr = match rx.recv_timeout(PATIENCE) {
+            Ok(addr) => addr,
+            Err(err) => {
+                let _ = child.kill();
+                panic!("the server did not start listening: {err}");
+            }
+        };
+        Server { child, addr }
+    }
+
+    async fn client(&self) -> Client {
+        let channel = Channel::from_shared(format!("http://{}", self.addr))
+            .unwrap()
+            .connect()
+            .await
+            .expect("connect");
+        UserServiceClient::new(channel)
+    }
+
+    /// SIGKILL: no shutdown, no flush, no checkpoint.
+    fn kill(mut self) {
+        self.child.kill().expect("kill");
+        self.child.wait().expect("wait");
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn server_command(db: &Path) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_user-service"));
+    command
+        .arg("--addr")
+        .arg("127.0.0.1:0")
+        .arg("--store")
+        .arg(format!("sqlite:{}", db.display()))
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    command
+}
+
+/// The `addr=` field of the log line, with any colour codes removed.
+fn listening_addr(line: &str) -> String {
+    let mut plain = String::new();
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            // Skip to the end of the escape sequence.
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            plain.push(c);
+        }
+    }
+    let start = plain.find("addr=").expect("addr field") + "addr=".len();
+    plain[start..]
+        .split_whitespace()
+        .next()
+        .expect("an address")
+        .to_owned()
+}
+
+/// Runs the binary on `db` until it exits (bounded); returns its status and log.
+fn run_to_exit(db: &Path) -> (ExitStatus, String) {
+    let mut child = server_command(db)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn user-service");
+    let mut stderr = child.stderr.take().expect("piped stderr");
+    let (tx, rx) = std_mpsc::channel();
+    std::thread::spawn(move || {
+        let mut log = String::new();
+        let _ = stderr.read_to_string(&mut log);
+        let _ = tx.send(log);
+    });
+    match rx.recv_timeout(PATIENCE) {
+        Ok(log) => (child.wait().expect("wait"), log),
+        Err(_) => {
+            let _ = child.kill();
+            panic!("the server kept running on a file it should refuse");
+        }
+    }
+}
+
+fn assert_refused(db: &Path, why: &str) {
+    let before = std::fs::read(db).unwrap();
+    let (status, log) = run_to_exit(db);
+    assert_eq!(status.code(), Some(EXIT_STORE_REFUSED), "{log}");
+    assert!(log.contains(why), "the log should say {why:?}:\n{log}");
+    assert!(log.contains("left untouched"), "{log}");
+    assert!(!log.contains("listening"), "{log}");
+    assert_eq!(std::fs::read(db).unwrap(), before, "the file changed");
+}
+
+#[test]
+fn refuses_a_corrupted_foreign_or_newer_file_at_startup() {
+    let dir = tempfile::tempdir().unwrap();
+
+    let garbage = dir.path().join("garbage.db");
+    std::fs::write(&garbage, "id,first_name\n1,Ann\n".repeat(100)).unwrap();
+    assert_refused(&garbage, "not a SQLite database");
+
+    let foreign = dir.path().join("foreign.db");
+    let conn = rusqlite::Connection::open(&foreign).unwrap();
+    conn.execute_batch("CREATE TABLE notes (body TEXT); INSERT INTO notes VALUES ('hi');")
+        .unwrap();
+    drop(conn);
+    assert_refused(&foreign, "not a user-service store");
+
+    // A store written by a newer build: same application id, higher version.
+    let newer = dir.path().join("newer.db");
+    let conn = rusqlite::Connection::open(&newer).unwrap();
+    conn.execute_batch(&format!(
+        "PRAGMA application_id = {};
+         CREATE TABLE schema_version (version INTEGER NOT NULL);
+         INSERT INTO schema_version VALUES ({});",
+        APPLICATION_ID,
+        SCHEMA_VERSION + 1
+    ))
+    .unwrap();
+    drop(conn);
+    assert_refused(&newer, "is newer than this build supports");
+}
+
+#[tokio::test]
+async fn a_restart_keeps_what_was_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("users.db");
+    let server = Server::start(&db);
+    let mut client = server.client().await;
+    let added = client
+        .add_user(user("", "Ann"))
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap();
+    let (tx, requests) = mpsc::channel(16);
+    let mut sync = client
+        .sync_users(ReceiverStream::new(requests))
+        .await
+        .unwrap()
+        .into_inner();
+    for (request_id, expected_version) in [(1, 0), (2, 1)] {
+        tx.send(upsert(request_id, user("b", "Bob"), expected_version))
+            .await
+            .unwrap();
+    }
+    drop(tx);
+    let mut last_seq = 0;
+    while let Some(response) = sync.message().await.unwrap() {
+        if let Some(Event::Ack(ack)) = response.event {
+            assert_eq!(ack.code, 0, "{}", ack.message);
+            last_seq = ack.seq;
+        }
+    }
+    assert_eq!(last_seq, 3);
+    server.kill();
+
+    let server = Server::start(&db);
+    let mut client = server.client().await;
+    let ann = client
+        .get_user(proto::GetUserRequest {
+            id: added.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ann, added);
+    let bob = client
+        .get_user(proto::GetUserRequest { id: "b".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(bob.version, 2);
+    assert_eq!(next_seq(&mut client).await, 4);
+}
+
+/// Sends one upsert on a new id and returns its Ack's seq.
+async fn next_seq(client: &mut Client) -> u64 {
+    let request = upsert(1, user("probe-after-restart", "Probe"), 0);
+    let mut sync = client
+        .sync_users(tokio_stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    while let Some(response) = sync.message().await.unwrap() {
+        if let Some(Event::Ack(ack)) = response.event {
+            assert_eq!(ack.code, 0, "{}", ack.message);
+            return ack.seq;
+        }
+    }
+    panic!("no Ack")
+}
+
+fn user(id: &str, first_name: &str) -> proto::User {
+    proto::User {
+        id: id.into(),
+        first_name: first_name.into(),
+        last_name: "Doe".into(),
+        address: "1 Long Street".into(),
+        verified: false,
+        version: 0,
+    }
+}
+
+fn upsert(request_id: u64, user: proto::User, expected_version: u64) -> SyncRequest {
+    SyncRequest {
+        request_id,
+        op: Some(Op::Upsert(user)),
+        expected_version,
+    }
+}
+
+/// Rows per BulkAddUsers call in the crash test.
+const BULK_ROWS: usize = 1000;
+/// Ids each SyncUsers stream keeps upserting.
+const SYNC_IDS: u64 = 16;
+
+/// What the client saw acknowledged before the kill.
+#[derive(Default)]
+struct Acked {
+    /// Bulk calls that returned their report: every row is stored.
+    bulk_calls: Vec<Vec<String>>,
+    /// The highest acknowledged version per SyncUsers id.
+    versions: HashMap<String, u64>,
+    /// The highest seq in any Ack.
+    max_seq: u64,
+    /// OK Acks seen.
+    sync_acks: u64,
+}
+
+fn bulk_id(importer: usize, call: usize, row: usize) -> String {
+    format!("b{importer}-{call}-{row}")
+}
+
+/// Bulk imports: calls of `BULK_ROWS` rows, one after the other.
+async fn import_until_killed(mut client: Client, importer: usize, acked: Arc<Mutex<Acked>>) {
+    for call in 0.. {
+        let ids: Vec<String> = (0..BULK_ROWS)
+            .map(|row| bulk_id(importer, call, row))
+            .collect();
+        let rows: Vec<proto::User> = ids
+            .iter()
+            .map(|id| user(id, &format!("bulk {id}")))
+            .collect();
+        match client.bulk_add_users(tokio_stream::iter(rows)).await {
+            Ok(report) => {
+                let report = report.into_inner();
+                assert_eq!(report.failed, 0, "{:?}", report.errors.first());
+                acked.lock().bulk_calls.push(ids);
+            }
+            Err(_) => return, // the server is gone
+        }
+    }
+}
+
+/// Upserts on one SyncUsers stream, pipelined: request n on an id expects
+/// version n and writes `"{id} v{n + 1}"`, so a stored user's name says which
+/// upsert wrote it.
+async fn sync_until_killed(
+    mut client: Client,
+    stream: u64,
+    acked: Arc<Mutex<Acked>>,
+    stop: Arc<AtomicBool>,
+) {
+    let (tx, requests) = mpsc::channel::<SyncRequest>(256);
+    let Ok(response) = client.sync_users(ReceiverStream::new(requests)).await else {
+        return;
+    };
+    let mut responses = response.into_inner();
+    let sender = tokio::spawn(async move {
+        let mut sent = vec![0u64; SYNC_IDS as usize];
+        let mut request_id = 0;
+        while !stop.load(Ordering::Relaxed) {
+            let k = (request_id % SYNC_IDS) as usize;
+            let id = format!("s{stream}-{k}");
+            let n = sent[k];
+            let name = format!("{id} v{}", n + 1);
+            if tx
+                .send(upsert(request_id, user(&id, &name), n))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            sent[k] += 1;
+            request_id += 1;
+        }
+    });
+    while let Ok(Some(response)) = responses.message().await {
+        if let Some(Event::Ack(ack)) = response.event {
+            assert_eq!(ack.code, 0, "{}", ack.message);
+            let user = ack.user.expect("an OK Ack carries the user");
+            let mut acked = acked.lock();
+            acked.max_seq = acked.max_seq.max(ack.seq);
+            acked.sync_acks += 1;
+            let version = acked.versions.entry(user.id).or_default();
+            *version = (*version).max(user.version);
+        }
+    }
+    sender.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_load_loses_no_acknowledged_write() {
+    /// When to kill: enough acknowledged writes of both kinds.
+    const KILL_AFTER_SYNC_ACKS: u64 = 400;
+    const KILL_AFTER_BULK_CALLS: usize = 3;
+    const IMPORTERS: usize = 2;
+    const SYNC_STREAMS: u64 = 4;
+
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("users.db");
+    let server = Server::start(&db);
+    let acked = Arc::new(Mutex::new(Acked::default()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut load = Vec::new();
+    for importer in 0..IMPORTERS {
+        let client = server.client().await;
+        load.push(tokio::spawn(import_until_killed(
+            client,
+            importer,
+            acked.clone(),
+        )));
+    }
+    for stream in 0..SYNC_STREAMS {
+        let client = server.client().await;
+        load.push(tokio::spawn(sync_until_killed(
+            client,
+            stream,
+            acked.clone(),
+            stop.clone(),
+        )));
+    }
+
+    // Wait (bounded) for enough acknowledged writes, then kill mid-load.
+    tokio::time::timeout(PATIENCE, async {
+        loop {
+            {
+                let acked = acked.lock();
+                if acked.sync_acks >= KILL_AFTER_SYNC_ACKS
+                    && acked.bulk_calls.len() >= KILL_AFTER_BULK_CALLS
+                {
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the load made progress");
+    server.kill();
+    stop.store(true, Ordering::Relaxed);
+    for task in load {
+        tokio::time::timeout(PATIENCE, task)
+            .await
+            .expect("the load stopped after the kill")
+            .expect("no load task panicked");
+    }
+    let acked = std::mem::take(&mut *acked.lock());
+
+    // Restart on the same file.
+    let server = Server::start(&db);
+    let mut client = server.client().await;
+    let mut listing = client
+        .list_users(proto::ListUsersRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let mut stored = HashMap::new();
+    while let Some(user) = listing.message().await.unwrap() {
+        stored.insert(user.id.clone(), user);
+    }
+
+    // Every acknowledged write is there.
+    for ids in &acked.bulk_calls {
+        for id in ids {
+            assert!(stored.contains_key(id), "acknowledged bulk row {id} lost");
+        }
+    }
+    for (id, version) in &acked.versions {
+        let user = stored
+            .get(id)
+            .unwrap_or_else(|| panic!("acknowledged {id} lost"));
+        assert!(
+            user.version >= *version,
+            "{id}: version {} stored, {version} acknowledged",
+            user.version
+        );
+    }
+    // Nothing half-exists: every stored user is exactly what one write sent,
+    // and its version matches the write that produced it.
+    let mut committed_changes = 0;
+    for (id, user) in &stored {
+        if id.starts_with('b') {
+            assert_eq!(user.first_name, format!("bulk {id}"));
+            assert_eq!(user.version, 1);
+        } else {
+            assert_eq!(
+                user.first_name,
+                format!("{id} v{}", user.version),
+                "{user:?}"
+            );
+        }
+        assert_eq!(
+            (user.last_name.as_str(), user.address.as_str()),
+            ("Doe", "1 Long Street")
+        );
+        // One change per bulk row, one per upsert (no deletes here).
+        committed_changes += user.version;
+    }
+    assert!(acked.max_seq <= committed_changes);
+    // The next change follows the last committed one: no gap, no reuse.
+    assert_eq!(next_seq(&mut client).await, committed_changes + 1);
+    eprintln!(
+        "killed after {} bulk calls and {} sync acks; {} users and {committed_changes} changes \
+         committed",
+        acked.bulk_calls.len(),
+        acked.sync_acks,
+        stored.len(),
+    );
+}
