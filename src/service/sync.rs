@@ -31,6 +31,10 @@ use crate::{
 ///   headers went out, so nothing committed after that is missed. A
 ///   subscriber that lags too far behind ends the call with `ABORTED`.
 ///
+/// For one client's own ops the order is fixed: an op's Ack, then its
+/// Change (with any earlier changes of other calls), then the next request
+/// is read. Changes are held back only while an op is being applied.
+///
 /// When the client closes its side, the stream sends the Acks still owed and
 /// the Changes up to its own last committed op, then ends with OK.
 pub struct SyncSession<S> {
@@ -76,6 +80,11 @@ impl<S: Store> SyncSession<S> {
                 }
                 return Poll::Ready(Ok(event(Event::Ack(ack))));
             }
+            // The previous op's own Change goes out before the next request
+            // is read (the change side wakes us when it has been delivered).
+            if self.delivered_seq < self.own_seq {
+                return Poll::Pending;
+            }
             let Some(requests) = &mut self.requests else {
                 return Poll::Pending;
             };
@@ -97,6 +106,12 @@ impl<S: Store> SyncSession<S> {
     }
 
     fn poll_change(&mut self, cx: &mut Context<'_>) -> Poll<Item> {
+        // While an op is being applied its Change may already be in the
+        // feed; holding changes back until its Ack is out keeps the order
+        // the same for every store: Ack, then its Change.
+        if self.in_flight.is_some() {
+            return Poll::Pending;
+        }
         match ready!(self.changes.poll_next_unpin(cx)) {
             Some(Ok(change)) => {
                 self.delivered_seq = change.seq;

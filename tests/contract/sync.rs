@@ -12,6 +12,7 @@ use crate::common::{Backend, Client, TestServer, request_stream, user, user_with
 crate::for_each_backend!(
     acks_report_each_outcome_and_changes_follow_commits,
     requests_apply_in_the_order_sent,
+    each_ack_comes_before_its_change,
     streams_see_every_change_from_every_call_with_gapless_seq,
     the_response_starts_before_the_first_request,
     closing_with_no_requests_ends_with_ok,
@@ -205,6 +206,26 @@ async fn requests_apply_in_the_order_sent(backend: Backend) {
         assert_eq!(ack.user.as_ref().unwrap().version, i as u64 + 1);
     }
     assert_eq!(changes.len(), 300);
+}
+
+async fn each_ack_comes_before_its_change(backend: Backend) {
+    let server = backend.start().await;
+    let mut sync = Sync::open(&server).await;
+    for i in 0..50u64 {
+        sync.send(i, upsert(user_with_id(&format!("u{i}"))), 0)
+            .await;
+    }
+    // Pipelined requests, yet for every op: its Ack, then its Change.
+    for i in 0..50u64 {
+        let Event::Ack(ack) = sync.next().await else {
+            panic!("op {i}: an Ack expected first");
+        };
+        assert_eq!((ack.request_id, ack.code, ack.seq), (i, 0, i + 1));
+        let Event::Change(change) = sync.next().await else {
+            panic!("op {i}: its Change expected after its Ack");
+        };
+        assert_eq!(change.seq, ack.seq);
+    }
 }
 
 async fn streams_see_every_change_from_every_call_with_gapless_seq(backend: Backend) {
