@@ -8,6 +8,11 @@
 //! [`MAX_BATCH_OPS`] ops), applies them all in one transaction and commits
 //! once: writes that arrive together, from every concurrent call, share one
 //! commit and one fsync, so throughput does not fall to one fsync per user.
+//! When fewer ops are waiting than the previous batch held, the others are
+//! usually a moment away, so the writer waits for them a little (at most
+//! half the last commit's duration, never more than [`MAX_COMMIT_DELAY`]):
+//! with a slow fsync that makes batches larger, and a lone sequential writer
+//! never waits.
 //!
 //! Inside the batch each op checks before it writes (the id is free, the
 //! expected version matches), so an op that fails writes nothing and uses no
@@ -97,6 +102,15 @@ const MIGRATIONS: &[&str] = &[
 /// holds, while staying large enough that bulk imports commit thousands of
 /// rows per fsync.
 pub const MAX_BATCH_OPS: usize = 8192;
+
+/// The writer waits for more writes at most the last commit's duration
+/// divided by this: a commit that takes long (a slow fsync) is worth a short
+/// wait that lets it carry more writes; a fast one is not held back.
+pub const COMMIT_DELAY_DIVISOR: u32 = 2;
+
+/// And never longer than this, whatever a commit cost, so that a write's
+/// latency stays bounded.
+pub const MAX_COMMIT_DELAY: Duration = Duration::from_millis(2);
 
 /// Commands waiting for the writer. Callers wait for room (backpressure)
 /// rather than queue without bound; 1024 covers every call the server admits
@@ -272,13 +286,19 @@ impl SqliteStore {
             feed: feed.clone(),
             failed: None,
         };
+        let io_err = |source| OpenError::Io {
+            path: path.to_owned(),
+            source,
+        };
+        // The writer's own clock, for its short waits (see `Writer::run`).
+        let timer = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .map_err(io_err)?;
         thread::Builder::new()
             .name("sqlite-writer".into())
-            .spawn(move || writer.run())
-            .map_err(|source| OpenError::Io {
-                path: path.to_owned(),
-                source,
-            })?;
+            .spawn(move || writer.run(timer))
+            .map_err(io_err)?;
         Ok(SqliteStore {
             shared: Arc::new(Shared {
                 commands,
@@ -635,25 +655,62 @@ struct Writer {
 
 impl Writer {
     /// Commits batches until every store handle has been dropped.
-    fn run(mut self) {
+    fn run(mut self, timer: tokio::runtime::Runtime) {
         let mut batch = Vec::new();
-        while let Some(first) = self.commands.blocking_recv() {
+        // Ops in the previous batch: how many writers were active a moment
+        // ago, and so how many to wait for.
+        let mut expected = 0;
+        let mut last_commit = Duration::ZERO;
+        while let Some(first) = timer.block_on(self.commands.recv()) {
             // Group commit: everything that arrived while the previous batch
             // was committing goes into this one.
             let mut ops = first.ops();
             batch.push(first);
-            while ops < MAX_BATCH_OPS {
-                match self.commands.try_recv() {
-                    Ok(command) => {
-                        ops += command.ops();
-                        batch.push(command);
-                    }
-                    Err(_) => break,
+            ops += self.take_waiting(&mut batch, ops);
+            // When fewer writes are here than the last batch held, the
+            // others are most likely on their way (their callers are still
+            // handling the last replies): wait a little for them, a fraction
+            // of what a commit costs, rather than pay a whole commit for a
+            // few. A lone sequential writer (expected 1) never waits.
+            let target = expected.min(MAX_BATCH_OPS);
+            if ops < target {
+                let delay = (last_commit / COMMIT_DELAY_DIVISOR).min(MAX_COMMIT_DELAY);
+                let deadline = tokio::time::Instant::now() + delay;
+                while ops < target {
+                    // The timer is made inside `block_on`, in the runtime
+                    // that drives it.
+                    let commands = &mut self.commands;
+                    let next = timer.block_on(async {
+                        tokio::time::timeout_at(deadline, commands.recv()).await
+                    });
+                    let Ok(Some(command)) = next else { break };
+                    ops += command.ops();
+                    batch.push(command);
+                    ops += self.take_waiting(&mut batch, ops);
                 }
             }
+            expected = ops;
+            let started = std::time::Instant::now();
             self.commit(&mut batch);
+            last_commit = started.elapsed();
         }
         tracing::debug!("SQLite writer stopped");
+    }
+
+    /// Moves the commands already waiting into `batch`, up to
+    /// [`MAX_BATCH_OPS`] ops in all; returns how many ops it added.
+    fn take_waiting(&mut self, batch: &mut Vec<Command>, mut ops: usize) -> usize {
+        let before = ops;
+        while ops < MAX_BATCH_OPS {
+            match self.commands.try_recv() {
+                Ok(command) => {
+                    ops += command.ops();
+                    batch.push(command);
+                }
+                Err(_) => break,
+            }
+        }
+        ops - before
     }
 
     /// Applies and commits `batch`, publishes its changes, then answers each
