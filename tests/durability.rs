@@ -39,6 +39,8 @@ type Client = UserServiceClient<Channel>;
 struct Server {
     child: Child,
     addr: String,
+    /// The "listening" log line.
+    listening: String,
 }
 
 impl Server {
@@ -60,18 +62,22 @@ impl Server {
                 if line.contains("user-service listening")
                     && let Some(tx) = tx.take()
                 {
-                    let _ = tx.send(listening_addr(&line));
+                    let _ = tx.send(without_colours(&line));
                 }
             }
         });
-        let addr = match rx.recv_timeout(PATIENCE) {
-            Ok(addr) => addr,
+        let listening = match rx.recv_timeout(PATIENCE) {
+            Ok(line) => line,
             Err(err) => {
                 let _ = child.kill();
                 panic!("the server did not start listening: {err}");
             }
         };
-        Server { child, addr }
+        Server {
+            child,
+            addr: listening_addr(&listening),
+            listening,
+        }
     }
 
     async fn client(&self) -> Client {
@@ -111,8 +117,18 @@ fn server_command(db: &Path) -> Command {
     command
 }
 
-/// The `addr=` field of the log line, with any colour codes removed.
+/// The `addr=` field of a log line.
 fn listening_addr(line: &str) -> String {
+    let start = line.find("addr=").expect("addr field") + "addr=".len();
+    line[start..]
+        .split_whitespace()
+        .next()
+        .expect("an address")
+        .to_owned()
+}
+
+/// A log line without terminal colour codes.
+fn without_colours(line: &str) -> String {
     let mut plain = String::new();
     let mut chars = line.chars();
     while let Some(c) = chars.next() {
@@ -127,12 +143,7 @@ fn listening_addr(line: &str) -> String {
             plain.push(c);
         }
     }
-    let start = plain.find("addr=").expect("addr field") + "addr=".len();
-    plain[start..]
-        .split_whitespace()
-        .next()
-        .expect("an address")
-        .to_owned()
+    plain
 }
 
 /// Runs the binary on `db` until it exits (bounded); returns its status and log.
@@ -202,6 +213,15 @@ async fn a_restart_keeps_what_was_written() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("users.db");
     let server = Server::start(&db);
+    // The log names the store and its durability.
+    assert!(
+        server
+            .listening
+            .contains(&format!("store=sqlite:{}", db.display()))
+            && server.listening.contains("durability=full"),
+        "{}",
+        server.listening
+    );
     let mut client = server.client().await;
     let added = client
         .add_user(user("", "Ann"))
