@@ -16,7 +16,7 @@ use std::{
 };
 
 use parking_lot::Mutex;
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 use user_service::{
@@ -312,7 +312,14 @@ const BULK_ROWS: usize = 1000;
 /// Ids each SyncUsers stream keeps upserting.
 const SYNC_IDS: u64 = 16;
 
-/// What the client saw acknowledged before the kill.
+/// What the client saw acknowledged before the kill, and a signal for each
+/// new acknowledgement.
+#[derive(Default)]
+struct Progress {
+    acked: Mutex<Acked>,
+    changed: Notify,
+}
+
 #[derive(Default)]
 struct Acked {
     /// Bulk calls that returned their report: every row is stored.
@@ -330,7 +337,7 @@ fn bulk_id(importer: usize, call: usize, row: usize) -> String {
 }
 
 /// Bulk imports: calls of `BULK_ROWS` rows, one after the other.
-async fn import_until_killed(mut client: Client, importer: usize, acked: Arc<Mutex<Acked>>) {
+async fn import_until_killed(mut client: Client, importer: usize, progress: Arc<Progress>) {
     for call in 0.. {
         let ids: Vec<String> = (0..BULK_ROWS)
             .map(|row| bulk_id(importer, call, row))
@@ -343,7 +350,8 @@ async fn import_until_killed(mut client: Client, importer: usize, acked: Arc<Mut
             Ok(report) => {
                 let report = report.into_inner();
                 assert_eq!(report.failed, 0, "{:?}", report.errors.first());
-                acked.lock().bulk_calls.push(ids);
+                progress.acked.lock().bulk_calls.push(ids);
+                progress.changed.notify_waiters();
             }
             Err(_) => return, // the server is gone
         }
@@ -356,7 +364,7 @@ async fn import_until_killed(mut client: Client, importer: usize, acked: Arc<Mut
 async fn sync_until_killed(
     mut client: Client,
     stream: u64,
-    acked: Arc<Mutex<Acked>>,
+    progress: Arc<Progress>,
     stop: Arc<AtomicBool>,
 ) {
     let (tx, requests) = mpsc::channel::<SyncRequest>(256);
@@ -387,11 +395,14 @@ async fn sync_until_killed(
         if let Some(Event::Ack(ack)) = response.event {
             assert_eq!(ack.code, 0, "{}", ack.message);
             let user = ack.user.expect("an OK Ack carries the user");
-            let mut acked = acked.lock();
-            acked.max_seq = acked.max_seq.max(ack.seq);
-            acked.sync_acks += 1;
-            let version = acked.versions.entry(user.id).or_default();
-            *version = (*version).max(user.version);
+            {
+                let mut acked = progress.acked.lock();
+                acked.max_seq = acked.max_seq.max(ack.seq);
+                acked.sync_acks += 1;
+                let version = acked.versions.entry(user.id).or_default();
+                *version = (*version).max(user.version);
+            }
+            progress.changed.notify_waiters();
         }
     }
     sender.abort();
@@ -408,7 +419,7 @@ async fn sigkill_mid_load_loses_no_acknowledged_write() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("users.db");
     let server = Server::start(&db);
-    let acked = Arc::new(Mutex::new(Acked::default()));
+    let progress = Arc::new(Progress::default());
     let stop = Arc::new(AtomicBool::new(false));
     let mut load = Vec::new();
     for importer in 0..IMPORTERS {
@@ -416,7 +427,7 @@ async fn sigkill_mid_load_loses_no_acknowledged_write() {
         load.push(tokio::spawn(import_until_killed(
             client,
             importer,
-            acked.clone(),
+            progress.clone(),
         )));
     }
     for stream in 0..SYNC_STREAMS {
@@ -424,7 +435,7 @@ async fn sigkill_mid_load_loses_no_acknowledged_write() {
         load.push(tokio::spawn(sync_until_killed(
             client,
             stream,
-            acked.clone(),
+            progress.clone(),
             stop.clone(),
         )));
     }
@@ -432,15 +443,16 @@ async fn sigkill_mid_load_loses_no_acknowledged_write() {
     // Wait (bounded) for enough acknowledged writes, then kill mid-load.
     tokio::time::timeout(PATIENCE, async {
         loop {
+            let changed = progress.changed.notified();
             {
-                let acked = acked.lock();
+                let acked = progress.acked.lock();
                 if acked.sync_acks >= KILL_AFTER_SYNC_ACKS
                     && acked.bulk_calls.len() >= KILL_AFTER_BULK_CALLS
                 {
                     break;
                 }
             }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            changed.await;
         }
     })
     .await
@@ -453,7 +465,7 @@ async fn sigkill_mid_load_loses_no_acknowledged_write() {
             .expect("the load stopped after the kill")
             .expect("no load task panicked");
     }
-    let acked = std::mem::take(&mut *acked.lock());
+    let acked = std::mem::take(&mut *progress.acked.lock());
 
     // Restart on the same file.
     let server = Server::start(&db);
