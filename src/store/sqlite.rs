@@ -257,8 +257,12 @@ pub struct SqliteStore {
 
 #[derive(Debug)]
 struct Shared {
-    commands: mpsc::Sender<Command>,
+    // Fields drop in this order: the read connections close before the
+    // writer is told to stop, so that the writer's connection is the last
+    // to close and checkpoints and removes the write-ahead log (a read-only
+    // connection cannot).
     readers: Readers,
+    commands: mpsc::Sender<Command>,
     feed: ChangeFeed,
 }
 
@@ -301,8 +305,8 @@ impl SqliteStore {
             .map_err(io_err)?;
         Ok(SqliteStore {
             shared: Arc::new(Shared {
-                commands,
                 readers: Readers::new(path),
+                commands,
                 feed,
             }),
         })
@@ -1221,6 +1225,44 @@ mod tests {
             )
             .unwrap();
         assert!(plan.contains("users_by_verified"), "{plan}");
+    }
+
+    #[tokio::test]
+    async fn a_failed_transaction_commits_and_publishes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("users.db");
+        let store = SqliteStore::open(&path, options()).unwrap();
+        store.create(named("a", "Ann")).await.unwrap();
+        // A storage failure in the middle of a batch, staged with a trigger.
+        let other = Connection::open(&path).unwrap();
+        other
+            .execute_batch(
+                "CREATE TRIGGER fail BEFORE INSERT ON users WHEN NEW.first_name = 'boom'
+                 BEGIN SELECT RAISE(ABORT, 'disk on fire'); END;",
+            )
+            .unwrap();
+        let mut feed = store.subscribe();
+        let results = store
+            .create_many(vec![named("b", "Bob"), named("c", "boom")])
+            .await;
+        assert!(
+            results
+                .iter()
+                .all(|r| matches!(r, Err(StoreError::Internal(_)))),
+            "{results:?}"
+        );
+        assert!(feed.try_recv().is_err(), "nothing published");
+        assert_eq!(store.last_seq().await.unwrap(), 1);
+        assert_eq!(
+            store.get("b").await.unwrap_err(),
+            StoreError::NotFound("b".into()),
+            "the op before the failure was rolled back too"
+        );
+        // The store goes on, with the next seq.
+        other.execute_batch("DROP TRIGGER fail").unwrap();
+        let next = store.create(named("d", "Dee")).await.unwrap();
+        assert_eq!(next.seq, 2);
+        assert_eq!(feed.try_recv().unwrap(), next);
     }
 
     #[tokio::test]
