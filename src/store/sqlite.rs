@@ -19,7 +19,8 @@
 //! seq, while the others go on. The seq of the last change is stored in the
 //! same transaction. Only once the commit has returned are the changes
 //! published to the feed, in commit order, and the callers answered: a reply
-//! means the write is on disk (with [`Durability::Full`], fsynced). If the
+//! means the write is committed (with [`Durability::Full`] fsynced, with
+//! [`Durability::Normal`] handed to the OS). If the
 //! transaction fails, it is rolled back whole, every op in it is answered
 //! with an internal error and nothing is published. A failed COMMIT leaves
 //! the writer refusing every later write: after a failed fsync the file's
