@@ -16,7 +16,7 @@ use std::{
 };
 
 use parking_lot::Mutex;
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 use user_service::{
@@ -39,6 +39,8 @@ type Client = UserServiceClient<Channel>;
 struct Server {
     child: Child,
     addr: String,
+    /// The "listening" log line.
+    listening: String,
 }
 
 impl Server {
@@ -60,18 +62,22 @@ impl Server {
                 if line.contains("user-service listening")
                     && let Some(tx) = tx.take()
                 {
-                    let _ = tx.send(listening_addr(&line));
+                    let _ = tx.send(without_colours(&line));
                 }
             }
         });
-        let addr = match rx.recv_timeout(PATIENCE) {
-            Ok(addr) => addr,
+        let listening = match rx.recv_timeout(PATIENCE) {
+            Ok(line) => line,
             Err(err) => {
                 let _ = child.kill();
                 panic!("the server did not start listening: {err}");
             }
         };
-        Server { child, addr }
+        Server {
+            child,
+            addr: listening_addr(&listening),
+            listening,
+        }
     }
 
     async fn client(&self) -> Client {
@@ -111,8 +117,18 @@ fn server_command(db: &Path) -> Command {
     command
 }
 
-/// The `addr=` field of the log line, with any colour codes removed.
+/// The `addr=` field of a log line.
 fn listening_addr(line: &str) -> String {
+    let start = line.find("addr=").expect("addr field") + "addr=".len();
+    line[start..]
+        .split_whitespace()
+        .next()
+        .expect("an address")
+        .to_owned()
+}
+
+/// A log line without terminal colour codes.
+fn without_colours(line: &str) -> String {
     let mut plain = String::new();
     let mut chars = line.chars();
     while let Some(c) = chars.next() {
@@ -127,12 +143,7 @@ fn listening_addr(line: &str) -> String {
             plain.push(c);
         }
     }
-    let start = plain.find("addr=").expect("addr field") + "addr=".len();
-    plain[start..]
-        .split_whitespace()
-        .next()
-        .expect("an address")
-        .to_owned()
+    plain
 }
 
 /// Runs the binary on `db` until it exits (bounded); returns its status and log.
@@ -202,6 +213,15 @@ async fn a_restart_keeps_what_was_written() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("users.db");
     let server = Server::start(&db);
+    // The log names the store and its durability.
+    assert!(
+        server
+            .listening
+            .contains(&format!("store=sqlite:{}", db.display()))
+            && server.listening.contains("durability=full"),
+        "{}",
+        server.listening
+    );
     let mut client = server.client().await;
     let added = client
         .add_user(user("", "Ann"))
@@ -292,7 +312,14 @@ const BULK_ROWS: usize = 1000;
 /// Ids each SyncUsers stream keeps upserting.
 const SYNC_IDS: u64 = 16;
 
-/// What the client saw acknowledged before the kill.
+/// What the client saw acknowledged before the kill, and a signal for each
+/// new acknowledgement.
+#[derive(Default)]
+struct Progress {
+    acked: Mutex<Acked>,
+    changed: Notify,
+}
+
 #[derive(Default)]
 struct Acked {
     /// Bulk calls that returned their report: every row is stored.
@@ -310,7 +337,7 @@ fn bulk_id(importer: usize, call: usize, row: usize) -> String {
 }
 
 /// Bulk imports: calls of `BULK_ROWS` rows, one after the other.
-async fn import_until_killed(mut client: Client, importer: usize, acked: Arc<Mutex<Acked>>) {
+async fn import_until_killed(mut client: Client, importer: usize, progress: Arc<Progress>) {
     for call in 0.. {
         let ids: Vec<String> = (0..BULK_ROWS)
             .map(|row| bulk_id(importer, call, row))
@@ -323,7 +350,8 @@ async fn import_until_killed(mut client: Client, importer: usize, acked: Arc<Mut
             Ok(report) => {
                 let report = report.into_inner();
                 assert_eq!(report.failed, 0, "{:?}", report.errors.first());
-                acked.lock().bulk_calls.push(ids);
+                progress.acked.lock().bulk_calls.push(ids);
+                progress.changed.notify_waiters();
             }
             Err(_) => return, // the server is gone
         }
@@ -336,7 +364,7 @@ async fn import_until_killed(mut client: Client, importer: usize, acked: Arc<Mut
 async fn sync_until_killed(
     mut client: Client,
     stream: u64,
-    acked: Arc<Mutex<Acked>>,
+    progress: Arc<Progress>,
     stop: Arc<AtomicBool>,
 ) {
     let (tx, requests) = mpsc::channel::<SyncRequest>(256);
@@ -367,11 +395,14 @@ async fn sync_until_killed(
         if let Some(Event::Ack(ack)) = response.event {
             assert_eq!(ack.code, 0, "{}", ack.message);
             let user = ack.user.expect("an OK Ack carries the user");
-            let mut acked = acked.lock();
-            acked.max_seq = acked.max_seq.max(ack.seq);
-            acked.sync_acks += 1;
-            let version = acked.versions.entry(user.id).or_default();
-            *version = (*version).max(user.version);
+            {
+                let mut acked = progress.acked.lock();
+                acked.max_seq = acked.max_seq.max(ack.seq);
+                acked.sync_acks += 1;
+                let version = acked.versions.entry(user.id).or_default();
+                *version = (*version).max(user.version);
+            }
+            progress.changed.notify_waiters();
         }
     }
     sender.abort();
@@ -388,7 +419,7 @@ async fn sigkill_mid_load_loses_no_acknowledged_write() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("users.db");
     let server = Server::start(&db);
-    let acked = Arc::new(Mutex::new(Acked::default()));
+    let progress = Arc::new(Progress::default());
     let stop = Arc::new(AtomicBool::new(false));
     let mut load = Vec::new();
     for importer in 0..IMPORTERS {
@@ -396,7 +427,7 @@ async fn sigkill_mid_load_loses_no_acknowledged_write() {
         load.push(tokio::spawn(import_until_killed(
             client,
             importer,
-            acked.clone(),
+            progress.clone(),
         )));
     }
     for stream in 0..SYNC_STREAMS {
@@ -404,7 +435,7 @@ async fn sigkill_mid_load_loses_no_acknowledged_write() {
         load.push(tokio::spawn(sync_until_killed(
             client,
             stream,
-            acked.clone(),
+            progress.clone(),
             stop.clone(),
         )));
     }
@@ -412,15 +443,16 @@ async fn sigkill_mid_load_loses_no_acknowledged_write() {
     // Wait (bounded) for enough acknowledged writes, then kill mid-load.
     tokio::time::timeout(PATIENCE, async {
         loop {
+            let changed = progress.changed.notified();
             {
-                let acked = acked.lock();
+                let acked = progress.acked.lock();
                 if acked.sync_acks >= KILL_AFTER_SYNC_ACKS
                     && acked.bulk_calls.len() >= KILL_AFTER_BULK_CALLS
                 {
                     break;
                 }
             }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            changed.await;
         }
     })
     .await
@@ -433,7 +465,7 @@ async fn sigkill_mid_load_loses_no_acknowledged_write() {
             .expect("the load stopped after the kill")
             .expect("no load task panicked");
     }
-    let acked = std::mem::take(&mut *acked.lock());
+    let acked = std::mem::take(&mut *progress.acked.lock());
 
     // Restart on the same file.
     let server = Server::start(&db);

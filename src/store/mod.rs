@@ -12,10 +12,11 @@ pub mod sqlite;
 
 use std::{future::Future, sync::Arc};
 
+use uuid::Uuid;
+
 pub use feed::{ChangeFeed, Subscription};
 pub use memory::MemoryStore;
 pub use sqlite::SqliteStore;
-use uuid::Uuid;
 
 use crate::user::{Change, NewUser, User};
 

@@ -8,13 +8,19 @@
 //! [`MAX_BATCH_OPS`] ops), applies them all in one transaction and commits
 //! once: writes that arrive together, from every concurrent call, share one
 //! commit and one fsync, so throughput does not fall to one fsync per user.
+//! When fewer ops are waiting than the previous batch held, the others are
+//! usually a moment away, so the writer waits for them a little (at most
+//! half the last commit's duration, never more than [`MAX_COMMIT_DELAY`]):
+//! with a slow fsync that makes batches larger, and a lone sequential writer
+//! never waits.
 //!
 //! Inside the batch each op checks before it writes (the id is free, the
 //! expected version matches), so an op that fails writes nothing and uses no
 //! seq, while the others go on. The seq of the last change is stored in the
 //! same transaction. Only once the commit has returned are the changes
 //! published to the feed, in commit order, and the callers answered: a reply
-//! means the write is on disk (with [`Durability::Full`], fsynced). If the
+//! means the write is committed (with [`Durability::Full`] fsynced, with
+//! [`Durability::Normal`] handed to the OS). If the
 //! transaction fails, it is rolled back whole, every op in it is answered
 //! with an internal error and nothing is published. A failed COMMIT leaves
 //! the writer refusing every later write: after a failed fsync the file's
@@ -97,6 +103,15 @@ const MIGRATIONS: &[&str] = &[
 /// holds, while staying large enough that bulk imports commit thousands of
 /// rows per fsync.
 pub const MAX_BATCH_OPS: usize = 8192;
+
+/// The writer waits for more writes at most the last commit's duration
+/// divided by this: a commit that takes long (a slow fsync) is worth a short
+/// wait that lets it carry more writes; a fast one is not held back.
+pub const COMMIT_DELAY_DIVISOR: u32 = 2;
+
+/// And never longer than this, whatever a commit cost, so that a write's
+/// latency stays bounded.
+pub const MAX_COMMIT_DELAY: Duration = Duration::from_millis(2);
 
 /// Commands waiting for the writer. Callers wait for room (backpressure)
 /// rather than queue without bound; 1024 covers every call the server admits
@@ -243,8 +258,12 @@ pub struct SqliteStore {
 
 #[derive(Debug)]
 struct Shared {
-    commands: mpsc::Sender<Command>,
+    // Fields drop in this order: the read connections close before the
+    // writer is told to stop, so that the writer's connection is the last
+    // to close and checkpoints and removes the write-ahead log (a read-only
+    // connection cannot).
     readers: Readers,
+    commands: mpsc::Sender<Command>,
     feed: ChangeFeed,
 }
 
@@ -272,17 +291,23 @@ impl SqliteStore {
             feed: feed.clone(),
             failed: None,
         };
+        let io_err = |source| OpenError::Io {
+            path: path.to_owned(),
+            source,
+        };
+        // The writer's own clock, for its short waits (see `Writer::run`).
+        let timer = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .map_err(io_err)?;
         thread::Builder::new()
             .name("sqlite-writer".into())
-            .spawn(move || writer.run())
-            .map_err(|source| OpenError::Io {
-                path: path.to_owned(),
-                source,
-            })?;
+            .spawn(move || writer.run(timer))
+            .map_err(io_err)?;
         Ok(SqliteStore {
             shared: Arc::new(Shared {
-                commands,
                 readers: Readers::new(path),
+                commands,
                 feed,
             }),
         })
@@ -635,25 +660,62 @@ struct Writer {
 
 impl Writer {
     /// Commits batches until every store handle has been dropped.
-    fn run(mut self) {
+    fn run(mut self, timer: tokio::runtime::Runtime) {
         let mut batch = Vec::new();
-        while let Some(first) = self.commands.blocking_recv() {
+        // Ops in the previous batch: how many writers were active a moment
+        // ago, and so how many to wait for.
+        let mut expected = 0;
+        let mut last_commit = Duration::ZERO;
+        while let Some(first) = timer.block_on(self.commands.recv()) {
             // Group commit: everything that arrived while the previous batch
             // was committing goes into this one.
             let mut ops = first.ops();
             batch.push(first);
-            while ops < MAX_BATCH_OPS {
-                match self.commands.try_recv() {
-                    Ok(command) => {
-                        ops += command.ops();
-                        batch.push(command);
-                    }
-                    Err(_) => break,
+            ops += self.take_waiting(&mut batch, ops);
+            // When fewer writes are here than the last batch held, the
+            // others are most likely on their way (their callers are still
+            // handling the last replies): wait a little for them, a fraction
+            // of what a commit costs, rather than pay a whole commit for a
+            // few. A lone sequential writer (expected 1) never waits.
+            let target = expected.min(MAX_BATCH_OPS);
+            if ops < target {
+                let delay = (last_commit / COMMIT_DELAY_DIVISOR).min(MAX_COMMIT_DELAY);
+                let deadline = tokio::time::Instant::now() + delay;
+                while ops < target {
+                    // The timer is made inside `block_on`, in the runtime
+                    // that drives it.
+                    let commands = &mut self.commands;
+                    let next = timer.block_on(async {
+                        tokio::time::timeout_at(deadline, commands.recv()).await
+                    });
+                    let Ok(Some(command)) = next else { break };
+                    ops += command.ops();
+                    batch.push(command);
+                    ops += self.take_waiting(&mut batch, ops);
                 }
             }
+            expected = ops;
+            let started = std::time::Instant::now();
             self.commit(&mut batch);
+            last_commit = started.elapsed();
         }
         tracing::debug!("SQLite writer stopped");
+    }
+
+    /// Moves the commands already waiting into `batch`, up to
+    /// [`MAX_BATCH_OPS`] ops in all; returns how many ops it added.
+    fn take_waiting(&mut self, batch: &mut Vec<Command>, mut ops: usize) -> usize {
+        let before = ops;
+        while ops < MAX_BATCH_OPS {
+            match self.commands.try_recv() {
+                Ok(command) => {
+                    ops += command.ops();
+                    batch.push(command);
+                }
+                Err(_) => break,
+            }
+        }
+        ops - before
     }
 
     /// Applies and commits `batch`, publishes its changes, then answers each
@@ -1164,6 +1226,44 @@ mod tests {
             )
             .unwrap();
         assert!(plan.contains("users_by_verified"), "{plan}");
+    }
+
+    #[tokio::test]
+    async fn a_failed_transaction_commits_and_publishes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("users.db");
+        let store = SqliteStore::open(&path, options()).unwrap();
+        store.create(named("a", "Ann")).await.unwrap();
+        // A storage failure in the middle of a batch, staged with a trigger.
+        let other = Connection::open(&path).unwrap();
+        other
+            .execute_batch(
+                "CREATE TRIGGER fail BEFORE INSERT ON users WHEN NEW.first_name = 'boom'
+                 BEGIN SELECT RAISE(ABORT, 'disk on fire'); END;",
+            )
+            .unwrap();
+        let mut feed = store.subscribe();
+        let results = store
+            .create_many(vec![named("b", "Bob"), named("c", "boom")])
+            .await;
+        assert!(
+            results
+                .iter()
+                .all(|r| matches!(r, Err(StoreError::Internal(_)))),
+            "{results:?}"
+        );
+        assert!(feed.try_recv().is_err(), "nothing published");
+        assert_eq!(store.last_seq().await.unwrap(), 1);
+        assert_eq!(
+            store.get("b").await.unwrap_err(),
+            StoreError::NotFound("b".into()),
+            "the op before the failure was rolled back too"
+        );
+        // The store goes on, with the next seq.
+        other.execute_batch("DROP TRIGGER fail").unwrap();
+        let next = store.create(named("d", "Dee")).await.unwrap();
+        assert_eq!(next.seq, 2);
+        assert_eq!(feed.try_recv().unwrap(), next);
     }
 
     #[tokio::test]
