@@ -1,12 +1,20 @@
 //! The `user-service` binary: parses flags, sets up logging and signals, and
 //! hands everything else to the library.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use clap::Parser;
 use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
-use user_service::{Config, MemoryStore, server};
+use user_service::{
+    Config, MemoryStore,
+    auth::AuthToken,
+    server::{self, TlsConfig},
+};
 
 /// How far a SyncUsers stream may fall behind the change feed, in changes,
 /// before it is ended with ABORTED. At ~100 bytes a change this is a few MB
@@ -29,6 +37,60 @@ struct Args {
     /// Seconds shutdown waits for in-flight calls.
     #[arg(long, env = "USER_SERVICE_SHUTDOWN_GRACE", default_value_t = 10)]
     shutdown_grace: u64,
+
+    /// Largest gRPC message received or sent, in bytes.
+    #[arg(long, env = "USER_SERVICE_MAX_MESSAGE_SIZE", default_value_t = server::MAX_MESSAGE_SIZE)]
+    max_message_size: usize,
+
+    /// Concurrent streams (calls) per HTTP/2 connection.
+    #[arg(long, env = "USER_SERVICE_MAX_CONCURRENT_STREAMS", default_value_t = server::MAX_CONCURRENT_STREAMS)]
+    max_concurrent_streams: u32,
+
+    /// Streams a client may make the server reset before it is disconnected.
+    #[arg(long, env = "USER_SERVICE_MAX_RESET_STREAMS", default_value_t = server::MAX_LOCAL_ERROR_RESET_STREAMS)]
+    max_reset_streams: usize,
+
+    /// Largest request header block, in bytes.
+    #[arg(long, env = "USER_SERVICE_MAX_HEADER_LIST_SIZE", default_value_t = server::MAX_HEADER_LIST_SIZE)]
+    max_header_list_size: u32,
+
+    /// Seconds a connection may idle before a keepalive ping; 0 turns pings
+    /// off.
+    #[arg(long, env = "USER_SERVICE_KEEPALIVE_INTERVAL", default_value_t = server::KEEPALIVE_INTERVAL.as_secs())]
+    keepalive_interval: u64,
+
+    /// Seconds a keepalive ping may go unanswered before the connection is
+    /// closed.
+    #[arg(long, env = "USER_SERVICE_KEEPALIVE_TIMEOUT", default_value_t = server::KEEPALIVE_TIMEOUT.as_secs())]
+    keepalive_timeout: u64,
+
+    /// UserService calls in flight at once; more are refused with
+    /// RESOURCE_EXHAUSTED.
+    #[arg(long, env = "USER_SERVICE_MAX_IN_FLIGHT_CALLS", default_value_t = server::MAX_IN_FLIGHT_CALLS)]
+    max_in_flight_calls: usize,
+
+    /// SyncUsers streams open at once; more are refused with
+    /// RESOURCE_EXHAUSTED.
+    #[arg(long, env = "USER_SERVICE_MAX_SUBSCRIBERS", default_value_t = server::MAX_SUBSCRIBERS)]
+    max_subscribers: usize,
+
+    /// File holding a bearer token that UserService and reflection calls
+    /// must present (`authorization: Bearer <token>`).
+    #[arg(long, env = "USER_SERVICE_AUTH_TOKEN_FILE")]
+    auth_token_file: Option<PathBuf>,
+
+    /// Server certificate chain (PEM); serves TLS only. Needs --tls-key.
+    #[arg(long, env = "USER_SERVICE_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+
+    /// Server private key (PEM). Needs --tls-cert.
+    #[arg(long, env = "USER_SERVICE_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+
+    /// CA certificate (PEM) that client certificates must chain to: turns on
+    /// mutual TLS, refusing clients without a valid certificate.
+    #[arg(long, env = "USER_SERVICE_TLS_CLIENT_CA", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
 }
 
 #[tokio::main]
@@ -43,12 +105,47 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let listener = TcpListener::bind(args.addr).await?;
     tracing::info!(addr = %listener.local_addr()?, store = "memory", "user-service listening");
 
+    let auth_token = match &args.auth_token_file {
+        Some(path) => Some(AuthToken::from_file(path)?),
+        None => None,
+    };
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(TlsConfig {
+            cert_pem: read(cert)?,
+            key_pem: read(key)?,
+            client_ca_pem: args.tls_client_ca.as_deref().map(read).transpose()?,
+        }),
+        _ => None,
+    };
+    tracing::info!(
+        tls = tls.is_some(),
+        mutual_tls = args.tls_client_ca.is_some(),
+        auth_token = auth_token.is_some(),
+        "security"
+    );
     let config = Config {
         shutdown_grace: Duration::from_secs(args.shutdown_grace),
+        max_message_size: args.max_message_size,
+        max_concurrent_streams: args.max_concurrent_streams,
+        max_local_error_reset_streams: args.max_reset_streams,
+        max_header_list_size: args.max_header_list_size,
+        keepalive_interval: (args.keepalive_interval > 0)
+            .then(|| Duration::from_secs(args.keepalive_interval)),
+        keepalive_timeout: Duration::from_secs(args.keepalive_timeout),
+        max_in_flight_calls: args.max_in_flight_calls,
+        max_subscribers: args.max_subscribers,
+        auth_token,
+        tls,
+        ..Config::default()
     };
     let store = MemoryStore::new(args.feed_capacity.max(1));
     server::run(listener, store, config, shutdown_signal()).await?;
     Ok(())
+}
+
+/// Reads a file named by a flag, saying which one failed.
+fn read(path: &Path) -> Result<Vec<u8>, String> {
+    std::fs::read(path).map_err(|err| format!("cannot read {}: {err}", path.display()))
 }
 
 /// Completes on Ctrl-C (SIGINT) or SIGTERM.
