@@ -24,6 +24,7 @@ stage() {
 stage "lock check" scripts/check-lock.sh
 stage "cargo test" cargo test --all-targets --locked
 stage "grpcio client" scripts/python-tests.sh
+stage "soak (30 s)" env SOAK_SECS=30 cargo test --locked --test soak -- --ignored --nocapture
 
 echo
 if [ "$failed" -ne 0 ]; then
