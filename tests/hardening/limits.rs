@@ -1,6 +1,12 @@
 //! Each transport and call limit is on, and excess is refused at once.
 
-use std::time::Duration;
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
 
 use tonic::{Code, Request, metadata::MetadataValue};
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
@@ -137,56 +143,84 @@ async fn a_peer_that_makes_the_server_reset_streams_is_disconnected() {
     server.client().await.add_user(user("After")).await.unwrap();
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rapid_reset_burst_does_not_stop_other_clients() {
+    /// Resets the attacker sends, over as many connections as it takes.
     const BURST: usize = 5000;
+    /// Calls the other client makes at least, while the burst goes on.
+    const CALLS: usize = 50;
     let server = start(Config::default()).await;
     let addr = server.addr;
+    let sent = Arc::new(AtomicUsize::new(0));
 
-    // HEADERS then RST_STREAM, thousands of times, on one connection.
-    let attacker = tokio::spawn(async move {
-        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let (client, connection) = h2::client::handshake(tcp).await.unwrap();
-        let connection = tokio::spawn(connection);
-        let mut sent = 0;
-        let mut client = client;
-        while sent < BURST {
-            client = match client.ready().await {
-                Ok(client) => client,
-                Err(_) => break, // disconnected by the server
-            };
-            let request =
-                http::Request::post(format!("http://{addr}/grpcUser.UserService/ListUsers"))
-                    .header("content-type", "application/grpc")
-                    .header("te", "trailers")
-                    .body(())
-                    .unwrap();
-            let Ok((_response, mut send)) = client.send_request(request, false) else {
-                break;
-            };
-            send.send_reset(h2::Reason::CANCEL);
-            sent += 1;
+    // HEADERS then RST_STREAM, again and again. The server may cut a
+    // connection off (GOAWAY with ENHANCE_YOUR_CALM: h2's Rapid-Reset
+    // defence); the attacker then reconnects and goes on.
+    let attacker = tokio::spawn({
+        let sent = sent.clone();
+        async move {
+            let mut cut_off = 0;
+            'connections: while sent.load(Ordering::Acquire) < BURST {
+                let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+                let (mut client, connection) = h2::client::handshake(tcp).await.unwrap();
+                let connection = tokio::spawn(connection);
+                while sent.load(Ordering::Acquire) < BURST {
+                    let call = match client.clone().ready().await {
+                        Ok(ready) => {
+                            client = ready;
+                            let request = http::Request::post(format!(
+                                "http://{addr}/grpcUser.UserService/ListUsers"
+                            ))
+                            .header("content-type", "application/grpc")
+                            .header("te", "trailers")
+                            .body(())
+                            .unwrap();
+                            client.send_request(request, false)
+                        }
+                        Err(err) => Err(err),
+                    };
+                    match call {
+                        Ok((_response, mut send)) => send.send_reset(h2::Reason::CANCEL),
+                        Err(err) => {
+                            // GOAWAY, or the socket closed right after it.
+                            let calm = err.is_go_away()
+                                && err.is_remote()
+                                && err.reason() == Some(h2::Reason::ENHANCE_YOUR_CALM);
+                            assert!(calm || err.is_io(), "{err}");
+                            cut_off += 1;
+                            connection.abort();
+                            continue 'connections;
+                        }
+                    }
+                    if sent.fetch_add(1, Ordering::AcqRel).is_multiple_of(64) {
+                        tokio::task::yield_now().await;
+                    }
+                }
+                connection.abort();
+            }
+            cut_off
         }
-        connection.abort();
-        sent
     });
 
-    // Meanwhile another client's calls keep succeeding.
+    // Meanwhile another client's calls keep succeeding, for as long as the
+    // burst lasts.
     let mut client = server.client().await;
     let mut calls = 0;
-    while !attacker.is_finished() || calls < 20 {
-        let reply = within("a call during the burst", client.add_user(user("Calm")))
-            .await
-            .unwrap()
-            .into_inner();
-        let id = reply.user.unwrap().id;
-        within("a read", client.get_user(proto::GetUserRequest { id }))
-            .await
-            .unwrap();
-        calls += 1;
-    }
-    let sent = attacker.await.unwrap();
-    assert!(sent > 0);
+    within("the burst, beside calls that succeed", async {
+        while calls < CALLS || !attacker.is_finished() {
+            let reply = client.add_user(user(&format!("c{calls}"))).await.unwrap();
+            let id = reply.into_inner().user.unwrap().id;
+            client.get_user(proto::GetUserRequest { id }).await.unwrap();
+            calls += 1;
+        }
+    })
+    .await;
+    let cut_off = attacker.await.unwrap();
+    println!(
+        "rapid reset: {} HEADERS+RST_STREAM sent, {cut_off} connections cut off \
+         (ENHANCE_YOUR_CALM); {calls} call pairs served meanwhile",
+        sent.load(Ordering::Acquire)
+    );
     // Nothing the burst started is still held.
     within(
         "in-flight calls to drain",
