@@ -104,3 +104,39 @@ async fn a_unary_call_abandoned_before_its_reply_is_released() {
     let _ = call.await;
     settled(&server).await;
 }
+
+/// Resident memory of this process (server and client), from /proc.
+fn rss_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").expect("/proc/self/statm");
+    let pages: u64 = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
+    pages * 4096
+}
+
+#[tokio::test]
+async fn a_bulk_writer_that_never_stops_is_held_to_bounded_memory() {
+    const ROWS: usize = 200_000;
+    let server = TestServer::start().await;
+    let mut client = server.client().await;
+    // Rows of ~1 KiB that fail validation, so nothing is stored: 200 MB
+    // streamed in, made lazily on the client side.
+    let row = proto::User {
+        first_name: String::new(),
+        last_name: "x".repeat(1000),
+        ..user("")
+    };
+    let rows = tokio_stream::iter(std::iter::repeat_n(row, ROWS));
+    let before = rss_bytes();
+    let reply = within("the import", client.bulk_add_users(rows))
+        .await
+        .unwrap()
+        .into_inner();
+    let growth = rss_bytes().saturating_sub(before);
+    assert_eq!((reply.added, reply.failed), (0, ROWS as u64));
+    assert_eq!(reply.errors.len(), 100);
+    // Flow control and the import's batch bound what is held at once.
+    assert!(growth < 32 << 20, "memory grew by {growth} bytes");
+    println!(
+        "bulk writer: {ROWS} rows of 1 KiB streamed, RSS grew {} KiB",
+        growth >> 10
+    );
+}
