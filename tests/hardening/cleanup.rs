@@ -1,10 +1,16 @@
 //! Clients that vanish mid-call, in every pattern: the server gives back
-//! every in-flight slot and subscription.
+//! every in-flight slot and subscription. Memory held for a client that
+//! never stops sending, and shutdown under load.
 
-use user_service::proto::{self, GetUserRequest, ListUsersRequest, SyncRequest};
+use std::time::Duration;
+
+use user_service::{
+    Config, MemoryStore, Store,
+    proto::{self, GetUserRequest, ListUsersRequest, SyncRequest},
+};
 
 use crate::{
-    common::{TestServer, request_stream, user, within},
+    common::{FEED_CAPACITY, TestServer, request_stream, user, within},
     deadlines::start_stuck,
 };
 
@@ -114,20 +120,22 @@ fn rss_bytes() -> u64 {
 
 #[tokio::test]
 async fn a_bulk_writer_that_never_stops_is_held_to_bounded_memory() {
-    const ROWS: usize = 200_000;
+    const ROWS: usize = 40_000;
     let server = TestServer::start().await;
     let mut client = server.client().await;
-    // Rows of ~1 KiB that fail validation, so nothing is stored: 200 MB
+    // Rows of ~2.5 KB that fail validation, so nothing is stored: 100 MB
     // streamed in, made lazily on the client side.
     let row = proto::User {
         first_name: String::new(),
-        last_name: "x".repeat(1000),
+        last_name: "x".repeat(2500),
         ..user("")
     };
     let rows = tokio_stream::iter(std::iter::repeat_n(row, ROWS));
     let before = rss_bytes();
-    let reply = within("the import", client.bulk_add_users(rows))
+    // Longer than the usual patience: 100 MB through a debug build.
+    let reply = tokio::time::timeout(Duration::from_secs(120), client.bulk_add_users(rows))
         .await
+        .expect("the import to finish")
         .unwrap()
         .into_inner();
     let growth = rss_bytes().saturating_sub(before);
@@ -136,7 +144,79 @@ async fn a_bulk_writer_that_never_stops_is_held_to_bounded_memory() {
     // Flow control and the import's batch bound what is held at once.
     assert!(growth < 32 << 20, "memory grew by {growth} bytes");
     println!(
-        "bulk writer: {ROWS} rows of 1 KiB streamed, RSS grew {} KiB",
+        "bulk writer: {ROWS} rows of 2.5 KB streamed, RSS grew {} KiB",
         growth >> 10
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_under_load_loses_no_acknowledged_write() {
+    const WRITERS: usize = 8;
+    /// Acknowledged writes before shutdown starts.
+    const BEFORE: usize = 200;
+    let store = MemoryStore::new(FEED_CAPACITY);
+    let mut server = TestServer::start_with(store.clone(), Config::default()).await;
+
+    // A SyncUsers stream open throughout: it must end with a status.
+    let mut watcher = server.client().await;
+    let (_keep_open, requests) = request_stream::<SyncRequest>();
+    let mut feed = watcher.sync_users(requests).await.unwrap().into_inner();
+
+    let (acked_tx, mut acked_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let mut writers = Vec::new();
+    for w in 0..WRITERS {
+        let mut client = server.client().await;
+        let acked = acked_tx.clone();
+        writers.push(tokio::spawn(async move {
+            // Writes until the server stops taking them.
+            for i in 0.. {
+                match client.add_user(user(&format!("w{w}-{i}"))).await {
+                    Ok(reply) => {
+                        let _ = acked.send(reply.into_inner().user.unwrap().id);
+                    }
+                    Err(_) => return,
+                }
+            }
+        }));
+    }
+    drop(acked_tx);
+    let mut acknowledged = Vec::new();
+    while acknowledged.len() < BEFORE {
+        acknowledged.push(
+            within("writes before shutdown", acked_rx.recv())
+                .await
+                .unwrap(),
+        );
+    }
+
+    server.begin_shutdown();
+    let status = loop {
+        match within("the feed to end", feed.message()).await {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("the feed ended with OK on shutdown"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(status.code(), tonic::Code::Unavailable);
+    for writer in writers {
+        within("a writer to stop", writer).await.unwrap();
+    }
+    while let Some(id) = acked_rx.recv().await {
+        acknowledged.push(id);
+    }
+    within("the server to stop", server.stop()).await.unwrap();
+
+    // Every write a client saw acknowledged is stored.
+    for id in &acknowledged {
+        store.get(id).await.unwrap();
+    }
+    assert_eq!(
+        store.len(),
+        acknowledged.len(),
+        "no write stored unacknowledged either"
+    );
+    println!(
+        "shutdown under load: {} acknowledged writes, all stored",
+        acknowledged.len()
     );
 }
