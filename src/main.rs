@@ -102,9 +102,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         )
         .init();
 
-    let listener = TcpListener::bind(args.addr).await?;
-    tracing::info!(addr = %listener.local_addr()?, store = "memory", "user-service listening");
-
+    // Key material and the token are read before binding: a server that
+    // cannot start securely never starts listening.
     let auth_token = match &args.auth_token_file {
         Some(path) => Some(AuthToken::from_file(path)?),
         None => None,
@@ -138,6 +137,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         tls,
         ..Config::default()
     };
+
+    let listener = TcpListener::bind(args.addr).await?;
+    tracing::info!(addr = %listener.local_addr()?, store = "memory", "user-service listening");
     let store = MemoryStore::new(args.feed_capacity.max(1));
     server::run(listener, store, config, shutdown_signal()).await?;
     Ok(())

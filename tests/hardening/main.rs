@@ -6,6 +6,7 @@
 #[path = "../contract/common/mod.rs"]
 mod common;
 
+mod binary;
 mod cleanup;
 mod deadlines;
 mod limits;

@@ -154,11 +154,11 @@ async fn without_a_token_configured_calls_need_none() {
 
 /// A CA, a server certificate for localhost signed by it, and a client
 /// certificate signed by it; all made fresh for each test.
-struct Pki {
-    ca_pem: String,
-    server_cert_pem: String,
-    server_key_pem: String,
-    client: Identity,
+pub struct Pki {
+    pub ca_pem: String,
+    pub server_cert_pem: String,
+    pub server_key_pem: String,
+    pub client: Identity,
 }
 
 fn ca(name: &str) -> CertifiedIssuer<'static, KeyPair> {
@@ -182,7 +182,7 @@ fn leaf(
 }
 
 impl Pki {
-    fn new() -> Pki {
+    pub fn new() -> Pki {
         let ca = ca("user-service test CA");
         let (server_cert_pem, server_key_pem) =
             leaf(&ca, &["localhost"], ExtendedKeyUsagePurpose::ServerAuth);
@@ -203,7 +203,7 @@ impl Pki {
         }
     }
 
-    fn client_tls(&self) -> ClientTlsConfig {
+    pub fn client_tls(&self) -> ClientTlsConfig {
         ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(&self.ca_pem))
             .domain_name("localhost")
