@@ -439,6 +439,144 @@ mod tests {
         });
         tokio::task::yield_now().await;
         drop(slot);
-        waiter.await.unwrap();
+        tokio::time::timeout(Duration::from_secs(10), waiter)
+            .await
+            .expect("woken by the release")
+            .unwrap();
+    }
+
+    /// A response body that never ends, like an idle SyncUsers stream.
+    #[derive(Default)]
+    struct Endless;
+
+    impl Body for Endless {
+        type Data = bytes::Bytes;
+        type Error = Status;
+
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<bytes::Bytes>, Status>>> {
+            Poll::Pending
+        }
+    }
+
+    /// A service whose handler returns an endless stream at once, or (with
+    /// `stuck`) never returns at all.
+    #[derive(Clone)]
+    struct Handler {
+        stuck: bool,
+    }
+
+    impl Service<http::Request<()>> for Handler {
+        type Response = http::Response<Endless>;
+        type Error = std::convert::Infallible;
+        type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, _: http::Request<()>) -> Self::Future {
+            let stuck = self.stuck;
+            Box::pin(async move {
+                if stuck {
+                    std::future::pending::<()>().await;
+                }
+                Ok(http::Response::new(Endless))
+            })
+        }
+    }
+
+    fn guard(stuck: bool, max_in_flight: usize) -> (CallGuard<Handler>, Gauges) {
+        let gauges = Gauges::default();
+        let layer = CallGuardLayer::new(gauges.in_flight_slots(max_in_flight));
+        let guard = tower_layer::Layer::layer(&layer, Handler { stuck });
+        (guard, gauges)
+    }
+
+    fn request(timeout: Option<&str>, content_type: &str) -> http::Request<()> {
+        let mut request = http::Request::post("/grpcUser.UserService/SyncUsers")
+            .header("content-type", content_type)
+            .body(())
+            .unwrap();
+        if let Some(timeout) = timeout {
+            request
+                .headers_mut()
+                .insert("grpc-timeout", timeout.parse().unwrap());
+        }
+        request
+    }
+
+    fn grpc_status(headers: &http::HeaderMap) -> Option<&str> {
+        headers.get("grpc-status").map(|v| v.to_str().unwrap())
+    }
+
+    async fn next_frame<B: Body + Unpin>(body: &mut B) -> Option<Result<Frame<B::Data>, B::Error>> {
+        std::future::poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx)).await
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_open_stream_ends_with_deadline_exceeded_at_its_deadline() {
+        let (mut guard, gauges) = guard(false, 8);
+        let started = Instant::now();
+        let response = guard
+            .call(request(Some("250m"), "application/grpc"))
+            .await
+            .unwrap();
+        assert_eq!(grpc_status(response.headers()), None);
+        assert_eq!(gauges.in_flight_calls(), 1);
+        let mut body = response.into_body();
+        let frame = next_frame(&mut body).await.unwrap().unwrap();
+        assert_eq!(started.elapsed(), Duration::from_millis(250));
+        assert_eq!(grpc_status(frame.trailers_ref().unwrap()), Some("4"));
+        assert!(next_frame(&mut body).await.is_none());
+        // The call is over: its slot is back even before the body is dropped.
+        assert_eq!(gauges.in_flight_calls(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stuck_handler_ends_with_deadline_exceeded_at_its_deadline() {
+        let (mut guard, gauges) = guard(true, 8);
+        let started = Instant::now();
+        let response = guard
+            .call(request(Some("1S"), "application/grpc"))
+            .await
+            .unwrap();
+        assert_eq!(started.elapsed(), Duration::from_secs(1));
+        assert_eq!(grpc_status(response.headers()), Some("4"));
+        drop(response);
+        assert_eq!(gauges.in_flight_calls(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_a_deadline_a_stream_stays_open() {
+        let (mut guard, _) = guard(false, 8);
+        let response = guard.call(request(None, "application/grpc")).await.unwrap();
+        let mut body = response.into_body();
+        let frame = tokio::time::timeout(Duration::from_secs(3600), next_frame(&mut body)).await;
+        assert!(frame.is_err(), "the stream ended on its own");
+    }
+
+    #[tokio::test]
+    async fn calls_past_the_cap_are_refused_and_slots_come_back() {
+        let (mut guard, gauges) = guard(false, 1);
+        let first = guard.call(request(None, "application/grpc")).await.unwrap();
+        let refused = guard.call(request(None, "application/grpc")).await.unwrap();
+        assert_eq!(grpc_status(refused.headers()), Some("8"));
+        assert_eq!(gauges.in_flight_calls(), 1);
+        drop(first);
+        assert_eq!(gauges.in_flight_calls(), 0);
+        let again = guard.call(request(None, "application/grpc")).await.unwrap();
+        assert_eq!(grpc_status(again.headers()), None);
+    }
+
+    #[tokio::test]
+    async fn non_grpc_requests_get_415() {
+        let (mut guard, gauges) = guard(false, 8);
+        let response = guard.call(request(None, "text/plain")).await.unwrap();
+        assert_eq!(response.status(), http::StatusCode::UNSUPPORTED_MEDIA_TYPE);
+        assert_eq!(grpc_status(response.headers()), Some("13"));
+        assert_eq!(gauges.in_flight_calls(), 0);
     }
 }
