@@ -116,12 +116,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }),
         _ => None,
     };
-    tracing::info!(
-        tls = tls.is_some(),
-        mutual_tls = args.tls_client_ca.is_some(),
-        auth_token = auth_token.is_some(),
-        "security"
-    );
     let config = Config {
         shutdown_grace: Duration::from_secs(args.shutdown_grace),
         max_message_size: args.max_message_size,
@@ -140,6 +134,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let listener = TcpListener::bind(args.addr).await?;
     tracing::info!(addr = %listener.local_addr()?, store = "memory", "user-service listening");
+    tracing::info!(
+        tls = config.tls.is_some(),
+        mutual_tls = config
+            .tls
+            .as_ref()
+            .is_some_and(|t| t.client_ca_pem.is_some()),
+        auth_token = config.auth_token.is_some(),
+        "security"
+    );
     let store = MemoryStore::new(args.feed_capacity.max(1));
     server::run(listener, store, config, shutdown_signal()).await?;
     Ok(())
