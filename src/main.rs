@@ -1,13 +1,20 @@
 //! The `user-service` binary: parses flags, sets up logging and signals, and
 //! hands everything else to the library.
 
-use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::ExitCode,
+    time::Duration,
+};
 
 use clap::{Parser, ValueEnum};
 use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
 use user_service::{
-    Config, MemoryStore, server,
+    Config, MemoryStore,
+    auth::AuthToken,
+    server::{self, TlsConfig},
     store::sqlite::{Durability, SqliteOptions, SqliteStore},
 };
 
@@ -42,6 +49,60 @@ struct Args {
     /// (survives power loss); `normal` does not (survives a process crash).
     #[arg(long, env = "USER_SERVICE_SYNC", value_enum, default_value_t = SyncArg::Full)]
     sync: SyncArg,
+
+    /// Largest gRPC message received or sent, in bytes.
+    #[arg(long, env = "USER_SERVICE_MAX_MESSAGE_SIZE", default_value_t = server::MAX_MESSAGE_SIZE)]
+    max_message_size: usize,
+
+    /// Concurrent streams (calls) per HTTP/2 connection.
+    #[arg(long, env = "USER_SERVICE_MAX_CONCURRENT_STREAMS", default_value_t = server::MAX_CONCURRENT_STREAMS)]
+    max_concurrent_streams: u32,
+
+    /// Streams a client may make the server reset before it is disconnected.
+    #[arg(long, env = "USER_SERVICE_MAX_RESET_STREAMS", default_value_t = server::MAX_LOCAL_ERROR_RESET_STREAMS)]
+    max_reset_streams: usize,
+
+    /// Largest request header block, in bytes.
+    #[arg(long, env = "USER_SERVICE_MAX_HEADER_LIST_SIZE", default_value_t = server::MAX_HEADER_LIST_SIZE)]
+    max_header_list_size: u32,
+
+    /// Seconds a connection may idle before a keepalive ping; 0 turns pings
+    /// off.
+    #[arg(long, env = "USER_SERVICE_KEEPALIVE_INTERVAL", default_value_t = server::KEEPALIVE_INTERVAL.as_secs())]
+    keepalive_interval: u64,
+
+    /// Seconds a keepalive ping may go unanswered before the connection is
+    /// closed.
+    #[arg(long, env = "USER_SERVICE_KEEPALIVE_TIMEOUT", default_value_t = server::KEEPALIVE_TIMEOUT.as_secs())]
+    keepalive_timeout: u64,
+
+    /// UserService calls in flight at once; more are refused with
+    /// RESOURCE_EXHAUSTED.
+    #[arg(long, env = "USER_SERVICE_MAX_IN_FLIGHT_CALLS", default_value_t = server::MAX_IN_FLIGHT_CALLS)]
+    max_in_flight_calls: usize,
+
+    /// SyncUsers streams open at once; more are refused with
+    /// RESOURCE_EXHAUSTED.
+    #[arg(long, env = "USER_SERVICE_MAX_SUBSCRIBERS", default_value_t = server::MAX_SUBSCRIBERS)]
+    max_subscribers: usize,
+
+    /// File holding a bearer token that UserService and reflection calls
+    /// must present (`authorization: Bearer <token>`).
+    #[arg(long, env = "USER_SERVICE_AUTH_TOKEN_FILE")]
+    auth_token_file: Option<PathBuf>,
+
+    /// Server certificate chain (PEM); serves TLS only. Needs --tls-key.
+    #[arg(long, env = "USER_SERVICE_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+
+    /// Server private key (PEM). Needs --tls-cert.
+    #[arg(long, env = "USER_SERVICE_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+
+    /// CA certificate (PEM) that client certificates must chain to: turns on
+    /// mutual TLS, refusing clients without a valid certificate.
+    #[arg(long, env = "USER_SERVICE_TLS_CLIENT_CA", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
 }
 
 /// The `--store` flag.
@@ -80,8 +141,34 @@ async fn main() -> Result<ExitCode, Box<dyn std::error::Error>> {
         )
         .init();
 
+    // Key material and the token are read before binding: a server that
+    // cannot start securely never starts listening.
+    let auth_token = match &args.auth_token_file {
+        Some(path) => Some(AuthToken::from_file(path)?),
+        None => None,
+    };
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(TlsConfig {
+            cert_pem: read(cert)?,
+            key_pem: read(key)?,
+            client_ca_pem: args.tls_client_ca.as_deref().map(read).transpose()?,
+        }),
+        _ => None,
+    };
     let config = Config {
         shutdown_grace: Duration::from_secs(args.shutdown_grace),
+        max_message_size: args.max_message_size,
+        max_concurrent_streams: args.max_concurrent_streams,
+        max_local_error_reset_streams: args.max_reset_streams,
+        max_header_list_size: args.max_header_list_size,
+        keepalive_interval: (args.keepalive_interval > 0)
+            .then(|| Duration::from_secs(args.keepalive_interval)),
+        keepalive_timeout: Duration::from_secs(args.keepalive_timeout),
+        max_in_flight_calls: args.max_in_flight_calls,
+        max_subscribers: args.max_subscribers,
+        auth_token,
+        tls,
+        ..Config::default()
     };
     let feed_capacity = args.feed_capacity.max(1);
     match args.store {
@@ -94,6 +181,7 @@ async fn main() -> Result<ExitCode, Box<dyn std::error::Error>> {
                 "user-service listening"
             );
             let store = MemoryStore::new(feed_capacity);
+            log_security(&config);
             server::run(listener, store, config, shutdown_signal()).await?;
         }
         StoreArg::Sqlite(path) => {
@@ -122,10 +210,29 @@ async fn main() -> Result<ExitCode, Box<dyn std::error::Error>> {
                 %durability,
                 "user-service listening"
             );
+            log_security(&config);
             server::run(listener, store, config, shutdown_signal()).await?;
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Logs which protections are on (never the token itself).
+fn log_security(config: &Config) {
+    tracing::info!(
+        tls = config.tls.is_some(),
+        mutual_tls = config
+            .tls
+            .as_ref()
+            .is_some_and(|t| t.client_ca_pem.is_some()),
+        auth_token = config.auth_token.is_some(),
+        "security"
+    );
+}
+
+/// Reads a file named by a flag, saying which one failed.
+fn read(path: &Path) -> Result<Vec<u8>, String> {
+    std::fs::read(path).map_err(|err| format!("cannot read {}: {err}", path.display()))
 }
 
 /// Completes on Ctrl-C (SIGINT) or SIGTERM.

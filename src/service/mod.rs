@@ -15,7 +15,7 @@ pub use list::UserListing;
 pub use shutdown::EndOnShutdown;
 pub use sync::SyncSession;
 
-use crate::{proto, store::Store, user::NewUser, validate};
+use crate::{limits::Slots, proto, store::Store, user::NewUser, validate};
 
 /// The reply text of a successful AddUser.
 pub const USER_SAVED: &str = "user saved successfully";
@@ -25,11 +25,24 @@ pub struct UserService<S> {
     store: S,
     /// Cancelled when the server starts shutting down; ends open streams.
     shutdown: CancellationToken,
+    /// One per open SyncUsers stream; unbounded unless set.
+    subscribers: Option<Slots>,
 }
 
 impl<S: Store> UserService<S> {
     pub fn new(store: S, shutdown: CancellationToken) -> Self {
-        UserService { store, shutdown }
+        UserService {
+            store,
+            shutdown,
+            subscribers: None,
+        }
+    }
+
+    /// Caps the open SyncUsers streams: past the cap, new ones are refused
+    /// with `RESOURCE_EXHAUSTED`.
+    pub fn with_subscriber_slots(mut self, slots: Slots) -> Self {
+        self.subscribers = Some(slots);
+        self
     }
 }
 
@@ -88,8 +101,14 @@ impl<S: Store> proto::user_service_server::UserService for UserService<S> {
         &self,
         request: Request<Streaming<proto::SyncRequest>>,
     ) -> Result<Response<Self::SyncUsersStream>, Status> {
+        let slot = match &self.subscribers {
+            Some(slots) => Some(slots.try_take().ok_or_else(|| {
+                Status::resource_exhausted("too many SyncUsers streams open; retry with backoff")
+            })?),
+            None => None,
+        };
         // Subscribes now, before the response headers are sent.
-        let session = SyncSession::new(self.store.clone(), request.into_inner());
+        let session = SyncSession::new(self.store.clone(), request.into_inner()).holding(slot);
         Ok(Response::new(EndOnShutdown::new(session, &self.shutdown)))
     }
 }

@@ -12,6 +12,7 @@ use tonic::{Status, Streaming};
 
 use crate::{
     error::Error,
+    limits::Slot,
     proto::{self, sync_request::Op, sync_response::Event},
     store::Store,
     user::{Change, NewUser},
@@ -49,6 +50,8 @@ pub struct SyncSession<S> {
     delivered_seq: u64,
     changes_first: bool,
     done: bool,
+    /// The subscriber slot this stream counts against, given back on drop.
+    _slot: Option<Slot>,
 }
 
 type Item = Result<proto::SyncResponse, Status>;
@@ -67,7 +70,14 @@ impl<S: Store> SyncSession<S> {
             delivered_seq: 0,
             changes_first: false,
             done: false,
+            _slot: None,
         }
+    }
+
+    /// Holds `slot` for as long as the stream is open.
+    pub fn holding(mut self, slot: Option<Slot>) -> Self {
+        self._slot = slot;
+        self
     }
 
     fn poll_op(&mut self, cx: &mut Context<'_>) -> Poll<Item> {

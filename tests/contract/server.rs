@@ -138,6 +138,7 @@ async fn shutdown_ends_open_streams_and_returns(backend: Backend) {
     // stop because its calls ended, not because it gave up on them.
     let config = Config {
         shutdown_grace: Duration::from_secs(600),
+        ..Config::default()
     };
     let mut server = backend.start_with_config(FEED_CAPACITY, config).await;
     let mut client = server.client().await;

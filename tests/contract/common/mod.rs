@@ -8,6 +8,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 use user_service::{
     Config, MemoryStore, SqliteStore, Store,
+    limits::Gauges,
     proto::{self, user_service_client::UserServiceClient},
     server::ServeError,
     store::sqlite::{Durability, SqliteOptions},
@@ -84,6 +85,8 @@ macro_rules! for_each_backend {
 /// A server running in this process on `127.0.0.1:0`.
 pub struct TestServer {
     pub addr: SocketAddr,
+    /// What the server holds open (from its `Config`).
+    pub gauges: Gauges,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), ServeError>>>,
     /// The store's files, deleted when the server is dropped.
@@ -114,11 +117,13 @@ impl TestServer {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("local addr");
         let (tx, rx) = oneshot::channel::<()>();
+        let gauges = config.gauges.clone();
         let task = tokio::spawn(user_service::run(listener, store, config, async {
             let _ = rx.await;
         }));
         TestServer {
             addr,
+            gauges,
             shutdown: Some(tx),
             task: Some(task),
             _data: None,

@@ -1,0 +1,211 @@
+//! The security flags of the `user-service` binary, end to end: TLS files
+//! named on the command line, the token file, and what the log says.
+
+use std::{
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex, mpsc},
+};
+
+use tonic::{
+    Code, Request,
+    transport::{Channel, Endpoint},
+};
+use user_service::proto::user_service_client::UserServiceClient;
+
+use crate::{
+    common::{PATIENCE, user, within},
+    security::Pki,
+};
+
+/// The server binary, running until dropped; its log is collected.
+struct Binary {
+    child: Child,
+    addr: SocketAddr,
+    log: Arc<Mutex<Vec<String>>>,
+    readers: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Binary {
+    fn start(args: &[&str]) -> Binary {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_user-service"))
+            .args(args)
+            // These tests are about the transport flags; keep no file behind.
+            .args(["--store", "memory"])
+            .env("RUST_LOG", "trace")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start the binary");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (port_tx, port_rx) = mpsc::channel();
+        let mut readers = Vec::new();
+        for output in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
+            let (log, port_tx) = (log.clone(), port_tx.clone());
+            readers.push(std::thread::spawn(move || {
+                for line in BufReader::new(output).lines().map_while(Result::ok) {
+                    if line.contains("listening")
+                        && let Some(port) = line
+                            .split_whitespace()
+                            .find_map(|word| word.strip_prefix("addr="))
+                            .and_then(|addr| addr.rsplit(':').next())
+                            .and_then(|port| port.parse::<u16>().ok())
+                    {
+                        let _ = port_tx.send(port);
+                    }
+                    log.lock().unwrap().push(line);
+                }
+            }));
+        }
+        let port = port_rx
+            .recv_timeout(PATIENCE)
+            .unwrap_or_else(|_| panic!("no address in the log: {:?}", log.lock().unwrap()));
+        Binary {
+            child,
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            log,
+            readers,
+        }
+    }
+
+    /// Stops the server with SIGTERM; returns its log. Waits off the async
+    /// runtime, which must go on driving the clients' connections.
+    async fn stop(self) -> String {
+        tokio::task::spawn_blocking(move || self.stop_blocking())
+            .await
+            .unwrap()
+    }
+
+    fn stop_blocking(mut self) -> String {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        assert!(self.child.wait().unwrap().success(), "exit 0 on SIGTERM");
+        // The readers finish at the end of the output.
+        for reader in self.readers.drain(..) {
+            reader.join().unwrap();
+        }
+        self.log.lock().unwrap().join("\n")
+    }
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A fresh directory for the files a test hands the binary.
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("user-service-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[tokio::test]
+async fn the_binary_serves_mutual_tls_from_its_flags() {
+    let pki = Pki::new();
+    let dir = scratch("tls");
+    let (cert, key, ca) = (
+        dir.join("cert.pem"),
+        dir.join("key.pem"),
+        dir.join("ca.pem"),
+    );
+    std::fs::write(&cert, &pki.server_cert_pem).unwrap();
+    std::fs::write(&key, &pki.server_key_pem).unwrap();
+    std::fs::write(&ca, &pki.ca_pem).unwrap();
+    let server = Binary::start(&[
+        "--addr",
+        "127.0.0.1:0",
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
+        "--tls-client-ca",
+        ca.to_str().unwrap(),
+    ]);
+    std::fs::remove_dir_all(&dir).unwrap();
+
+    let connect = |identity: bool| {
+        let mut tls = pki.client_tls();
+        if identity {
+            tls = tls.identity(pki.client.clone());
+        }
+        let endpoint = Endpoint::from_shared(format!("https://{}", server.addr))
+            .unwrap()
+            .tls_config(tls)
+            .unwrap();
+        async move { endpoint.connect().await }
+    };
+    let channel: Channel = within("connect", connect(true)).await.unwrap();
+    UserServiceClient::new(channel)
+        .add_user(user("Tls"))
+        .await
+        .unwrap();
+    // Without a client certificate: refused in the handshake.
+    let refused = match within("connect", connect(false)).await {
+        Err(_) => true,
+        Ok(channel) => UserServiceClient::new(channel)
+            .add_user(user("NoCert"))
+            .await
+            .is_err(),
+    };
+    assert!(refused);
+    let log = within("the server to stop", server.stop()).await;
+    assert!(log.contains("tls=true"), "{log}");
+    assert!(!log.contains("PRIVATE KEY"), "{log}");
+}
+
+#[tokio::test]
+async fn the_binary_checks_its_token_never_logs_it_and_warns_when_exposed() {
+    const TOKEN: &str = "t0ken-that-must-not-appear-in-logs";
+    let dir = scratch("token");
+    let token_file = dir.join("token");
+    std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
+    // All interfaces (the calls below still go to loopback): the server
+    // must warn that it has no TLS.
+    let server = Binary::start(&[
+        "--addr",
+        "0.0.0.0:0",
+        "--auth-token-file",
+        token_file.to_str().unwrap(),
+    ]);
+    std::fs::remove_dir_all(&dir).unwrap();
+
+    let channel = Endpoint::from_shared(format!("http://{}", server.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = UserServiceClient::new(channel);
+    let status = client.add_user(user("NoToken")).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated);
+    let mut request = Request::new(user("Token"));
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
+    client.add_user(request).await.unwrap();
+    let mut wrong = Request::new(user("Wrong"));
+    wrong
+        .metadata_mut()
+        .insert("authorization", "Bearer nope".parse().unwrap());
+    assert_eq!(
+        client.add_user(wrong).await.unwrap_err().code(),
+        Code::Unauthenticated
+    );
+
+    drop(client);
+    let log = within("the server to stop", server.stop()).await;
+    assert!(log.contains("without TLS"), "{log}");
+    assert!(!log.contains("without an auth token"), "{log}");
+    assert!(!log.contains(TOKEN), "the token was logged: {log}");
+}
