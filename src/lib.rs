@@ -17,9 +17,13 @@
 //!   change feed that SyncUsers streams subscribe to.
 //! - [`user`]: the domain types (users and changes).
 //! - [`proto`]: the generated wire types and conversions.
+//!
+//! [`sample`] makes realistic users for the `user-load` load generator and
+//! the benchmarks.
 
 pub mod error;
 pub mod proto;
+pub mod sample;
 pub mod server;
 pub mod service;
 pub mod store;
