@@ -22,6 +22,7 @@ stage() {
 }
 
 stage "cargo test" cargo test --all-targets --locked
+stage "load generator smoke" scripts/check-load.sh
 
 echo
 if [ "$failed" -ne 0 ]; then
