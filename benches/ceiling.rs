@@ -25,6 +25,10 @@ const BATCH: usize = 1024;
 /// Distinct generated users, cycled (as `user-load` does).
 const POOL_SIZE: usize = 65_536;
 
+/// The server's allocator, so that the ceiling does the same work.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Stage {
     Decode,
@@ -106,7 +110,9 @@ fn insert(store: &MemoryStore, batch: &mut Vec<NewUser>) {
     if batch.is_empty() {
         return;
     }
-    let results = futures::executor::block_on(store.create_many(batch.drain(..).collect()));
+    let results = futures::executor::block_on(
+        store.create_many(std::mem::replace(batch, Vec::with_capacity(BATCH))),
+    );
     assert!(results.iter().all(Result::is_ok), "generated ids are new");
 }
 
