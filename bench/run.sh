@@ -92,7 +92,10 @@ for pair in $SERVERS; do
     load "$name" add add --duration "$UNARY_FOR" --concurrency 64
     stop_server
     start "$name" "$command"
-    load "$name" sync sync --total "$SYNC_UPSERTS" --concurrency 64 --watchers 8
+    # The sink publishes no Changes, so nothing would reach its watchers.
+    watchers=8
+    [ "$name" = sink ] && watchers=0
+    load "$name" sync sync --total "$SYNC_UPSERTS" --concurrency 64 --watchers "$watchers"
     stop_server
 done
 
