@@ -16,8 +16,11 @@ cd "$(dirname "$0")/.."
 USERS=${USERS:-1000000}        # bulk import size, then the store ListUsers scans
 UNARY_FOR=${UNARY_FOR:-5s}     # length of each unary run
 SYNC_UPSERTS=${SYNC_UPSERTS:-100000}
+# Slow servers stop at a time limit instead of a count: bulk and sync after
+# CAP, list starts no scan after CAP (the one under way finishes).
+CAP=${CAP:-30s}
 if [ -n "${QUICK:-}" ]; then
-    USERS=200000 UNARY_FOR=2s SYNC_UPSERTS=20000
+    USERS=200000 UNARY_FOR=2s SYNC_UPSERTS=20000 CAP=10s
 fi
 
 cargo build --release --locked --quiet --bin user-service --bin user-load
@@ -83,9 +86,9 @@ for pair in $SERVERS; do
     command=${pair#*=}
     echo "== $name"
     start "$name" "$command"
-    load "$name" bulk bulk --total "$USERS" --concurrency 4
+    load "$name" bulk bulk --total "$USERS" --duration "$CAP" --concurrency 4
     echo "{\"rss_mib\": $(rss_mib)}" >"$out/$name.rss.json"
-    load "$name" list list --total 3
+    load "$name" list list --total 3 --duration "$CAP" --timeout 120s
     load "$name" get get --duration "$UNARY_FOR" --concurrency 64 --prefill 10000
     stop_server
     start "$name" "$command"
@@ -95,7 +98,7 @@ for pair in $SERVERS; do
     # The sink publishes no Changes, so nothing would reach its watchers.
     watchers=8
     [ "$name" = sink ] && watchers=0
-    load "$name" sync sync --total "$SYNC_UPSERTS" --concurrency 64 --watchers "$watchers"
+    load "$name" sync sync --total "$SYNC_UPSERTS" --duration "$CAP" --concurrency 64 --watchers "$watchers"
     stop_server
 done
 

@@ -54,7 +54,11 @@ def main(folder):
             for server in servers:
                 path = folder / f"{server}.rss.json"
                 if path.exists():
-                    print(f"- {server}: RSS after the import: {json.loads(path.read_text())['rss_mib']} MiB")
+                    bulk = json.loads((folder / f"{server}.bulk.json").read_text())
+                    print(
+                        f"- {server}: {bulk['rows_added']:,} users imported, "
+                        f"RSS after the import: {json.loads(path.read_text())['rss_mib']} MiB"
+                    )
         print()
 
 
