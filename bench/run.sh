@@ -86,9 +86,10 @@ for pair in $SERVERS; do
     command=${pair#*=}
     echo "== $name"
     start "$name" "$command"
-    load "$name" bulk bulk --total "$USERS" --duration "$CAP" --concurrency 4
+    # A slow server may still be working through rows already sent at CAP.
+    load "$name" bulk bulk --total "$USERS" --duration "$CAP" --timeout 120s --concurrency 4
     echo "{\"rss_mib\": $(rss_mib)}" >"$out/$name.rss.json"
-    load "$name" list list --total 3 --duration "$CAP" --timeout 120s
+    load "$name" list list --total 3 --duration "$CAP" --timeout 300s
     load "$name" get get --duration "$UNARY_FOR" --concurrency 64 --prefill 10000
     stop_server
     start "$name" "$command"
