@@ -33,6 +33,7 @@ stage "cargo test" cargo test --all-targets --locked
 stage "examples against a live server" scripts/check-examples.sh
 stage "README grpcurl walkthrough" scripts/check-grpcurl.sh
 stage "grpcio client" scripts/python-tests.sh
+stage "load generator smoke" scripts/check-load.sh
 stage "soak (30 s)" env SOAK_SECS=30 cargo test --locked --test soak -- --ignored --nocapture
 
 echo

@@ -20,11 +20,15 @@
 //!   backends and the change feed that SyncUsers streams subscribe to.
 //! - [`user`]: the domain types (users and changes).
 //! - [`proto`]: the generated wire types and conversions.
+//!
+//! [`sample`] makes realistic users for the `user-load` load generator and
+//! the benchmarks.
 
 pub mod auth;
 pub mod error;
 pub mod limits;
 pub mod proto;
+pub mod sample;
 pub mod server;
 pub mod service;
 pub mod store;

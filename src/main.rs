@@ -18,6 +18,13 @@ use user_service::{
     store::sqlite::{Durability, SqliteOptions, SqliteStore},
 };
 
+/// mimalloc instead of the system allocator: every call allocates and frees
+/// many small objects (decoded messages, stored users, encoded replies), and
+/// glibc's malloc and free were a sixth of the server's CPU time in a bulk
+/// import profile (see BENCHMARKS.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// How far a SyncUsers stream may fall behind the change feed, in changes,
 /// before it is ended with ABORTED. At ~100 bytes a change this is a few MB
 /// shared by all subscribers.

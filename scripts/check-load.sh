@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# Smoke test of the load generator: a few seconds of every user-load mode
+# against the real user-service binary on a free loopback port. It checks
+# correctness only (counts, status codes, --verify), never speed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Bounds every step, so that a broken server fails the check instead of
+# hanging it.
+STEP_TIMEOUT=60
+
+cargo build --locked --quiet --bin user-service --bin user-load
+bin=target/debug
+work=$(mktemp -d)
+pids=()
+cleanup() {
+    for pid in "${pids[@]}"; do
+        kill "$pid" 2>/dev/null || true
+    done
+    for pid in "${pids[@]}"; do
+        wait "$pid" 2>/dev/null || true
+    done
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+# Starts "$@" (a server listening on 127.0.0.1:0) logging to $1.log; sets
+# $addr to the address it reports.
+start() {
+    local log="$work/$1.log"
+    shift
+    "$@" >"$log" 2>&1 &
+    pids+=("$!")
+    addr=""
+    for _ in $(seq 100); do
+        addr=$(sed 's/\x1b\[[0-9;]*m//g' "$log" | grep -o 'listening.*127\.0\.0\.1:[0-9]*' | grep -o '127\.0\.0\.1:[0-9]*' | head -1 || true)
+        [ -n "$addr" ] && return 0
+        sleep 0.1
+    done
+    echo "server did not start:" >&2
+    cat "$log" >&2
+    return 1
+}
+
+# check NAME PYTHON-EXPR -- user-load ARGS: runs user-load with --json and
+# asserts the expression over the report `r`.
+check() {
+    local name=$1 expr=$2
+    shift 3
+    local out="$work/$name.json"
+    if ! timeout "$STEP_TIMEOUT" "$bin/user-load" "$@" --addr "$addr" --json >"$out"; then
+        echo "FAIL $name: user-load exited non-zero" >&2
+        cat "$out" >&2
+        return 1
+    fi
+    if ! python3 - "$out" "$expr" <<'EOF'
+import json, sys
+r = json.load(open(sys.argv[1]))
+ok = lambda: set(r["codes"]) == {"OK"} and r["codes"]["OK"] == r["calls"]
+verified = lambda: r["verify"] is not None and r["verify"]["ok"]
+if not eval(sys.argv[2]):
+    print(json.dumps(r, indent=1), file=sys.stderr)
+    sys.exit(1)
+EOF
+    then
+        echo "FAIL $name: expected $expr" >&2
+        return 1
+    fi
+    echo "ok   $name"
+}
+
+start server env NO_COLOR=1 RUST_LOG=warn,user_service=info "$bin/user-service" --addr 127.0.0.1:0
+
+check bulk 'r["users"] == 20000 and r["rows_added"] == 20000 and r["rows_failed"] == 0 and ok() and not r["errors"] and verified()' \
+    -- bulk --total 20000 --concurrency 4 --per-stream 3000 --verify
+check add 'r["calls"] == 2000 and r["users"] == 2000 and ok() and not r["errors"] and verified()' \
+    -- add --total 2000 --concurrency 16 --connections 2 --verify
+check add-open-loop 'r["calls"] > 0 and ok() and not r["errors"] and verified()' \
+    -- add --rps 200 --duration 1s --concurrency 8 --verify
+check get 'r["calls"] == 2000 and ok() and verified()' \
+    -- get --total 2000 --prefill 1000 --concurrency 16 --verify
+check list 'r["calls"] == 2 and r["users"] >= 2 * 23000 and ok() and verified()' \
+    -- list --total 2 --verify
+check list-limit 'r["calls"] == 3 and r["users"] == 300 and ok() and verified()' \
+    -- list --total 3 --limit 100 --verify
+check sync 'r["calls"] == 2000 and r["users"] == 2000 and ok() and not r["errors"] and r["propagation"]["count"] == 4 * 2000 and verified()' \
+    -- sync --total 2000 --concurrency 32 --watchers 4 --verify
+
+# Users from a file: 1000 rows with ids, of which 10 are invalid, and one
+# line that is not JSON.
+python3 - "$work/users.jsonl" <<'EOF'
+import json, sys
+with open(sys.argv[1], "w") as f:
+    for i in range(1000):
+        first = "" if i % 100 == 7 else f"Name{i}"
+        f.write(json.dumps({"id": f"smoke-{i:04}", "first_name": first, "last_name": "Doe",
+                            "address": f"{i} Main Street, Springfield", "verified": i % 2 == 0}) + "\n")
+        if i == 500:
+            f.write("not json\n")
+EOF
+check data 'r["rows_added"] == 990 and r["rows_failed"] == 10 and ok() and verified() and any("unreadable data line" in e for e in r["errors"])' \
+    -- bulk --data "$work/users.jsonl" --concurrency 2 --verify
+check data-again 'r["rows_added"] == 0 and r["rows_failed"] == 1000 and ok() and any("row code 6" in e for e in r["errors"])' \
+    -- bulk --data "$work/users.jsonl" --concurrency 2
+check data-add 'r["calls"] == 1000 and r["codes"] == {"ALREADY_EXISTS": 990, "INVALID_ARGUMENT": 10}' \
+    -- add --data "$work/users.jsonl" --concurrency 4
+
+# The discarding sink.
+start sink "$bin/user-load" sink --addr 127.0.0.1:0
+check sink-bulk 'r["rows_added"] == 20000 and ok()' -- bulk --total 20000
+check sink-list 'r["users"] == 2000 and ok()' -- list --total 2 --limit 1000
+check sink-sync 'r["calls"] == 500 and ok()' -- sync --total 500 --watchers 0
+
+echo "load smoke: all modes passed"

@@ -1,0 +1,276 @@
+//! sync: upserts on one SyncUsers stream, with up to `--concurrency` of them
+//! awaiting their Ack, while `--watchers` other SyncUsers streams receive
+//! the Changes.
+//!
+//! Latency is per Ack, from sending the upsert. Propagation is from sending
+//! the upsert to a watcher receiving its Change; watchers recognise the
+//! run's changes by the id (`{prefix}-{n}`), `n` being the request id.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use prost::Message;
+use tokio::sync::{Semaphore, mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use user_service::proto::{self, sync_request::Op, sync_response::Event};
+
+use crate::{
+    run::{Client, Ctx, Outcome},
+    stats::Stats,
+};
+
+/// Send times are kept in a ring indexed by request id. It must be larger
+/// than the number of upserts a watcher can lag behind (the server cuts a
+/// subscriber off at its feed capacity, 65536 by default) for every
+/// propagation time to be measured against the right upsert.
+const SEND_TIMES: usize = 1 << 20;
+
+struct SendTimes {
+    start: Instant,
+    /// Nanoseconds since `start` plus one; 0 when unknown.
+    times: Vec<AtomicU64>,
+}
+
+impl SendTimes {
+    fn new() -> Self {
+        SendTimes {
+            start: Instant::now(),
+            times: (0..SEND_TIMES).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    fn sent(&self, n: u64) {
+        let nanos = self.start.elapsed().as_nanos() as u64 + 1;
+        self.times[n as usize % SEND_TIMES].store(nanos, Ordering::Relaxed);
+    }
+
+    /// Time since upsert `n` was sent.
+    fn since(&self, n: u64) -> Option<Duration> {
+        match self.times[n as usize % SEND_TIMES].load(Ordering::Relaxed) {
+            0 => None,
+            sent => {
+                let now = self.start.elapsed().as_nanos() as u64 + 1;
+                Some(Duration::from_nanos(now.saturating_sub(sent)))
+            }
+        }
+    }
+}
+
+pub async fn run(ctx: &Ctx) -> Outcome {
+    let mut outcome = Outcome::default();
+    let times = Arc::new(SendTimes::new());
+    let prefix = ctx.run_id.clone();
+    // The writer announces the seq of its last committed upsert; watchers
+    // stop once they have seen it.
+    let (last_seq_tx, last_seq_rx) = watch::channel(None::<u64>);
+
+    let mut watchers = Vec::new();
+    for i in 0..ctx.watchers() {
+        let client = ctx.client(i + 1);
+        match Watcher::open(client, &prefix).await {
+            Ok(watcher) => watchers.push(tokio::spawn(watcher.run(
+                times.clone(),
+                last_seq_rx.clone(),
+                ctx.timeout,
+            ))),
+            Err(status) => outcome.stats.failed(Duration::ZERO, &status),
+        }
+    }
+
+    let (writer, last_seq) = write(ctx, ctx.client(0), &prefix, times.clone()).await;
+    outcome.merge(writer);
+    let _ = last_seq_tx.send(Some(last_seq));
+
+    for watcher in watchers {
+        match watcher.await {
+            Ok(stats) => outcome.stats.merge(stats),
+            Err(err) => outcome.stats.error(format!("watcher failed: {err}")),
+        }
+    }
+    outcome
+}
+
+/// Sends upserts with a bounded window and reads their Acks. Returns the
+/// seq of the last committed upsert.
+async fn write(
+    ctx: &Ctx,
+    mut client: Client,
+    prefix: &str,
+    times: Arc<SendTimes>,
+) -> (Outcome, u64) {
+    let mut outcome = Outcome::default();
+    let window = ctx.concurrency;
+    let (tx, rx) = mpsc::channel::<proto::SyncRequest>(window);
+    let responses = client.sync_users(ReceiverStream::new(rx)).await;
+    let mut responses = match responses {
+        Ok(responses) => responses.into_inner(),
+        Err(status) => {
+            outcome.stats.failed(Duration::ZERO, &status);
+            return (outcome, 0);
+        }
+    };
+
+    // Sending runs on its own task: a permit per upsert awaiting its Ack.
+    let permits = Arc::new(Semaphore::new(window));
+    let sender = {
+        let (budget, permits, times) = (ctx.budget.clone(), permits.clone(), times.clone());
+        let mut source = ctx.source.clone();
+        let prefix = prefix.to_owned();
+        tokio::spawn(async move {
+            loop {
+                let Ok(permit) = permits.acquire().await else {
+                    break;
+                };
+                permit.forget();
+                let Some(n) = budget.claim() else { break };
+                let Some(mut user) = source.next(n).await else {
+                    break;
+                };
+                if user.id.is_empty() {
+                    user.id = format!("{prefix}-{n:010}");
+                }
+                times.sent(n);
+                let request = proto::SyncRequest {
+                    request_id: n,
+                    op: Some(Op::Upsert(user)),
+                    expected_version: 0,
+                };
+                // An error means the call has ended; the reader reports why.
+                if tx.send(request).await.is_err() {
+                    break;
+                }
+            }
+            // Dropping `tx` closes our side: the server sends the Acks still
+            // owed and ends the call.
+        })
+    };
+
+    let mut last_seq = 0;
+    let deadline = async {
+        ctx.budget.done().await;
+        tokio::time::sleep(ctx.timeout).await;
+    };
+    let mut deadline = std::pin::pin!(deadline);
+    let stats = &mut outcome.stats;
+    loop {
+        let message = tokio::select! {
+            message = responses.message() => message,
+            () = &mut deadline => {
+                stats.error("DeadlineExceeded: Acks still owed after --timeout");
+                break;
+            }
+        };
+        match message {
+            Ok(Some(proto::SyncResponse {
+                event: Some(Event::Ack(ack)),
+            })) => {
+                permits.add_permits(1);
+                let latency = times.since(ack.request_id).unwrap_or_default();
+                let code = tonic::Code::from_i32(ack.code);
+                stats.call(latency, code);
+                ctx.progress.fetch_add(1, Ordering::Relaxed);
+                if code == tonic::Code::Ok {
+                    last_seq = last_seq.max(ack.seq);
+                    if let Some(user) = ack.user {
+                        stats.users += 1;
+                        stats.bytes += user.encoded_len() as u64;
+                        if ctx.args.verify {
+                            outcome.stored_ids.push(user.id);
+                        }
+                    }
+                } else {
+                    stats.error(format!("Ack {code:?}: {}", ack.message));
+                }
+            }
+            // Our own Changes come back too; the watchers measure those.
+            Ok(Some(_)) => {}
+            Ok(None) => break,
+            Err(status) => {
+                stats.error(format!("{:?}: {}", status.code(), status.message()));
+                break;
+            }
+        }
+    }
+    sender.abort();
+    (outcome, last_seq)
+}
+
+/// A SyncUsers stream that sends nothing and times the run's Changes.
+struct Watcher {
+    /// Held open until the watcher is done: dropping it closes our side.
+    _requests: mpsc::Sender<proto::SyncRequest>,
+    changes: tonic::Streaming<proto::SyncResponse>,
+    prefix: String,
+}
+
+impl Watcher {
+    /// Opens the stream. Once this returns, the server has subscribed it.
+    async fn open(mut client: Client, prefix: &str) -> Result<Watcher, tonic::Status> {
+        let (tx, rx) = mpsc::channel(1);
+        let changes = client
+            .sync_users(ReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        Ok(Watcher {
+            _requests: tx,
+            changes,
+            prefix: format!("{prefix}-"),
+        })
+    }
+
+    async fn run(
+        mut self,
+        times: Arc<SendTimes>,
+        mut last_seq: watch::Receiver<Option<u64>>,
+        timeout: Duration,
+    ) -> Stats {
+        let mut stats = Stats::default();
+        let mut seen_seq = 0;
+        let mut target = None;
+        let mut give_up = None;
+        loop {
+            if target.is_some_and(|target| seen_seq >= target) {
+                break;
+            }
+            let give_up_at = give_up.unwrap_or_else(|| tokio::time::Instant::now() + timeout);
+            tokio::select! {
+                message = self.changes.message() => match message {
+                    Ok(Some(proto::SyncResponse { event: Some(Event::Change(change)) })) => {
+                        seen_seq = change.seq;
+                        let n = change
+                            .user
+                            .as_ref()
+                            .and_then(|u| u.id.strip_prefix(&self.prefix))
+                            .and_then(|n| n.parse::<u64>().ok());
+                        if let Some(latency) = n.and_then(|n| times.since(n)) {
+                            stats.propagated(latency);
+                        }
+                    }
+                    Ok(Some(_)) => {}
+                    Ok(None) => break,
+                    Err(status) => {
+                        stats.error(format!("watcher: {:?}: {}", status.code(), status.message()));
+                        break;
+                    }
+                },
+                changed = last_seq.changed(), if target.is_none() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    target = *last_seq.borrow();
+                    give_up = Some(tokio::time::Instant::now() + timeout);
+                }
+                () = tokio::time::sleep_until(give_up_at), if give_up.is_some() => {
+                    stats.error("watcher: not every Change arrived within --timeout");
+                    break;
+                }
+            }
+        }
+        stats
+    }
+}
