@@ -3,16 +3,85 @@
 
 use std::{sync::atomic::Ordering, time::Instant};
 
-use prost::Message;
+use prost::{
+    DecodeError, Message,
+    bytes::{Buf, BufMut},
+    encoding::{DecodeContext, WireType, key_len, skip_field, string},
+};
 use tokio::task::JoinSet;
+use tonic::{client::Grpc, codegen::http::uri::PathAndQuery, transport::Channel};
+use tonic_prost::ProstCodec;
 use user_service::proto;
 
 use crate::run::{Ctx, Outcome};
 
+/// A listed user as the generator reads it: the id (to check the order)
+/// and the size on the wire. Every other field is skipped, not decoded:
+/// decoding a whole `proto::User` (four strings, each allocated and checked
+/// as UTF-8) cost the generator as much CPU as the server spent producing
+/// the listing, so the scan measured the generator instead of the server.
+#[derive(Debug, Default)]
+struct Listed {
+    id: String,
+    wire_len: usize,
+}
+
+/// `User.id`'s field number in `proto/user.proto`.
+const ID_TAG: u32 = 5;
+
+impl Message for Listed {
+    /// A decode-only view: the generator never sends one.
+    fn encode_raw(&self, _buf: &mut impl BufMut) {}
+
+    fn merge_field(
+        &mut self,
+        tag: u32,
+        wire_type: WireType,
+        buf: &mut impl Buf,
+        ctx: DecodeContext,
+    ) -> Result<(), DecodeError> {
+        let before = buf.remaining();
+        if tag == ID_TAG {
+            string::merge(wire_type, &mut self.id, buf, ctx)?;
+        } else {
+            skip_field(wire_type, tag, buf, ctx)?;
+        }
+        self.wire_len += key_len(tag) + before - buf.remaining();
+        Ok(())
+    }
+
+    /// Nothing is encoded (see `encode_raw`).
+    fn encoded_len(&self) -> usize {
+        0
+    }
+
+    fn clear(&mut self) {
+        *self = Listed::default();
+    }
+}
+
+/// One ListUsers call on `channel`, decoding each user as a [`Listed`].
+async fn list_users(
+    channel: Channel,
+    request: proto::ListUsersRequest,
+) -> Result<tonic::Streaming<Listed>, tonic::Status> {
+    let mut grpc =
+        Grpc::new(channel).max_decoding_message_size(user_service::server::MAX_MESSAGE_SIZE);
+    grpc.ready()
+        .await
+        .map_err(|err| tonic::Status::unavailable(format!("connection not ready: {err}")))?;
+    let path = PathAndQuery::from_static("/grpcUser.UserService/ListUsers");
+    let codec = ProstCodec::<proto::ListUsersRequest, Listed>::default();
+    let response = grpc
+        .server_streaming(tonic::Request::new(request), path, codec)
+        .await?;
+    Ok(response.into_inner())
+}
+
 pub async fn run(ctx: &Ctx) -> Outcome {
     let mut workers = JoinSet::new();
     for i in 0..ctx.concurrency {
-        let mut client = ctx.client(i);
+        let channel = ctx.channel(i);
         let budget = ctx.budget.clone();
         let progress = ctx.progress.clone();
         let (timeout, limit, check_order) = (ctx.timeout, ctx.args.limit, ctx.args.verify);
@@ -26,12 +95,12 @@ pub async fn run(ctx: &Ctx) -> Outcome {
                     limit,
                 };
                 let scan = async {
-                    let mut stream = client.list_users(request).await?.into_inner();
+                    let mut stream = list_users(channel.clone(), request).await?;
                     let (mut users, mut bytes, mut out_of_order) = (0u64, 0u64, 0u64);
-                    let mut last: Option<proto::User> = None;
+                    let mut last: Option<Listed> = None;
                     while let Some(user) = stream.message().await? {
                         users += 1;
-                        bytes += user.encoded_len() as u64;
+                        bytes += user.wire_len as u64;
                         if check_order {
                             if last.as_ref().is_some_and(|last| last.id >= user.id) {
                                 out_of_order += 1;

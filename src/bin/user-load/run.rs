@@ -196,6 +196,9 @@ impl Source {
 /// Everything a mode needs.
 pub struct Ctx {
     pub clients: Vec<Client>,
+    /// The connections under `clients`, for calls made without the
+    /// generated client (see `list`).
+    pub channels: Vec<Channel>,
     pub concurrency: usize,
     pub budget: Arc<Budget>,
     pub source: Source,
@@ -225,6 +228,11 @@ impl Ctx {
         self.clients[i % self.clients.len()].clone()
     }
 
+    /// Worker `i`'s connection, the one under `client(i)`.
+    pub fn channel(&self, i: usize) -> Channel {
+        self.channels[i % self.channels.len()].clone()
+    }
+
     pub fn watchers(&self) -> usize {
         self.args.watchers
     }
@@ -252,29 +260,32 @@ impl Outcome {
     }
 }
 
+/// A UserService client on `channel`, with the generator's message limits.
+pub fn client_on(channel: Channel) -> Client {
+    UserServiceClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE_SIZE)
+        .max_encoding_message_size(MAX_MESSAGE_SIZE)
+}
+
 /// Opens `n` HTTP/2 connections to `addr`.
-pub async fn connect(addr: &str, n: usize) -> Result<Vec<Client>, tonic::transport::Error> {
+pub async fn connect(addr: &str, n: usize) -> Result<Vec<Channel>, tonic::transport::Error> {
     let endpoint = Endpoint::from_shared(format!("http://{addr}"))?
         .connect_timeout(CONNECT_TIMEOUT)
         .tcp_nodelay(true)
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW);
-    let mut clients = Vec::with_capacity(n);
+    let mut channels = Vec::with_capacity(n);
     for _ in 0..n.max(1) {
         // Each `connect` opens its own connection.
-        let channel = endpoint.connect().await?;
-        clients.push(
-            UserServiceClient::new(channel)
-                .max_decoding_message_size(MAX_MESSAGE_SIZE)
-                .max_encoding_message_size(MAX_MESSAGE_SIZE),
-        );
+        channels.push(endpoint.connect().await?);
     }
-    Ok(clients)
+    Ok(channels)
 }
 
 /// Runs the mode `args` asks for and reports.
 pub async fn run(args: &Args) -> Result<Report, Box<dyn Error>> {
-    let clients = connect(&args.addr.to_string(), args.connections).await?;
+    let channels = connect(&args.addr.to_string(), args.connections).await?;
+    let clients = channels.iter().cloned().map(client_on).collect();
     let data_errors = Arc::new(DataErrors::default());
     let source = match &args.data {
         Some(path) => Source::file(path, data_errors.clone())
@@ -285,6 +296,7 @@ pub async fn run(args: &Args) -> Result<Report, Box<dyn Error>> {
     let run_id = format!("ld{:08x}", fastrand::u32(..));
     let mut ctx = Ctx {
         clients,
+        channels,
         concurrency: args.concurrency(),
         budget: Budget::new(args.total),
         source,
@@ -386,6 +398,7 @@ pub async fn run(args: &Args) -> Result<Report, Box<dyn Error>> {
         None
     };
     ctx.clients.clear();
+    ctx.channels.clear();
 
     let info = RunInfo {
         mode: args.mode,
