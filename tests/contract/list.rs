@@ -252,14 +252,7 @@ async fn cancelled_listing_stops_its_work<S: Store>(inner: S) {
 
     // A client whose HTTP/2 receive window holds ~1000 users, not 20,000:
     // flow control is what tells the server to wait.
-    let channel = tonic::transport::Endpoint::from_shared(server.url())
-        .unwrap()
-        .initial_stream_window_size(64 * 1024)
-        .initial_connection_window_size(64 * 1024)
-        .connect()
-        .await
-        .unwrap();
-    let mut reader = user_service::proto::user_service_client::UserServiceClient::new(channel);
+    let mut reader = server.small_window_client().await;
     let mut stream = reader
         .list_users(ListUsersRequest::default())
         .await

@@ -35,14 +35,7 @@ async fn a_listing_abandoned_mid_stream_is_released() {
         .unwrap();
 
     // A receive window of ~1000 users, so the listing cannot finish unread.
-    let channel = tonic::transport::Endpoint::from_shared(server.url())
-        .unwrap()
-        .initial_stream_window_size(64 * 1024)
-        .initial_connection_window_size(64 * 1024)
-        .connect()
-        .await
-        .unwrap();
-    let mut reader = proto::user_service_client::UserServiceClient::new(channel);
+    let mut reader = server.small_window_client().await;
     let mut stream = reader
         .list_users(ListUsersRequest::default())
         .await

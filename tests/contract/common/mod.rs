@@ -147,6 +147,20 @@ impl TestServer {
         UserServiceClient::new(self.channel().await)
     }
 
+    /// A client on a new connection whose HTTP/2 receive windows hold only
+    /// 64 KiB (about 1000 users): a stream it does not read stalls the
+    /// server quickly, through flow control.
+    pub async fn small_window_client(&self) -> Client {
+        let channel = tonic::transport::Endpoint::from_shared(self.url())
+            .expect("url")
+            .initial_stream_window_size(64 * 1024)
+            .initial_connection_window_size(64 * 1024)
+            .connect()
+            .await
+            .expect("connect");
+        UserServiceClient::new(channel)
+    }
+
     /// Starts shutting down, without waiting.
     pub fn begin_shutdown(&mut self) {
         if let Some(tx) = self.shutdown.take() {
