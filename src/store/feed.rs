@@ -40,9 +40,4 @@ impl ChangeFeed {
     pub fn subscribe(&self) -> Subscription {
         self.sender.subscribe()
     }
-
-    /// How many subscriptions are open.
-    pub fn subscribers(&self) -> usize {
-        self.sender.receiver_count()
-    }
 }

@@ -96,11 +96,6 @@ impl MemoryStore {
         self.shared.state.read().seq
     }
 
-    /// The change feed, e.g. to count subscribers.
-    pub fn feed(&self) -> &ChangeFeed {
-        &self.shared.feed
-    }
-
     /// Builds the user to store for a create, outside any lock.
     fn prepare(user: &NewUser, version: u64) -> User {
         super::prepare_user(user, version)

@@ -36,14 +36,7 @@ pub async fn run(ctx: &Ctx) -> Outcome {
         };
         workers.spawn(worker.run());
     }
-    let mut outcome = Outcome::default();
-    while let Some(result) = workers.join_next().await {
-        match result {
-            Ok(worker) => outcome.merge(worker),
-            Err(err) => outcome.stats.error(format!("worker failed: {err}")),
-        }
-    }
-    outcome
+    Outcome::gather(workers).await
 }
 
 struct Worker {

@@ -252,6 +252,19 @@ pub struct Outcome {
 }
 
 impl Outcome {
+    /// Waits for every worker and adds up what they report; a worker that
+    /// panicked is reported as an error.
+    pub async fn gather(mut workers: tokio::task::JoinSet<Outcome>) -> Outcome {
+        let mut outcome = Outcome::default();
+        while let Some(result) = workers.join_next().await {
+            match result {
+                Ok(worker) => outcome.merge(worker),
+                Err(err) => outcome.stats.error(format!("worker failed: {err}")),
+            }
+        }
+        outcome
+    }
+
     pub fn merge(&mut self, other: Outcome) {
         self.stats.merge(other.stats);
         self.stored_ids.extend(other.stored_ids);

@@ -80,14 +80,7 @@ pub async fn run(ctx: &Ctx, kind: Kind) -> Outcome {
         });
     }
     drop(tickets);
-    let mut outcome = Outcome::default();
-    while let Some(result) = workers.join_next().await {
-        match result {
-            Ok(worker) => outcome.merge(worker),
-            Err(err) => outcome.stats.error(format!("worker failed: {err}")),
-        }
-    }
-    outcome
+    Outcome::gather(workers).await
 }
 
 struct Worker {
