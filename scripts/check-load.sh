@@ -69,7 +69,8 @@ EOF
     echo "ok   $name"
 }
 
-start server env NO_COLOR=1 RUST_LOG=warn,user_service=info "$bin/user-service" --addr 127.0.0.1:0
+start server env NO_COLOR=1 RUST_LOG=warn,user_service=info "$bin/user-service" --addr 127.0.0.1:0 \
+    --store "sqlite:$work/users.db"
 
 check bulk 'r["users"] == 20000 and r["rows_added"] == 20000 and r["rows_failed"] == 0 and ok() and not r["errors"] and verified()' \
     -- bulk --total 20000 --concurrency 4 --per-stream 3000 --verify
