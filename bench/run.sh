@@ -30,7 +30,7 @@ mkdir -p "$out"
 
 # name=command pairs; a command gets --addr 127.0.0.1:PORT appended.
 if [ -z "${SERVERS:-}" ]; then
-    SERVERS="user-service=target/release/user-service sink=$load+sink"
+    SERVERS="user-service=target/release/user-service+--store+memory sink=$load+sink"
     [ -x bench/peers/go/grpc-go-server ] && SERVERS+=" grpc-go=bench/peers/go/grpc-go-server"
     [ -x bench/peers/python/run-server ] && SERVERS+=" grpcio=bench/peers/python/run-server"
 fi
