@@ -67,3 +67,38 @@ impl From<StoreError> for Status {
         Error::from(err).into()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_error_has_its_code() {
+        let cases = [
+            (StoreError::AlreadyExists("a".into()), Code::AlreadyExists),
+            (StoreError::NotFound("a".into()), Code::NotFound),
+            (
+                StoreError::VersionMismatch {
+                    expected: 1,
+                    actual: 2,
+                },
+                Code::FailedPrecondition,
+            ),
+            (StoreError::Internal("disk".into()), Code::Internal),
+        ];
+        for (err, code) in cases {
+            assert_eq!(Status::from(err).code(), code);
+        }
+        let invalid = ValidationError::new("first_name", "must not be empty");
+        assert_eq!(Status::from(invalid).code(), Code::InvalidArgument);
+    }
+
+    #[test]
+    fn storage_details_stay_in_the_logs() {
+        let status = Status::from(StoreError::Internal(
+            "/var/db/users.db: disk I/O error".into(),
+        ));
+        assert_eq!(status.code(), Code::Internal);
+        assert_eq!(status.message(), "internal storage error");
+    }
+}

@@ -142,6 +142,24 @@ async fn shutdown_ends_open_streams_and_returns(backend: Backend) {
     };
     let mut server = backend.start_with_config(FEED_CAPACITY, config).await;
     let mut client = server.client().await;
+    let rows: Vec<proto::User> = (0..5000).map(|i| user(&format!("u{i}"))).collect();
+    client
+        .bulk_add_users(tokio_stream::iter(rows))
+        .await
+        .unwrap();
+
+    // A listing stalled by flow control, an idle SyncUsers stream and an
+    // import whose client has not finished: all three must end.
+    let mut reader = server.small_window_client().await;
+    let mut listing = reader
+        .list_users(proto::ListUsersRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    within("the first user", listing.message())
+        .await
+        .unwrap()
+        .unwrap();
     let (_keep_open, requests) = request_stream::<SyncRequest>();
     let mut sync = client.sync_users(requests).await.unwrap().into_inner();
     let (bulk_tx, rows) = request_stream::<proto::User>();
@@ -151,9 +169,25 @@ async fn shutdown_ends_open_streams_and_returns(backend: Backend) {
 
     server.begin_shutdown();
 
-    let status = within("the sync stream to end", sync.message())
-        .await
-        .unwrap_err();
+    // Messages already on their way may come first (the Change of the row
+    // in flight, users in the listing's window); then the status.
+    let mut listed = 1;
+    let status = loop {
+        match within("the listing to end", listing.message()).await {
+            Ok(Some(_)) => listed += 1,
+            Ok(None) => panic!("the listing ended with OK after {listed} users"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(status.code(), Code::Unavailable);
+    assert!(listed < 5000, "the listing was cut short, not completed");
+    let status = loop {
+        match within("the sync stream to end", sync.message()).await {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("the sync stream ended with OK"),
+            Err(status) => break status,
+        }
+    };
     assert_eq!(status.code(), Code::Unavailable);
     let status = within("the bulk call to end", bulk)
         .await
