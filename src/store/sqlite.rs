@@ -138,11 +138,12 @@ pub const MAX_PAGE: usize = 4096;
 pub const WRITER_CACHE_KIB: u64 = 64 * 1024;
 
 /// WAL pages after which a commit checkpoints the log into the database file
-/// (SQLite's default is 1000, 4 MiB). Each checkpoint copies pages back and
-/// fsyncs the database file; with a 64 MiB log, bulk imports checkpoint a
-/// sixteenth as often, and a page rewritten by several transactions (random
-/// ids) is copied once. The log file grows to about that size.
-pub const WAL_AUTOCHECKPOINT_PAGES: u32 = 16 * 1024;
+/// (SQLite's default is 1000 pages, 4 MiB with 4 KiB pages). Each checkpoint
+/// copies pages back and fsyncs the database file; with a 64 MiB log, bulk
+/// imports checkpoint a sixteenth as often, and a page rewritten by several
+/// transactions (random ids) is copied once. The log file grows to about
+/// that size (16 MiB for a file created with 4 KiB pages).
+pub const WAL_AUTOCHECKPOINT_PAGES: u32 = (64 << 20) / PAGE_SIZE;
 
 /// The page size of a new database file, in bytes (SQLite's default is
 /// 4096). Larger pages mean fewer page splits, fewer pages to look up and
