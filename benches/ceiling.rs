@@ -37,6 +37,7 @@ enum Stage {
 }
 
 fn main() {
+    user_service::allocator::tune_mimalloc();
     let full = std::env::args().any(|arg| arg == "--bench");
     let users = if full { FULL_USERS } else { SMOKE_USERS };
 

@@ -21,9 +21,10 @@
 //! - [`user`]: the domain types (users and changes).
 //! - [`proto`]: the generated wire types and conversions.
 //!
-//! [`sample`] makes realistic users for the `user-load` load generator and
+//! [`allocator`] tunes mimalloc for the binaries. [`sample`] makes realistic users for the `user-load` load generator and
 //! the benchmarks.
 
+pub mod allocator;
 pub mod auth;
 pub mod error;
 pub mod limits;

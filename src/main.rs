@@ -138,9 +138,15 @@ enum SyncArg {
 /// database, corrupted, or a newer schema): sysexits' EX_DATAERR.
 const EXIT_STORE_REFUSED: u8 = 65;
 
-#[tokio::main]
-async fn main() -> Result<ExitCode, Box<dyn std::error::Error>> {
-    let args = Args::parse();
+fn main() -> Result<ExitCode, Box<dyn std::error::Error>> {
+    user_service::allocator::tune_mimalloc();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(serve(Args::parse()))
+}
+
+async fn serve(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
