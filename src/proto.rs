@@ -52,7 +52,7 @@ impl From<&user::Change> for Change {
         Change {
             seq: c.seq,
             kind: change::Kind::from(c.kind).into(),
-            user: Some(User::from(&*c.user)),
+            user: Some(User::from(&c.user)),
         }
     }
 }

@@ -59,7 +59,7 @@ pub fn listing<S: Store>(
     });
 
     let users = pages
-        .map_ok(|page| stream::iter(page.into_iter().map(|user| Ok(proto::User::from(&*user)))))
+        .map_ok(|page| stream::iter(page.into_iter().map(|user| Ok(proto::User::from(&user)))))
         .try_flatten()
         .take(limit);
     Ok(Box::pin(users))

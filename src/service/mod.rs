@@ -59,7 +59,7 @@ impl<S: Store> proto::user_service_server::UserService for UserService<S> {
         Ok(Response::new(proto::Response {
             code: 200,
             message: USER_SAVED.to_owned(),
-            user: Some(proto::User::from(&*change.user)),
+            user: Some(proto::User::from(&change.user)),
         }))
     }
 
@@ -71,7 +71,7 @@ impl<S: Store> proto::user_service_server::UserService for UserService<S> {
         let id = request.into_inner().id;
         validate::id("id", &id)?;
         let user = self.store.get(&id).await?;
-        Ok(Response::new(proto::User::from(&*user)))
+        Ok(Response::new(proto::User::from(&user)))
     }
 
     type ListUsersStream = EndOnShutdown<UserListing>;

@@ -202,7 +202,7 @@ async fn apply<S: Store>(store: S, request: proto::SyncRequest) -> (proto::Ack, 
                 code: tonic::Code::Ok as i32,
                 message: String::new(),
                 seq: change.seq,
-                user: Some(proto::User::from(&*change.user)),
+                user: Some(proto::User::from(&change.user)),
             };
             (ack, Some(change.seq))
         }

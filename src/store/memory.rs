@@ -48,11 +48,11 @@ struct State {
 #[derive(Debug, Clone)]
 struct Entry {
     prefix: Prefix,
-    user: Arc<User>,
+    user: User,
 }
 
 impl Entry {
-    fn new(user: Arc<User>) -> Self {
+    fn new(user: User) -> Self {
         Entry {
             prefix: Prefix::of(user.id()),
             user,
@@ -86,7 +86,7 @@ impl Prefix {
 
 /// An id to look up: what the tree compares, whether stored or asked for.
 /// The tree is searched with `&dyn IdKey` (through `Borrow`), so that a
-/// lookup by id needs no `Entry`, and so no `Arc<User>`.
+/// lookup by id needs no `Entry`, and so no `User`.
 trait IdKey {
     fn prefix(&self) -> Prefix;
     fn id(&self) -> &str;
@@ -219,7 +219,7 @@ impl MemoryStore {
 impl State {
     /// Commits one change: the next seq, published while the lock is still
     /// held so that subscribers see changes in commit order.
-    fn commit(&mut self, feed: &ChangeFeed, kind: ChangeKind, user: Arc<User>) -> Change {
+    fn commit(&mut self, feed: &ChangeFeed, kind: ChangeKind, user: User) -> Change {
         self.seq += 1;
         let change = Change {
             seq: self.seq,
@@ -230,7 +230,7 @@ impl State {
         change
     }
 
-    fn create(&mut self, feed: &ChangeFeed, user: Arc<User>) -> Result<Change, StoreError> {
+    fn create(&mut self, feed: &ChangeFeed, user: User) -> Result<Change, StoreError> {
         // One search of the tree, not two (`contains` then `insert`): a
         // BTreeSet insert leaves an existing equal entry as it is and says
         // so. Id comparisons are most of the cost of a bulk import.
@@ -243,7 +243,7 @@ impl State {
 
 impl Store for MemoryStore {
     async fn create(&self, user: NewUser) -> Result<Change, StoreError> {
-        let user = Arc::new(Self::prepare(&user, 1));
+        let user = Self::prepare(&user, 1);
         let mut state = self.shared.state.write();
         state.create(&self.shared.feed, user)
     }
@@ -251,10 +251,7 @@ impl Store for MemoryStore {
     async fn create_many(&self, users: Vec<NewUser>) -> Vec<Result<Change, StoreError>> {
         // Allocate outside the lock, then commit the whole batch under one
         // lock hold instead of one per user.
-        let prepared: Vec<Arc<User>> = users
-            .iter()
-            .map(|user| Arc::new(Self::prepare(user, 1)))
-            .collect();
+        let prepared: Vec<User> = users.iter().map(|user| Self::prepare(user, 1)).collect();
         let mut state = self.shared.state.write();
         prepared
             .into_iter()
@@ -276,12 +273,12 @@ impl Store for MemoryStore {
         check_version(expected_version, stored.unwrap_or(0))?;
         match stored {
             None => {
-                let user = Arc::new(prepared);
+                let user = prepared;
                 state.users.insert(Entry::new(user.clone()));
                 Ok(state.commit(&self.shared.feed, ChangeKind::Created, user))
             }
             Some(version) => {
-                let user = Arc::new(User::new(prepared.id(), &user, version + 1));
+                let user = User::new(prepared.id(), &user, version + 1);
                 state.users.replace(Entry::new(user.clone()));
                 Ok(state.commit(&self.shared.feed, ChangeKind::Updated, user))
             }
@@ -303,7 +300,7 @@ impl Store for MemoryStore {
         Ok(state.commit(&self.shared.feed, ChangeKind::Deleted, user))
     }
 
-    async fn get(&self, id: &str) -> Result<Arc<User>, StoreError> {
+    async fn get(&self, id: &str) -> Result<User, StoreError> {
         let state = self.shared.state.read();
         match state.users.get(&Lookup::new(id) as &dyn IdKey) {
             Some(entry) => Ok(entry.user.clone()),
@@ -335,7 +332,7 @@ impl Store for MemoryStore {
         {
             if page.users.len() == max || scanned == MAX_SCAN_PER_PAGE {
                 // More users follow: resume after the last one looked at.
-                page.next_after = last_scanned.map(|u: &Arc<User>| u.id().to_owned());
+                page.next_after = last_scanned.map(|u: &User| u.id().to_owned());
                 break;
             }
             if filter.matches(user) {
@@ -380,7 +377,7 @@ mod tests {
                     .collect()
             })
             .collect();
-        let entry = |id: &str| Entry::new(Arc::new(User::new(id, &NewUser::default(), 1)));
+        let entry = |id: &str| Entry::new(User::new(id, &NewUser::default(), 1));
         for a in &ids {
             for b in &ids {
                 let expected = a.cmp(b);

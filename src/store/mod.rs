@@ -10,7 +10,7 @@ mod feed;
 mod memory;
 pub mod sqlite;
 
-use std::{future::Future, sync::Arc};
+use std::future::Future;
 
 use uuid::Uuid;
 
@@ -80,7 +80,7 @@ impl ListFilter {
 #[derive(Debug, Default)]
 pub struct Page {
     /// Matching users in ascending id order.
-    pub users: Vec<Arc<User>>,
+    pub users: Vec<User>,
     /// Where the next page starts (strictly after this id), or `None` when the
     /// listing has reached the end. It can be past the last user returned:
     /// users the filter skipped are not scanned again.
@@ -123,7 +123,7 @@ pub trait Store: Clone + Send + Sync + Unpin + 'static {
     ) -> impl Future<Output = Result<Change, StoreError>> + Send;
 
     /// Reads one user.
-    fn get(&self, id: &str) -> impl Future<Output = Result<Arc<User>, StoreError>> + Send;
+    fn get(&self, id: &str) -> impl Future<Output = Result<User, StoreError>> + Send;
 
     /// Reads up to `max` users matching `filter` with ids strictly after
     /// `after` (from the start when `None`), in ascending id order.

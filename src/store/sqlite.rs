@@ -378,10 +378,7 @@ impl Store for SqliteStore {
         let count = users.len();
         // Ids and users are built here, on the caller's thread, to keep the
         // writer's work to the SQL.
-        let users = users
-            .iter()
-            .map(|user| Arc::new(prepare_user(user, 1)))
-            .collect();
+        let users = users.iter().map(|user| prepare_user(user, 1)).collect();
         let (reply, receiver) = oneshot::channel();
         match self.write(Command::Create { users, reply }, receiver).await {
             Ok(results) => results,
@@ -394,7 +391,7 @@ impl Store for SqliteStore {
         user: NewUser,
         expected_version: Option<u64>,
     ) -> Result<Change, StoreError> {
-        let created = Arc::new(prepare_user(&user, 1));
+        let created = prepare_user(&user, 1);
         let (reply, receiver) = oneshot::channel();
         let command = Command::Upsert {
             created,
@@ -415,7 +412,7 @@ impl Store for SqliteStore {
         self.write(command, receiver).await?
     }
 
-    async fn get(&self, id: &str) -> Result<Arc<User>, StoreError> {
+    async fn get(&self, id: &str) -> Result<User, StoreError> {
         let key = id.to_owned();
         let user = self
             .shared
@@ -429,8 +426,7 @@ impl Store for SqliteStore {
                 .optional()
             })
             .await?;
-        user.map(Arc::new)
-            .ok_or_else(|| StoreError::NotFound(id.to_owned()))
+        user.ok_or_else(|| StoreError::NotFound(id.to_owned()))
     }
 
     async fn list_page(
@@ -446,10 +442,7 @@ impl Store for SqliteStore {
             .readers
             .run(move |conn| list(conn, filter, &after, max))
             .await?;
-        Ok(Page {
-            users: users.into_iter().map(Arc::new).collect(),
-            next_after,
-        })
+        Ok(Page { users, next_after })
     }
 
     fn subscribe(&self) -> Subscription {
@@ -603,12 +596,12 @@ fn internal(err: rusqlite::Error) -> StoreError {
 enum Command {
     /// `create` and `create_many`: users built (ids assigned) by the caller.
     Create {
-        users: Vec<Arc<User>>,
+        users: Vec<User>,
         reply: oneshot::Sender<Vec<Result<Change, StoreError>>>,
     },
     Upsert {
         /// The user to store if the id is free (version 1, id assigned).
-        created: Arc<User>,
+        created: User,
         /// The fields, to build the replacement when the id is taken.
         user: NewUser,
         expected_version: Option<u64>,
@@ -859,7 +852,7 @@ fn apply_in(tx: &Transaction<'_>, batch: &[Command]) -> rusqlite::Result<Vec<Out
     let mut outcomes = Vec::with_capacity(batch.len());
     {
         let mut st = Statements::prepare(tx)?;
-        let mut next = |kind, user: Arc<User>| {
+        let mut next = |kind, user: User| {
             seq += 1;
             Change { seq, kind, user }
         };
@@ -897,8 +890,7 @@ fn apply_in(tx: &Transaction<'_>, batch: &[Command]) -> rusqlite::Result<Vec<Out
                                     Ok(next(ChangeKind::Created, created.clone()))
                                 }
                                 Some(version) => {
-                                    let updated =
-                                        Arc::new(User::new(created.id(), user, version + 1));
+                                    let updated = User::new(created.id(), user, version + 1);
                                     write_user(&mut st.update, &updated)?;
                                     Ok(next(ChangeKind::Updated, updated))
                                 }
@@ -918,7 +910,7 @@ fn apply_in(tx: &Transaction<'_>, batch: &[Command]) -> rusqlite::Result<Vec<Out
                             Err(err) => Err(err),
                             Ok(()) => {
                                 st.delete.execute([id])?;
-                                Ok(next(ChangeKind::Deleted, Arc::new(user)))
+                                Ok(next(ChangeKind::Deleted, user))
                             }
                         },
                     })
@@ -1165,7 +1157,7 @@ mod tests {
         assert_eq!(store.last_seq().await.unwrap(), 5);
         assert_eq!(store.count().await.unwrap(), 2);
         let ann = store.get(created.user.id()).await.unwrap();
-        assert_eq!(*ann, *created.user);
+        assert_eq!(ann, created.user);
         let bob = store.get("b").await.unwrap();
         assert_eq!((bob.first_name(), bob.version()), ("Bobby", 2));
         assert_eq!(

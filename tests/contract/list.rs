@@ -199,7 +199,7 @@ impl<S: Store> Store for Tracked<S> {
     async fn delete(&self, id: &str, expected: Option<u64>) -> Result<Change, StoreError> {
         self.inner.delete(id, expected).await
     }
-    async fn get(&self, id: &str) -> Result<Arc<User>, StoreError> {
+    async fn get(&self, id: &str) -> Result<User, StoreError> {
         self.inner.get(id).await
     }
     async fn list_page(

@@ -4,7 +4,6 @@
 
 use std::{
     future::Future,
-    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -44,7 +43,7 @@ impl Store for StuckReads {
     async fn delete(&self, id: &str, expected: Option<u64>) -> Result<Change, StoreError> {
         self.0.delete(id, expected).await
     }
-    async fn get(&self, _id: &str) -> Result<Arc<User>, StoreError> {
+    async fn get(&self, _id: &str) -> Result<User, StoreError> {
         std::future::pending().await
     }
     async fn list_page(
