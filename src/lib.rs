@@ -9,6 +9,7 @@
 //!   [`server::run`].
 //! - [`server`]: transport limits, the services on the port (UserService,
 //!   health, reflection) and graceful shutdown.
+//! - [`batched_io`]: fewer, larger socket writes under load.
 //! - [`limits`]: the in-flight and subscriber caps, call deadlines over
 //!   whole streams, and the gauges counting what is open.
 //! - [`auth`]: the optional bearer token.
@@ -26,6 +27,7 @@
 
 pub mod allocator;
 pub mod auth;
+pub mod batched_io;
 pub mod error;
 pub mod limits;
 pub mod proto;

@@ -2,6 +2,7 @@
 
 use std::{future::Future, net::SocketAddr, time::Duration};
 
+use futures::TryStreamExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::{
@@ -12,6 +13,7 @@ use tonic::{
 
 use crate::{
     auth::{AuthToken, Authenticate},
+    batched_io::BatchedWrites,
     limits::{CallGuardLayer, Gauges},
     proto::{self, user_service_server::UserServiceServer},
     service::UserService,
@@ -210,7 +212,9 @@ pub async fn run<S: Store>(
     if let Some(tls) = &config.tls {
         builder = builder.tls_config(tls.server_config())?;
     }
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let incoming = TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .map_ok(BatchedWrites::new);
     let serve = builder
         .max_concurrent_streams(config.max_concurrent_streams)
         .http2_max_local_error_reset_streams(Some(config.max_local_error_reset_streams))
