@@ -4,7 +4,8 @@
 use std::{
     error::Error,
     fs::File,
-    io::{BufRead, BufReader, IsTerminal},
+    future::Future,
+    io::{self, BufRead, BufReader, IsTerminal},
     path::Path,
     pin::Pin,
     sync::{
@@ -16,10 +17,16 @@ use std::{
 };
 
 use futures::StreamExt;
+use hyper_util::rt::TokioIo;
 use indicatif::{ProgressBar, ProgressStyle};
+use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Channel, Endpoint};
+use tonic::{
+    codegen::http::Uri,
+    transport::{Channel, Endpoint},
+};
 use user_service::{
+    batched_io::BatchedWrites,
     proto::{self, user_service_client::UserServiceClient},
     sample::UserPool,
     server::MAX_MESSAGE_SIZE,
@@ -283,16 +290,45 @@ pub fn client_on(channel: Channel) -> Client {
 /// Opens `n` HTTP/2 connections to `addr`.
 pub async fn connect(addr: &str, n: usize) -> Result<Vec<Channel>, tonic::transport::Error> {
     let endpoint = Endpoint::from_shared(format!("http://{addr}"))?
-        .connect_timeout(CONNECT_TIMEOUT)
-        .tcp_nodelay(true)
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW);
     let mut channels = Vec::with_capacity(n);
     for _ in 0..n.max(1) {
         // Each `connect` opens its own connection.
-        channels.push(endpoint.connect().await?);
+        channels.push(endpoint.connect_with_connector(Connector).await?);
     }
     Ok(channels)
+}
+
+/// Opens the TCP connection of a channel: no Nagle delay, and writes held
+/// until a flush that first lets the other ready tasks run, as the server's
+/// are (`user_service::batched_io`), so that requests issued together by
+/// many workers share writes.
+#[derive(Debug, Clone, Copy)]
+struct Connector;
+
+impl tower_service::Service<Uri> for Connector {
+    type Response = TokioIo<BatchedWrites<TcpStream>>;
+    type Error = io::Error;
+    type Future = Pin<Box<dyn Future<Output = io::Result<Self::Response>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        Box::pin(async move {
+            let addr = uri
+                .authority()
+                .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no host:port"))?
+                .to_string();
+            let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+                .await
+                .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
+            stream.set_nodelay(true)?;
+            Ok(TokioIo::new(BatchedWrites::new(stream)))
+        })
+    }
 }
 
 /// Runs the mode `args` asks for and reports.
