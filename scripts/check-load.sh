@@ -106,6 +106,28 @@ check data-again 'r["rows_added"] == 0 and r["rows_failed"] == 1000 and ok() and
 check data-add 'r["calls"] == 1000 and r["codes"] == {"ALREADY_EXISTS": 990, "INVALID_ARGUMENT": 10}' \
     -- add --data "$work/users.jsonl" --concurrency 4
 
+# TLS and a bearer token: a throwaway CA, and a certificate it signs for
+# 127.0.0.1 and localhost.
+tls_cert() {
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 1 \
+        -subj "/CN=user-load smoke CA" -keyout "$work/ca.key" -out "$work/ca.pem"
+    openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+        -subj "/CN=localhost" -keyout "$work/server.key" -out "$work/server.csr"
+    printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n' >"$work/ext.cnf"
+    openssl x509 -req -days 1 -in "$work/server.csr" -CA "$work/ca.pem" -CAkey "$work/ca.key" \
+        -CAcreateserial -extfile "$work/ext.cnf" -out "$work/server.pem"
+}
+tls_cert 2>"$work/openssl.log" || { cat "$work/openssl.log" >&2; exit 1; }
+echo "smoke-token" >"$work/token"
+start tls env NO_COLOR=1 "$bin/user-service" --addr 127.0.0.1:0 --store memory \
+    --tls-cert "$work/server.pem" --tls-key "$work/server.key" --auth-token-file "$work/token"
+check tls-add 'r["calls"] == 500 and ok() and verified()' \
+    -- add --total 500 --concurrency 8 --cacert "$work/ca.pem" --auth-token-file "$work/token" --verify
+check tls-bulk 'r["rows_added"] == 2000 and ok()' \
+    -- bulk --total 2000 --cacert "$work/ca.pem" --cname localhost --auth-token-file "$work/token"
+check tls-no-token 'r["codes"] == {"UNAUTHENTICATED": 10}' \
+    -- add --total 10 --cacert "$work/ca.pem"
+
 # The discarding sink.
 start sink "$bin/user-load" sink --addr 127.0.0.1:0
 check sink-bulk 'r["rows_added"] == 20000 and ok()' -- bulk --total 20000

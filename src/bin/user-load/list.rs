@@ -9,11 +9,11 @@ use prost::{
     encoding::{DecodeContext, WireType, key_len, skip_field, string},
 };
 use tokio::task::JoinSet;
-use tonic::{client::Grpc, codegen::http::uri::PathAndQuery, transport::Channel};
+use tonic::{client::Grpc, codegen::http::uri::PathAndQuery};
 use tonic_prost::ProstCodec;
 use user_service::proto;
 
-use crate::run::{Ctx, Outcome};
+use crate::run::{Ctx, Outcome, Transport};
 
 /// A listed user as the generator reads it: the id (to check the order)
 /// and the size on the wire. Every other field is skipped, not decoded:
@@ -62,7 +62,7 @@ impl Message for Listed {
 
 /// One ListUsers call on `channel`, decoding each user as a [`Listed`].
 async fn list_users(
-    channel: Channel,
+    channel: Transport,
     request: proto::ListUsersRequest,
 ) -> Result<tonic::Streaming<Listed>, tonic::Status> {
     let mut grpc =

@@ -119,6 +119,36 @@ pub struct Args {
     /// Seed of the generated users.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+
+    /// Connect with TLS, checking the server's certificate against this CA
+    /// certificate (PEM). Without it the generator speaks plaintext.
+    #[arg(long, value_name = "FILE")]
+    pub cacert: Option<PathBuf>,
+
+    /// Client certificate (PEM), for a server that requires one (mutual
+    /// TLS). Needs --key and --cacert.
+    #[arg(long, value_name = "FILE", requires_all = ["key", "cacert"])]
+    pub cert: Option<PathBuf>,
+
+    /// The client certificate's private key (PEM). Needs --cert.
+    #[arg(long, value_name = "FILE", requires = "cert")]
+    pub key: Option<PathBuf>,
+
+    /// The name the server's certificate must carry (default: the host of
+    /// --addr). Needs --cacert.
+    #[arg(long, requires = "cacert")]
+    pub cname: Option<String>,
+
+    /// Plaintext, no TLS. This is the default; the flag is there for users
+    /// of ghz, where it must be asked for.
+    #[arg(long, conflicts_with = "cacert")]
+    pub insecure: bool,
+
+    /// Send `authorization: Bearer <token>` with every call, the token read
+    /// from FILE (surrounding whitespace trimmed), for a server started with
+    /// --auth-token-file.
+    #[arg(long, value_name = "FILE")]
+    pub auth_token_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
@@ -208,7 +238,19 @@ fn main() -> ExitCode {
             }
         }
         Err(err) => {
-            eprintln!("user-load: {err}");
+            // The causes too: a failed TLS handshake is only "transport
+            // error" on its own.
+            let mut message = err.to_string();
+            let mut source = err.source();
+            while let Some(cause) = source {
+                let cause_text = cause.to_string();
+                if !message.contains(&cause_text) {
+                    message.push_str(": ");
+                    message.push_str(&cause_text);
+                }
+                source = cause.source();
+            }
+            eprintln!("user-load: {message}");
             ExitCode::from(2)
         }
     }

@@ -22,8 +22,11 @@ use indicatif::{ProgressBar, ProgressStyle};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{
+    Status,
     codegen::http::Uri,
-    transport::{Channel, Endpoint},
+    metadata::{Ascii, MetadataValue},
+    service::{Interceptor, interceptor::InterceptedService},
+    transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity},
 };
 use user_service::{
     batched_io::BatchedWrites,
@@ -39,7 +42,25 @@ use crate::{
     verify::{self, VerifyReport},
 };
 
-pub type Client = UserServiceClient<Channel>;
+pub type Client = UserServiceClient<Transport>;
+
+/// One HTTP/2 connection, adding the bearer token (if any) to every call.
+pub type Transport = InterceptedService<Channel, Bearer>;
+
+/// Adds `authorization: Bearer <token>` to every call when there is a token.
+#[derive(Debug, Clone, Default)]
+pub struct Bearer(Option<MetadataValue<Ascii>>);
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
 
 /// Generated users cycle through a pool of this many: enough variety that
 /// the server sees realistic rows, small enough to build in milliseconds.
@@ -205,7 +226,7 @@ pub struct Ctx {
     pub clients: Vec<Client>,
     /// The connections under `clients`, for calls made without the
     /// generated client (see `list`).
-    pub channels: Vec<Channel>,
+    pub channels: Vec<Transport>,
     pub concurrency: usize,
     pub budget: Arc<Budget>,
     pub source: Source,
@@ -236,7 +257,7 @@ impl Ctx {
     }
 
     /// Worker `i`'s connection, the one under `client(i)`.
-    pub fn channel(&self, i: usize) -> Channel {
+    pub fn channel(&self, i: usize) -> Transport {
         self.channels[i % self.channels.len()].clone()
     }
 
@@ -281,21 +302,53 @@ impl Outcome {
 }
 
 /// A UserService client on `channel`, with the generator's message limits.
-pub fn client_on(channel: Channel) -> Client {
+pub fn client_on(channel: Transport) -> Client {
     UserServiceClient::new(channel)
         .max_decoding_message_size(MAX_MESSAGE_SIZE)
         .max_encoding_message_size(MAX_MESSAGE_SIZE)
 }
 
-/// Opens `n` HTTP/2 connections to `addr`.
-pub async fn connect(addr: &str, n: usize) -> Result<Vec<Channel>, tonic::transport::Error> {
-    let endpoint = Endpoint::from_shared(format!("http://{addr}"))?
+/// Opens the `--connections` HTTP/2 connections to `--addr`, with TLS and
+/// the bearer token when asked for.
+pub async fn connect(args: &Args) -> Result<Vec<Transport>, Box<dyn Error>> {
+    let read = |path: &Path| {
+        std::fs::read(path).map_err(|err| format!("reading {}: {err}", path.display()))
+    };
+    let scheme = if args.cacert.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let mut endpoint = Endpoint::from_shared(format!("{scheme}://{}", args.addr))?
+        .connect_timeout(CONNECT_TIMEOUT)
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW);
-    let mut channels = Vec::with_capacity(n);
-    for _ in 0..n.max(1) {
+    if let Some(ca) = &args.cacert {
+        let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(ca)?));
+        if let (Some(cert), Some(key)) = (&args.cert, &args.key) {
+            tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
+        }
+        if let Some(name) = &args.cname {
+            tls = tls.domain_name(name.clone());
+        }
+        endpoint = endpoint.tls_config(tls)?;
+    }
+    let bearer = match &args.auth_token_file {
+        Some(path) => {
+            let token = String::from_utf8(read(path)?)
+                .map_err(|_| format!("{}: the token is not UTF-8", path.display()))?;
+            let value = format!("Bearer {}", token.trim()).parse().map_err(|_| {
+                format!("{}: the token is not a valid header value", path.display())
+            })?;
+            Bearer(Some(value))
+        }
+        None => Bearer::default(),
+    };
+    let mut channels = Vec::with_capacity(args.connections);
+    for _ in 0..args.connections.max(1) {
         // Each `connect` opens its own connection.
-        channels.push(endpoint.connect_with_connector(Connector).await?);
+        let channel = endpoint.connect_with_connector(Connector).await?;
+        channels.push(InterceptedService::new(channel, bearer.clone()));
     }
     Ok(channels)
 }
@@ -322,9 +375,7 @@ impl tower_service::Service<Uri> for Connector {
                 .authority()
                 .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no host:port"))?
                 .to_string();
-            let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
-                .await
-                .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
+            let stream = TcpStream::connect(addr).await?;
             stream.set_nodelay(true)?;
             Ok(TokioIo::new(BatchedWrites::new(stream)))
         })
@@ -333,7 +384,7 @@ impl tower_service::Service<Uri> for Connector {
 
 /// Runs the mode `args` asks for and reports.
 pub async fn run(args: &Args) -> Result<Report, Box<dyn Error>> {
-    let channels = connect(&args.addr.to_string(), args.connections).await?;
+    let channels = connect(args).await?;
     let clients = channels.iter().cloned().map(client_on).collect();
     let data_errors = Arc::new(DataErrors::default());
     let source = match &args.data {
