@@ -127,9 +127,10 @@ impl IdKey for Lookup<'_> {
     }
 }
 
-/// The one comparison of ids, used by inserts and lookups alike.
-fn compare(a: Prefix, a_id: impl FnOnce() -> Ordering, b: Prefix) -> Ordering {
-    a.cmp(&b).then_with(a_id)
+/// The one comparison of ids, used by inserts and lookups alike: the
+/// prefixes, then, only if they are equal, the ids (`ids`).
+fn compare(a: Prefix, b: Prefix, ids: impl FnOnce() -> Ordering) -> Ordering {
+    a.cmp(&b).then_with(ids)
 }
 
 impl<'a> Borrow<dyn IdKey + 'a> for Entry {
@@ -140,7 +141,7 @@ impl<'a> Borrow<dyn IdKey + 'a> for Entry {
 
 impl Ord for dyn IdKey + '_ {
     fn cmp(&self, other: &Self) -> Ordering {
-        compare(self.prefix(), || self.id().cmp(other.id()), other.prefix())
+        compare(self.prefix(), other.prefix(), || self.id().cmp(other.id()))
     }
 }
 
@@ -162,11 +163,9 @@ impl Ord for Entry {
     fn cmp(&self, other: &Self) -> Ordering {
         // Not through `dyn IdKey`: inserts compare entries with no virtual
         // calls.
-        compare(
-            self.prefix,
-            || self.user.id().cmp(other.user.id()),
-            other.prefix,
-        )
+        compare(self.prefix, other.prefix, || {
+            self.user.id().cmp(other.user.id())
+        })
     }
 }
 
