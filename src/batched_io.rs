@@ -52,6 +52,16 @@ impl<T> BatchedWrites<T> {
 }
 
 impl<T: AsyncWrite + Unpin> BatchedWrites<T> {
+    /// Makes room for `len` more bytes, sending what is held if they would
+    /// not fit. `true`: `len` bytes are too many to hold, write them
+    /// directly (nothing is held any more).
+    fn poll_make_room(&mut self, cx: &mut Context<'_>, len: usize) -> Poll<io::Result<bool>> {
+        if self.held.len() + len > MAX_HELD {
+            ready!(self.poll_send_held(cx))?;
+        }
+        Poll::Ready(Ok(len >= MAX_HELD))
+    }
+
     /// Writes out everything held.
     fn poll_send_held(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while self.sent < self.held.len() {
@@ -88,11 +98,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for BatchedWrites<T> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = &mut *self;
-        if this.held.len() + buf.len() > MAX_HELD {
-            ready!(this.poll_send_held(cx))?;
-            if buf.len() >= MAX_HELD {
-                return Pin::new(&mut this.inner).poll_write(cx, buf);
-            }
+        if ready!(this.poll_make_room(cx, buf.len()))? {
+            return Pin::new(&mut this.inner).poll_write(cx, buf);
         }
         this.held.extend_from_slice(buf);
         Poll::Ready(Ok(buf.len()))
@@ -105,11 +112,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for BatchedWrites<T> {
     ) -> Poll<io::Result<usize>> {
         let this = &mut *self;
         let len: usize = bufs.iter().map(|buf| buf.len()).sum();
-        if this.held.len() + len > MAX_HELD {
-            ready!(this.poll_send_held(cx))?;
-            if len >= MAX_HELD {
-                return Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
-            }
+        if ready!(this.poll_make_room(cx, len))? {
+            return Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
         }
         for buf in bufs {
             this.held.extend_from_slice(buf);
