@@ -302,41 +302,31 @@ func (s *server) SyncUsers(stream pb.UserService_SyncUsersServer) error {
 		}
 	}()
 	var ownSeq, deliveredSeq uint64
-	acksOpen := true
+	// Set to nil once the reader has closed it: a nil channel never fires
+	// in a select, so one select serves both phases.
+	ackCh := acks
 	for {
-		if !acksOpen && deliveredSeq >= ownSeq {
+		if ackCh == nil && deliveredSeq >= ownSeq {
 			return nil
 		}
 		var out *pb.SyncResponse
-		if acksOpen {
-			select {
-			case a, ok := <-acks:
-				if !ok {
-					acksOpen = false
-					continue
-				}
-				if a.seq > ownSeq {
-					ownSeq = a.seq
-				}
-				out = a.ack
-			case c := <-sub.ch:
-				deliveredSeq = c.GetChange().Seq
-				out = c
-			case <-sub.lagged:
-				return status.Error(codes.Aborted, "change feed subscriber fell too far behind")
-			case <-stream.Context().Done():
-				return stream.Context().Err()
+		select {
+		case a, ok := <-ackCh:
+			if !ok {
+				ackCh = nil
+				continue
 			}
-		} else {
-			select {
-			case c := <-sub.ch:
-				deliveredSeq = c.GetChange().Seq
-				out = c
-			case <-sub.lagged:
-				return status.Error(codes.Aborted, "change feed subscriber fell too far behind")
-			case <-stream.Context().Done():
-				return stream.Context().Err()
+			if a.seq > ownSeq {
+				ownSeq = a.seq
 			}
+			out = a.ack
+		case c := <-sub.ch:
+			deliveredSeq = c.GetChange().Seq
+			out = c
+		case <-sub.lagged:
+			return status.Error(codes.Aborted, "change feed subscriber fell too far behind")
+		case <-stream.Context().Done():
+			return stream.Context().Err()
 		}
 		if err := stream.Send(out); err != nil {
 			return err
