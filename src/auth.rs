@@ -7,7 +7,11 @@
 use std::{fmt, path::Path, sync::Arc};
 
 use subtle::ConstantTimeEq;
-use tonic::{Request, Status, service::Interceptor};
+use tonic::{
+    Request, Status,
+    metadata::{Ascii, MetadataValue},
+    service::Interceptor,
+};
 
 /// A shared secret clients present as a bearer token.
 #[derive(Clone)]
@@ -49,6 +53,14 @@ impl AuthToken {
             source,
         })?;
         Self::new(&text)
+    }
+
+    /// The `authorization` value a client sends: `Bearer <token>`.
+    pub fn header_value(&self) -> MetadataValue<Ascii> {
+        let token = std::str::from_utf8(&self.0).expect("checked in `new`: ASCII");
+        format!("Bearer {token}")
+            .parse()
+            .expect("checked in `new`: printable ASCII")
     }
 
     /// Whether `presented` is this token, in time that does not depend on
@@ -126,6 +138,15 @@ mod tests {
         assert_eq!(call(&mut auth, Some("Basic s3cret")), unauthenticated);
         assert_eq!(call(&mut auth, Some("s3cret")), unauthenticated);
         assert_eq!(call(&mut auth, Some("Bearer")), unauthenticated);
+    }
+
+    #[test]
+    fn the_client_header_is_what_the_server_accepts() {
+        let token = AuthToken::new(" s3cret\n").unwrap();
+        assert_eq!(token.header_value(), "Bearer s3cret");
+        let mut auth = Authenticate::new(Some(token.clone()));
+        let value = token.header_value();
+        assert_eq!(call(&mut auth, value.to_str().ok()), Ok(()));
     }
 
     #[test]

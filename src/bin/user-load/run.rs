@@ -29,6 +29,7 @@ use tonic::{
     transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity},
 };
 use user_service::{
+    auth::AuthToken,
     batched_io::BatchedWrites,
     proto::{self, user_service_client::UserServiceClient},
     sample::UserPool,
@@ -334,14 +335,7 @@ pub async fn connect(args: &Args) -> Result<Vec<Transport>, Box<dyn Error>> {
         endpoint = endpoint.tls_config(tls)?;
     }
     let bearer = match &args.auth_token_file {
-        Some(path) => {
-            let token = String::from_utf8(read(path)?)
-                .map_err(|_| format!("{}: the token is not UTF-8", path.display()))?;
-            let value = format!("Bearer {}", token.trim()).parse().map_err(|_| {
-                format!("{}: the token is not a valid header value", path.display())
-            })?;
-            Bearer(Some(value))
-        }
+        Some(path) => Bearer(Some(AuthToken::from_file(path)?.header_value())),
         None => Bearer::default(),
     };
     let mut channels = Vec::with_capacity(args.connections);
