@@ -53,12 +53,18 @@ impl User {
     /// If `id`, `first_name` and `last_name` together exceed 64 KiB, which
     /// validation rules out.
     pub fn new(id: &str, user: &NewUser, version: u64) -> Self {
-        let parts = [
-            id,
-            user.first_name.as_str(),
-            user.last_name.as_str(),
-            user.address.as_str(),
-        ];
+        Self::from_fields(
+            [id, &user.first_name, &user.last_name, &user.address],
+            user.verified,
+            version,
+        )
+    }
+
+    /// Builds a user from its four text fields (`id`, `first_name`,
+    /// `last_name`, `address`) as borrowed strings, copied once into the
+    /// user's allocation: what a store reading rows needs, with no
+    /// intermediate `String`s. Panics as [`User::new`] does.
+    pub fn from_fields(parts: [&str; 4], verified: bool, version: u64) -> Self {
         let mut ends = [0u16; 3];
         let mut end = 0;
         for (slot, part) in ends.iter_mut().zip(parts) {
@@ -68,9 +74,9 @@ impl User {
         let meta = Meta {
             version,
             ends,
-            verified: user.verified,
+            verified,
         };
-        let len = end + user.address.len();
+        let len = end + parts[3].len();
         let concat = |buf: &mut [u8]| {
             let mut at = 0;
             for part in parts {
@@ -97,7 +103,7 @@ impl User {
     /// The four fields, back to back.
     fn text(&self) -> &str {
         // SAFETY: the bytes were copied from four `&str`s placed back to back
-        // (see `new`) and are never changed, so they are valid UTF-8, and
+        // (see `from_fields`) and are never changed, so they are valid UTF-8, and
         // each field boundary in `ends` is a boundary between two of them.
         unsafe { std::str::from_utf8_unchecked(&self.0.slice) }
     }

@@ -496,17 +496,16 @@ fn list(
 }
 
 /// Builds a user from `id, first_name, last_name, address, verified, version`.
+///
+/// The text is read in place and copied once, into the user.
 fn user_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<User> {
-    let id: String = row.get(0)?;
-    let fields = NewUser {
-        id: String::new(),
-        first_name: row.get(1)?,
-        last_name: row.get(2)?,
-        address: row.get(3)?,
-        verified: row.get(4)?,
-    };
+    let text = |index| row.get_ref(index)?.as_str().map_err(rusqlite::Error::from);
     let version: i64 = row.get(5)?;
-    Ok(User::new(&id, &fields, version as u64))
+    Ok(User::from_fields(
+        [text(0)?, text(1)?, text(2)?, text(3)?],
+        row.get(4)?,
+        version as u64,
+    ))
 }
 
 fn read_seq(conn: &Connection) -> rusqlite::Result<i64> {
