@@ -50,8 +50,9 @@ use std::{
     io::{self, Read},
     path::{Path, PathBuf},
     sync::Arc,
+    task::{Context, Poll, Wake, Waker},
     thread,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use parking_lot::Mutex;
@@ -297,25 +298,22 @@ impl SqliteStore {
 
         let feed = ChangeFeed::new(options.feed_capacity);
         let (commands, receiver) = mpsc::channel(WRITE_QUEUE);
-        let writer = Writer {
-            conn,
-            commands: receiver,
-            feed: feed.clone(),
-            failed: None,
-        };
-        let io_err = |source| OpenError::Io {
-            path: path.to_owned(),
-            source,
-        };
-        // The writer's own clock, for its short waits (see `Writer::run`).
-        let timer = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .build()
-            .map_err(io_err)?;
+        let writer_feed = feed.clone();
         thread::Builder::new()
             .name("sqlite-writer".into())
-            .spawn(move || writer.run(timer))
-            .map_err(io_err)?;
+            .spawn(move || {
+                Writer {
+                    conn,
+                    inbox: Inbox::new(receiver),
+                    feed: writer_feed,
+                    failed: None,
+                }
+                .run()
+            })
+            .map_err(|source| OpenError::Io {
+                path: path.to_owned(),
+                source,
+            })?;
         Ok(SqliteStore {
             shared: Arc::new(Shared {
                 readers: Readers::new(path),
@@ -664,10 +662,79 @@ enum BatchError {
     Commit(rusqlite::Error),
 }
 
+/// The writer thread's end of the command channel.
+///
+/// The writer is a plain thread that parks while it waits, woken by the
+/// channel through [`Unpark`]. Its timed waits are a fraction of a commit,
+/// often a few hundred microseconds: `park_timeout` keeps them that short,
+/// where a tokio timer would round each up to its next millisecond tick.
+struct Inbox {
+    receiver: mpsc::Receiver<Command>,
+    /// Unparks the thread that made the inbox.
+    waker: Waker,
+}
+
+/// Wakes a parked thread.
+struct Unpark(thread::Thread);
+
+impl Wake for Unpark {
+    fn wake(self: Arc<Self>) {
+        self.0.unpark();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.0.unpark();
+    }
+}
+
+impl Inbox {
+    /// Made on the thread that will receive.
+    fn new(receiver: mpsc::Receiver<Command>) -> Self {
+        Inbox {
+            receiver,
+            waker: Waker::from(Arc::new(Unpark(thread::current()))),
+        }
+    }
+
+    /// The next command, waiting as long as it takes; `None` once every
+    /// sender has gone.
+    fn recv(&mut self) -> Option<Command> {
+        self.recv_until(None)
+    }
+
+    /// The next command, waiting until `deadline` at most (`None`: no
+    /// limit); `None` at the deadline or once every sender has gone.
+    fn recv_until(&mut self, deadline: Option<Instant>) -> Option<Command> {
+        let mut cx = Context::from_waker(&self.waker);
+        loop {
+            if let Poll::Ready(command) = self.receiver.poll_recv(&mut cx) {
+                return command;
+            }
+            // A wake-up can come early or be spurious: poll again, and
+            // check the deadline, either way.
+            match deadline {
+                None => thread::park(),
+                Some(deadline) => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return None;
+                    }
+                    thread::park_timeout(left);
+                }
+            }
+        }
+    }
+
+    /// A command that has already arrived, without waiting.
+    fn try_recv(&mut self) -> Option<Command> {
+        self.receiver.try_recv().ok()
+    }
+}
+
 /// The writer thread's state.
 struct Writer {
     conn: Connection,
-    commands: mpsc::Receiver<Command>,
+    inbox: Inbox,
     feed: ChangeFeed,
     /// Set after a failed COMMIT: every later write is refused with it.
     failed: Option<String>,
@@ -675,13 +742,13 @@ struct Writer {
 
 impl Writer {
     /// Commits batches until every store handle has been dropped.
-    fn run(mut self, timer: tokio::runtime::Runtime) {
+    fn run(mut self) {
         let mut batch = Vec::new();
         // Ops in the previous batch: how many writers were active a moment
         // ago, and so how many to wait for.
         let mut expected = 0;
         let mut last_commit = Duration::ZERO;
-        while let Some(first) = timer.block_on(self.commands.recv()) {
+        while let Some(first) = self.inbox.recv() {
             // Group commit: everything that arrived while the previous batch
             // was committing goes into this one.
             let mut ops = first.ops();
@@ -695,22 +762,18 @@ impl Writer {
             let target = expected.min(MAX_BATCH_OPS);
             if ops < target {
                 let delay = (last_commit / COMMIT_DELAY_DIVISOR).min(MAX_COMMIT_DELAY);
-                let deadline = tokio::time::Instant::now() + delay;
+                let deadline = Instant::now() + delay;
                 while ops < target {
-                    // The timer is made inside `block_on`, in the runtime
-                    // that drives it.
-                    let commands = &mut self.commands;
-                    let next = timer.block_on(async {
-                        tokio::time::timeout_at(deadline, commands.recv()).await
-                    });
-                    let Ok(Some(command)) = next else { break };
+                    let Some(command) = self.inbox.recv_until(Some(deadline)) else {
+                        break;
+                    };
                     ops += command.ops();
                     batch.push(command);
                     ops += self.take_waiting(&mut batch, ops);
                 }
             }
             expected = ops;
-            let started = std::time::Instant::now();
+            let started = Instant::now();
             self.commit(&mut batch);
             last_commit = started.elapsed();
         }
@@ -722,12 +785,12 @@ impl Writer {
     fn take_waiting(&mut self, batch: &mut Vec<Command>, mut ops: usize) -> usize {
         let before = ops;
         while ops < MAX_BATCH_OPS {
-            match self.commands.try_recv() {
-                Ok(command) => {
+            match self.inbox.try_recv() {
+                Some(command) => {
                     ops += command.ops();
                     batch.push(command);
                 }
-                Err(_) => break,
+                None => break,
             }
         }
         ops - before
@@ -1108,8 +1171,6 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<u64, OpenError> {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Instant;
-
     use super::*;
 
     fn options() -> SqliteOptions {
@@ -1125,6 +1186,49 @@ mod tests {
             first_name: first_name.into(),
             ..NewUser::default()
         }
+    }
+
+    /// A command for the inbox tests, and the receiver of its reply.
+    fn delete_command() -> (Command, oneshot::Receiver<Result<Change, StoreError>>) {
+        let (reply, replied) = oneshot::channel();
+        let command = Command::Delete {
+            id: "x".into(),
+            expected_version: None,
+            reply,
+        };
+        (command, replied)
+    }
+
+    #[test]
+    fn the_inbox_wakes_for_a_command_sent_from_another_thread() {
+        let (sender, receiver) = mpsc::channel(4);
+        let mut inbox = Inbox::new(receiver);
+        let sending = thread::spawn(move || {
+            // Long enough that the inbox is most likely parked by then; the
+            // command arrives whenever it is sent, either way.
+            thread::sleep(Duration::from_millis(50));
+            let (command, _replied) = delete_command();
+            sender.blocking_send(command).unwrap();
+        });
+        let received = inbox.recv_until(Some(Instant::now() + Duration::from_secs(30)));
+        assert!(matches!(received, Some(Command::Delete { .. })));
+        sending.join().unwrap();
+        // Every sender gone: the inbox says so instead of waiting.
+        assert!(inbox.recv().is_none());
+    }
+
+    #[test]
+    fn a_timed_wait_ends_at_its_deadline_not_before() {
+        let (sender, receiver) = mpsc::channel(4);
+        let mut inbox = Inbox::new(receiver);
+        let wait = Duration::from_micros(300);
+        let started = Instant::now();
+        assert!(inbox.recv_until(Some(started + wait)).is_none());
+        assert!(started.elapsed() >= wait);
+        assert!(inbox.try_recv().is_none());
+        // A command already there is taken without waiting at all.
+        sender.try_send(delete_command().0).unwrap();
+        assert!(inbox.recv_until(Some(Instant::now())).is_some());
     }
 
     /// Waits (bounded) until every connection to `path` has closed: the last
