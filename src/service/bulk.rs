@@ -1,14 +1,25 @@
 //! BulkAddUsers, client streaming: a stream of users in, one summary out.
 
-use futures::{FutureExt, StreamExt};
+use std::pin::pin;
+
+use futures::{
+    FutureExt, StreamExt,
+    future::{Fuse, FusedFuture},
+};
 use tokio_util::sync::CancellationToken;
 use tonic::{Status, Streaming};
 
-use crate::{error::Error, proto, store::Store, user::NewUser, validate};
+use crate::{
+    error::Error,
+    proto,
+    store::{Store, StoreError},
+    user::{Change, NewUser},
+    validate,
+};
 
-/// Most rows committed in one store call. Rows that have already arrived are
-/// committed together (one lock hold, or one transaction), which is what
-/// makes bulk import fast; the cap bounds what one call holds in memory.
+/// Most rows, valid or not, in one batch. The rows of a batch are committed
+/// together (one lock hold, or one transaction), which is what makes bulk
+/// import fast; the cap bounds what a batch holds in memory.
 const MAX_BATCH: usize = 1024;
 
 /// Failures listed in the reply; the rest are only counted.
@@ -16,8 +27,11 @@ const MAX_REPORTED_ERRORS: usize = 100;
 
 /// Imports every row of `rows`, each validated and stored on its own.
 ///
-/// Rows are read as they arrive and never more than `MAX_BATCH` are held, so
-/// a client streaming millions of users is throttled by HTTP/2 flow control
+/// Rows are committed in batches, and read while the previous batch
+/// commits: a batch starts committing as soon as the one before it is done,
+/// with every row that arrived in the meantime. At most two batches are held
+/// (one committing, one filling, each of at most `MAX_BATCH` rows), so a
+/// client streaming millions of users is throttled by HTTP/2 flow control
 /// rather than buffered. If the stream breaks (the client aborts) or the
 /// server shuts down, the rows already received are still committed, and
 /// stay stored, before the call ends with an error.
@@ -27,50 +41,90 @@ pub async fn import<S: Store>(
     shutdown: &CancellationToken,
 ) -> Result<proto::BulkAddUsersResponse, Status> {
     let mut import = Import::default();
+    // The batch being committed: its store call, and its rows' positions.
+    let mut committing = pin!(Fuse::terminated());
+    let mut in_flight = Positions::default();
+    // How the stream ended, once it has.
+    let mut end = None;
     loop {
-        // Wait for the next row...
-        let mut next = tokio::select! {
+        // Here a batch is committing, or the stream has not ended and the
+        // filling batch has room: some branch is always enabled.
+        tokio::select! {
             biased;
-            () = shutdown.cancelled() => Some(Err(Status::unavailable("server is shutting down"))),
-            next = rows.next() => next,
-        };
-        // ...then take the rows that have already arrived, without waiting.
-        let end = loop {
-            match next {
-                Some(Ok(row)) => import.push(row),
-                Some(Err(status)) => break Some(Err(status)),
-                None => break Some(Ok(())),
+            results = &mut committing => import.record(&mut in_flight, results),
+            () = shutdown.cancelled(), if end.is_none() => {
+                end = Some(Err(Status::unavailable("server is shutting down")));
             }
-            if import.batch.len() == MAX_BATCH {
-                break None;
+            next = rows.next(), if end.is_none() && !import.is_full() => {
+                end = import.read(next, &mut rows);
             }
-            match rows.next().now_or_never() {
-                Some(item) => next = item,
-                None => break None,
+        }
+        if committing.is_terminated() && import.has_rows() {
+            let users = import.start(&mut in_flight);
+            if users.is_empty() {
+                // Only invalid rows: nothing to store.
+                import.record(&mut in_flight, Vec::new());
+            } else {
+                committing.set(store.create_many(users).fuse());
             }
-        };
-        import.commit(store).await;
-        if let Some(end) = end {
+        }
+        if committing.is_terminated()
+            && let Some(end) = end.take()
+        {
             return end.map(|()| import.report);
         }
     }
 }
 
-/// The state of one import: the reply so far and the rows waiting to commit.
+/// The state of one import: the reply so far and the batch being filled.
 #[derive(Default)]
 struct Import {
     report: proto::BulkAddUsersResponse,
     /// Rows received so far, valid or not: the next row's stream index.
     received: u64,
+    /// The valid rows of the batch.
     batch: Vec<NewUser>,
-    /// The stream index of each row in `batch`.
-    batch_index: Vec<u64>,
-    /// Rows of this batch that failed validation, reported with the batch so
-    /// that errors are listed in stream order.
-    batch_invalid: Vec<(u64, Error)>,
+    positions: Positions,
+}
+
+/// Where a batch's rows were in the stream, and its rows that failed
+/// validation, so that its failures are reported in stream order.
+#[derive(Default)]
+struct Positions {
+    /// The stream index of each valid row.
+    valid: Vec<u64>,
+    invalid: Vec<(u64, Error)>,
 }
 
 impl Import {
+    fn is_full(&self) -> bool {
+        self.batch.len() + self.positions.invalid.len() >= MAX_BATCH
+    }
+
+    fn has_rows(&self) -> bool {
+        !self.batch.is_empty() || !self.positions.invalid.is_empty()
+    }
+
+    /// Adds `next`, then every row that has already arrived, until the batch
+    /// is full; returns how the stream ended if it has.
+    fn read(
+        &mut self,
+        mut next: Option<Result<proto::User, Status>>,
+        rows: &mut Streaming<proto::User>,
+    ) -> Option<Result<(), Status>> {
+        loop {
+            match next {
+                Some(Ok(row)) => self.push(row),
+                Some(Err(status)) => return Some(Err(status)),
+                None => return Some(Ok(())),
+            }
+            if self.is_full() {
+                return None;
+            }
+            next = rows.next().now_or_never()?;
+        }
+    }
+
     fn push(&mut self, row: proto::User) {
         let index = self.received;
         self.received += 1;
@@ -78,29 +132,35 @@ impl Import {
         match validate::new_user(&user) {
             Ok(()) => {
                 self.batch.push(user);
-                self.batch_index.push(index);
+                self.positions.valid.push(index);
             }
-            Err(invalid) => self.batch_invalid.push((index, invalid.into())),
+            Err(invalid) => self.positions.invalid.push((index, invalid.into())),
         }
     }
 
-    async fn commit<S: Store>(&mut self, store: &S) {
-        let mut failures = std::mem::take(&mut self.batch_invalid);
-        if !self.batch.is_empty() {
-            // `drain` keeps the buffers' capacity for the next batch.
-            let results = store.create_many(self.batch.drain(..).collect()).await;
-            for (index, result) in self.batch_index.drain(..).zip(results) {
-                match result {
-                    Ok(_) => self.report.added += 1,
-                    Err(err) => failures.push((index, err.into())),
-                }
+    /// Hands over the filled batch: its users to commit, its positions to
+    /// `in_flight` (empty, since the last batch was recorded).
+    fn start(&mut self, in_flight: &mut Positions) -> Vec<NewUser> {
+        std::mem::swap(&mut self.positions, in_flight);
+        // `drain` keeps the buffer's capacity for the next batch.
+        self.batch.drain(..).collect()
+    }
+
+    /// Counts a committed batch and reports its failures, in stream order.
+    /// Leaves `batch` empty, its buffers kept for reuse.
+    fn record(&mut self, batch: &mut Positions, results: Vec<Result<Change, StoreError>>) {
+        let mut failures = std::mem::take(&mut batch.invalid);
+        for (index, result) in batch.valid.drain(..).zip(results) {
+            match result {
+                Ok(_) => self.report.added += 1,
+                Err(err) => failures.push((index, err.into())),
             }
         }
         failures.sort_unstable_by_key(|(index, _)| *index);
         for (index, err) in failures.drain(..) {
             self.fail(index, err);
         }
-        self.batch_invalid = failures;
+        batch.invalid = failures;
     }
 
     fn fail(&mut self, index: u64, err: Error) {

@@ -10,6 +10,7 @@ crate::for_each_backend!(
     reports_at_most_100_errors_but_counts_all,
     an_empty_stream_adds_nothing,
     rows_stored_before_an_abort_stay_stored,
+    a_long_import_reports_failures_in_stream_order_across_batches,
 );
 
 async fn imports_every_valid_row_and_reports_the_rest(backend: Backend) {
@@ -117,4 +118,40 @@ async fn rows_stored_before_an_abort_stay_stored(backend: Backend) {
         .unwrap()
         .into_inner();
     assert_eq!(report.added, 1);
+}
+
+async fn a_long_import_reports_failures_in_stream_order_across_batches(backend: Backend) {
+    let server = backend.start().await;
+    let mut client = server.client().await;
+    // Many batches' worth of rows, sent as fast as the server takes them, so
+    // that one batch is read while the one before it commits. Every 97th row
+    // is invalid; every 1000th (from 999) repeats the id of a row 990 rows
+    // before it, in an earlier batch.
+    const ROWS: usize = 6000;
+    let mut expected = Vec::new();
+    let rows: Vec<proto::User> = (0..ROWS)
+        .map(|i| {
+            if i % 97 == 0 {
+                expected.push((i as u64, Code::InvalidArgument as i32));
+                user("")
+            } else if i % 1000 == 999 {
+                expected.push((i as u64, Code::AlreadyExists as i32));
+                user_with_id(&format!("row-{:05}", i - 990))
+            } else {
+                user_with_id(&format!("row-{i:05}"))
+            }
+        })
+        .collect();
+    assert!(expected.len() < 100, "every failure fits in the report");
+    let report = client
+        .bulk_add_users(tokio_stream::iter(rows))
+        .await
+        .unwrap()
+        .into_inner();
+    let errors: Vec<(u64, i32)> = report.errors.iter().map(|e| (e.index, e.code)).collect();
+    assert_eq!(errors, expected);
+    assert_eq!(report.failed, expected.len() as u64);
+    assert_eq!(report.added, (ROWS - expected.len()) as u64);
+    let stored = list_all(&mut client).await;
+    assert_eq!(stored.len(), ROWS - expected.len());
 }
