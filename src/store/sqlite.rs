@@ -8,11 +8,12 @@
 //! [`MAX_BATCH_OPS`] ops), applies them all in one transaction and commits
 //! once: writes that arrive together, from every concurrent call, share one
 //! commit and one fsync, so throughput does not fall to one fsync per user.
-//! When fewer ops are waiting than the previous batch held, the others are
-//! usually a moment away, so the writer waits for them a little (at most
-//! half the last commit's duration, never more than [`MAX_COMMIT_DELAY`]):
-//! with a slow fsync that makes batches larger, and a lone sequential writer
-//! never waits.
+//! When a small batch (under [`SMALL_BATCH_OPS`]) has fewer ops than the
+//! previous batch held, the others are usually a moment away, so the writer
+//! waits for them a little (at most half the last commit's duration, never
+//! more than [`MAX_COMMIT_DELAY`]): with a slow fsync that makes batches
+//! larger, a lone sequential writer never waits, and a large batch (a bulk
+//! import) has nothing to gain from waiting.
 //!
 //! Inside the batch each op checks before it writes (the id is free, the
 //! expected version matches), so an op that fails writes nothing and uses no
@@ -108,6 +109,10 @@ const MIGRATIONS: &[&str] = &[
 /// holds, while staying large enough that bulk imports commit thousands of
 /// rows per fsync.
 pub const MAX_BATCH_OPS: usize = 8192;
+
+/// Only a batch of fewer ops than this waits for more: a commit's fixed
+/// cost (mostly the fsync) is already shared out thinly in a larger one.
+pub const SMALL_BATCH_OPS: usize = 256;
 
 /// The writer waits for more writes at most the last commit's duration
 /// divided by this: a commit that takes long (a slow fsync) is worth a short
@@ -758,8 +763,9 @@ impl Writer {
             // others are most likely on their way (their callers are still
             // handling the last replies): wait a little for them, a fraction
             // of what a commit costs, rather than pay a whole commit for a
-            // few. A lone sequential writer (expected 1) never waits.
-            let target = expected.min(MAX_BATCH_OPS);
+            // few. A lone sequential writer (expected 1) never waits, and
+            // neither does a large batch.
+            let target = expected.min(SMALL_BATCH_OPS);
             if ops < target {
                 let delay = (last_commit / COMMIT_DELAY_DIVISOR).min(MAX_COMMIT_DELAY);
                 let deadline = Instant::now() + delay;
