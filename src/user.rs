@@ -96,6 +96,30 @@ impl User {
         User(text)
     }
 
+    /// The same user at another version: changed in place when this is the
+    /// only handle to it, copied otherwise.
+    pub fn with_version(mut self, version: u64) -> Self {
+        let unique = self.0.with_arc_mut(|arc| {
+            triomphe::Arc::get_mut(arc)
+                .map(|user| user.header_mut().version = version)
+                .is_some()
+        });
+        if unique {
+            self
+        } else {
+            Self::from_fields(
+                [
+                    self.id(),
+                    self.first_name(),
+                    self.last_name(),
+                    self.address(),
+                ],
+                self.verified(),
+                version,
+            )
+        }
+    }
+
     fn meta(&self) -> &Meta {
         &self.0.header.header
     }
@@ -208,6 +232,38 @@ mod tests {
         assert_eq!(user.address(), "1 Main St");
         assert!(user.verified());
         assert_eq!(user.version(), 7);
+    }
+
+    #[test]
+    fn with_version_changes_the_version_only_of_the_user_it_returns() {
+        let new = NewUser {
+            first_name: "Ann".into(),
+            address: "1 Main St".into(),
+            verified: true,
+            ..NewUser::default()
+        };
+        let fields = |user: &User| {
+            (
+                user.id().to_owned(),
+                user.first_name().to_owned(),
+                user.last_name().to_owned(),
+                user.address().to_owned(),
+                user.verified(),
+            )
+        };
+        let user = User::new("u-1", &new, 1);
+        let shared = user.clone();
+        // Another handle exists: a copy, the shared one left as it was.
+        let bumped = user.with_version(2);
+        assert_eq!((shared.version(), bumped.version()), (1, 2));
+        assert_eq!(fields(&bumped), fields(&shared));
+        assert_ne!(bumped.0.as_ptr(), shared.0.as_ptr());
+        // The only handle: changed in place.
+        let at = bumped.0.as_ptr();
+        let again = bumped.with_version(3);
+        assert_eq!(again.0.as_ptr(), at);
+        assert_eq!(again.version(), 3);
+        assert_eq!(fields(&again), fields(&shared));
     }
 
     #[test]

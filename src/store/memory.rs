@@ -277,7 +277,7 @@ impl Store for MemoryStore {
                 Ok(state.commit(&self.shared.feed, ChangeKind::Created, user))
             }
             Some(version) => {
-                let user = User::new(prepared.id(), &user, version + 1);
+                let user = prepared.with_version(version + 1);
                 state.users.replace(Entry::new(user.clone()));
                 Ok(state.commit(&self.shared.feed, ChangeKind::Updated, user))
             }

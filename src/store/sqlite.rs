@@ -398,7 +398,6 @@ impl Store for SqliteStore {
         let (reply, receiver) = oneshot::channel();
         let command = Command::Upsert {
             created,
-            user,
             expected_version,
             reply,
         };
@@ -602,10 +601,9 @@ enum Command {
         reply: oneshot::Sender<Vec<Result<Change, StoreError>>>,
     },
     Upsert {
-        /// The user to store if the id is free (version 1, id assigned).
+        /// The user to store if the id is free (version 1, id assigned);
+        /// at the next version, its replacement when the id is taken.
         created: User,
-        /// The fields, to build the replacement when the id is taken.
-        user: NewUser,
         expected_version: Option<u64>,
         reply: oneshot::Sender<Result<Change, StoreError>>,
     },
@@ -940,7 +938,6 @@ fn apply_in(tx: &Transaction<'_>, batch: &[Command]) -> rusqlite::Result<Vec<Out
                 }
                 Command::Upsert {
                     created,
-                    user,
                     expected_version,
                     ..
                 } => {
@@ -958,7 +955,9 @@ fn apply_in(tx: &Transaction<'_>, batch: &[Command]) -> rusqlite::Result<Vec<Out
                                     Ok(next(ChangeKind::Created, created.clone()))
                                 }
                                 Some(version) => {
-                                    let updated = User::new(created.id(), user, version + 1);
+                                    // A copy: the command keeps `created`
+                                    // until its reply.
+                                    let updated = created.clone().with_version(version + 1);
                                     write_user(&mut st.update, &updated)?;
                                     Ok(next(ChangeKind::Updated, updated))
                                 }
