@@ -126,7 +126,7 @@ async fn a_long_import_reports_failures_in_stream_order_across_batches(backend: 
     // Many batches' worth of rows, sent as fast as the server takes them, so
     // that one batch is read while the one before it commits. Every 97th row
     // is invalid; every 1000th (from 999) repeats the id of a row 990 rows
-    // before it, in an earlier batch.
+    // before it, most likely in an earlier batch.
     const ROWS: usize = 6000;
     let mut expected = Vec::new();
     let rows: Vec<proto::User> = (0..ROWS)
