@@ -2,6 +2,7 @@
 //! two directions running independently.
 
 use std::{
+    collections::VecDeque,
     pin::Pin,
     task::{Context, Poll, ready},
 };
@@ -14,27 +15,35 @@ use crate::{
     error::Error,
     limits::Slot,
     proto::{self, sync_request::Op, sync_response::Event},
-    store::Store,
+    store::{Store, StoreError, WriteOp},
     user::{Change, NewUser},
     validate::{self, ValidationError},
 };
+
+/// Most requests of one stream applied together. Requests are validated as
+/// they are read, so a batch holds at most this many valid ops (each a few
+/// hundred bytes) and error messages.
+const MAX_SYNC_BATCH: usize = 256;
 
 /// The response stream of one SyncUsers call.
 ///
 /// tonic polls it; nothing is spawned. Each poll does one of two things, in
 /// turn so that neither starves the other:
-/// - **ops**: read the next request, apply it to the store, yield its Ack.
-///   Requests are applied one at a time, in the order they were sent, and
-///   the next one is read only once the previous Ack is out, so a client that
-///   does not read its Acks stops being read (backpressure, no queue).
+/// - **ops**: read the requests that have arrived (at least one, at most
+///   `MAX_SYNC_BATCH`), apply them to the store in the order they were sent,
+///   in one [`Store::apply_many`] call so that they can share a commit, then
+///   yield their Acks in the same order. The next requests are read only
+///   once every Ack of the batch is out, so a client that does not read its
+///   Acks stops being read (backpressure, no queue).
 /// - **changes**: yield the next change from the store's feed. The
 ///   subscription was made when the call started, before the response
 ///   headers went out, so nothing committed after that is missed. A
 ///   subscriber that lags too far behind ends the call with `ABORTED`.
 ///
 /// For one client's own ops the order is fixed: an op's Ack, then its
-/// Change (with any earlier changes of other calls), then the next request
-/// is read. Changes are held back only while an op is being applied.
+/// Change (with any earlier changes of other calls), then the next op's Ack.
+/// Changes are held back while a batch is being applied, and a change that
+/// comes after an Ack not yet sent waits for it.
 ///
 /// When the client closes its side, the stream sends the Acks still owed and
 /// the Changes up to its own last committed op, then ends with OK.
@@ -42,10 +51,18 @@ pub struct SyncSession<S> {
     store: S,
     /// `None` once the client has closed its side.
     requests: Option<Streaming<proto::SyncRequest>>,
-    /// The op being applied: its Ack, and the seq it committed.
-    in_flight: Option<BoxFuture<'static, (proto::Ack, Option<u64>)>>,
+    /// Set when the request stream broke: the call ends with it once the
+    /// Acks of the requests read before are out.
+    broken: Option<Status>,
+    /// The batch being applied; it yields each op's Ack and committed seq.
+    in_flight: Option<BoxFuture<'static, Acks>>,
+    /// Acks of the applied batch not sent yet, in request order.
+    acks: VecDeque<(proto::Ack, Option<u64>)>,
     changes: BroadcastStream<Change>,
-    /// The seq of the last change this stream committed / delivered.
+    /// A change taken from the feed that must wait for an Ack before it.
+    held: Option<Change>,
+    /// The seq of the last change this stream committed (its last Ack
+    /// sent) / delivered.
     own_seq: u64,
     delivered_seq: u64,
     changes_first: bool,
@@ -56,6 +73,9 @@ pub struct SyncSession<S> {
 
 type Item = Result<proto::SyncResponse, Status>;
 
+/// Each op's Ack, and the seq it committed.
+type Acks = Vec<(proto::Ack, Option<u64>)>;
+
 impl<S: Store> SyncSession<S> {
     /// Subscribes to the change feed at once: call this before returning the
     /// response, so that the subscription precedes the response headers.
@@ -64,8 +84,11 @@ impl<S: Store> SyncSession<S> {
         SyncSession {
             store,
             requests: Some(requests),
+            broken: None,
             in_flight: None,
+            acks: VecDeque::new(),
             changes,
+            held: None,
             own_seq: 0,
             delivered_seq: 0,
             changes_first: false,
@@ -82,64 +105,100 @@ impl<S: Store> SyncSession<S> {
 
     fn poll_op(&mut self, cx: &mut Context<'_>) -> Poll<Item> {
         loop {
-            if let Some(op) = &mut self.in_flight {
-                let (ack, seq) = ready!(op.poll_unpin(cx));
+            if let Some(batch) = &mut self.in_flight {
+                let acks = ready!(batch.poll_unpin(cx));
                 self.in_flight = None;
+                self.acks.extend(acks);
+            }
+            // The previous op's own Change goes out before the next Ack, and
+            // before the next request is read (the change side wakes us
+            // when it has been delivered).
+            if self.delivered_seq < self.own_seq {
+                return Poll::Pending;
+            }
+            if let Some((ack, seq)) = self.acks.pop_front() {
                 if let Some(seq) = seq {
                     self.own_seq = seq;
                 }
                 return Poll::Ready(Ok(event(Event::Ack(ack))));
             }
-            // The previous op's own Change goes out before the next request
-            // is read (the change side wakes us when it has been delivered).
-            if self.delivered_seq < self.own_seq {
-                return Poll::Pending;
+            if let Some(status) = self.broken.take() {
+                self.done = true;
+                return Poll::Ready(Err(status));
             }
             let Some(requests) = &mut self.requests else {
                 return Poll::Pending;
             };
-            match ready!(requests.poll_next_unpin(cx)) {
-                Some(Ok(request)) => {
-                    self.in_flight = Some(Box::pin(apply(self.store.clone(), request)));
+            // The first request is waited for; those that have arrived with
+            // it join its batch.
+            let mut batch = Batch::default();
+            let mut next = ready!(requests.poll_next_unpin(cx));
+            loop {
+                match next {
+                    Some(Ok(request)) => batch.push(request),
+                    // The request stream broke (reset, bad message): the
+                    // requests read before it are applied and answered,
+                    // then the call ends.
+                    Some(Err(status)) => {
+                        self.broken = Some(status);
+                        self.requests = None;
+                        break;
+                    }
+                    None => {
+                        self.requests = None;
+                        break;
+                    }
                 }
-                // The request stream broke (reset, bad message): the call ends.
-                Some(Err(status)) => {
-                    self.done = true;
-                    return Poll::Ready(Err(status));
+                if batch.len() == MAX_SYNC_BATCH {
+                    break;
                 }
-                None => {
-                    self.requests = None;
-                    return Poll::Pending;
+                match requests.poll_next_unpin(cx) {
+                    Poll::Ready(item) => next = item,
+                    Poll::Pending => break,
                 }
+            }
+            if batch.len() > 0 {
+                self.in_flight = Some(Box::pin(batch.apply(self.store.clone())));
+            } else if self.broken.is_none() {
+                return Poll::Pending;
             }
         }
     }
 
     fn poll_change(&mut self, cx: &mut Context<'_>) -> Poll<Item> {
-        // While an op is being applied its Change may already be in the
-        // feed; holding changes back until its Ack is out keeps the order
-        // the same for every store: Ack, then its Change.
+        // While a batch is being applied its Changes may already be in the
+        // feed; holding changes back until their Acks are out keeps the
+        // order the same for every store: Ack, then its Change.
         if self.in_flight.is_some() {
             return Poll::Pending;
         }
-        match ready!(self.changes.poll_next_unpin(cx)) {
-            Some(Ok(change)) => {
-                self.delivered_seq = change.seq;
-                Poll::Ready(Ok(event(Event::Change(proto::Change::from(&change)))))
-            }
-            Some(Err(BroadcastStreamRecvError::Lagged(missed))) => {
-                self.done = true;
-                Poll::Ready(Err(Status::aborted(format!(
-                    "change feed subscriber fell too far behind ({missed} changes not delivered); \
-                     read faster or resubscribe and resync with ListUsers"
-                ))))
-            }
-            // The feed only closes when the store is gone.
-            None => {
-                self.done = true;
-                Poll::Ready(Err(Status::unavailable("change feed closed")))
-            }
+        let change = match self.held.take() {
+            Some(change) => change,
+            None => match ready!(self.changes.poll_next_unpin(cx)) {
+                Some(Ok(change)) => change,
+                Some(Err(BroadcastStreamRecvError::Lagged(missed))) => {
+                    self.done = true;
+                    return Poll::Ready(Err(Status::aborted(format!(
+                        "change feed subscriber fell too far behind ({missed} changes not \
+                         delivered); read faster or resubscribe and resync with ListUsers"
+                    ))));
+                }
+                // The feed only closes when the store is gone.
+                None => {
+                    self.done = true;
+                    return Poll::Ready(Err(Status::unavailable("change feed closed")));
+                }
+            },
+        };
+        // Past our last Ack sent, while Acks are still owed, the change may
+        // be one of our own ops: it waits for the Acks (the op side sends
+        // them, and this side is polled again after each).
+        if change.seq > self.own_seq && !self.acks.is_empty() {
+            self.held = Some(change);
+            return Poll::Pending;
         }
+        self.delivered_seq = change.seq;
+        Poll::Ready(Ok(event(Event::Change(proto::Change::from(&change)))))
     }
 }
 
@@ -165,7 +224,10 @@ impl<S: Store> Stream for SyncSession<S> {
         }
         // Both sides are pending. Once the client has closed its side and
         // every Ack is out, finish as soon as our own changes are delivered.
-        if this.requests.is_none() && this.in_flight.is_none() && this.delivered_seq >= this.own_seq
+        if this.requests.is_none()
+            && this.in_flight.is_none()
+            && this.acks.is_empty()
+            && this.delivered_seq >= this.own_seq
         {
             this.done = true;
             return Poll::Ready(None);
@@ -174,31 +236,74 @@ impl<S: Store> Stream for SyncSession<S> {
     }
 }
 
-fn event(event: Event) -> proto::SyncResponse {
-    proto::SyncResponse { event: Some(event) }
+/// Requests read together, validated, waiting to be applied.
+#[derive(Default)]
+struct Batch {
+    /// Each request's id, and its op or why it was refused.
+    requests: Vec<(u64, Result<(), Error>)>,
+    /// The valid ops, in request order.
+    ops: Vec<WriteOp>,
 }
 
-/// Applies one request and builds its Ack. A failed op commits nothing.
-async fn apply<S: Store>(store: S, request: proto::SyncRequest) -> (proto::Ack, Option<u64>) {
-    let expected = (request.expected_version != 0).then_some(request.expected_version);
-    let result: Result<Change, Error> = match request.op {
+impl Batch {
+    fn len(&self) -> usize {
+        self.requests.len()
+    }
+
+    fn push(&mut self, request: proto::SyncRequest) {
+        let op = op(request.op, request.expected_version);
+        let checked = op.map(|op| self.ops.push(op));
+        self.requests.push((request.request_id, checked));
+    }
+
+    /// Applies the valid ops in one store call and builds every Ack, in
+    /// request order. A failed op commits nothing.
+    async fn apply<S: Store>(self, store: S) -> Acks {
+        let mut results = store.apply_many(self.ops).await.into_iter();
+        self.requests
+            .into_iter()
+            .map(|(request_id, checked)| {
+                let result = checked.and_then(|()| {
+                    results
+                        .next()
+                        .unwrap_or_else(|| Err(StoreError::Internal("no result for an op".into())))
+                        .map_err(Error::from)
+                });
+                ack(request_id, result)
+            })
+            .collect()
+    }
+}
+
+/// The store op a request asks for, validated.
+fn op(op: Option<Op>, expected_version: u64) -> Result<WriteOp, Error> {
+    let expected_version = (expected_version != 0).then_some(expected_version);
+    match op {
         None => Err(ValidationError::new("op", "set either upsert or delete_id").into()),
         Some(Op::Upsert(user)) => {
             let user = NewUser::from(user);
-            match validate::new_user(&user) {
-                Ok(()) => store.upsert(user, expected).await.map_err(Error::from),
-                Err(invalid) => Err(invalid.into()),
-            }
+            validate::new_user(&user)?;
+            Ok(WriteOp::Upsert {
+                user,
+                expected_version,
+            })
         }
-        Some(Op::DeleteId(id)) => match validate::id("delete_id", &id) {
-            Ok(()) => store.delete(&id, expected).await.map_err(Error::from),
-            Err(invalid) => Err(invalid.into()),
-        },
-    };
+        Some(Op::DeleteId(id)) => {
+            validate::id("delete_id", &id)?;
+            Ok(WriteOp::Delete {
+                id,
+                expected_version,
+            })
+        }
+    }
+}
+
+/// A request's Ack, and the seq it committed.
+fn ack(request_id: u64, result: Result<Change, Error>) -> (proto::Ack, Option<u64>) {
     match result {
         Ok(change) => {
             let ack = proto::Ack {
-                request_id: request.request_id,
+                request_id,
                 code: tonic::Code::Ok as i32,
                 message: String::new(),
                 seq: change.seq,
@@ -208,7 +313,7 @@ async fn apply<S: Store>(store: S, request: proto::SyncRequest) -> (proto::Ack, 
         }
         Err(err) => {
             let ack = proto::Ack {
-                request_id: request.request_id,
+                request_id,
                 code: err.code() as i32,
                 message: err.client_message(),
                 seq: 0,
@@ -217,4 +322,8 @@ async fn apply<S: Store>(store: S, request: proto::SyncRequest) -> (proto::Ack, 
             (ack, None)
         }
     }
+}
+
+fn event(event: Event) -> proto::SyncResponse {
+    proto::SyncResponse { event: Some(event) }
 }

@@ -87,6 +87,21 @@ pub struct Page {
     pub next_after: Option<String>,
 }
 
+/// One write of a sequence given to [`Store::apply_many`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum WriteOp {
+    /// As [`Store::upsert`].
+    Upsert {
+        user: NewUser,
+        expected_version: Option<u64>,
+    },
+    /// As [`Store::delete`].
+    Delete {
+        id: String,
+        expected_version: Option<u64>,
+    },
+}
+
 /// A user store shared by every call.
 ///
 /// Every write is atomic: it commits completely, with the next seq, and is
@@ -121,6 +136,33 @@ pub trait Store: Clone + Send + Sync + Unpin + 'static {
         id: &str,
         expected_version: Option<u64>,
     ) -> impl Future<Output = Result<Change, StoreError>> + Send;
+
+    /// Applies each op in order, as [`Store::upsert`] and [`Store::delete`]
+    /// would one after the other, and returns one result per op. A backend
+    /// that commits to disk overrides it to queue every op before it waits
+    /// for the first, so that the ops share commits (SyncUsers hands over
+    /// the requests of a stream that arrived together this way).
+    fn apply_many(
+        &self,
+        ops: Vec<WriteOp>,
+    ) -> impl Future<Output = Vec<Result<Change, StoreError>>> + Send {
+        async move {
+            let mut results = Vec::with_capacity(ops.len());
+            for op in ops {
+                results.push(match op {
+                    WriteOp::Upsert {
+                        user,
+                        expected_version,
+                    } => self.upsert(user, expected_version).await,
+                    WriteOp::Delete {
+                        id,
+                        expected_version,
+                    } => self.delete(&id, expected_version).await,
+                });
+            }
+            results
+        }
+    }
 
     /// Reads one user.
     fn get(&self, id: &str) -> impl Future<Output = Result<User, StoreError>> + Send;

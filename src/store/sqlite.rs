@@ -63,7 +63,8 @@ use rusqlite::{
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use super::{
-    ChangeFeed, ListFilter, Page, Store, StoreError, Subscription, check_version, prepare_user,
+    ChangeFeed, ListFilter, Page, Store, StoreError, Subscription, WriteOp, check_version,
+    prepare_user,
 };
 use crate::user::{Change, ChangeKind, NewUser, User};
 
@@ -412,6 +413,50 @@ impl Store for SqliteStore {
             reply,
         };
         self.write(command, receiver).await?
+    }
+
+    async fn apply_many(&self, ops: Vec<WriteOp>) -> Vec<Result<Change, StoreError>> {
+        // Every op is queued, in order, before the first reply is awaited:
+        // ops that arrive together share the writer's next commit.
+        let count = ops.len();
+        let mut replies = Vec::with_capacity(count);
+        for op in ops {
+            let (reply, receiver) = oneshot::channel();
+            let command = match op {
+                WriteOp::Upsert {
+                    user,
+                    expected_version,
+                } => Command::Upsert {
+                    created: prepare_user(&user, 1),
+                    expected_version,
+                    reply,
+                },
+                WriteOp::Delete {
+                    id,
+                    expected_version,
+                } => Command::Delete {
+                    id,
+                    expected_version,
+                    reply,
+                },
+            };
+            if self.shared.commands.send(command).await.is_err() {
+                break;
+            }
+            replies.push(receiver);
+        }
+        let mut results = Vec::with_capacity(count);
+        for receiver in replies {
+            results.push(receiver.await.unwrap_or_else(|_| {
+                Err(StoreError::Internal(
+                    "the SQLite writer dropped a write".into(),
+                ))
+            }));
+        }
+        results.resize_with(count, || {
+            Err(StoreError::Internal("the SQLite writer has stopped".into()))
+        });
+        results
     }
 
     async fn get(&self, id: &str) -> Result<User, StoreError> {

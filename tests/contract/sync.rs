@@ -17,6 +17,7 @@ crate::for_each_backend!(
     the_response_starts_before_the_first_request,
     closing_with_no_requests_ends_with_ok,
     a_lagging_subscriber_is_aborted_not_skipped,
+    pipelined_ops_keep_their_order_beside_another_writer,
 );
 
 /// One SyncUsers call: `tx` sends requests (drop it to close our side),
@@ -335,4 +336,88 @@ async fn a_lagging_subscriber_is_aborted_not_skipped(backend: Backend) {
     assert!(expected_seq <= 5000);
     // The server goes on.
     assert!(client.add_user(user("next")).await.is_ok());
+}
+
+async fn pipelined_ops_keep_their_order_beside_another_writer(backend: Backend) {
+    let server = backend.start().await;
+    let a = Sync::open(&server).await;
+    let b = Sync::open(&server).await;
+    // Several batches' worth of requests, all sent before any is answered,
+    // while another stream writes: every 5th request is invalid, every 7th
+    // updates "shared" expecting a version it does not have.
+    const OPS: u64 = 600;
+    let mut expected_codes = Vec::new();
+    for i in 0..OPS {
+        let (op, version, code) = if i % 5 == 0 {
+            (upsert(user("")), 0, Code::InvalidArgument)
+        } else if i % 7 == 0 {
+            (
+                upsert(user_with_id("shared")),
+                999,
+                Code::FailedPrecondition,
+            )
+        } else {
+            (upsert(user_with_id(&format!("a-{i}"))), 0, Code::Ok)
+        };
+        a.send(i, op, version).await;
+        expected_codes.push(code as i32);
+        if i % 3 == 0 {
+            b.send(i, upsert(user_with_id(&format!("b-{i}"))), 0).await;
+        }
+    }
+    let (b_acks, _) = b.finish().await;
+    assert!(b_acks.iter().all(|ack| ack.code == 0));
+
+    // Read A's responses in order, as the client sees them.
+    let mut a = a;
+    drop(a.tx);
+    let mut events = Vec::new();
+    while let Some(response) = within("the call to end", a.rx.message()).await.unwrap() {
+        events.push(response.event.unwrap());
+    }
+    let codes: Vec<i32> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Ack(ack) => Some(ack.code),
+            Event::Change(_) => None,
+        })
+        .collect();
+    assert_eq!(
+        codes, expected_codes,
+        "one Ack per request, in request order"
+    );
+    let mut request = 0;
+    let mut last_seq = 0;
+    let mut owed: Option<u64> = None;
+    for event in &events {
+        match event {
+            Event::Ack(ack) => {
+                assert_eq!(ack.request_id, request);
+                request += 1;
+                assert_eq!(owed, None, "an op's Change comes before the next Ack");
+                owed = (ack.code == 0).then_some(ack.seq);
+            }
+            Event::Change(change) => {
+                assert_eq!(
+                    change.seq,
+                    last_seq + 1,
+                    "changes come gapless, in seq order"
+                );
+                last_seq = change.seq;
+                if owed == Some(change.seq) {
+                    owed = None;
+                } else {
+                    // Another stream's change, or one of ours whose Ack is
+                    // not out yet: it must be another stream's.
+                    let id = &change.user.as_ref().unwrap().id;
+                    assert!(
+                        id.starts_with("b-"),
+                        "change {} ({id}) before its Ack",
+                        change.seq
+                    );
+                }
+            }
+        }
+    }
+    assert_eq!(owed, None);
 }

@@ -4,10 +4,13 @@
 
 use prost::Message;
 use tonic::codec::CompressionEncoding;
-use user_service::proto::{ListUsersRequest, user_service_client::UserServiceClient};
+use user_service::proto::{
+    GetUserRequest, ListUsersRequest, SyncRequest, sync_request::Op,
+    user_service_client::UserServiceClient,
+};
 
 use crate::{
-    common::{TestServer, user, within},
+    common::{TestServer, user, user_with_id, within},
     raw::{self, RawConn, h2_call},
 };
 
@@ -46,6 +49,34 @@ async fn bytes_that_are_not_protobuf_are_internal() {
         grpc_status(&server, ADD_USER, GRPC, bad_utf8).await,
         tonic::Code::Internal as i32
     );
+    still_serving(&server).await;
+}
+
+#[tokio::test]
+async fn sync_requests_before_a_bad_message_are_applied_then_the_call_fails() {
+    let server = TestServer::start().await;
+    // Two good requests and a broken one, arriving together: the server
+    // reads them as one batch.
+    let mut body = Vec::new();
+    for (request_id, id) in [(1, "before-1"), (2, "before-2")] {
+        let request = SyncRequest {
+            request_id,
+            op: Some(Op::Upsert(user_with_id(id))),
+            expected_version: 0,
+        };
+        body.extend(raw::grpc_frame(&request.encode_to_vec()));
+    }
+    body.extend(raw::grpc_frame(&[0x0a, 0xff, 0xff, 0xff, 0x0f, b'x']));
+    assert_eq!(
+        grpc_status(&server, "/grpcUser.UserService/SyncUsers", GRPC, body).await,
+        tonic::Code::Internal as i32
+    );
+    let mut client = server.client().await;
+    for id in ["before-1", "before-2"] {
+        let request = GetUserRequest { id: id.into() };
+        let stored = client.get_user(request).await.unwrap().into_inner();
+        assert_eq!(stored.version, 1, "{id}");
+    }
     still_serving(&server).await;
 }
 
