@@ -225,6 +225,7 @@ impl<S: Store> Stream for SyncSession<S> {
         // Both sides are pending. Once the client has closed its side and
         // every Ack is out, finish as soon as our own changes are delivered.
         if this.requests.is_none()
+            && this.broken.is_none()
             && this.in_flight.is_none()
             && this.acks.is_empty()
             && this.delivered_seq >= this.own_seq
