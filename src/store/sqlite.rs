@@ -395,24 +395,21 @@ impl Store for SqliteStore {
         user: NewUser,
         expected_version: Option<u64>,
     ) -> Result<Change, StoreError> {
-        let created = prepare_user(&user, 1);
         let (reply, receiver) = oneshot::channel();
-        let command = Command::Upsert {
-            created,
+        let op = WriteOp::Upsert {
+            user,
             expected_version,
-            reply,
         };
-        self.write(command, receiver).await?
+        self.write(Command::of(op, reply), receiver).await?
     }
 
     async fn delete(&self, id: &str, expected_version: Option<u64>) -> Result<Change, StoreError> {
         let (reply, receiver) = oneshot::channel();
-        let command = Command::Delete {
+        let op = WriteOp::Delete {
             id: id.to_owned(),
             expected_version,
-            reply,
         };
-        self.write(command, receiver).await?
+        self.write(Command::of(op, reply), receiver).await?
     }
 
     async fn apply_many(&self, ops: Vec<WriteOp>) -> Vec<Result<Change, StoreError>> {
@@ -422,25 +419,13 @@ impl Store for SqliteStore {
         let mut replies = Vec::with_capacity(count);
         for op in ops {
             let (reply, receiver) = oneshot::channel();
-            let command = match op {
-                WriteOp::Upsert {
-                    user,
-                    expected_version,
-                } => Command::Upsert {
-                    created: prepare_user(&user, 1),
-                    expected_version,
-                    reply,
-                },
-                WriteOp::Delete {
-                    id,
-                    expected_version,
-                } => Command::Delete {
-                    id,
-                    expected_version,
-                    reply,
-                },
-            };
-            if self.shared.commands.send(command).await.is_err() {
+            if self
+                .shared
+                .commands
+                .send(Command::of(op, reply))
+                .await
+                .is_err()
+            {
                 break;
             }
             replies.push(receiver);
@@ -660,6 +645,29 @@ enum Command {
 }
 
 impl Command {
+    /// The command for one upsert or delete, the user built (and its id
+    /// assigned) here, on the caller's thread.
+    fn of(op: WriteOp, reply: oneshot::Sender<Result<Change, StoreError>>) -> Command {
+        match op {
+            WriteOp::Upsert {
+                user,
+                expected_version,
+            } => Command::Upsert {
+                created: prepare_user(&user, 1),
+                expected_version,
+                reply,
+            },
+            WriteOp::Delete {
+                id,
+                expected_version,
+            } => Command::Delete {
+                id,
+                expected_version,
+                reply,
+            },
+        }
+    }
+
     fn ops(&self) -> usize {
         match self {
             Command::Create { users, .. } => users.len(),
