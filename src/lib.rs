@@ -22,8 +22,8 @@
 //! - [`user`]: the domain types (users and changes).
 //! - [`proto`]: the generated wire types and conversions.
 //!
-//! [`allocator`] tunes mimalloc for the binaries. [`sample`] makes realistic users for the `user-load` load generator and
-//! the benchmarks.
+//! [`allocator`] tunes mimalloc for the binaries. [`sample`] makes realistic
+//! users for the `user-load` load generator and the benchmarks.
 
 pub mod allocator;
 pub mod auth;

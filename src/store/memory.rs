@@ -272,9 +272,8 @@ impl Store for MemoryStore {
         check_version(expected_version, stored.unwrap_or(0))?;
         match stored {
             None => {
-                let user = prepared;
-                state.users.insert(Entry::new(user.clone()));
-                Ok(state.commit(&self.shared.feed, ChangeKind::Created, user))
+                state.users.insert(Entry::new(prepared.clone()));
+                Ok(state.commit(&self.shared.feed, ChangeKind::Created, prepared))
             }
             Some(version) => {
                 let user = prepared.with_version(version + 1);

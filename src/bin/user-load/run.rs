@@ -338,8 +338,9 @@ pub async fn connect(args: &Args) -> Result<Vec<Transport>, Box<dyn Error>> {
         Some(path) => Bearer(Some(AuthToken::from_file(path)?.header_value())),
         None => Bearer::default(),
     };
-    let mut channels = Vec::with_capacity(args.connections);
-    for _ in 0..args.connections.max(1) {
+    let count = args.connections.max(1);
+    let mut channels = Vec::with_capacity(count);
+    for _ in 0..count {
         // Each `connect` opens its own connection.
         let channel = endpoint.connect_with_connector(Connector).await?;
         channels.push(InterceptedService::new(channel, bearer.clone()));
