@@ -57,9 +57,7 @@ use std::{
 };
 
 use parking_lot::Mutex;
-use rusqlite::{
-    Connection, ErrorCode, OpenFlags, OptionalExtension, Transaction, TransactionBehavior, params,
-};
+use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, TransactionBehavior, params};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use super::{
@@ -372,10 +370,10 @@ impl SqliteStore {
 
 impl Store for SqliteStore {
     async fn create(&self, user: NewUser) -> Result<Change, StoreError> {
-        let mut results = self.create_many(vec![user]).await;
-        results
-            .pop()
-            .unwrap_or_else(|| Err(StoreError::Internal("no result for a create".into())))
+        let (reply, receiver) = oneshot::channel();
+        let user = prepare_user(&user, 1);
+        self.write(Command::CreateOne { user, reply }, receiver)
+            .await?
     }
 
     async fn create_many(&self, users: Vec<NewUser>) -> Vec<Result<Change, StoreError>> {
@@ -541,7 +539,8 @@ fn user_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<User> {
 }
 
 fn read_seq(conn: &Connection) -> rusqlite::Result<i64> {
-    conn.query_row("SELECT seq FROM change_seq", [], |row| row.get(0))
+    conn.prepare_cached("SELECT seq FROM change_seq")?
+        .query_row([], |row| row.get(0))
 }
 
 // ---------------------------------------------------------------------------
@@ -625,10 +624,15 @@ fn internal(err: rusqlite::Error) -> StoreError {
 
 /// A write for the writer thread, with where to send its result.
 enum Command {
-    /// `create` and `create_many`: users built (ids assigned) by the caller.
+    /// `create_many`: users built (ids assigned) by the caller.
     Create {
         users: Vec<User>,
         reply: oneshot::Sender<Vec<Result<Change, StoreError>>>,
+    },
+    /// `create`: the same for one user, without the vectors.
+    CreateOne {
+        user: User,
+        reply: oneshot::Sender<Result<Change, StoreError>>,
     },
     Upsert {
         /// The user to store if the id is free (version 1, id assigned);
@@ -671,7 +675,7 @@ impl Command {
     fn ops(&self) -> usize {
         match self {
             Command::Create { users, .. } => users.len(),
-            Command::Upsert { .. } | Command::Delete { .. } => 1,
+            Command::CreateOne { .. } | Command::Upsert { .. } | Command::Delete { .. } => 1,
         }
     }
 
@@ -683,7 +687,9 @@ impl Command {
                 let _ = reply.send(results);
             }
             (
-                Command::Upsert { reply, .. } | Command::Delete { reply, .. },
+                Command::CreateOne { reply, .. }
+                | Command::Upsert { reply, .. }
+                | Command::Delete { reply, .. },
                 Outcome::One(result),
             ) => {
                 let _ = reply.send(result);
@@ -697,7 +703,9 @@ impl Command {
             Command::Create { users, reply } => {
                 let _ = reply.send(vec![Err(err); users.len()]);
             }
-            Command::Upsert { reply, .. } | Command::Delete { reply, .. } => {
+            Command::CreateOne { reply, .. }
+            | Command::Upsert { reply, .. }
+            | Command::Delete { reply, .. } => {
                 let _ = reply.send(Err(err));
             }
         }
@@ -862,7 +870,7 @@ impl Writer {
             }
             return;
         }
-        match apply(&mut self.conn, batch) {
+        match apply(&self.conn, batch) {
             Ok(outcomes) => {
                 // Committed: now, and only now, the feed and the callers.
                 for outcome in &outcomes {
@@ -911,7 +919,7 @@ struct Statements<'t> {
 }
 
 impl<'t> Statements<'t> {
-    fn prepare(tx: &'t Transaction<'_>) -> rusqlite::Result<Self> {
+    fn prepare(tx: &'t Connection) -> rusqlite::Result<Self> {
         Ok(Statements {
             // Writes nothing when the id is taken: the pre-check and the
             // write in one step.
@@ -953,17 +961,55 @@ fn write_user(
     ])
 }
 
+/// Inserts `user` unless its id is taken.
+fn insert_new(
+    st: &mut Statements<'_>,
+    next: &mut impl FnMut(ChangeKind, User) -> Change,
+    user: &User,
+) -> rusqlite::Result<Result<Change, StoreError>> {
+    Ok(if write_user(&mut st.insert_new, user)? == 0 {
+        Err(StoreError::AlreadyExists(user.id().to_owned()))
+    } else {
+        Ok(next(ChangeKind::Created, user.clone()))
+    })
+}
+
 /// Runs every command of `batch` in one transaction and commits it.
-fn apply(conn: &mut Connection, batch: &[Command]) -> Result<Vec<Outcome>, BatchError> {
-    let tx = conn
-        .transaction_with_behavior(TransactionBehavior::Immediate)
-        .map_err(BatchError::Apply)?;
-    let outcomes = apply_in(&tx, batch).map_err(BatchError::Apply)?;
-    tx.commit().map_err(BatchError::Commit)?;
+///
+/// BEGIN and COMMIT run as cached statements: parsed anew for every batch,
+/// as `Connection::transaction` does, they cost the writer about as much as
+/// the inserts of a small batch.
+fn apply(conn: &Connection, batch: &[Command]) -> Result<Vec<Outcome>, BatchError> {
+    run_cached(conn, "BEGIN IMMEDIATE").map_err(BatchError::Apply)?;
+    let outcomes = match apply_in(conn, batch) {
+        Ok(outcomes) => outcomes,
+        Err(err) => {
+            roll_back(conn);
+            return Err(BatchError::Apply(err));
+        }
+    };
+    if let Err(err) = run_cached(conn, "COMMIT") {
+        roll_back(conn);
+        return Err(BatchError::Commit(err));
+    }
     Ok(outcomes)
 }
 
-fn apply_in(tx: &Transaction<'_>, batch: &[Command]) -> rusqlite::Result<Vec<Outcome>> {
+/// Runs a statement that returns no rows, prepared once per connection.
+fn run_cached(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached(sql)?.execute([]).map(drop)
+}
+
+/// Ends a failed transaction, unless SQLite already has.
+fn roll_back(conn: &Connection) {
+    if !conn.is_autocommit()
+        && let Err(err) = conn.execute_batch("ROLLBACK")
+    {
+        tracing::error!(error = %err, "SQLite rollback failed");
+    }
+}
+
+fn apply_in(tx: &Connection, batch: &[Command]) -> rusqlite::Result<Vec<Outcome>> {
     // Read inside the write transaction, not cached in memory: the stored
     // seq is the truth even if another process wrote to the file.
     let first_seq = read_seq(tx)? as u64;
@@ -977,17 +1023,14 @@ fn apply_in(tx: &Transaction<'_>, batch: &[Command]) -> rusqlite::Result<Vec<Out
         };
         for command in batch {
             let outcome = match command {
-                Command::Create { users, .. } => {
-                    let mut results = Vec::with_capacity(users.len());
-                    for user in users {
-                        let result = if write_user(&mut st.insert_new, user)? == 0 {
-                            Err(StoreError::AlreadyExists(user.id().to_owned()))
-                        } else {
-                            Ok(next(ChangeKind::Created, user.clone()))
-                        };
-                        results.push(result);
-                    }
-                    Outcome::Many(results)
+                Command::Create { users, .. } => Outcome::Many(
+                    users
+                        .iter()
+                        .map(|user| insert_new(&mut st, &mut next, user))
+                        .collect::<rusqlite::Result<_>>()?,
+                ),
+                Command::CreateOne { user, .. } => {
+                    Outcome::One(insert_new(&mut st, &mut next, user)?)
                 }
                 Command::Upsert {
                     created,
