@@ -2,7 +2,8 @@
 //!
 //! Each variant maps to one gRPC code. Validation errors carry a
 //! `google.rpc.BadRequest` detail naming the field; storage failures are
-//! logged here and reach the client only as a generic `INTERNAL`.
+//! logged here and reach the client only as a generic `INTERNAL` (or
+//! `RESOURCE_EXHAUSTED` for a full disk).
 
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
@@ -27,6 +28,7 @@ impl Error {
             Error::Store(StoreError::AlreadyExists(_)) => Code::AlreadyExists,
             Error::Store(StoreError::NotFound(_)) => Code::NotFound,
             Error::Store(StoreError::VersionMismatch { .. }) => Code::FailedPrecondition,
+            Error::Store(StoreError::Full(_)) => Code::ResourceExhausted,
             Error::Store(StoreError::Internal(_)) => Code::Internal,
         }
     }
@@ -34,6 +36,10 @@ impl Error {
     /// The message a client sees.
     pub fn client_message(&self) -> String {
         match self {
+            Error::Store(err @ StoreError::Full(_)) => {
+                tracing::error!(error = %err, "request failed");
+                "storage full".to_owned()
+            }
             Error::Store(err @ StoreError::Internal(_)) => {
                 tracing::error!(error = %err, "request failed");
                 "internal storage error".to_owned()
@@ -84,6 +90,7 @@ mod tests {
                 },
                 Code::FailedPrecondition,
             ),
+            (StoreError::Full("disk".into()), Code::ResourceExhausted),
             (StoreError::Internal("disk".into()), Code::Internal),
         ];
         for (err, code) in cases {
@@ -100,5 +107,9 @@ mod tests {
         ));
         assert_eq!(status.code(), Code::Internal);
         assert_eq!(status.message(), "internal storage error");
+        let status = Status::from(StoreError::Full(
+            "/var/db/users.db: database or disk is full".into(),
+        ));
+        assert_eq!(status.message(), "storage full");
     }
 }

@@ -1,10 +1,12 @@
 //! The SQLite store through the real `user-service` binary, as a child
-//! process: refused files at startup, and a `SIGKILL` in the middle of a
-//! write load followed by a restart on the same file.
+//! process: refused files at startup, a `SIGKILL` in the middle of a write
+//! load followed by a restart on the same file, and writes that fail for
+//! want of room.
 
 use std::{
     collections::HashMap,
-    io::{BufRead, BufReader, Read},
+    io::{self, BufRead, BufReader, Read},
+    os::unix::process::CommandExt,
     path::Path,
     process::{Child, Command, ExitStatus, Stdio},
     sync::{
@@ -18,7 +20,7 @@ use std::{
 use parking_lot::Mutex;
 use tokio::sync::{Notify, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Channel;
+use tonic::{Code, transport::Channel};
 use user_service::{
     proto::{
         self, SyncRequest, sync_request::Op, sync_response::Event,
@@ -47,7 +49,12 @@ impl Server {
     /// Starts the binary on `db` and waits (bounded) for its "listening" log
     /// line, which names the port it bound.
     fn start(db: &Path) -> Server {
-        let mut child = server_command(db)
+        Server::spawn(server_command(db))
+    }
+
+    /// The same, for a command made by [`server_command`] and adjusted.
+    fn spawn(mut command: Command) -> Server {
+        let mut child = command
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn user-service");
@@ -271,9 +278,137 @@ async fn a_restart_keeps_what_was_written() {
     assert_eq!(next_seq(&mut client).await, 4);
 }
 
+/// How large the server may grow a file in the test below: room for the
+/// log of a few dozen small commits (16 KiB pages).
+const FILE_SIZE_LIMIT: u64 = 1 << 20;
+
+/// Sets `resource`'s soft limit for process `pid` (0: this one), keeping the
+/// hard limit. Only system calls: safe between fork and exec.
+fn set_soft_limit(
+    pid: libc::pid_t,
+    resource: libc::__rlimit_resource_t,
+    soft: u64,
+) -> io::Result<()> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `limit` is a valid rlimit for the kernel to read and write.
+    unsafe {
+        if libc::prlimit(pid, resource, std::ptr::null(), &mut limit) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        limit.rlim_cur = soft.min(limit.rlim_max);
+        if libc::prlimit(pid, resource, &limit, std::ptr::null_mut()) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// A commit whose log write fails (here because the server's files may not
+/// grow past a limit, as on a full disk) is rolled back: its callers get
+/// `INTERNAL`, nothing acknowledged is lost, reads go on, and once there is
+/// room again writes succeed without a restart, with the next seq.
+#[tokio::test]
+async fn a_failed_log_write_rolls_back_and_writes_resume_when_room_is_made() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("users.db");
+    let mut command = server_command(&db);
+    // SAFETY: the closure only makes system calls, as is required between
+    // fork and exec.
+    unsafe {
+        command.pre_exec(|| {
+            set_soft_limit(0, libc::RLIMIT_FSIZE, FILE_SIZE_LIMIT)?;
+            // A write past the limit then fails with EFBIG, rather than
+            // killing the process with SIGXFSZ.
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            Ok(())
+        });
+    }
+    let server = Server::spawn(command);
+    let mut client = server.client().await;
+
+    let mut acked = Vec::new();
+    let failure = loop {
+        match client.add_user(user("", "Ann")).await {
+            Ok(reply) => acked.push(reply.into_inner().user.unwrap()),
+            Err(status) => break status,
+        }
+        assert!(acked.len() < 10_000, "no write failed under the limit");
+    };
+    assert_eq!(failure.code(), Code::Internal, "{failure:?}");
+    assert_eq!(failure.message(), "internal storage error");
+    assert!(!acked.is_empty(), "the first writes fit under the limit");
+    // A failed write is not a stuck server: the next one is tried (and
+    // fails the same way while the limit stands), reads go on.
+    let again = client.add_user(user("", "Bob")).await.unwrap_err();
+    assert_eq!(again.code(), Code::Internal, "{again:?}");
+    let last = acked.last().unwrap().clone();
+    let read = client
+        .get_user(proto::GetUserRequest {
+            id: last.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(read, last);
+    assert_eq!(
+        list_all(&mut client).await,
+        acked,
+        "failed writes left nothing"
+    );
+
+    // Room again: writes succeed, and the failed ones used no seq.
+    let pid = libc::pid_t::try_from(server.child.id()).unwrap();
+    set_soft_limit(pid, libc::RLIMIT_FSIZE, libc::RLIM_INFINITY).unwrap();
+    let seq = next_seq(&mut client).await;
+    assert_eq!(seq, acked.len() as u64 + 1);
+    let added = client
+        .add_user(user("", "Cy"))
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap();
+    acked.push(added);
+    server.kill();
+
+    // Everything acknowledged survives a restart.
+    let server = Server::start(&db);
+    let mut client = server.client().await;
+    let mut stored = list_all(&mut client).await;
+    stored.retain(|user| user.id != PROBE_ID);
+    assert_eq!(stored, acked);
+    assert_eq!(next_seq_after(&mut client, 1).await, seq + 2);
+}
+
+/// Every stored user, in id order.
+async fn list_all(client: &mut Client) -> Vec<proto::User> {
+    let mut stream = client
+        .list_users(proto::ListUsersRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let mut users = Vec::new();
+    while let Some(user) = stream.message().await.unwrap() {
+        users.push(user);
+    }
+    users
+}
+
+/// The id [`next_seq`] upserts.
+const PROBE_ID: &str = "probe-after-restart";
+
 /// Sends one upsert on a new id and returns its Ack's seq.
 async fn next_seq(client: &mut Client) -> u64 {
-    let request = upsert(1, user("probe-after-restart", "Probe"), 0);
+    next_seq_after(client, 0).await
+}
+
+/// Upserts the probe user, expecting it at `version`, and returns the Ack's
+/// seq.
+async fn next_seq_after(client: &mut Client, version: u64) -> u64 {
+    let request = upsert(1, user(PROBE_ID, "Probe"), version);
     let mut sync = client
         .sync_users(tokio_stream::iter([request]))
         .await

@@ -31,6 +31,10 @@ pub enum StoreError {
     /// (`actual` is 0 when no such user exists).
     #[error("expected version {expected}, stored version is {actual}")]
     VersionMismatch { expected: u64, actual: u64 },
+    /// The backend has no room for the write (a full disk); other writes
+    /// may succeed once room is made. The text is for logs, not for clients.
+    #[error("storage full: {0}")]
+    Full(String),
     /// The backend failed. The text is for logs, not for clients.
     #[error("storage failure: {0}")]
     Internal(String),

@@ -23,10 +23,13 @@
 //! means the write is committed (with [`Durability::Full`] fsynced, with
 //! [`Durability::Normal`] handed to the OS). If the
 //! transaction fails, it is rolled back whole, every op in it is answered
-//! with an internal error and nothing is published. A failed COMMIT leaves
-//! the writer refusing every later write: after a failed fsync the file's
-//! state is no longer known to this process, and a restart is what recovers
-//! it (SQLite replays or discards the write-ahead log on open).
+//! with an error (`StoreError::Full` for a full disk, otherwise internal)
+//! and nothing is published; later batches are tried as usual, so writes
+//! resume once the disk has room. The exception is a COMMIT that fails past
+//! writing the log, in its fsync: that leaves the writer refusing every later
+//! write, because after a failed fsync the file's state is no longer known to
+//! this process, and a restart is what recovers it (SQLite replays or
+//! discards the write-ahead log on open).
 //!
 //! # Reads
 //!
@@ -720,10 +723,36 @@ enum Outcome {
 
 /// Why a batch did not commit.
 enum BatchError {
-    /// A statement failed: the transaction was rolled back, nothing changed.
-    Apply(rusqlite::Error),
-    /// COMMIT failed: what reached the disk is unknown.
+    /// A statement failed, or COMMIT could not write the log (a full disk,
+    /// a failed write): the transaction was rolled back, nothing changed, and
+    /// later batches may succeed.
+    RolledBack(rusqlite::Error),
+    /// COMMIT failed past writing the log (its fsync): what reached the disk
+    /// is unknown.
     Commit(rusqlite::Error),
+}
+
+/// Whether a failed COMMIT failed while writing the log, before any fsync.
+/// SQLite then rolls the transaction back: frames written before the failed
+/// one are never marked committed (the log index does not take them in, and
+/// recovery stops at the last valid commit frame), so the file is as it was
+/// and the next transaction writes over them. A failed fsync is another
+/// matter: the kernel may have dropped pages it could not write, and no
+/// later fsync would report it.
+fn failed_before_sync(err: &rusqlite::Error) -> bool {
+    err.sqlite_error().is_some_and(|e| {
+        e.code == ErrorCode::DiskFull || e.extended_code == rusqlite::ffi::SQLITE_IOERR_WRITE
+    })
+}
+
+/// What the callers of a batch that was rolled back get: a full disk is
+/// [`StoreError::Full`] (room may come back), anything else internal.
+fn rolled_back_error(err: &rusqlite::Error) -> StoreError {
+    if err.sqlite_error_code() == Some(ErrorCode::DiskFull) {
+        StoreError::Full(format!("SQLite: {err}"))
+    } else {
+        StoreError::Internal(format!("SQLite write failed: {err}"))
+    }
 }
 
 /// The writer thread's end of the command channel.
@@ -886,11 +915,11 @@ impl Writer {
                     command.reply(outcome);
                 }
             }
-            Err(BatchError::Apply(err)) => {
+            Err(BatchError::RolledBack(err)) => {
                 tracing::error!(error = %err, "SQLite write failed; batch rolled back");
-                let reason = format!("SQLite write failed: {err}");
+                let error = rolled_back_error(&err);
                 for command in batch.drain(..) {
-                    command.fail(StoreError::Internal(reason.clone()));
+                    command.fail(error.clone());
                 }
             }
             Err(BatchError::Commit(err)) => {
@@ -980,17 +1009,21 @@ fn insert_new(
 /// as `Connection::transaction` does, they cost the writer about as much as
 /// the inserts of a small batch.
 fn apply(conn: &Connection, batch: &[Command]) -> Result<Vec<Outcome>, BatchError> {
-    run_cached(conn, "BEGIN IMMEDIATE").map_err(BatchError::Apply)?;
+    run_cached(conn, "BEGIN IMMEDIATE").map_err(BatchError::RolledBack)?;
     let outcomes = match apply_in(conn, batch) {
         Ok(outcomes) => outcomes,
         Err(err) => {
             roll_back(conn);
-            return Err(BatchError::Apply(err));
+            return Err(BatchError::RolledBack(err));
         }
     };
     if let Err(err) = run_cached(conn, "COMMIT") {
         roll_back(conn);
-        return Err(BatchError::Commit(err));
+        return Err(if failed_before_sync(&err) {
+            BatchError::RolledBack(err)
+        } else {
+            BatchError::Commit(err)
+        });
     }
     Ok(outcomes)
 }
@@ -1298,6 +1331,22 @@ mod tests {
             reply,
         };
         (command, replied)
+    }
+
+    #[test]
+    fn only_a_failed_log_write_counts_as_rolled_back() {
+        let error = |code| rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(code), None);
+        let full = error(rusqlite::ffi::SQLITE_FULL);
+        assert!(failed_before_sync(&full));
+        assert!(matches!(rolled_back_error(&full), StoreError::Full(_)));
+        let write = error(rusqlite::ffi::SQLITE_IOERR_WRITE);
+        assert!(failed_before_sync(&write));
+        assert!(matches!(rolled_back_error(&write), StoreError::Internal(_)));
+        // After a failed fsync the file's state is unknown.
+        assert!(!failed_before_sync(&error(
+            rusqlite::ffi::SQLITE_IOERR_FSYNC
+        )));
+        assert!(!failed_before_sync(&error(rusqlite::ffi::SQLITE_IOERR)));
     }
 
     #[test]
