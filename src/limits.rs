@@ -12,7 +12,11 @@
 //!   response stream that is still open. tonic alone only bounds the handler,
 //!   and answers `CANCELLED` when it does;
 //! - holds the slot until the response body is finished or dropped, so a
-//!   client that disconnects mid-stream gives its slot back.
+//!   client that disconnects mid-stream gives its slot back;
+//! - ends the response streams of the other services on the port (health
+//!   `Watch`, reflection) with `UNAVAILABLE` once the server starts shutting
+//!   down, as UserService's streams end themselves: tonic's graceful shutdown
+//!   waits for every open stream, and a health `Watch` never ends on its own.
 
 use std::{
     future::Future,
@@ -21,7 +25,7 @@ use std::{
         Arc,
         atomic::{AtomicUsize, Ordering},
     },
-    task::{Context, Poll, ready},
+    task::{Context, Poll},
     time::Duration,
 };
 
@@ -30,6 +34,7 @@ use tokio::{
     sync::Notify,
     time::{Instant, Sleep},
 };
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::Status;
 use tower_service::Service;
 
@@ -155,11 +160,13 @@ impl Drop for Slot {
 #[derive(Debug, Clone)]
 pub struct CallGuardLayer {
     slots: Slots,
+    shutdown: CancellationToken,
 }
 
 impl CallGuardLayer {
-    pub fn new(slots: Slots) -> Self {
-        CallGuardLayer { slots }
+    /// `shutdown` is cancelled when the server starts shutting down.
+    pub fn new(slots: Slots, shutdown: CancellationToken) -> Self {
+        CallGuardLayer { slots, shutdown }
     }
 }
 
@@ -170,6 +177,7 @@ impl<S> tower_layer::Layer<S> for CallGuardLayer {
         CallGuard {
             inner,
             slots: self.slots.clone(),
+            shutdown: self.shutdown.clone(),
         }
     }
 }
@@ -179,6 +187,7 @@ impl<S> tower_layer::Layer<S> for CallGuardLayer {
 pub struct CallGuard<S> {
     inner: S,
     slots: Slots,
+    shutdown: CancellationToken,
 }
 
 impl<S, ReqBody, ResBody> Service<http::Request<ReqBody>> for CallGuard<S>
@@ -205,9 +214,11 @@ where
             *refused.status_mut() = http::StatusCode::UNSUPPORTED_MEDIA_TYPE;
             return Box::pin(std::future::ready(Ok(refused)));
         }
-        let slot = if request.uri().path().starts_with(LIMITED_PREFIX) {
+        // UserService calls take a slot and end their streams themselves at
+        // shutdown; the other services' streams are ended here.
+        let (slot, shutdown) = if request.uri().path().starts_with(LIMITED_PREFIX) {
             match self.slots.try_take() {
-                Some(slot) => Some(slot),
+                Some(slot) => (Some(slot), None),
                 None => {
                     let refused =
                         Status::resource_exhausted("too many calls in flight; retry with backoff");
@@ -215,7 +226,7 @@ where
                 }
             }
         } else {
-            None
+            (None, Some(self.shutdown.clone()))
         };
         // Taken now, synchronously: tonic's own timer for the same header is
         // started after this returns, so this deadline is never the later
@@ -234,6 +245,7 @@ where
             Ok(response.map(|body| GuardedBody {
                 inner: body,
                 deadline: deadline.map(|deadline| Box::pin(tokio::time::sleep_until(deadline))),
+                shutdown: shutdown.map(|token| Box::pin(token.cancelled_owned())),
                 slot,
                 ended: false,
             }))
@@ -256,11 +268,13 @@ fn deadline_exceeded() -> Status {
 }
 
 /// A response body that ends the call with `DEADLINE_EXCEEDED` once its
-/// deadline passes, and holds the call's in-flight slot until it is finished
-/// or dropped.
+/// deadline passes, or with `UNAVAILABLE` once the server shuts down and the
+/// stream has nothing more ready to send, and holds the call's in-flight slot
+/// until it is finished or dropped.
 pub struct GuardedBody<B> {
     inner: B,
     deadline: Option<Pin<Box<Sleep>>>,
+    shutdown: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
     slot: Option<Slot>,
     ended: bool,
 }
@@ -271,6 +285,7 @@ impl<B: Default> GuardedBody<B> {
         status.into_http::<B>().map(|body| GuardedBody {
             inner: body,
             deadline: None,
+            shutdown: None,
             slot: None,
             ended: false,
         })
@@ -299,13 +314,21 @@ where
             // whole gRPC messages, so the client sees complete messages and
             // then this status.
             this.finish();
-            let mut trailers = http::HeaderMap::new();
-            return match deadline_exceeded().add_header(&mut trailers) {
-                Ok(()) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
-                Err(status) => Poll::Ready(Some(Err(status))),
-            };
+            return Poll::Ready(Some(end_with(deadline_exceeded())));
         }
-        let frame = ready!(Pin::new(&mut this.inner).poll_frame(cx));
+        let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) else {
+            // What the stream had ready (a health `Watch`'s last status, say)
+            // has gone out before it is cut.
+            if let Some(shutdown) = &mut this.shutdown
+                && shutdown.as_mut().poll(cx).is_ready()
+            {
+                this.finish();
+                return Poll::Ready(Some(end_with(Status::unavailable(
+                    "server is shutting down",
+                ))));
+            }
+            return Poll::Pending;
+        };
         match &frame {
             Some(Ok(frame)) if frame.is_data() => {}
             // Trailers, an error or the end: the call is over.
@@ -330,8 +353,16 @@ impl<B> GuardedBody<B> {
     fn finish(&mut self) {
         self.ended = true;
         self.deadline = None;
+        self.shutdown = None;
         self.slot = None;
     }
+}
+
+/// The trailers that end a call with `status`.
+fn end_with<D>(status: Status) -> Result<Frame<D>, Status> {
+    let mut trailers = http::HeaderMap::new();
+    status.add_header(&mut trailers)?;
+    Ok(Frame::trailers(trailers))
 }
 
 /// The largest timeout the header can express is 99,999,999 hours; anything
@@ -490,7 +521,10 @@ mod tests {
 
     fn guard(stuck: bool, max_in_flight: usize) -> (CallGuard<Handler>, Gauges) {
         let gauges = Gauges::default();
-        let layer = CallGuardLayer::new(gauges.in_flight_slots(max_in_flight));
+        let layer = CallGuardLayer::new(
+            gauges.in_flight_slots(max_in_flight),
+            CancellationToken::new(),
+        );
         let guard = tower_layer::Layer::layer(&layer, Handler { stuck });
         (guard, gauges)
     }

@@ -223,6 +223,7 @@ pub async fn run<S: Store>(
         .http2_keepalive_timeout(Some(config.keepalive_timeout))
         .layer(CallGuardLayer::new(
             config.gauges.in_flight_slots(config.max_in_flight_calls),
+            stop.clone(),
         ))
         .add_service(users)
         .add_service(health_service)

@@ -166,6 +166,42 @@ async fn shutdown_ends_open_streams_and_returns(backend: Backend) {
     bulk_tx.send(user("in flight")).await.unwrap();
     let mut bulk_client = server.client().await;
     let bulk = tokio::spawn(async move { bulk_client.bulk_add_users(rows).await });
+    // And the other services' streams, which tonic would keep open: a
+    // health Watch and a reflection stream whose client has not finished.
+    let mut health = HealthClient::new(server.channel().await);
+    let mut watch = health
+        .watch(HealthCheckRequest {
+            service: "grpcUser.UserService".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = within("the first health status", watch.message())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.status(), ServingStatus::Serving);
+    let mut reflection =
+        v1::server_reflection_client::ServerReflectionClient::new(server.channel().await);
+    let (reflection_tx, reflection_requests) = request_stream();
+    reflection_tx
+        .send(v1::ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(v1::server_reflection_request::MessageRequest::ListServices(
+                String::new(),
+            )),
+        })
+        .await
+        .unwrap();
+    let mut reflection = reflection
+        .server_reflection_info(reflection_requests)
+        .await
+        .unwrap()
+        .into_inner();
+    within("a reflection reply", reflection.message())
+        .await
+        .unwrap()
+        .unwrap();
 
     server.begin_shutdown();
 
@@ -194,7 +230,21 @@ async fn shutdown_ends_open_streams_and_returns(backend: Backend) {
         .unwrap()
         .unwrap_err();
     assert_eq!(status.code(), Code::Unavailable);
-    drop(bulk_tx);
+    // Watchers learn that the service stopped serving, then the stream ends.
+    let last = within("NOT_SERVING", watch.message())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(last.status(), ServingStatus::NotServing);
+    let status = within("the health watch to end", watch.message())
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable);
+    let status = within("the reflection stream to end", reflection.message())
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable);
+    drop((bulk_tx, reflection_tx));
     // `run` returns well within its grace period (the streams ended on their own).
     within("the server to stop", server.stop()).await.unwrap();
 }
