@@ -4,7 +4,9 @@ use std::{borrow::Borrow, cmp::Ordering, collections::BTreeSet, ops::Bound, sync
 
 use parking_lot::RwLock;
 
-use super::{ChangeFeed, ListFilter, Page, Store, StoreError, Subscription, check_version};
+use super::{
+    ChangeFeed, ListFilter, Page, Store, StoreError, Subscription, WriteOp, check_version,
+};
 use crate::user::{Change, ChangeKind, NewUser, User};
 
 /// Most users a listing page looks at under one lock hold, matching or not:
@@ -238,6 +240,50 @@ impl State {
         }
         Ok(self.commit(feed, ChangeKind::Created, user))
     }
+
+    /// `prepared`: the user to store if its id is free (version 1).
+    fn upsert(
+        &mut self,
+        feed: &ChangeFeed,
+        prepared: User,
+        expected_version: Option<u64>,
+    ) -> Result<Change, StoreError> {
+        let stored = self
+            .users
+            .get(&Lookup::new(prepared.id()) as &dyn IdKey)
+            .map(|entry| entry.user.version());
+        check_version(expected_version, stored.unwrap_or(0))?;
+        match stored {
+            None => {
+                self.users.insert(Entry::new(prepared.clone()));
+                Ok(self.commit(feed, ChangeKind::Created, prepared))
+            }
+            Some(version) => {
+                let user = prepared.with_version(version + 1);
+                self.users.replace(Entry::new(user.clone()));
+                Ok(self.commit(feed, ChangeKind::Updated, user))
+            }
+        }
+    }
+
+    fn delete(
+        &mut self,
+        feed: &ChangeFeed,
+        id: &str,
+        expected_version: Option<u64>,
+    ) -> Result<Change, StoreError> {
+        let key = Lookup::new(id);
+        let stored = match self.users.get(&key as &dyn IdKey) {
+            Some(stored) => stored.user.version(),
+            None => return Err(StoreError::NotFound(id.to_owned())),
+        };
+        check_version(expected_version, stored)?;
+        let Entry { user, .. } = self
+            .users
+            .take(&key as &dyn IdKey)
+            .expect("checked above under the same lock");
+        Ok(self.commit(feed, ChangeKind::Deleted, user))
+    }
 }
 
 impl Store for MemoryStore {
@@ -265,37 +311,44 @@ impl Store for MemoryStore {
     ) -> Result<Change, StoreError> {
         let prepared = Self::prepare(&user, 1);
         let mut state = self.shared.state.write();
-        let stored = state
-            .users
-            .get(&Lookup::new(prepared.id()) as &dyn IdKey)
-            .map(|entry| entry.user.version());
-        check_version(expected_version, stored.unwrap_or(0))?;
-        match stored {
-            None => {
-                state.users.insert(Entry::new(prepared.clone()));
-                Ok(state.commit(&self.shared.feed, ChangeKind::Created, prepared))
-            }
-            Some(version) => {
-                let user = prepared.with_version(version + 1);
-                state.users.replace(Entry::new(user.clone()));
-                Ok(state.commit(&self.shared.feed, ChangeKind::Updated, user))
-            }
-        }
+        state.upsert(&self.shared.feed, prepared, expected_version)
     }
 
     async fn delete(&self, id: &str, expected_version: Option<u64>) -> Result<Change, StoreError> {
         let mut state = self.shared.state.write();
-        let key = Lookup::new(id);
-        let stored = match state.users.get(&key as &dyn IdKey) {
-            Some(stored) => stored.user.version(),
-            None => return Err(StoreError::NotFound(id.to_owned())),
-        };
-        check_version(expected_version, stored)?;
-        let Entry { user, .. } = state
-            .users
-            .take(&key as &dyn IdKey)
-            .expect("checked above under the same lock");
-        Ok(state.commit(&self.shared.feed, ChangeKind::Deleted, user))
+        state.delete(&self.shared.feed, id, expected_version)
+    }
+
+    async fn apply_many(&self, ops: Vec<WriteOp>) -> Vec<Result<Change, StoreError>> {
+        /// An op with its user built.
+        enum Prepared {
+            Upsert(User, Option<u64>),
+            Delete(String, Option<u64>),
+        }
+        // As `create_many`: users built outside the lock, then one lock hold
+        // for the whole batch.
+        let prepared: Vec<Prepared> = ops
+            .into_iter()
+            .map(|op| match op {
+                WriteOp::Upsert {
+                    user,
+                    expected_version,
+                } => Prepared::Upsert(Self::prepare(&user, 1), expected_version),
+                WriteOp::Delete {
+                    id,
+                    expected_version,
+                } => Prepared::Delete(id, expected_version),
+            })
+            .collect();
+        let feed = &self.shared.feed;
+        let mut state = self.shared.state.write();
+        prepared
+            .into_iter()
+            .map(|op| match op {
+                Prepared::Upsert(user, expected) => state.upsert(feed, user, expected),
+                Prepared::Delete(id, expected) => state.delete(feed, &id, expected),
+            })
+            .collect()
     }
 
     async fn get(&self, id: &str) -> Result<User, StoreError> {
@@ -483,6 +536,52 @@ mod tests {
         );
         let again = store.upsert(named("a", "A"), None).await.unwrap();
         assert_eq!((again.kind, again.user.version()), (ChangeKind::Created, 1));
+    }
+
+    #[tokio::test]
+    async fn apply_many_applies_each_op_in_order() {
+        let store = store();
+        let mut feed = store.subscribe();
+        let upsert = |id: &str, expected_version| WriteOp::Upsert {
+            user: named(id, "N"),
+            expected_version,
+        };
+        let results = store
+            .apply_many(vec![
+                upsert("a", None),
+                upsert("a", Some(1)),
+                upsert("a", Some(1)),
+                WriteOp::Delete {
+                    id: "b".into(),
+                    expected_version: None,
+                },
+                WriteOp::Delete {
+                    id: "a".into(),
+                    expected_version: Some(2),
+                },
+            ])
+            .await;
+        let outcomes: Vec<_> = results
+            .iter()
+            .map(|r| r.as_ref().map(|c| (c.seq, c.kind, c.user.version())))
+            .collect();
+        assert_eq!(
+            outcomes,
+            [
+                Ok((1, ChangeKind::Created, 1)),
+                Ok((2, ChangeKind::Updated, 2)),
+                Err(&StoreError::VersionMismatch {
+                    expected: 1,
+                    actual: 2
+                }),
+                Err(&StoreError::NotFound("b".into())),
+                Ok((3, ChangeKind::Deleted, 2)),
+            ]
+        );
+        for seq in 1..=3 {
+            assert_eq!(feed.try_recv().unwrap().seq, seq);
+        }
+        assert!(store.is_empty());
     }
 
     #[tokio::test]
