@@ -1333,6 +1333,64 @@ mod tests {
         (command, replied)
     }
 
+    /// A full disk, staged with SQLite's own page limit (which fails the same
+    /// way, with SQLITE_FULL): the batch is answered with `Full` and rolled
+    /// back, and the writer goes on once there is room.
+    #[test]
+    fn a_full_database_fails_the_batch_and_the_writer_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("users.db");
+        let mut conn = open_writer(&path, Durability::Full).unwrap();
+        migrate(&mut conn, &path).unwrap();
+        let pages: i64 = conn
+            .query_row("PRAGMA page_count", [], |row| row.get(0))
+            .unwrap();
+        conn.execute_batch(&format!("PRAGMA max_page_count = {pages}"))
+            .unwrap();
+        let (_commands, receiver) = mpsc::channel(1);
+        let feed = ChangeFeed::new(1024);
+        let mut published = feed.subscribe();
+        let mut writer = Writer {
+            conn,
+            inbox: Inbox::new(receiver),
+            feed,
+            failed: None,
+        };
+        // One batch of users far larger than the pages left.
+        let create = |count: usize| {
+            let users = (0..count)
+                .map(|i| prepare_user(&named(&format!("u{i:05}"), &"x".repeat(200)), 1))
+                .collect();
+            let (reply, receiver) = oneshot::channel();
+            (Command::Create { users, reply }, receiver)
+        };
+        let (command, mut receiver) = create(1000);
+        writer.commit(&mut vec![command]);
+        let results = receiver.try_recv().unwrap();
+        assert_eq!(results.len(), 1000);
+        assert!(
+            results
+                .iter()
+                .all(|r| matches!(r, Err(StoreError::Full(_)))),
+            "{:?}",
+            results[0]
+        );
+        assert!(writer.failed.is_none(), "the writer still takes writes");
+        assert!(published.try_recv().is_err(), "nothing published");
+
+        // Room again: the next batch commits, with the first seq.
+        writer
+            .conn
+            .execute_batch("PRAGMA max_page_count = 1073741823")
+            .unwrap();
+        let (command, mut receiver) = create(1000);
+        writer.commit(&mut vec![command]);
+        let results = receiver.try_recv().unwrap();
+        assert_eq!(results[0].as_ref().unwrap().seq, 1);
+        assert!(results.iter().all(Result::is_ok));
+        assert_eq!(published.try_recv().unwrap().seq, 1);
+    }
+
     #[test]
     fn only_a_failed_log_write_counts_as_rolled_back() {
         let error = |code| rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(code), None);
