@@ -142,10 +142,11 @@ pub trait Store: Clone + Send + Sync + Unpin + 'static {
     ) -> impl Future<Output = Result<Change, StoreError>> + Send;
 
     /// Applies each op in order, as [`Store::upsert`] and [`Store::delete`]
-    /// would one after the other, and returns one result per op. A backend
-    /// that commits to disk overrides it to queue every op before it waits
-    /// for the first, so that the ops share commits (SyncUsers hands over
-    /// the requests of a stream that arrived together this way).
+    /// would one after the other, and returns one result per op. Backends
+    /// override it to share work between the ops: the memory store takes its
+    /// lock once, the SQLite store queues every op before it waits for the
+    /// first, so that they share commits (SyncUsers hands over the requests
+    /// of a stream that arrived together this way).
     fn apply_many(
         &self,
         ops: Vec<WriteOp>,

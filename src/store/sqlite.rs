@@ -364,11 +364,20 @@ impl SqliteStore {
             .commands
             .send(command)
             .await
-            .map_err(|_| StoreError::Internal("the SQLite writer has stopped".into()))?;
-        reply
-            .await
-            .map_err(|_| StoreError::Internal("the SQLite writer dropped a write".into()))
+            .map_err(|_| writer_stopped())?;
+        reply.await.map_err(|_| write_dropped())
     }
+}
+
+/// A write sent after the writer thread stopped (every handle dropped, or a
+/// panic).
+fn writer_stopped() -> StoreError {
+    StoreError::Internal("the SQLite writer has stopped".into())
+}
+
+/// A write the writer thread took but never answered.
+fn write_dropped() -> StoreError {
+    StoreError::Internal("the SQLite writer dropped a write".into())
 }
 
 impl Store for SqliteStore {
@@ -433,15 +442,9 @@ impl Store for SqliteStore {
         }
         let mut results = Vec::with_capacity(count);
         for receiver in replies {
-            results.push(receiver.await.unwrap_or_else(|_| {
-                Err(StoreError::Internal(
-                    "the SQLite writer dropped a write".into(),
-                ))
-            }));
+            results.push(receiver.await.unwrap_or_else(|_| Err(write_dropped())));
         }
-        results.resize_with(count, || {
-            Err(StoreError::Internal("the SQLite writer has stopped".into()))
-        });
+        results.resize_with(count, || Err(writer_stopped()));
         results
     }
 
@@ -829,7 +832,8 @@ struct Writer {
     conn: Connection,
     inbox: Inbox,
     feed: ChangeFeed,
-    /// Set after a failed COMMIT: every later write is refused with it.
+    /// Set after a COMMIT that failed past writing the log (in its fsync):
+    /// every later write is refused with it.
     failed: Option<String>,
 }
 
@@ -948,28 +952,28 @@ struct Statements<'t> {
 }
 
 impl<'t> Statements<'t> {
-    fn prepare(tx: &'t Connection) -> rusqlite::Result<Self> {
+    fn prepare(conn: &'t Connection) -> rusqlite::Result<Self> {
         Ok(Statements {
             // Writes nothing when the id is taken: the pre-check and the
             // write in one step.
-            insert_new: tx.prepare_cached(
+            insert_new: conn.prepare_cached(
                 "INSERT INTO users (id, first_name, last_name, address, verified, version)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (id) DO NOTHING",
             )?,
-            insert: tx.prepare_cached(
+            insert: conn.prepare_cached(
                 "INSERT INTO users (id, first_name, last_name, address, verified, version)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             )?,
-            update: tx.prepare_cached(
+            update: conn.prepare_cached(
                 "UPDATE users SET first_name = ?2, last_name = ?3, address = ?4,
                  verified = ?5, version = ?6 WHERE id = ?1",
             )?,
-            version_of: tx.prepare_cached("SELECT version FROM users WHERE id = ?1")?,
-            user_of: tx.prepare_cached(
+            version_of: conn.prepare_cached("SELECT version FROM users WHERE id = ?1")?,
+            user_of: conn.prepare_cached(
                 "SELECT id, first_name, last_name, address, verified, version
                  FROM users WHERE id = ?1",
             )?,
-            delete: tx.prepare_cached("DELETE FROM users WHERE id = ?1")?,
+            delete: conn.prepare_cached("DELETE FROM users WHERE id = ?1")?,
         })
     }
 }
@@ -1042,14 +1046,15 @@ fn roll_back(conn: &Connection) {
     }
 }
 
-fn apply_in(tx: &Connection, batch: &[Command]) -> rusqlite::Result<Vec<Outcome>> {
+/// The body of [`apply`]'s transaction.
+fn apply_in(conn: &Connection, batch: &[Command]) -> rusqlite::Result<Vec<Outcome>> {
     // Read inside the write transaction, not cached in memory: the stored
     // seq is the truth even if another process wrote to the file.
-    let first_seq = read_seq(tx)? as u64;
+    let first_seq = read_seq(conn)? as u64;
     let mut seq = first_seq;
     let mut outcomes = Vec::with_capacity(batch.len());
     {
-        let mut st = Statements::prepare(tx)?;
+        let mut st = Statements::prepare(conn)?;
         let mut next = |kind, user: User| {
             seq += 1;
             Change { seq, kind, user }
@@ -1116,7 +1121,7 @@ fn apply_in(tx: &Connection, batch: &[Command]) -> rusqlite::Result<Vec<Outcome>
         }
     }
     if seq != first_seq {
-        tx.prepare_cached("UPDATE change_seq SET seq = ?1")?
+        conn.prepare_cached("UPDATE change_seq SET seq = ?1")?
             .execute([seq as i64])?;
     }
     Ok(outcomes)
