@@ -7,8 +7,10 @@
 //!
 //! - `main.rs` (the `user-service` binary): flags, logging, signals; calls
 //!   [`server::run`].
-//! - [`server`]: transport limits, the services on the port (UserService,
-//!   health, reflection) and graceful shutdown.
+//! - [`server`]: the services on the port (UserService, health,
+//!   [`reflection`]), their limits, and graceful shutdown.
+//! - [`transport`]: connections and HTTP/2, on the `h2` crate: one task per
+//!   connection and per call, keepalive, TLS.
 //! - [`batched_io`]: fewer, larger socket writes under load.
 //! - [`limits`]: the in-flight and subscriber caps, call deadlines over
 //!   whole streams, and the gauges counting what is open.
@@ -31,10 +33,12 @@ pub mod batched_io;
 pub mod error;
 pub mod limits;
 pub mod proto;
+pub mod reflection;
 pub mod sample;
 pub mod server;
 pub mod service;
 pub mod store;
+pub mod transport;
 pub mod user;
 pub mod validate;
 

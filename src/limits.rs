@@ -337,14 +337,23 @@ where
         Poll::Ready(frame)
     }
 
+    /// A body at its end is at its end whatever the deadline: a reply
+    /// without a body (every error status) must be sent as one HEADERS
+    /// frame with END_STREAM, gRPC's Trailers-Only form. Reporting "not at
+    /// the end" because a deadline is armed made the server send the
+    /// headers, then an empty DATA frame to end the stream, and grpc-go and
+    /// grpcio clients, which read the status only from that form or from
+    /// trailers, lost it (INTERNAL or UNKNOWN instead of the real code).
     fn is_end_stream(&self) -> bool {
-        self.ended || (self.deadline.is_none() && self.inner.is_end_stream())
+        self.ended || self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
+        // The deadline may end the body with trailers the inner body does
+        // not know about.
         match self.deadline {
-            Some(_) => SizeHint::default(),
-            None => self.inner.size_hint(),
+            Some(_) if !self.inner.is_end_stream() => SizeHint::default(),
+            _ => self.inner.size_hint(),
         }
     }
 }

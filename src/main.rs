@@ -73,7 +73,7 @@ struct Args {
     #[arg(long, env = "USER_SERVICE_MAX_HEADER_LIST_SIZE", default_value_t = server::MAX_HEADER_LIST_SIZE)]
     max_header_list_size: u32,
 
-    /// Seconds a connection may idle before a keepalive ping; 0 turns pings
+    /// Seconds between keepalive pings on each connection; 0 turns pings
     /// off.
     #[arg(long, env = "USER_SERVICE_KEEPALIVE_INTERVAL", default_value_t = server::KEEPALIVE_INTERVAL.as_secs())]
     keepalive_interval: u64,

@@ -9,6 +9,11 @@ tonic::include_proto!("grpc_user");
 /// reflection service so that grpcurl needs no proto file.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("user_descriptor");
 
+/// The well-known types (`google.protobuf.Any`, `Duration`) that the error
+/// details in a status import, for the reflection service to serve with them.
+pub const WELL_KNOWN_DESCRIPTOR_SET: &[u8] =
+    tonic::include_file_descriptor_set!("well_known_descriptor");
+
 use crate::user;
 
 impl From<User> for user::NewUser {

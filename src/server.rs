@@ -1,23 +1,24 @@
 //! Serving: the transport settings, the services on the port, and shutdown.
 
-use std::{future::Future, net::SocketAddr, time::Duration};
+use std::{future::Future, net::SocketAddr, pin::pin, time::Duration};
 
-use futures::TryStreamExt;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::{
     codec::CompressionEncoding,
-    service::interceptor::InterceptedService,
-    transport::{Certificate, Identity, Server, ServerTlsConfig, server::TcpIncoming},
+    service::{Routes, interceptor::InterceptedService},
 };
+use tonic_health::ServingStatus;
 
+pub use crate::transport::TlsConfig;
 use crate::{
     auth::{AuthToken, Authenticate},
-    batched_io::BatchedWrites,
     limits::{CallGuardLayer, Gauges},
-    proto::{self, user_service_server::UserServiceServer},
+    proto::user_service_server::UserServiceServer,
+    reflection,
     service::UserService,
     store::Store,
+    transport::{self, Http2Settings, TlsError},
 };
 
 /// Largest gRPC message accepted or sent. tonic bounds decoding at 4 MiB but
@@ -70,7 +71,7 @@ pub struct Config {
     pub max_local_error_reset_streams: usize,
     /// Largest request header block, in bytes.
     pub max_header_list_size: u32,
-    /// Idle time before a keepalive ping; `None` turns pings off.
+    /// Time between keepalive pings; `None` turns pings off.
     pub keepalive_interval: Option<Duration>,
     /// How long a ping may go unanswered before the connection is closed.
     pub keepalive_timeout: Duration,
@@ -106,35 +107,6 @@ impl Default for Config {
     }
 }
 
-/// The server's TLS identity (PEM), and optionally the CA that client
-/// certificates must chain to (mutual TLS: clients without one are refused).
-#[derive(Clone)]
-pub struct TlsConfig {
-    pub cert_pem: Vec<u8>,
-    pub key_pem: Vec<u8>,
-    pub client_ca_pem: Option<Vec<u8>>,
-}
-
-impl std::fmt::Debug for TlsConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // The private key stays out of logs.
-        f.debug_struct("TlsConfig")
-            .field("mutual", &self.client_ca_pem.is_some())
-            .finish_non_exhaustive()
-    }
-}
-
-impl TlsConfig {
-    fn server_config(&self) -> ServerTlsConfig {
-        let tls =
-            ServerTlsConfig::new().identity(Identity::from_pem(&self.cert_pem, &self.key_pem));
-        match &self.client_ca_pem {
-            Some(ca) => tls.client_ca_root(Certificate::from_pem(ca)),
-            None => tls,
-        }
-    }
-}
-
 /// What is unsafe about serving `config` on `addr`: beyond loopback, traffic
 /// without TLS can be read and a server without a token called by anyone.
 pub fn exposure_warnings(addr: SocketAddr, config: &Config) -> Vec<&'static str> {
@@ -154,10 +126,8 @@ pub fn exposure_warnings(addr: SocketAddr, config: &Config) -> Vec<&'static str>
 /// Why the server stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    #[error("reflection service: {0}")]
-    Reflection(#[from] tonic_reflection::server::Error),
-    #[error("transport: {0}")]
-    Transport(#[from] tonic::transport::Error),
+    #[error("TLS: {0}")]
+    Tls(#[from] TlsError),
 }
 
 /// Serves `grpcUser.UserService` over `store`, plus health and reflection, on
@@ -198,53 +168,59 @@ pub async fn run<S: Store>(
         .set_serving::<UserServiceServer<UserService<S>>>()
         .await;
 
-    // grpcurl 1.8 only speaks v1alpha; newer clients use v1. The health
-    // service's descriptors are registered too, so grpcurl can call it.
-    let reflection = || {
-        tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-    };
-    let reflection_v1 = InterceptedService::new(reflection().build_v1()?, auth.clone());
-    let reflection_v1alpha = InterceptedService::new(reflection().build_v1alpha()?, auth);
+    // Reflection needs the token like the service it describes.
+    let reflection = reflection::Reflection::new();
+    let reflection_v1 = InterceptedService::new(reflection.v1(), auth.clone());
+    let reflection_v1alpha = InterceptedService::new(reflection.v1alpha(), auth);
 
-    let mut builder = Server::builder();
-    if let Some(tls) = &config.tls {
-        builder = builder.tls_config(tls.server_config())?;
-    }
-    let incoming = TcpIncoming::from(listener)
-        .with_nodelay(Some(true))
-        .map_ok(BatchedWrites::new);
-    let serve = builder
-        .max_concurrent_streams(config.max_concurrent_streams)
-        .http2_max_local_error_reset_streams(Some(config.max_local_error_reset_streams))
-        .http2_max_header_list_size(config.max_header_list_size)
-        .http2_keepalive_interval(config.keepalive_interval)
-        .http2_keepalive_timeout(Some(config.keepalive_timeout))
-        .layer(CallGuardLayer::new(
-            config.gauges.in_flight_slots(config.max_in_flight_calls),
-            stop.clone(),
-        ))
-        .add_service(users)
+    let tls = config.tls.as_ref().map(TlsConfig::acceptor).transpose()?;
+    let routes = Routes::new(users)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .serve_with_incoming_shutdown(incoming, stop.clone().cancelled_owned());
-    let mut serve = std::pin::pin!(serve);
+        .prepare();
+    let service = tower_layer::Layer::layer(
+        &CallGuardLayer::new(
+            config.gauges.in_flight_slots(config.max_in_flight_calls),
+            stop.clone(),
+        ),
+        routes,
+    );
+    let settings = Http2Settings {
+        max_concurrent_streams: config.max_concurrent_streams,
+        max_local_error_reset_streams: config.max_local_error_reset_streams,
+        max_header_list_size: config.max_header_list_size,
+        keepalive_interval: config.keepalive_interval,
+        keepalive_timeout: config.keepalive_timeout,
+    };
+    let mut serve = pin!(transport::serve(
+        listener,
+        tls,
+        service,
+        settings,
+        stop.clone()
+    ));
 
     tokio::select! {
-        result = &mut serve => return result.map_err(ServeError::from),
+        () = &mut serve => return Ok(()),
         () = shutdown => {}
     }
 
     tracing::info!(grace = ?config.shutdown_grace, "shutting down");
+    // Both the service and the server as a whole ("", what probes ask by
+    // default) report NOT_SERVING before any stream is ended.
     health
         .set_not_serving::<UserServiceServer<UserService<S>>>()
         .await;
+    health
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
     stop.cancel();
-    match tokio::time::timeout(config.shutdown_grace, serve).await {
-        Ok(result) => result?,
-        Err(_) => tracing::warn!("grace period over, closing the calls still open"),
+    if tokio::time::timeout(config.shutdown_grace, serve)
+        .await
+        .is_err()
+    {
+        tracing::warn!("grace period over, closing the calls still open");
     }
     tracing::info!("stopped");
     Ok(())

@@ -13,3 +13,4 @@ mod limits;
 mod malformed;
 mod raw;
 mod security;
+mod wire;

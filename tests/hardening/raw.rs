@@ -6,8 +6,11 @@ use std::net::SocketAddr;
 
 use bytes::Bytes;
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpStream,
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    net::{
+        TcpStream,
+        tcp::{OwnedReadHalf, OwnedWriteHalf},
+    },
 };
 
 use crate::common::within;
@@ -82,14 +85,7 @@ impl RawConn {
         stream: u32,
         payload: &[u8],
     ) -> std::io::Result<()> {
-        let len = payload.len() as u32;
-        let mut frame = Vec::with_capacity(9 + payload.len());
-        frame.extend_from_slice(&len.to_be_bytes()[1..]);
-        frame.push(kind);
-        frame.push(flags);
-        frame.extend_from_slice(&stream.to_be_bytes());
-        frame.extend_from_slice(payload);
-        self.tcp.write_all(&frame).await
+        write_frame(&mut self.tcp, kind, flags, stream, payload).await
     }
 
     /// Opens `stream` with a gRPC request for `path`, leaving it open.
@@ -100,21 +96,13 @@ impl RawConn {
 
     /// The next frame, or `None` when the server has closed the connection.
     pub async fn read(&mut self) -> Option<Frame> {
-        let mut head = [0u8; 9];
-        if self.tcp.read_exact(&mut head).await.is_err() {
-            return None;
-        }
-        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
-        let mut payload = vec![0; len];
-        if self.tcp.read_exact(&mut payload).await.is_err() {
-            return None;
-        }
-        Some(Frame {
-            kind: head[3],
-            flags: head[4],
-            stream: u32::from_be_bytes(head[5..9].try_into().unwrap()) & 0x7fff_ffff,
-            payload,
-        })
+        read_frame(&mut self.tcp).await
+    }
+
+    /// Halves that read and write independently (from two tasks).
+    pub fn split(self) -> (RawReader, RawWriter) {
+        let (read, write) = self.tcp.into_split();
+        (RawReader { tcp: read }, RawWriter { tcp: write })
     }
 
     /// Reads until a frame matching `wanted` (returned), or the end of the
@@ -130,6 +118,70 @@ impl RawConn {
         })
         .await
     }
+}
+
+/// The reading half of a [`RawConn`].
+pub struct RawReader {
+    tcp: OwnedReadHalf,
+}
+
+impl RawReader {
+    /// The next frame, or `None` when the server has closed the connection.
+    pub async fn read(&mut self) -> Option<Frame> {
+        read_frame(&mut self.tcp).await
+    }
+}
+
+/// The writing half of a [`RawConn`].
+pub struct RawWriter {
+    tcp: OwnedWriteHalf,
+}
+
+impl RawWriter {
+    pub async fn send(
+        &mut self,
+        kind: u8,
+        flags: u8,
+        stream: u32,
+        payload: &[u8],
+    ) -> std::io::Result<()> {
+        write_frame(&mut self.tcp, kind, flags, stream, payload).await
+    }
+}
+
+async fn write_frame(
+    tcp: &mut (impl AsyncWrite + Unpin),
+    kind: u8,
+    flags: u8,
+    stream: u32,
+    payload: &[u8],
+) -> std::io::Result<()> {
+    let len = payload.len() as u32;
+    let mut frame = Vec::with_capacity(9 + payload.len());
+    frame.extend_from_slice(&len.to_be_bytes()[1..]);
+    frame.push(kind);
+    frame.push(flags);
+    frame.extend_from_slice(&stream.to_be_bytes());
+    frame.extend_from_slice(payload);
+    tcp.write_all(&frame).await
+}
+
+async fn read_frame(tcp: &mut (impl AsyncRead + Unpin)) -> Option<Frame> {
+    let mut head = [0u8; 9];
+    if tcp.read_exact(&mut head).await.is_err() {
+        return None;
+    }
+    let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+    let mut payload = vec![0; len];
+    if tcp.read_exact(&mut payload).await.is_err() {
+        return None;
+    }
+    Some(Frame {
+        kind: head[3],
+        flags: head[4],
+        stream: u32::from_be_bytes(head[5..9].try_into().unwrap()) & 0x7fff_ffff,
+        payload,
+    })
 }
 
 /// A request header block, HPACK-encoded as literals without indexing or

@@ -1,0 +1,93 @@
+//! HTTP/2 serving, on the `h2` crate directly.
+//!
+//! tonic's own server runs on hyper, which hides settings this server needs
+//! to choose (h2's budget for small DATA frames, above all) and resets a
+//! stream whenever a reply ends before the request does. So the server
+//! accepts connections and drives HTTP/2 itself, and hands each call to the
+//! tonic services as a plain `tower` service:
+//!
+//! - [`listener`]: the accept loop, TLS, and connection tasks until shutdown.
+//! - [`connection`]: one HTTP/2 connection: settings, one task per call,
+//!   keepalive pings, graceful shutdown.
+//! - [`stream`]: one call: the request body under flow control, the reply,
+//!   and the rest of the request read after the reply.
+//! - [`tls`]: rustls settings from PEM files.
+
+mod connection;
+mod listener;
+mod stream;
+mod tls;
+
+use std::time::Duration;
+
+pub use listener::serve;
+pub use stream::{BoxError, RequestBody};
+pub use tls::{TlsConfig, TlsError};
+
+/// Bytes a client may send on one call before the handler reads them: the
+/// stream's initial flow-control window (hyper's default, which this server
+/// used before it drove HTTP/2 itself). A connection's throughput is at
+/// most a window per round trip: 1 MiB over a 20 ms path is 50 MiB/s.
+pub const STREAM_WINDOW: u32 = 1024 * 1024;
+
+/// Bytes a client may send on all the calls of a connection before their
+/// handlers read them. What a connection's requests can hold in memory is
+/// bounded by this window plus [`DATA_FRAME_BUDGET`].
+pub const CONNECTION_WINDOW: u32 = 1024 * 1024;
+
+/// The smallest DATA frame a real gRPC client sends at full speed: one
+/// message of a few bytes (a 5-byte gRPC prefix and a 5-byte SyncUsers
+/// delete of a 1-character id), one frame per message, as grpc-go writes
+/// them.
+const SMALLEST_MESSAGE_FRAME: usize = 10;
+
+/// h2's budget for the framing overhead of DATA frames it holds for
+/// handlers that have not read them yet: each frame under 256 bytes costs
+/// `256 - len` (the memory of one buffered frame, whatever its payload),
+/// and the connection is closed with `ENHANCE_YOUR_CALM` when the budget
+/// runs out.
+///
+/// h2 defaults to half the connection window, which a grpc-go client cuts
+/// through as soon as a handler pauses: a window of ~70-byte users costs
+/// 2.7 times the window. This budget covers a full connection window of
+/// [`SMALLEST_MESSAGE_FRAME`]-byte frames, so no client sending real
+/// messages is ever cut off, while a flood of 1-byte frames is still cut
+/// off after about 100,000 of them (~100 KB of payload). A connection's
+/// buffered requests thus hold at most the window plus this budget (about
+/// 26 MiB), and usually far less: handlers read as the data arrives.
+pub const DATA_FRAME_BUDGET: usize =
+    CONNECTION_WINDOW as usize / SMALLEST_MESSAGE_FRAME * (256 - SMALLEST_MESSAGE_FRAME);
+
+/// Response bytes h2 may buffer per stream beyond what the client's window
+/// lets out (hyper's default).
+pub const MAX_SEND_BUFFER: usize = 400 * 1024;
+
+/// How each HTTP/2 connection is run.
+#[derive(Debug, Clone)]
+pub struct Http2Settings {
+    /// Concurrent streams (calls) per connection.
+    pub max_concurrent_streams: u32,
+    /// Streams a peer may make the server reset before it is disconnected.
+    pub max_local_error_reset_streams: usize,
+    /// Largest request header block, in bytes.
+    pub max_header_list_size: u32,
+    /// Time between keepalive pings; `None` turns pings off.
+    pub keepalive_interval: Option<Duration>,
+    /// How long a ping may go unanswered before the connection is closed.
+    pub keepalive_timeout: Duration,
+}
+
+impl Http2Settings {
+    fn builder(&self) -> h2::server::Builder {
+        let mut builder = h2::server::Builder::new();
+        builder
+            .initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .data_frame_budget(DATA_FRAME_BUDGET)
+            .max_send_buffer_size(MAX_SEND_BUFFER)
+            .max_concurrent_streams(self.max_concurrent_streams)
+            .max_local_error_reset_streams(Some(self.max_local_error_reset_streams))
+            .max_header_list_size(self.max_header_list_size);
+        builder
+    }
+}

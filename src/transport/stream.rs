@@ -1,0 +1,281 @@
+//! One call: an HTTP/2 stream handed to the service and its reply sent back.
+//!
+//! [`serve`] reads nothing itself: the service reads the request through
+//! [`RequestBody`], which gives HTTP/2 flow-control credit back as it goes,
+//! so a handler that stops reading stops the client. It sends the response
+//! head, then pipes the body's frames out under the client's flow control,
+//! and ends the stream with the body's trailers.
+//!
+//! Two details matter to clients other than our own:
+//! - A reply without a body (every error status, as tonic builds it) goes
+//!   out as one HEADERS frame with END_STREAM: gRPC's Trailers-Only form.
+//!   grpc-go and grpcio read the status only from that form or from real
+//!   trailers; a HEADERS frame followed by an empty DATA frame loses it.
+//! - A reply that ends before the client has finished sending (a call
+//!   refused before its body is read, a stream ended early) does not reset
+//!   the stream: the rest of the request is read and discarded, within
+//!   bounds, until the client's END_STREAM. Each reset would count towards
+//!   h2's limit on streams the server resets (`max_local_error_reset_streams`)
+//!   once the client's late frames arrive, and a client whose calls are
+//!   rejected by the thousand would have its whole connection torn down.
+
+use std::{
+    convert::Infallible,
+    future::poll_fn,
+    pin::{Pin, pin},
+    task::{Context, Poll, ready},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use h2::{RecvStream, SendStream, server::SendResponse};
+use http_body::{Body, Frame, SizeHint};
+use tokio::sync::oneshot;
+use tower_service::Service;
+
+/// The error type of bodies the server sends.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Longest a finished call waits for the rest of its request before the
+/// stream is reset. A client that sees the reply stops sending; what it had
+/// already sent arrives within a round trip.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Most request bytes discarded after the reply: about one stream window.
+/// A client that keeps sending past that is not finishing, and gets a reset.
+pub const DRAIN_MAX_BYTES: usize = 1024 * 1024;
+
+/// Serves one call: hands `request` to `service` and sends its response on
+/// `respond`, then reads what is left of the request (see the module
+/// documentation). Returns when the stream is done or the client reset it;
+/// dropping the future cancels the call.
+pub async fn serve<S, B>(
+    request: http::Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
+    mut service: S,
+) where
+    S: Service<http::Request<RequestBody>, Response = http::Response<B>, Error = Infallible>,
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError> + Send,
+{
+    let (parts, recv) = request.into_parts();
+    let (body, mut returned) = RequestBody::new(recv);
+    let request = http::Request::from_parts(parts, body);
+
+    // The handler runs until it returns the response head, unless the
+    // client resets the stream first (a cancelled call).
+    let call = async {
+        poll_fn(|cx| service.poll_ready(cx)).await?;
+        service.call(request).await
+    };
+    let response = tokio::select! {
+        biased;
+        Ok(response) = call => response,
+        // Reset by the client, or the connection is gone: dropping the call
+        // cancels the handler.
+        _ = poll_fn(|cx| respond.poll_reset(cx)) => return,
+    };
+
+    let (head, body) = response.into_parts();
+    let head = http::Response::from_parts(head, ());
+    if body.is_end_stream() {
+        // Trailers-Only: the status is in the head, in one frame.
+        if respond.send_response(head, true).is_err() {
+            return;
+        }
+    } else {
+        let Ok(mut send) = respond.send_response(head, false) else {
+            return;
+        };
+        if send_body(pin!(body), &mut send).await.is_err() {
+            return;
+        }
+    }
+    // The reply is complete and the response body dropped; so is the
+    // request body, unless something still holds it.
+    if let Ok(recv) = returned.try_recv() {
+        drain(recv).await;
+    }
+}
+
+/// Why a response body stopped before its end.
+#[derive(Debug)]
+struct Stopped;
+
+/// Sends `body` on `send`: each data frame once the client's flow control
+/// has room for some of it, then the trailers (or an empty DATA frame with
+/// END_STREAM when the body has none). An error in the body resets the
+/// stream; a reset by the client ends the body (dropping it cancels the
+/// call).
+async fn send_body<B>(mut body: Pin<&mut B>, send: &mut SendStream<Bytes>) -> Result<(), Stopped>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError> + Send,
+{
+    loop {
+        let frame = poll_fn(|cx| {
+            if send.poll_reset(cx).is_ready() {
+                return Poll::Ready(Err(Stopped));
+            }
+            body.as_mut().poll_frame(cx).map(Ok)
+        })
+        .await?;
+        let frame = match frame {
+            None => {
+                return send.send_data(Bytes::new(), true).map_err(|_| Stopped);
+            }
+            Some(Err(err)) => {
+                let err: BoxError = err.into();
+                tracing::debug!(%err, "response body failed; resetting the stream");
+                send.send_reset(h2::Reason::INTERNAL_ERROR);
+                return Err(Stopped);
+            }
+            Some(Ok(frame)) => frame,
+        };
+        let frame = match frame.into_data() {
+            Ok(data) => {
+                let end = body.is_end_stream();
+                if !data.is_empty() {
+                    // A claim of one byte, not the whole chunk: h2 raises it
+                    // to what is buffered when the data is sent. Claiming
+                    // more up front would hold connection window that other
+                    // streams could use (hyper does the same, see its
+                    // issue 4003).
+                    send.reserve_capacity(1);
+                    poll_fn(|cx| wait_for_capacity(send, cx)).await?;
+                }
+                send.send_data(data, end).map_err(|_| Stopped)?;
+                if end {
+                    return Ok(());
+                }
+                continue;
+            }
+            Err(frame) => frame,
+        };
+        if let Ok(trailers) = frame.into_trailers() {
+            send.reserve_capacity(0);
+            return send.send_trailers(trailers).map_err(|_| Stopped);
+        }
+        // A frame kind that HTTP/2 cannot carry: skipped.
+    }
+}
+
+/// Ready once the stream may send at least one byte.
+fn wait_for_capacity(
+    send: &mut SendStream<Bytes>,
+    cx: &mut Context<'_>,
+) -> Poll<Result<(), Stopped>> {
+    loop {
+        // Reset by the client, or the connection is gone.
+        if send.poll_reset(cx).is_ready() {
+            return Poll::Ready(Err(Stopped));
+        }
+        if send.capacity() > 0 {
+            return Poll::Ready(Ok(()));
+        }
+        match ready!(send.poll_capacity(cx)) {
+            Some(Ok(_)) => {}
+            // The stream is closed or reset.
+            Some(Err(_)) | None => return Poll::Ready(Err(Stopped)),
+        }
+    }
+}
+
+/// Reads and discards the rest of a request whose reply is complete, until
+/// the client ends its side, for at most [`DRAIN_TIMEOUT`] and
+/// [`DRAIN_MAX_BYTES`]. Dropping `recv` afterwards closes the stream without
+/// a reset when the client did end its side.
+async fn drain(mut recv: RecvStream) {
+    let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
+        let mut discarded = 0;
+        while let Some(chunk) = recv.data().await {
+            let Ok(chunk) = chunk else { return };
+            discarded += chunk.len();
+            // Credit back, or a client blocked on flow control never ends.
+            let _ = recv.flow_control().release_capacity(chunk.len());
+            if discarded > DRAIN_MAX_BYTES {
+                return;
+            }
+        }
+        let _ = recv.trailers().await;
+    });
+    let _ = drained.await;
+}
+
+/// The body of a request, as the service reads it: DATA frames, then the
+/// trailers if the client sent any.
+///
+/// Each chunk read gives its flow-control credit back to the client at
+/// once, as hyper does: what the client may send beyond what the handler
+/// has taken is one stream window. When dropped before the client has
+/// ended its side, the stream is handed back to [`serve`], which discards
+/// the rest once the reply is out, instead of resetting the stream.
+pub struct RequestBody {
+    recv: Option<RecvStream>,
+    returned: Option<oneshot::Sender<RecvStream>>,
+    data_done: bool,
+}
+
+impl RequestBody {
+    fn new(recv: RecvStream) -> (Self, oneshot::Receiver<RecvStream>) {
+        let (sender, receiver) = oneshot::channel();
+        let body = RequestBody {
+            recv: Some(recv),
+            returned: Some(sender),
+            data_done: false,
+        };
+        (body, receiver)
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = h2::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
+        let this = &mut *self;
+        let Some(recv) = &mut this.recv else {
+            return Poll::Ready(None);
+        };
+        if !this.data_done {
+            match ready!(recv.poll_data(cx)) {
+                Some(Ok(data)) => {
+                    // Fails only if the stream is already closed, when there
+                    // is no one to give credit to.
+                    let _ = recv.flow_control().release_capacity(data.len());
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Some(Err(err)) => return Poll::Ready(Some(Err(err))),
+                None => this.data_done = true,
+            }
+        }
+        match ready!(recv.poll_trailers(cx)) {
+            Ok(Some(trailers)) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
+            Ok(None) => Poll::Ready(None),
+            Err(err) => Poll::Ready(Some(Err(err))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.recv.as_ref().is_none_or(RecvStream::is_end_stream)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::default()
+    }
+}
+
+impl Drop for RequestBody {
+    fn drop(&mut self) {
+        if let (Some(recv), Some(returned)) = (self.recv.take(), self.returned.take())
+            && !recv.is_end_stream()
+        {
+            // `serve` may have finished already; then the stream is reset
+            // as it would have been anyway.
+            let _ = returned.send(recv);
+        }
+    }
+}
