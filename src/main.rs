@@ -2,6 +2,7 @@
 //! hands everything else to the library.
 
 use std::{
+    io::{self, IsTerminal},
     net::SocketAddr,
     path::{Path, PathBuf},
     process::ExitCode,
@@ -12,10 +13,10 @@ use clap::{Parser, ValueEnum};
 use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
 use user_service::{
-    Config, MemoryStore,
-    auth::AuthToken,
-    server::{self, TlsConfig},
-    store::sqlite::{Durability, SqliteOptions, SqliteStore},
+    Config, MemoryStore, Store,
+    auth::{AuthToken, AuthTokenError},
+    server::{self, ServeError, TlsConfig},
+    store::sqlite::{Durability, OpenError, SqliteOptions, SqliteStore},
 };
 
 /// mimalloc instead of the system allocator: every call allocates and frees
@@ -34,9 +35,16 @@ const DEFAULT_FEED_CAPACITY: usize = 65_536;
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Args {
-    /// Address to listen on.
+    /// Address to listen on: HOST:PORT, where HOST is an IP address or a
+    /// name (`localhost:8080`); port 0 lets the system pick a free port.
     #[arg(long, env = "USER_SERVICE_ADDR", default_value = "127.0.0.1:8080")]
-    addr: SocketAddr,
+    addr: String,
+
+    /// Once listening, write the address the server bound (`IP:PORT` and a
+    /// newline) to this file, atomically: for scripts and tests that start
+    /// it on port 0.
+    #[arg(long, env = "USER_SERVICE_ADDR_FILE")]
+    addr_file: Option<PathBuf>,
 
     /// How far a SyncUsers subscriber may lag, in changes, before its stream
     /// is ended with ABORTED.
@@ -134,30 +142,86 @@ enum SyncArg {
     Normal,
 }
 
-/// Exit code when the store file is refused (not SQLite, another program's
-/// database, corrupted, or a newer schema): sysexits' EX_DATAERR.
-const EXIT_STORE_REFUSED: u8 = 65;
-
-fn main() -> Result<ExitCode, Box<dyn std::error::Error>> {
-    user_service::allocator::tune_mimalloc();
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?
-        .block_on(serve(Args::parse()))
+/// Why the server did not start, or stopped with an error. Each has its
+/// own exit status (the `sysexits.h` codes where one fits).
+#[derive(Debug, thiserror::Error)]
+enum Failure {
+    #[error("cannot use the auth token file {}: {source}", path.display())]
+    Token {
+        path: PathBuf,
+        source: AuthTokenError,
+    },
+    #[error("cannot read {}: {source}", path.display())]
+    Read { path: PathBuf, source: io::Error },
+    #[error("cannot open the store: {0}")]
+    Store(#[from] OpenError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen { addr: String, source: io::Error },
+    #[error("cannot write the address file {}: {source}", path.display())]
+    AddrFile { path: PathBuf, source: io::Error },
+    #[error("cannot start the async runtime: {0}")]
+    Runtime(io::Error),
+    #[error("{0}")]
+    Serve(#[from] ServeError),
 }
 
-async fn serve(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
+impl Failure {
+    fn exit_code(&self) -> ExitCode {
+        ExitCode::from(match self {
+            // EX_DATAERR: a store file that is not ours, corrupted or newer.
+            Failure::Store(err) if err.is_refusal() => 65,
+            // EX_CONFIG: a token, certificate or key that cannot be used.
+            Failure::Token { .. } | Failure::Read { .. } | Failure::Serve(ServeError::Tls(_)) => 78,
+            // EX_UNAVAILABLE: the address is taken, or not ours to bind.
+            Failure::Listen { .. } => 69,
+            // EX_CANTCREAT: the address file cannot be written.
+            Failure::AddrFile { .. } => 73,
+            Failure::Store(_) | Failure::Runtime(_) => 1,
+        })
+    }
+}
+
+fn main() -> ExitCode {
+    user_service::allocator::tune_mimalloc();
+    let args = Args::parse();
+    init_logging();
+    let result = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(Failure::Runtime)
+        .and_then(|runtime| runtime.block_on(serve(args)));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => {
+            tracing::error!("{failure}");
+            failure.exit_code()
+        }
+    }
+}
+
+/// Logs to stderr, coloured only when it is a terminal (and `NO_COLOR` is
+/// not set); the level comes from `RUST_LOG`, `info` by default.
+fn init_logging() {
+    let colour = io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
+        .with_writer(io::stderr)
+        .with_ansi(colour)
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
         .init();
+}
 
+async fn serve(args: Args) -> Result<(), Failure> {
     // Key material and the token are read before binding: a server that
     // cannot start securely never starts listening.
     let auth_token = match &args.auth_token_file {
-        Some(path) => Some(AuthToken::from_file(path)?),
+        Some(path) => Some(
+            AuthToken::new(&read_text(path)?).map_err(|source| Failure::Token {
+                path: path.clone(),
+                source,
+            })?,
+        ),
         None => None,
     };
     let tls = match (&args.tls_cert, &args.tls_key) {
@@ -184,18 +248,14 @@ async fn serve(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
         ..Config::default()
     };
     let feed_capacity = args.feed_capacity.max(1);
-    match args.store {
+    match &args.store {
         StoreArg::Memory => {
-            let listener = TcpListener::bind(args.addr).await?;
-            tracing::info!(
-                addr = %listener.local_addr()?,
-                store = "memory",
-                durability = "none (users are lost on exit)",
-                "user-service listening"
-            );
             let store = MemoryStore::new(feed_capacity);
-            log_security(&config);
-            server::run(listener, store, config, shutdown_signal()).await?;
+            let described = Described {
+                store: "memory".into(),
+                durability: "none (users are lost on exit)".into(),
+            };
+            listen_and_run(store, described, &args, config).await
         }
         StoreArg::Sqlite(path) => {
             let durability = match args.sync {
@@ -208,26 +268,59 @@ async fn serve(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
             };
             // Opened before binding: a refused file stops the server before
             // it accepts anything.
-            let store = match SqliteStore::open(&path, options) {
-                Ok(store) => store,
-                Err(err) if err.is_refusal() => {
-                    tracing::error!("cannot open the store: {err}");
-                    return Ok(ExitCode::from(EXIT_STORE_REFUSED));
-                }
-                Err(err) => return Err(format!("cannot open the store: {err}").into()),
+            let store = SqliteStore::open(path, options)?;
+            let described = Described {
+                store: format!("sqlite:{}", path.display()),
+                durability: durability.to_string(),
             };
-            let listener = TcpListener::bind(args.addr).await?;
-            tracing::info!(
-                addr = %listener.local_addr()?,
-                store = %format_args!("sqlite:{}", path.display()),
-                %durability,
-                "user-service listening"
-            );
-            log_security(&config);
-            server::run(listener, store, config, shutdown_signal()).await?;
+            listen_and_run(store, described, &args, config).await
         }
     }
-    Ok(ExitCode::SUCCESS)
+}
+
+/// How the startup log line names the store.
+struct Described {
+    store: String,
+    durability: String,
+}
+
+/// Binds the address, says so, and serves until a signal.
+async fn listen_and_run<S: Store>(
+    store: S,
+    described: Described,
+    args: &Args,
+    config: Config,
+) -> Result<(), Failure> {
+    let listen_failed = |source| Failure::Listen {
+        addr: args.addr.clone(),
+        source,
+    };
+    let listener = TcpListener::bind(&args.addr).await.map_err(listen_failed)?;
+    let addr = listener.local_addr().map_err(listen_failed)?;
+    tracing::info!(
+        %addr,
+        store = %described.store,
+        durability = %described.durability,
+        "user-service listening"
+    );
+    log_security(&config);
+    if let Some(path) = &args.addr_file {
+        write_addr_file(path, addr).map_err(|source| Failure::AddrFile {
+            path: path.clone(),
+            source,
+        })?;
+    }
+    server::run(listener, store, config, shutdown_signal()).await?;
+    Ok(())
+}
+
+/// Writes `addr` to `path` so that a reader never sees a partial file: to a
+/// temporary file beside it, then renamed over it.
+fn write_addr_file(path: &Path, addr: SocketAddr) -> io::Result<()> {
+    let mut temporary = path.as_os_str().to_owned();
+    temporary.push(format!(".{}.tmp", std::process::id()));
+    std::fs::write(&temporary, format!("{addr}\n"))?;
+    std::fs::rename(&temporary, path)
 }
 
 /// Logs which protections are on (never the token itself).
@@ -243,9 +336,20 @@ fn log_security(config: &Config) {
     );
 }
 
+/// Reads a text file named by a flag, saying which one failed.
+fn read_text(path: &Path) -> Result<String, Failure> {
+    std::fs::read_to_string(path).map_err(|source| Failure::Read {
+        path: path.to_owned(),
+        source,
+    })
+}
+
 /// Reads a file named by a flag, saying which one failed.
-fn read(path: &Path) -> Result<Vec<u8>, String> {
-    std::fs::read(path).map_err(|err| format!("cannot read {}: {err}", path.display()))
+fn read(path: &Path) -> Result<Vec<u8>, Failure> {
+    std::fs::read(path).map_err(|source| Failure::Read {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 /// Completes on Ctrl-C (SIGINT) or SIGTERM.

@@ -209,3 +209,108 @@ async fn the_binary_checks_its_token_never_logs_it_and_warns_when_exposed() {
     assert!(!log.contains("without an auth token"), "{log}");
     assert!(!log.contains(TOKEN), "the token was logged: {log}");
 }
+
+/// Runs the binary with `args` until it exits (bounded); returns its exit
+/// code and its log.
+fn exit_of(args: &[&str]) -> (Option<i32>, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_user-service"))
+        .args(args)
+        .args(["--store", "memory"])
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the binary");
+    let mut log = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut log).unwrap();
+    let (done_tx, done_rx) = mpsc::channel();
+    let waiter = std::thread::spawn(move || {
+        let status = child.wait().unwrap();
+        let _ = done_tx.send(());
+        status
+    });
+    done_rx.recv_timeout(PATIENCE).expect("the binary to exit");
+    (waiter.join().unwrap().code(), log)
+}
+
+#[test]
+fn startup_failures_say_what_failed_and_exit_with_their_code() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = taken.local_addr().unwrap().to_string();
+    let (code, log) = exit_of(&["--addr", &taken]);
+    assert_eq!(code, Some(69), "{log}");
+    assert!(log.contains(&format!("cannot listen on {taken}")), "{log}");
+
+    let dir = scratch("startup");
+    let empty = dir.join("empty-token");
+    std::fs::write(&empty, "\n").unwrap();
+    let missing = dir.join("missing.pem");
+    let (empty, missing) = (empty.to_str().unwrap(), missing.to_str().unwrap());
+    let (code, log) = exit_of(&["--addr", "127.0.0.1:0", "--auth-token-file", empty]);
+    assert_eq!(code, Some(78), "{log}");
+    assert!(
+        log.contains(&format!("{empty}: the token is empty")),
+        "{log}"
+    );
+
+    let (code, log) = exit_of(&["--tls-cert", missing, "--tls-key", missing]);
+    assert_eq!(code, Some(78), "{log}");
+    assert!(log.contains(&format!("cannot read {missing}")), "{log}");
+
+    let not_pem = dir.join("not.pem");
+    std::fs::write(&not_pem, "not a certificate").unwrap();
+    let not_pem = not_pem.to_str().unwrap();
+    let (code, log) = exit_of(&[
+        "--addr",
+        "127.0.0.1:0",
+        "--tls-cert",
+        not_pem,
+        "--tls-key",
+        not_pem,
+    ]);
+    assert_eq!(code, Some(78), "{log}");
+    assert!(
+        log.contains("TLS: the certificate file holds no PEM certificate"),
+        "{log}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+    // Sentences, not Rust debug structures.
+    assert!(!log.contains("Os {"), "{log}");
+}
+
+#[tokio::test]
+async fn a_host_name_address_and_the_address_file() {
+    let dir = scratch("addr-file");
+    let addr_file = dir.join("addr");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_user-service"))
+        .args(["--store", "memory", "--addr", "localhost:0", "--addr-file"])
+        .arg(&addr_file)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let addr: SocketAddr = within("the address file", async {
+        loop {
+            // Written whole or not at all.
+            if let Ok(text) = std::fs::read_to_string(&addr_file) {
+                assert!(text.ends_with('\n'), "{text:?}");
+                break text.trim().parse().unwrap();
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(addr.ip().is_loopback(), "{addr}");
+    let channel = Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    UserServiceClient::new(channel)
+        .add_user(user("Named"))
+        .await
+        .unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
