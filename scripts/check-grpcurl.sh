@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Runs the README's grpcurl walkthrough against a fresh user-service and
 # checks that every command prints the output the README shows under it, so
-# the README cannot go stale. With --update, writes the real outputs into
-# README.md instead (review the diff before committing it).
+# the README cannot go stale; then again on another fresh server with a
+# deadline on every call (`-max-time`), as most clients set one. With
+# --update, writes the real outputs into README.md instead (review the diff
+# before committing it).
 #
 # Outputs are compared exactly, but for the ids the server assigns. That
 # includes the order of SyncUsers' Acks and Changes: the server yields an
@@ -24,3 +26,8 @@ grpcurl -version 2>&1
 cargo build --locked --quiet --bin user-service
 start_server
 python3 scripts/readme_walkthrough.py README.md "grpcurl walkthrough" "$SERVER_ADDR" "$@"
+if [ "${1:-}" != --update ]; then
+    stop_server
+    start_server
+    python3 scripts/readme_walkthrough.py README.md "grpcurl walkthrough" "$SERVER_ADDR" --max-time 10
+fi

@@ -12,8 +12,11 @@ Only what the server makes up is normalised: UUIDv7 ids become <id-1>,
 still be the same id.
 
     readme_walkthrough.py README.md "grpcurl walkthrough" 127.0.0.1:PORT
+    readme_walkthrough.py README.md "grpcurl walkthrough" 127.0.0.1:PORT --max-time 10
     readme_walkthrough.py README.md "grpcurl walkthrough" 127.0.0.1:PORT --update
 
+--max-time N runs every grpcurl command with `-max-time N`, a deadline on
+each call, as most clients set one: the outputs must be the same.
 --update writes the real outputs into the README instead of comparing.
 """
 
@@ -58,7 +61,9 @@ def normalise(text):
 
 def main():
     readme, title, addr = sys.argv[1:4]
-    update = "--update" in sys.argv[4:]
+    options = sys.argv[4:]
+    update = "--update" in options
+    max_time = options[options.index("--max-time") + 1] if "--max-time" in options else None
     with open(readme) as f:
         lines = f.readlines()
     blocks = fenced_blocks(lines, *section_lines(lines, title))
@@ -77,9 +82,12 @@ def main():
         shown = "$ " + command.splitlines()[0]
         print(shown if len(shown) < 100 else shown[:96] + " ...", flush=True)
         expected = "".join(lines[out_first:out_end])
+        runnable = command.replace(README_ADDR, addr)
+        if max_time is not None:
+            runnable = re.sub(r"\bgrpcurl ", f"grpcurl -max-time {max_time} ", runnable)
         try:
             run = subprocess.run(
-                ["bash", "-c", command.replace(README_ADDR, addr)],
+                ["bash", "-c", runnable],
                 check=False,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
@@ -113,7 +121,11 @@ def main():
         with open(readme, "w") as f:
             f.writelines(lines)
         print(f"{readme}: wrote the output of {len(replacements)} commands")
-    print(f"{title}: {len(steps) - failed} of {len(steps)} commands print what {readme} shows")
+    deadline = f" (each call with -max-time {max_time})" if max_time is not None else ""
+    print(
+        f"{title}: {len(steps) - failed} of {len(steps)} commands print what {readme} shows"
+        + deadline
+    )
     sys.exit(1 if failed else 0)
 
 

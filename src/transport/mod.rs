@@ -6,12 +6,12 @@
 //! accepts connections and drives HTTP/2 itself, and hands each call to the
 //! tonic services as a plain `tower` service:
 //!
-//! - [`listener`]: the accept loop, TLS, and connection tasks until shutdown.
-//! - [`connection`]: one HTTP/2 connection: settings, one task per call,
+//! - `listener`: the accept loop, TLS, and connection tasks until shutdown.
+//! - `connection`: one HTTP/2 connection: settings, one task per call,
 //!   keepalive pings, graceful shutdown.
-//! - [`stream`]: one call: the request body under flow control, the reply,
+//! - `stream`: one call: the request body under flow control, the reply,
 //!   and the rest of the request read after the reply.
-//! - [`tls`]: rustls settings from PEM files.
+//! - `tls`: rustls settings from PEM files.
 
 mod connection;
 mod listener;
@@ -39,7 +39,7 @@ pub const CONNECTION_WINDOW: u32 = 1024 * 1024;
 /// message of a few bytes (a 5-byte gRPC prefix and a 5-byte SyncUsers
 /// delete of a 1-character id), one frame per message, as grpc-go writes
 /// them.
-const SMALLEST_MESSAGE_FRAME: usize = 10;
+pub const SMALLEST_MESSAGE_FRAME: usize = 10;
 
 /// h2's budget for the framing overhead of DATA frames it holds for
 /// handlers that have not read them yet: each frame under 256 bytes costs

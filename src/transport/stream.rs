@@ -208,7 +208,7 @@ async fn drain(mut recv: RecvStream) {
 /// Each chunk read gives its flow-control credit back to the client at
 /// once, as hyper does: what the client may send beyond what the handler
 /// has taken is one stream window. When dropped before the client has
-/// ended its side, the stream is handed back to [`serve`], which discards
+/// ended its side, the stream is handed back to the call's task, which discards
 /// the rest once the reply is out, instead of resetting the stream.
 pub struct RequestBody {
     recv: Option<RecvStream>,

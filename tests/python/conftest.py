@@ -1,13 +1,15 @@
 """Fixtures for the grpcio suite: stubs generated from proto/user.proto at
-test time, and the real server binary on a free loopback port."""
+test time, and the real server binary on a free loopback port.
+
+Every call gets a deadline, as real clients set one: the `stub` fixture
+adds `timeout=DEADLINE` to each call that does not set its own."""
 
 import os
-import re
 import shutil
 import subprocess
 import sys
 import tempfile
-import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -17,6 +19,8 @@ ROOT = Path(__file__).resolve().parents[2]
 PROTO_DIR = ROOT / "proto"
 BINARY = Path(os.environ.get("USER_SERVICE_BIN", ROOT / "target" / "debug" / "user-service"))
 STARTUP_TIMEOUT = 30
+# The deadline of every call that does not set its own, in seconds.
+DEADLINE = 10
 
 
 @pytest.fixture(scope="session")
@@ -44,7 +48,7 @@ def pb():
 
 class Server:
     """The user-service binary, listening on 127.0.0.1 on a port the kernel
-    picked; the address is read from its startup log line."""
+    picked; the address is read from the file it writes once listening."""
 
     def __init__(self, *args):
         assert BINARY.exists(), f"build the server first: {BINARY}"
@@ -52,38 +56,21 @@ class Server:
         # The default, durable store, on a fresh file for each server.
         self.data = tempfile.mkdtemp(prefix="user-service-data-")
         store = f"sqlite:{self.data}/users.db"
+        addr_file = Path(self.data) / "addr"
+        self.log = open(Path(self.data) / "server.log", "w")
         self.proc = subprocess.Popen(
-            [str(BINARY), "--addr", "127.0.0.1:0", "--store", store, *args],
-            stdout=subprocess.PIPE,
+            [str(BINARY), "--addr", "127.0.0.1:0", "--addr-file", str(addr_file), "--store", store, *args],
+            stdout=self.log,
             stderr=subprocess.STDOUT,
             env=env,
-            text=True,
         )
-        self.addr = self._wait_for_address()
-        # Keep draining the log so the server never blocks on a full pipe.
-        threading.Thread(target=self._drain, daemon=True).start()
-
-    def _wait_for_address(self):
-        found = {}
-
-        def read():
-            for line in self.proc.stdout:
-                match = re.search(r"listening.*?(127\.0\.0\.1:\d+)", line)
-                if match:
-                    found["addr"] = match.group(1)
-                    return
-
-        reader = threading.Thread(target=read, daemon=True)
-        reader.start()
-        reader.join(STARTUP_TIMEOUT)
-        if "addr" not in found:
-            self.stop()
-            raise RuntimeError("the server did not report its address")
-        return found["addr"]
-
-    def _drain(self):
-        for _ in self.proc.stdout:
-            pass
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while not addr_file.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("the server did not start")
+            time.sleep(0.02)
+        self.addr = addr_file.read_text().strip()
 
     def channel(self, **kwargs):
         channel = grpc.insecure_channel(self.addr, **kwargs)
@@ -98,8 +85,34 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        self.log.close()
         shutil.rmtree(self.data, ignore_errors=True)
         return self.proc.returncode
+
+
+class WithDeadline:
+    """A stub whose calls have a deadline of DEADLINE seconds unless they
+    set their own `timeout`; `.future` and `.with_call` too."""
+
+    def __init__(self, stub):
+        self._stub = stub
+
+    def __getattr__(self, name):
+        return _Method(getattr(self._stub, name))
+
+
+class _Method:
+    def __init__(self, method):
+        self._method = method
+
+    def __call__(self, *args, timeout=DEADLINE, **kwargs):
+        return self._method(*args, timeout=timeout, **kwargs)
+
+    def future(self, *args, timeout=DEADLINE, **kwargs):
+        return self._method.future(*args, timeout=timeout, **kwargs)
+
+    def with_call(self, *args, timeout=DEADLINE, **kwargs):
+        return self._method.with_call(*args, timeout=timeout, **kwargs)
 
 
 @pytest.fixture
@@ -113,7 +126,7 @@ def server():
 def stub(server, pb):
     _, user_pb2_grpc = pb
     channel = server.channel()
-    yield user_pb2_grpc.UserServiceStub(channel)
+    yield WithDeadline(user_pb2_grpc.UserServiceStub(channel))
     channel.close()
 
 

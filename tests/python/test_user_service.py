@@ -6,6 +6,7 @@ import threading
 
 import grpc
 import pytest
+from conftest import DEADLINE, WithDeadline
 
 OK, INVALID, NOT_FOUND, EXISTS, PRECONDITION = 0, 3, 5, 6, 9
 
@@ -156,11 +157,11 @@ def test_health_and_compression(pb, server):
     # grpc.health.v1.Health/Check with an empty request; the reply is
     # HealthCheckResponse{status: SERVING (1)}.
     check = channel.unary_unary("/grpc.health.v1.Health/Check")
-    assert check(b"") == b"\x08\x01"
+    assert check(b"", timeout=DEADLINE) == b"\x08\x01"
     channel.close()
     for compression in (grpc.Compression.Gzip, grpc.Compression.Deflate, grpc.Compression.NoCompression):
         channel = server.channel(compression=compression)
-        stub = user_pb2_grpc.UserServiceStub(channel)
+        stub = WithDeadline(user_pb2_grpc.UserServiceStub(channel))
         if compression == grpc.Compression.Deflate:
             # Not accepted by the server: refused, as the spec says.
             with pytest.raises(grpc.RpcError) as err:
@@ -183,7 +184,7 @@ def test_deadlines_end_streams(pb, stub):
 def test_bearer_token(pb, token_server):
     user_pb2, user_pb2_grpc = pb
     channel = token_server.channel()
-    stub = user_pb2_grpc.UserServiceStub(channel)
+    stub = WithDeadline(user_pb2_grpc.UserServiceStub(channel))
     for metadata in [None, [("authorization", "Bearer wrong")]]:
         with pytest.raises(grpc.RpcError) as err:
             stub.AddUser(user(pb, "Tok"), metadata=metadata)
@@ -192,5 +193,5 @@ def test_bearer_token(pb, token_server):
     added = stub.AddUser(user(pb, "Tok"), metadata=good).user
     assert stub.GetUser(user_pb2.GetUserRequest(id=added.id), metadata=good) == added
     # Health stays open.
-    assert channel.unary_unary("/grpc.health.v1.Health/Check")(b"") == b"\x08\x01"
+    assert channel.unary_unary("/grpc.health.v1.Health/Check")(b"", timeout=DEADLINE) == b"\x08\x01"
     channel.close()
