@@ -101,6 +101,32 @@ struct Args {
     #[arg(long, env = "USER_SERVICE_MAX_SUBSCRIBERS", default_value_t = server::MAX_SUBSCRIBERS)]
     max_subscribers: usize,
 
+    /// Connections open at once; more are closed as soon as they are
+    /// accepted.
+    #[arg(long, env = "USER_SERVICE_MAX_CONNECTIONS", default_value_t = server::MAX_CONNECTIONS)]
+    max_connections: usize,
+
+    /// Seconds a new connection has to finish its handshake (TLS, the
+    /// HTTP/2 preface and the client's SETTINGS) before it is closed.
+    #[arg(long, env = "USER_SERVICE_HANDSHAKE_TIMEOUT", default_value_t = server::HANDSHAKE_TIMEOUT.as_secs())]
+    handshake_timeout: u64,
+
+    /// Seconds without a call after which a connection is sent GOAWAY; 0:
+    /// never.
+    #[arg(long, env = "USER_SERVICE_MAX_CONNECTION_IDLE", default_value_t = server::MAX_CONNECTION_IDLE.as_secs())]
+    max_connection_idle: u64,
+
+    /// Seconds (give or take 10%) after which a connection is sent GOAWAY,
+    /// so that clients reconnect, perhaps to another replica; its calls go
+    /// on. 0: never.
+    #[arg(long, env = "USER_SERVICE_MAX_CONNECTION_AGE", default_value_t = server::MAX_CONNECTION_AGE.as_secs())]
+    max_connection_age: u64,
+
+    /// Seconds the calls of a connection past its age may go on before it
+    /// is closed; unset: until they end.
+    #[arg(long, env = "USER_SERVICE_MAX_CONNECTION_AGE_GRACE")]
+    max_connection_age_grace: Option<u64>,
+
     /// File holding a bearer token that UserService and reflection calls
     /// must present (`authorization: Bearer <token>`).
     #[arg(long, env = "USER_SERVICE_AUTH_TOKEN_FILE")]
@@ -185,6 +211,7 @@ fn main() -> ExitCode {
     user_service::allocator::tune_mimalloc();
     let args = Args::parse();
     init_logging();
+    raise_open_files_limit();
     let result = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -210,6 +237,15 @@ fn init_logging() {
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
         .init();
+}
+
+/// Raises the soft limit on open files to the hard limit, as most servers
+/// do: each connection is a descriptor, and the soft limit is often 1024.
+fn raise_open_files_limit() {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => tracing::info!(limit, "open files"),
+        Err(err) => tracing::warn!(%err, "cannot raise the open files limit"),
+    }
 }
 
 async fn serve(args: Args) -> Result<(), Failure> {
@@ -243,6 +279,11 @@ async fn serve(args: Args) -> Result<(), Failure> {
         keepalive_timeout: Duration::from_secs(args.keepalive_timeout),
         max_in_flight_calls: args.max_in_flight_calls,
         max_subscribers: args.max_subscribers,
+        max_connections: args.max_connections,
+        handshake_timeout: Duration::from_secs(args.handshake_timeout),
+        max_connection_idle: seconds_or_never(args.max_connection_idle),
+        max_connection_age: seconds_or_never(args.max_connection_age),
+        max_connection_age_grace: args.max_connection_age_grace.map(Duration::from_secs),
         auth_token,
         tls,
         ..Config::default()
@@ -276,6 +317,11 @@ async fn serve(args: Args) -> Result<(), Failure> {
             listen_and_run(store, described, &args, config).await
         }
     }
+}
+
+/// `seconds`, or `None` (never) for 0.
+fn seconds_or_never(seconds: u64) -> Option<Duration> {
+    (seconds > 0).then(|| Duration::from_secs(seconds))
 }
 
 /// How the startup log line names the store.

@@ -18,7 +18,7 @@ use crate::{
     reflection,
     service::UserService,
     store::Store,
-    transport::{self, Http2Settings, TlsError},
+    transport::{self, ConnectionStats, Http2Settings, TlsError},
 };
 
 /// Largest gRPC message accepted or sent. tonic bounds decoding at 4 MiB but
@@ -55,6 +55,37 @@ pub const MAX_IN_FLIGHT_CALLS: usize = 4096;
 /// RESOURCE_EXHAUSTED.
 pub const MAX_SUBSCRIBERS: usize = 1024;
 
+/// Connections open at once; past it new connections are closed as soon as
+/// they are accepted. Each costs a descriptor and about 30 KB when idle (up
+/// to a flow-control window and its frame budget when a client fills it):
+/// far more than a fleet of clients and load balancers needs, and far
+/// fewer than the descriptors the server raises its limit to.
+pub const MAX_CONNECTIONS: usize = 10_000;
+
+/// How long a new connection has to finish its handshake (TLS, the HTTP/2
+/// preface and the client's SETTINGS). A real client does it in a round
+/// trip or two; a socket that connects and says nothing would otherwise
+/// hold a descriptor and memory for good.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A connection with no call for this long is sent GOAWAY (gRPC's
+/// MAX_CONNECTION_IDLE). Clients reconnect on their next call without an
+/// error; a connection carrying a call, a SyncUsers stream say, is never
+/// idle.
+pub const MAX_CONNECTION_IDLE: Duration = Duration::from_secs(15 * 60);
+
+/// A connection this old (give or take 10%) is sent GOAWAY (gRPC's
+/// MAX_CONNECTION_AGE), so that clients spread over replicas added since
+/// they connected. Its calls in flight go on (see
+/// [`MAX_CONNECTION_AGE_GRACE`]): a long SyncUsers stream is not cut, only
+/// the client's next calls move.
+pub const MAX_CONNECTION_AGE: Duration = Duration::from_secs(30 * 60);
+
+/// How long the calls of a connection sent GOAWAY for its age may go on:
+/// unlimited by default, so that no stream is ended because of the age of
+/// its connection. Set it to bound how long an old connection can live.
+pub const MAX_CONNECTION_AGE_GRACE: Option<Duration> = None;
+
 /// How long shutdown waits for calls to finish before giving up on them.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
@@ -79,6 +110,18 @@ pub struct Config {
     pub max_in_flight_calls: usize,
     /// Open SyncUsers streams at once.
     pub max_subscribers: usize,
+    /// Connections open at once.
+    pub max_connections: usize,
+    /// How long a new connection has to finish its handshake.
+    pub handshake_timeout: Duration,
+    /// Connections without a call for this long are sent GOAWAY; `None`:
+    /// never.
+    pub max_connection_idle: Option<Duration>,
+    /// Connections this old are sent GOAWAY; `None`: never.
+    pub max_connection_age: Option<Duration>,
+    /// How long the calls of a connection past its age may go on; `None`:
+    /// until they end.
+    pub max_connection_age_grace: Option<Duration>,
     /// When set, UserService and reflection calls must carry this bearer
     /// token.
     pub auth_token: Option<AuthToken>,
@@ -86,6 +129,8 @@ pub struct Config {
     pub tls: Option<TlsConfig>,
     /// Where the server reports what it holds open.
     pub gauges: Gauges,
+    /// Where the server counts its connections.
+    pub connections: ConnectionStats,
 }
 
 impl Default for Config {
@@ -100,9 +145,15 @@ impl Default for Config {
             keepalive_timeout: KEEPALIVE_TIMEOUT,
             max_in_flight_calls: MAX_IN_FLIGHT_CALLS,
             max_subscribers: MAX_SUBSCRIBERS,
+            max_connections: MAX_CONNECTIONS,
+            handshake_timeout: HANDSHAKE_TIMEOUT,
+            max_connection_idle: Some(MAX_CONNECTION_IDLE),
+            max_connection_age: Some(MAX_CONNECTION_AGE),
+            max_connection_age_grace: MAX_CONNECTION_AGE_GRACE,
             auth_token: None,
             tls: None,
             gauges: Gauges::default(),
+            connections: ConnectionStats::default(),
         }
     }
 }
@@ -187,6 +238,11 @@ pub async fn run<S: Store>(
         routes,
     );
     let settings = Http2Settings {
+        max_connections: config.max_connections,
+        handshake_timeout: config.handshake_timeout,
+        max_connection_idle: config.max_connection_idle,
+        max_connection_age: config.max_connection_age,
+        max_connection_age_grace: config.max_connection_age_grace,
         max_concurrent_streams: config.max_concurrent_streams,
         max_local_error_reset_streams: config.max_local_error_reset_streams,
         max_header_list_size: config.max_header_list_size,
@@ -198,6 +254,7 @@ pub async fn run<S: Store>(
         tls,
         service,
         settings,
+        config.connections.clone(),
         stop.clone()
     ));
 

@@ -1,19 +1,23 @@
-//! One HTTP/2 connection: the handshake, a task per call, keepalive pings
-//! and graceful shutdown.
+//! One HTTP/2 connection: the handshake, a task per call, keepalive pings,
+//! going away when idle, old or shut down.
 
 use std::{
     convert::Infallible,
     future::poll_fn,
     pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     task::{Context, Poll},
     time::Duration,
 };
 
 use bytes::Bytes;
-use h2::{Ping, PingPong, server::Connection};
+use h2::{Ping, PingPong};
 use http_body::Body;
 use tokio::{
-    io::{AsyncRead, AsyncWrite},
+    io::{AsyncRead, AsyncWrite, ReadBuf},
     task::JoinSet,
     time::{Instant, Sleep},
 };
@@ -21,26 +25,33 @@ use tokio_util::sync::CancellationToken;
 use tower_service::Service;
 
 use super::{
-    Http2Settings,
+    ConnectionStats, Http2Settings,
     stream::{self, BoxError, RequestBody},
 };
 
-/// Serves the calls of one connection, once its HTTP/2 handshake is done
-/// (by `handshake_deadline`, or it is closed), until the client closes it, it fails,
-/// or `stop` is cancelled and its calls have finished (graceful shutdown:
-/// GOAWAY, then the calls already started run to their end).
-///
-/// Each call runs in its own task, owned by this connection: when the
-/// connection ends, calls still running are cancelled.
-pub async fn serve<IO, S, B>(
-    io: IO,
-    service: S,
-    settings: &Http2Settings,
-    handshake_deadline: Instant,
-    stop: CancellationToken,
-) -> Result<(), h2::Error>
+/// The HTTP/2 preface (24 bytes) and the header of the client's first frame
+/// (9 bytes), which h2 accepts only if it is SETTINGS: a client that has
+/// sent this much has finished its side of the handshake.
+const PREFACE_AND_SETTINGS: u64 = 24 + 9;
+
+/// How long a connection closed abruptly (past its age grace) may take to
+/// send its GOAWAY before the socket is dropped anyway.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// One connection to serve, and what it needs.
+pub struct Connection<'a, S> {
+    pub service: S,
+    pub settings: &'a Http2Settings,
+    pub stats: &'a ConnectionStats,
+    /// When the handshake (TLS, the preface, the client's SETTINGS) must
+    /// be done by, or the connection is closed.
+    pub handshake_deadline: Instant,
+    /// Cancelled when the server shuts down.
+    pub stop: CancellationToken,
+}
+
+impl<S, B> Connection<'_, S>
 where
-    IO: AsyncRead + AsyncWrite + Unpin,
     S: Service<http::Request<RequestBody>, Response = http::Response<B>, Error = Infallible>
         + Clone
         + Send
@@ -49,37 +60,197 @@ where
     B: Body<Data = Bytes> + Send + 'static,
     B::Error: Into<BoxError> + Send,
 {
-    let handshake = settings.builder().handshake(io);
-    let Ok(conn) = tokio::time::timeout_at(handshake_deadline, handshake).await else {
-        tracing::debug!("no HTTP/2 preface in time; closing the connection");
-        return Ok(());
-    };
-    let mut conn: Connection<IO, Bytes> = conn?;
-    let mut keepalive = Keepalive::new(settings, conn.ping_pong());
-    let mut calls = JoinSet::new();
-    let mut closing = false;
-    loop {
-        tokio::select! {
-            // Accepting also drives the connection: every frame in and out.
-            accepted = conn.accept() => match accepted {
-                Some(Ok((request, respond))) => {
-                    calls.spawn(stream::serve(request, respond, service.clone()));
+    /// Serves the calls of the connection `io` until the client closes it,
+    /// it fails, or it is told to go away (server shutdown, idle, age) and
+    /// its calls have finished.
+    ///
+    /// Each call runs in its own task, owned by this connection: when the
+    /// connection ends, calls still running are cancelled.
+    pub async fn serve<IO>(self, io: IO) -> Result<(), h2::Error>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin,
+    {
+        let Connection {
+            service,
+            settings,
+            stats,
+            handshake_deadline,
+            stop,
+        } = self;
+        let (io, received) = CountReads::new(io);
+        let handshake = settings.builder().handshake(io);
+        let Ok(conn) = tokio::time::timeout_at(handshake_deadline, handshake).await else {
+            stats.count_handshake_timeout();
+            tracing::debug!("no HTTP/2 preface in time; closing the connection");
+            return Ok(());
+        };
+        let mut conn: h2::server::Connection<_, Bytes> = conn?;
+        let mut keepalive = Keepalive::new(settings, conn.ping_pong());
+        let mut calls = JoinSet::new();
+        // Until the client's SETTINGS are in, the handshake deadline holds.
+        let mut greeted = false;
+        let handshake_timer = tokio::time::sleep_until(handshake_deadline);
+        // Reset whenever the last call ends.
+        let idle_timer = tokio::time::sleep_until(deadline_after(
+            settings.max_connection_idle.unwrap_or(Duration::MAX),
+        ));
+        let age_timer = tokio::time::sleep_until(deadline_after(
+            settings.max_connection_age.map_or(Duration::MAX, jittered),
+        ));
+        tokio::pin!(handshake_timer, idle_timer, age_timer);
+        // Set once the connection has been told to go away.
+        let mut closing = false;
+        // Armed when the connection, sent GOAWAY for its age, must close
+        // whatever its calls are doing; then again, once it has been closed
+        // abruptly, to bound the wait for that GOAWAY to go out.
+        let mut grace_timer: Option<Pin<Box<Sleep>>> = None;
+        let mut forced = false;
+        loop {
+            tokio::select! {
+                // Accepting also drives the connection: every frame in and out.
+                accepted = conn.accept() => match accepted {
+                    Some(Ok((request, respond))) => {
+                        calls.spawn(stream::serve(request, respond, service.clone()));
+                    }
+                    Some(Err(err)) => return Err(err),
+                    // Closed: by the client, or once told to go away and
+                    // every call is done.
+                    None => return Ok(()),
+                },
+                Some(_) = calls.join_next(), if !calls.is_empty() => {
+                    if calls.is_empty()
+                        && let Some(idle) = settings.max_connection_idle
+                    {
+                        idle_timer.as_mut().reset(deadline_after(idle));
+                    }
                 }
-                Some(Err(err)) => return Err(err),
-                // Closed: by the client, or after a graceful shutdown once
-                // every call is done.
-                None => return Ok(()),
-            },
-            Some(_) = calls.join_next(), if !calls.is_empty() => {}
-            () = stop.cancelled(), if !closing => {
-                closing = true;
-                conn.graceful_shutdown();
-            }
-            () = keepalive.expired() => {
-                tracing::debug!("keepalive ping unanswered; closing the connection");
-                return Ok(());
+                () = &mut handshake_timer, if !greeted => {
+                    if received.get() < PREFACE_AND_SETTINGS {
+                        stats.count_handshake_timeout();
+                        tracing::debug!("no SETTINGS from the client in time; closing the connection");
+                        return Ok(());
+                    }
+                    greeted = true;
+                }
+                () = stop.cancelled(), if !closing => {
+                    closing = true;
+                    conn.graceful_shutdown();
+                }
+                () = &mut idle_timer, if !closing && calls.is_empty() => {
+                    stats.count_idle_closed();
+                    tracing::debug!("connection idle; sending GOAWAY");
+                    closing = true;
+                    conn.graceful_shutdown();
+                }
+                () = &mut age_timer, if !closing => {
+                    stats.count_aged_out();
+                    tracing::debug!("connection at its maximum age; sending GOAWAY");
+                    closing = true;
+                    conn.graceful_shutdown();
+                    grace_timer = settings
+                        .max_connection_age_grace
+                        .map(|grace| Box::pin(tokio::time::sleep(grace)));
+                }
+                () = async { grace_timer.as_mut().expect("enabled only when set").await },
+                    if grace_timer.is_some() =>
+                {
+                    if forced {
+                        return Ok(());
+                    }
+                    tracing::debug!(calls = calls.len(), "age grace over; closing the connection");
+                    // GOAWAY, and every stream still open is ended.
+                    conn.abrupt_shutdown(h2::Reason::NO_ERROR);
+                    forced = true;
+                    grace_timer = Some(Box::pin(tokio::time::sleep(CLOSE_TIMEOUT)));
+                }
+                () = keepalive.expired() => {
+                    tracing::debug!("keepalive ping unanswered; closing the connection");
+                    return Ok(());
+                }
             }
         }
+    }
+}
+
+/// `duration` give or take a tenth, at random: connections opened
+/// together (by a fleet of clients restarted together, say) do not all
+/// reach their maximum age at once and reconnect in a storm.
+fn jittered(duration: Duration) -> Duration {
+    duration.mul_f64(fastrand::f64().mul_add(0.2, 0.9))
+}
+
+/// An I/O stream that counts the bytes read from it.
+struct CountReads<IO> {
+    inner: IO,
+    received: Received,
+}
+
+/// The count of a [`CountReads`], readable while h2 owns the stream.
+#[derive(Clone, Default)]
+struct Received(Arc<AtomicU64>);
+
+impl Received {
+    fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+impl<IO> CountReads<IO> {
+    fn new(inner: IO) -> (Self, Received) {
+        let received = Received::default();
+        (
+            CountReads {
+                inner,
+                received: received.clone(),
+            },
+            received,
+        )
+    }
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for CountReads<IO> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let result = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let read = (buf.filled().len() - before) as u64;
+        if read > 0 {
+            self.received.0.fetch_add(read, Ordering::Relaxed);
+        }
+        result
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for CountReads<IO> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 

@@ -10,32 +10,39 @@ use tokio_util::sync::CancellationToken;
 use tower_service::Service;
 
 use super::{
-    Http2Settings, connection,
+    ConnectionStats, Http2Settings, connection,
     stream::{BoxError, RequestBody},
 };
 use crate::batched_io::BatchedWrites;
-
-/// How long a new connection has to complete its handshake (TLS, then the
-/// HTTP/2 preface): a socket that connects and says nothing holds a task
-/// and a descriptor, so it is closed.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// First pause after an accept error that is not about one connection
 /// (descriptors exhausted, out of memory): retrying at once would spin.
 const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(5);
 
-/// Longest pause between accept attempts while the errors go on.
+/// Longest pause between accept attempts while the errors go on. A
+/// connection that closes meanwhile frees a descriptor and ends the pause
+/// at once.
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// At most one log line per this long about refused connections, and one
+/// about accept errors: a flood must not turn into a flood of logs.
+const LOG_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Serves connections from `listener` until `stop` is cancelled, then
 /// stops accepting and waits for every connection to finish its calls
 /// (each is told to go away, and its calls end as their handlers decide).
 /// Dropping the future instead closes every connection at once.
+///
+/// Past `settings.max_connections` open connections, a new connection is
+/// closed as soon as it is accepted: the cheapest answer during a flood,
+/// which is when the limit is reached, and one every gRPC client retries
+/// (it sees the connection closed, `UNAVAILABLE`).
 pub async fn serve<S, B>(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
     service: S,
     settings: Http2Settings,
+    stats: ConnectionStats,
     stop: CancellationToken,
 ) where
     S: Service<http::Request<RequestBody>, Response = http::Response<B>, Error = Infallible>
@@ -48,6 +55,7 @@ pub async fn serve<S, B>(
 {
     let mut connections = JoinSet::new();
     let mut errors = AcceptErrors::default();
+    let mut refusals = LogLimiter::default();
     loop {
         let accepted = tokio::select! {
             biased;
@@ -61,31 +69,66 @@ pub async fn serve<S, B>(
                 tcp
             }
             Err(err) => {
-                let pause = errors.failed(&err);
+                let pause = errors.failed(&err, &stats);
+                if pause.is_zero() {
+                    continue;
+                }
                 tokio::select! {
                     () = stop.cancelled() => break,
-                    () = tokio::time::sleep(pause) => continue,
+                    () = tokio::time::sleep(pause) => {}
+                    // A connection that ends frees its descriptor.
+                    Some(_) = connections.join_next(), if !connections.is_empty() => {}
                 }
+                continue;
             }
         };
+        if stats.open() >= settings.max_connections as u64 {
+            stats.count_refused();
+            if let Some(unlogged) = refusals.allow() {
+                tracing::warn!(
+                    max_connections = settings.max_connections,
+                    refused_since_last_log = unlogged + 1,
+                    "connection limit reached; closing new connections"
+                );
+            }
+            drop(tcp);
+            continue;
+        }
+        let open = stats.opened();
         // Replies are small and latency matters more than packet count;
         // BatchedWrites already coalesces what is ready together.
         let _ = tcp.set_nodelay(true);
         let io = BatchedWrites::new(tcp);
         let service = service.clone();
         let settings = settings.clone();
+        let stats = stats.clone();
         let stop = stop.clone();
         let tls = tls.clone();
         connections.spawn(async move {
-            let deadline = Instant::now() + HANDSHAKE_TIMEOUT;
+            let _open = open;
+            let handshake_deadline = Instant::now() + settings.handshake_timeout;
+            let connection = connection::Connection {
+                service,
+                settings: &settings,
+                stats: &stats,
+                handshake_deadline,
+                stop,
+            };
             let result = match tls {
-                None => connection::serve(io, service, &settings, deadline, stop).await,
+                None => connection.serve(io).await,
                 Some(tls) => {
-                    let Ok(Ok(io)) = tokio::time::timeout_at(deadline, tls.accept(io)).await else {
-                        tracing::debug!("TLS handshake failed or timed out");
-                        return;
-                    };
-                    connection::serve(io, service, &settings, deadline, stop).await
+                    match tokio::time::timeout_at(handshake_deadline, tls.accept(io)).await {
+                        Ok(Ok(io)) => connection.serve(io).await,
+                        Ok(Err(err)) => {
+                            tracing::debug!(%err, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            stats.count_handshake_timeout();
+                            tracing::debug!("TLS handshake not done in time; closing");
+                            return;
+                        }
+                    }
                 }
             };
             if let Err(err) = result {
@@ -103,13 +146,8 @@ pub async fn serve<S, B>(
 struct AcceptErrors {
     /// The pause after the last error, while errors go on.
     backoff: Option<Duration>,
-    /// When the last error was logged, and how many were not since.
-    logged_at: Option<Instant>,
-    unlogged: u64,
+    log: LogLimiter,
 }
-
-/// At most one log line about accept errors per this long.
-const ACCEPT_ERROR_LOG_INTERVAL: Duration = Duration::from_secs(5);
 
 impl AcceptErrors {
     fn recovered(&mut self) {
@@ -117,7 +155,7 @@ impl AcceptErrors {
     }
 
     /// Records `err`; returns how long to wait before accepting again.
-    fn failed(&mut self, err: &io::Error) -> Duration {
+    fn failed(&mut self, err: &io::Error, stats: &ConnectionStats) -> Duration {
         // These concern one connection that went away before it was
         // accepted: the next one can be accepted at once.
         if matches!(
@@ -128,26 +166,76 @@ impl AcceptErrors {
         ) {
             return Duration::ZERO;
         }
+        stats.count_accept_error();
         let pause = self.backoff.map_or(ACCEPT_BACKOFF_MIN, |last| {
             (last * 2).min(ACCEPT_BACKOFF_MAX)
         });
         self.backoff = Some(pause);
-        let now = Instant::now();
-        if self
-            .logged_at
-            .is_none_or(|at| now.duration_since(at) >= ACCEPT_ERROR_LOG_INTERVAL)
-        {
+        if let Some(unlogged) = self.log.allow() {
             tracing::warn!(
                 %err,
-                similar_errors_not_logged = self.unlogged,
+                similar_errors_since_last_log = unlogged + 1,
                 retry_in = ?pause,
                 "cannot accept connections"
             );
-            self.logged_at = Some(now);
-            self.unlogged = 0;
-        } else {
-            self.unlogged += 1;
         }
         pause
+    }
+}
+
+/// Lets one log line through per [`LOG_INTERVAL`], counting the others.
+#[derive(Debug, Default)]
+struct LogLimiter {
+    logged_at: Option<Instant>,
+    unlogged: u64,
+}
+
+impl LogLimiter {
+    /// `Some(events not logged since the last line)` when this one may be
+    /// logged.
+    fn allow(&mut self) -> Option<u64> {
+        let now = Instant::now();
+        if self
+            .logged_at
+            .is_some_and(|at| now.duration_since(at) < LOG_INTERVAL)
+        {
+            self.unlogged += 1;
+            return None;
+        }
+        self.logged_at = Some(now);
+        Some(std::mem::take(&mut self.unlogged))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn one_line_per_interval_with_the_count_of_the_others() {
+        let mut log = LogLimiter::default();
+        assert_eq!(log.allow(), Some(0));
+        assert_eq!(log.allow(), None);
+        assert_eq!(log.allow(), None);
+        tokio::time::advance(LOG_INTERVAL).await;
+        assert_eq!(log.allow(), Some(2));
+        assert_eq!(log.allow(), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn accept_errors_back_off_and_recover() {
+        let stats = ConnectionStats::default();
+        let mut errors = AcceptErrors::default();
+        let emfile = io::Error::from_raw_os_error(24);
+        let pauses: Vec<_> = (0..10).map(|_| errors.failed(&emfile, &stats)).collect();
+        assert_eq!(pauses[0], ACCEPT_BACKOFF_MIN);
+        assert_eq!(pauses[1], ACCEPT_BACKOFF_MIN * 2);
+        assert_eq!(pauses[9], ACCEPT_BACKOFF_MAX);
+        assert_eq!(stats.accept_errors(), 10);
+        // One connection's trouble is no reason to wait.
+        let aborted = io::Error::from(io::ErrorKind::ConnectionAborted);
+        assert_eq!(errors.failed(&aborted, &stats), Duration::ZERO);
+        errors.recovered();
+        assert_eq!(errors.failed(&emfile, &stats), ACCEPT_BACKOFF_MIN);
     }
 }

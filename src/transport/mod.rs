@@ -15,12 +15,14 @@
 
 mod connection;
 mod listener;
+mod stats;
 mod stream;
 mod tls;
 
 use std::time::Duration;
 
 pub use listener::serve;
+pub use stats::ConnectionStats;
 pub use stream::{BoxError, RequestBody};
 pub use tls::{TlsConfig, TlsError};
 
@@ -62,9 +64,26 @@ pub const DATA_FRAME_BUDGET: usize =
 /// lets out (hyper's default).
 pub const MAX_SEND_BUFFER: usize = 400 * 1024;
 
-/// How each HTTP/2 connection is run.
+/// How connections are accepted and each HTTP/2 connection is run.
 #[derive(Debug, Clone)]
 pub struct Http2Settings {
+    /// Connections open at once; more are closed as soon as they are
+    /// accepted.
+    pub max_connections: usize,
+    /// How long a new connection has to finish its handshake: TLS, the
+    /// HTTP/2 preface and the client's first SETTINGS frame.
+    pub handshake_timeout: Duration,
+    /// A connection without a call for this long is sent GOAWAY and
+    /// closed; `None`: never.
+    pub max_connection_idle: Option<Duration>,
+    /// A connection this old (give or take a tenth, so that clients do not
+    /// reconnect all at once) is sent GOAWAY: its calls go on, the client's
+    /// next ones go to a new connection, perhaps to another replica.
+    /// `None`: never.
+    pub max_connection_age: Option<Duration>,
+    /// How long the calls of a connection sent GOAWAY for its age may go on
+    /// before it is closed; `None`: as long as they like.
+    pub max_connection_age_grace: Option<Duration>,
     /// Concurrent streams (calls) per connection.
     pub max_concurrent_streams: u32,
     /// Streams a peer may make the server reset before it is disconnected.

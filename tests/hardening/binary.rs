@@ -30,7 +30,22 @@ struct Binary {
 
 impl Binary {
     fn start(args: &[&str]) -> Binary {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_user-service"))
+        Self::start_command(Command::new(env!("CARGO_BIN_EXE_user-service")), args)
+    }
+
+    /// Starts the binary under `prlimit`, with at most `files` descriptors
+    /// (soft and hard limit: the server cannot raise it).
+    fn start_with_open_files(files: u32, args: &[&str]) -> Binary {
+        let mut command = Command::new("prlimit");
+        command
+            .arg(format!("--nofile={files}:{files}"))
+            .arg("--")
+            .arg(env!("CARGO_BIN_EXE_user-service"));
+        Self::start_command(command, args)
+    }
+
+    fn start_command(mut command: Command, args: &[&str]) -> Binary {
+        let mut child = command
             .args(args)
             // These tests are about the transport flags; keep no file behind.
             .args(["--store", "memory"])
@@ -80,6 +95,25 @@ impl Binary {
         tokio::task::spawn_blocking(move || self.stop_blocking())
             .await
             .unwrap()
+    }
+
+    /// The server's CPU time so far (user + system), from /proc.
+    fn cpu_seconds(&self) -> f64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap();
+        // The fields after the command name, which is in parentheses.
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .unwrap()
+            .1
+            .split_whitespace()
+            .collect();
+        let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+        // SAFETY: sysconf only reads a system setting.
+        ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().unwrap().join("\n")
     }
 
     fn stop_blocking(mut self) -> String {
@@ -313,4 +347,76 @@ async fn a_host_name_address_and_the_address_file() {
     let _ = child.kill();
     let _ = child.wait();
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// With its descriptors exhausted, the server neither spins nor stops: it
+/// backs off (using almost no CPU), logs at a bounded rate, and accepts
+/// again as soon as descriptors are free; calls already in flight go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_descriptors_exhausted_the_server_idles_then_accepts_again() {
+    const FILES: u32 = 64;
+    let server = Binary::start_with_open_files(FILES, &["--addr", "127.0.0.1:0"]);
+    let url = format!("http://{}", server.addr);
+    let mut client = UserServiceClient::new(
+        Endpoint::from_shared(url.clone())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap(),
+    );
+    // A call in flight all along: an import whose stream stays open.
+    let (rows, stream) = crate::common::request_stream();
+    let import = tokio::spawn({
+        let mut client = client.clone();
+        async move { client.bulk_add_users(stream).await }
+    });
+    rows.send(user("Before")).await.unwrap();
+
+    // More connections than the server has descriptors: the kernel queues
+    // those it cannot accept.
+    let mut held = Vec::new();
+    for _ in 0..2 * FILES {
+        held.push(tokio::net::TcpStream::connect(server.addr).await.unwrap());
+    }
+    // A measurement window, not a wait for an event: the accept loop would
+    // spin through it without the back-off.
+    let before = server.cpu_seconds();
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let cpu = server.cpu_seconds() - before;
+    assert!(
+        cpu < 0.5,
+        "the server used {cpu:.2} s of CPU in 2 s while out of descriptors"
+    );
+    let log = server.log();
+    let warnings = log.matches("cannot accept connections").count();
+    assert!(
+        (1..=2).contains(&warnings),
+        "{warnings} accept warnings in 2 s:\n{log}"
+    );
+
+    // Descriptors come back: new clients are served at once.
+    drop(held);
+    let mut fresh = UserServiceClient::new(
+        within(
+            "a new connection",
+            Endpoint::from_shared(url).unwrap().connect(),
+        )
+        .await
+        .unwrap(),
+    );
+    within("a call on it", fresh.add_user(user("After")))
+        .await
+        .unwrap();
+    // The call in flight all along succeeds.
+    rows.send(user("Still")).await.unwrap();
+    drop(rows);
+    let report = within("the import", import)
+        .await
+        .unwrap()
+        .unwrap()
+        .into_inner();
+    assert_eq!((report.added, report.failed), (2, 0));
+    client.add_user(user("Same connection")).await.unwrap();
+    let log = within("the server to stop", server.stop()).await;
+    assert!(log.contains("open files"), "{log}");
 }

@@ -8,6 +8,7 @@ mod common;
 
 mod binary;
 mod cleanup;
+mod connections;
 mod deadlines;
 mod limits;
 mod malformed;

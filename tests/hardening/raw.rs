@@ -2,15 +2,22 @@
 //! well-behaved client does, and calls through the `h2` crate with any path,
 //! content type and body.
 
-use std::net::SocketAddr;
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+};
 
 use bytes::Bytes;
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
     net::{
-        TcpStream,
+        TcpListener, TcpStream,
         tcp::{OwnedReadHalf, OwnedWriteHalf},
     },
+    sync::Notify,
 };
 
 use crate::common::within;
@@ -296,5 +303,119 @@ pub async fn outcome(response: h2::client::ResponseFuture) -> Outcome {
     Outcome {
         http_status,
         grpc_status: trailers.as_ref().and_then(grpc_status),
+    }
+}
+
+/// One frame the server sent: type, flags, stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sent {
+    pub kind: u8,
+    pub flags: u8,
+    pub stream: u32,
+}
+
+/// A TCP proxy to the server that records the frames the server sends on
+/// the connections made through it, and counts the connections.
+pub struct Recorder {
+    pub addr: SocketAddr,
+    frames: Arc<Mutex<Vec<Sent>>>,
+    connections: Arc<AtomicUsize>,
+    /// Woken for every frame recorded.
+    recorded: Arc<Notify>,
+}
+
+impl Recorder {
+    pub async fn start(server: SocketAddr) -> Recorder {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let frames = Arc::new(Mutex::new(Vec::new()));
+        let connections = Arc::new(AtomicUsize::new(0));
+        let notify = Arc::new(Notify::new());
+        let (recorded, counted, woken) = (frames.clone(), connections.clone(), notify.clone());
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                counted.fetch_add(1, Ordering::AcqRel);
+                let server = TcpStream::connect(server).await.unwrap();
+                let (mut client_read, mut client_write) = client.into_split();
+                let (mut server_read, mut server_write) = server.into_split();
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut client_read, &mut server_write).await;
+                    let _ = server_write.shutdown().await;
+                });
+                let (recorded, woken) = (recorded.clone(), woken.clone());
+                tokio::spawn(async move {
+                    // The server's side starts with a frame (its SETTINGS).
+                    let mut head = [0u8; 9];
+                    while server_read.read_exact(&mut head).await.is_ok() {
+                        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+                        let mut payload = vec![0; len];
+                        if server_read.read_exact(&mut payload).await.is_err() {
+                            break;
+                        }
+                        recorded.lock().unwrap().push(Sent {
+                            kind: head[3],
+                            flags: head[4],
+                            stream: u32::from_be_bytes(head[5..9].try_into().unwrap())
+                                & 0x7fff_ffff,
+                        });
+                        woken.notify_waiters();
+                        if client_write.write_all(&head).await.is_err()
+                            || client_write.write_all(&payload).await.is_err()
+                        {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        Recorder {
+            addr,
+            frames,
+            connections,
+            recorded: notify,
+        }
+    }
+
+    /// Connections made through the proxy so far.
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::Acquire)
+    }
+
+    /// Waits until the server has sent `count` frames of `kind` in all.
+    pub async fn wait_for(&self, kind: u8, count: usize) {
+        within("frames from the server", async {
+            loop {
+                let recorded = self.recorded.notified();
+                let mut recorded = std::pin::pin!(recorded);
+                // Registered before the check, so a frame in between is seen.
+                recorded.as_mut().enable();
+                if self.count(kind) >= count {
+                    return;
+                }
+                recorded.await;
+            }
+        })
+        .await
+    }
+
+    /// The frames sent on `stream` (of every connection through the proxy)
+    /// that belong to the response: HEADERS, DATA and RST_STREAM.
+    pub fn response_frames(&self, stream: u32) -> Vec<Sent> {
+        self.frames
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|f| f.stream == stream && matches!(f.kind, DATA | HEADERS | RST_STREAM))
+            .copied()
+            .collect()
+    }
+
+    pub fn count(&self, kind: u8) -> usize {
+        self.frames
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|f| f.kind == kind)
+            .count()
     }
 }

@@ -3,21 +3,16 @@
 //! HEADERS frame with END_STREAM (Trailers-Only) or from trailers, and a
 //! stream the server resets counts against the connection.
 //!
-//! A recording proxy sits between an `h2` client and the server and notes
-//! every frame the server sends; the `h2` client decodes the headers.
+//! A recording proxy ([`Recorder`]) sits between an `h2` client and the
+//! server and notes every frame the server sends; the `h2` client decodes
+//! the headers.
 
-use std::{
-    net::SocketAddr,
-    sync::{Arc, Mutex},
-};
+use std::net::SocketAddr;
 
 use bytes::Bytes;
 use futures::StreamExt;
 use prost::Message;
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpListener, TcpStream},
-};
+use tokio::net::TcpStream;
 use user_service::{
     Config, MemoryStore,
     auth::AuthToken,
@@ -26,90 +21,10 @@ use user_service::{
 
 use crate::{
     common::{FEED_CAPACITY, TestServer, user, user_with_id, within},
-    raw::{self, GOAWAY, HEADERS, RST_STREAM, RawConn, grpc_frame},
+    raw::{self, GOAWAY, HEADERS, RST_STREAM, RawConn, Recorder, Sent, grpc_frame},
 };
 
 const END_STREAM: u8 = 0x1;
-
-/// One frame the server sent: type, flags, stream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Sent {
-    kind: u8,
-    flags: u8,
-    stream: u32,
-}
-
-/// A TCP proxy to the server that records the frames the server sends on
-/// the connections made through it.
-struct Recorder {
-    addr: SocketAddr,
-    frames: Arc<Mutex<Vec<Sent>>>,
-}
-
-impl Recorder {
-    async fn start(server: SocketAddr) -> Recorder {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let frames = Arc::new(Mutex::new(Vec::new()));
-        let recorded = frames.clone();
-        tokio::spawn(async move {
-            while let Ok((client, _)) = listener.accept().await {
-                let server = TcpStream::connect(server).await.unwrap();
-                let (mut client_read, mut client_write) = client.into_split();
-                let (mut server_read, mut server_write) = server.into_split();
-                tokio::spawn(async move {
-                    let _ = tokio::io::copy(&mut client_read, &mut server_write).await;
-                    let _ = server_write.shutdown().await;
-                });
-                let recorded = recorded.clone();
-                tokio::spawn(async move {
-                    // The server's side starts with a frame (its SETTINGS).
-                    let mut head = [0u8; 9];
-                    while server_read.read_exact(&mut head).await.is_ok() {
-                        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
-                        let mut payload = vec![0; len];
-                        if server_read.read_exact(&mut payload).await.is_err() {
-                            break;
-                        }
-                        recorded.lock().unwrap().push(Sent {
-                            kind: head[3],
-                            flags: head[4],
-                            stream: u32::from_be_bytes(head[5..9].try_into().unwrap())
-                                & 0x7fff_ffff,
-                        });
-                        if client_write.write_all(&head).await.is_err()
-                            || client_write.write_all(&payload).await.is_err()
-                        {
-                            break;
-                        }
-                    }
-                });
-            }
-        });
-        Recorder { addr, frames }
-    }
-
-    /// The frames sent on `stream` (of every connection through the proxy)
-    /// that belong to the response: HEADERS, DATA and RST_STREAM.
-    fn response_frames(&self, stream: u32) -> Vec<Sent> {
-        self.frames
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|f| f.stream == stream && matches!(f.kind, raw::DATA | HEADERS | RST_STREAM))
-            .copied()
-            .collect()
-    }
-
-    fn count(&self, kind: u8) -> usize {
-        self.frames
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|f| f.kind == kind)
-            .count()
-    }
-}
 
 /// A call made through the recorder: `path`, a request body of `messages`,
 /// each in its own DATA frame and END_STREAM in an empty one (as grpc-go

@@ -12,6 +12,7 @@ use user_service::{
     proto::{self, user_service_client::UserServiceClient},
     server::ServeError,
     store::sqlite::{Durability, SqliteOptions},
+    transport::ConnectionStats,
 };
 
 /// Change-feed capacity of test servers unless a test asks for another.
@@ -87,6 +88,8 @@ pub struct TestServer {
     pub addr: SocketAddr,
     /// What the server holds open (from its `Config`).
     pub gauges: Gauges,
+    /// What happened to its connections (from its `Config`).
+    pub connections: ConnectionStats,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), ServeError>>>,
     /// The store's files, deleted when the server is dropped.
@@ -118,12 +121,14 @@ impl TestServer {
         let addr = listener.local_addr().expect("local addr");
         let (tx, rx) = oneshot::channel::<()>();
         let gauges = config.gauges.clone();
+        let connections = config.connections.clone();
         let task = tokio::spawn(user_service::run(listener, store, config, async {
             let _ = rx.await;
         }));
         TestServer {
             addr,
             gauges,
+            connections,
             shutdown: Some(tx),
             task: Some(task),
             _data: None,

@@ -35,6 +35,7 @@ import (
 	"google.golang.org/grpc/codes"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/stats"
 	v1alpha "google.golang.org/grpc/reflection/grpc_reflection_v1alpha"
 	"google.golang.org/grpc/status"
 
@@ -778,6 +779,112 @@ func checkHealth() {
 	})
 }
 
+// connEvents reports the client's connections opening and closing.
+type connEvents struct{ begins, ends chan struct{} }
+
+func newConnEvents() *connEvents {
+	return &connEvents{begins: make(chan struct{}, 100), ends: make(chan struct{}, 100)}
+}
+
+func (h *connEvents) TagRPC(ctx context.Context, _ *stats.RPCTagInfo) context.Context { return ctx }
+func (h *connEvents) HandleRPC(context.Context, stats.RPCStats)                       {}
+func (h *connEvents) TagConn(ctx context.Context, _ *stats.ConnTagInfo) context.Context {
+	return ctx
+}
+func (h *connEvents) HandleConn(_ context.Context, s stats.ConnStats) {
+	switch s.(type) {
+	case *stats.ConnBegin:
+		h.begins <- struct{}{}
+	case *stats.ConnEnd:
+		h.ends <- struct{}{}
+	}
+}
+
+func await(t *T, events chan struct{}, what string) {
+	select {
+	case <-events:
+	case <-time.After(patience):
+		t.Fatalf("no %s within %v", what, patience)
+	}
+}
+
+func (s *server) dialWatched(t *T) (*grpc.ClientConn, *connEvents) {
+	events := newConnEvents()
+	ctx, cancel := deadline(patience)
+	defer cancel()
+	conn, err := grpc.DialContext(ctx, s.addr, grpc.WithInsecure(), grpc.WithBlock(), grpc.WithStatsHandler(events))
+	if err != nil {
+		t.Fatalf("dial %s: %v", s.addr, err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	await(t, events.begins, "connection")
+	return conn, events
+}
+
+func checkConnections() {
+	check("an old connection is sent GOAWAY: its stream goes on, new calls use a new connection", func(t *T) {
+		s := start(t, "--max-connection-age", "1")
+		conn, events := s.dialWatched(t)
+		client := pb.NewUserServiceClient(conn)
+		ctx, cancel := deadline(callDeadline)
+		defer cancel()
+		sync, err := client.SyncUsers(ctx)
+		must(t, "SyncUsers", err)
+		op := func(id uint64) {
+			must(t, "a request", sync.Send(&pb.SyncRequest{RequestId: id, Op: &pb.SyncRequest_DeleteId{DeleteId: "x"}}))
+			for {
+				reply, err := sync.Recv()
+				must(t, "its Ack", err)
+				// Changes made by other calls come in between.
+				if ack := reply.GetAck(); ack != nil {
+					if ack.RequestId != id {
+						t.Fatalf("Ack for %d, want %d", ack.RequestId, id)
+					}
+					return
+				}
+			}
+		}
+		op(1)
+		// At the GOAWAY, grpc-go opens a new connection for new calls.
+		await(t, events.begins, "second connection")
+		_, err = client.AddUser(ctx, user("New connection"))
+		must(t, "AddUser after GOAWAY", err)
+		op(2)
+		must(t, "close", sync.CloseSend())
+		if _, err := sync.Recv(); err != io.EOF {
+			t.Fatalf("stream end: %v", err)
+		}
+		// The old connection closes once its stream is done.
+		await(t, events.ends, "old connection to close")
+	})
+
+	check("past the age grace, a stream still open ends UNAVAILABLE", func(t *T) {
+		s := start(t, "--max-connection-age", "1", "--max-connection-age-grace", "1")
+		client := pb.NewUserServiceClient(s.dial(t))
+		ctx, cancel := deadline(callDeadline)
+		defer cancel()
+		sync, err := client.SyncUsers(ctx)
+		must(t, "SyncUsers", err)
+		_, err = sync.Recv()
+		expectStatus(t, "the stream", err, codes.Unavailable, "")
+		_, err = client.AddUser(ctx, user("After"))
+		must(t, "a call after", err)
+	})
+
+	check("an idle connection is sent GOAWAY; the next call reconnects", func(t *T) {
+		s := start(t, "--max-connection-idle", "1")
+		conn, events := s.dialWatched(t)
+		client := pb.NewUserServiceClient(conn)
+		ctx, cancel := deadline(callDeadline)
+		defer cancel()
+		_, err := client.AddUser(ctx, user("Before"))
+		must(t, "AddUser", err)
+		await(t, events.ends, "idle connection to close")
+		_, err = client.AddUser(ctx, user("After"))
+		must(t, "AddUser after", err)
+	})
+}
+
 func main() {
 	flag.Parse()
 	checkErrors()
@@ -785,6 +892,7 @@ func main() {
 	checkLimits()
 	checkReflection()
 	checkHealth()
+	checkConnections()
 	checkVolume()
 	if len(failed) > 0 {
 		fmt.Printf("grpc-go suite: %d failed: %s\n", len(failed), strings.Join(failed, "; "))
