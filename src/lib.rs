@@ -12,8 +12,10 @@
 //! - [`transport`]: connections and HTTP/2, on the `h2` crate: one task per
 //!   connection and per call, keepalive, TLS.
 //! - [`batched_io`]: fewer, larger socket writes under load.
-//! - [`limits`]: the in-flight and subscriber caps, call deadlines over
-//!   whole streams, and the gauges counting what is open.
+//! - [`call_guard`]: around every call, the in-flight cap, deadlines over
+//!   whole streams and the end of streams at shutdown.
+//! - [`gauges`]: the counts of what is open (calls in flight, SyncUsers
+//!   subscribers) and the capped pools of slots they count.
 //! - [`auth`]: the optional bearer token.
 //! - [`service`]: one handler per RPC (decode, validate, one store call,
 //!   convert), a module per streaming pattern.
@@ -30,8 +32,9 @@
 pub mod allocator;
 pub mod auth;
 pub mod batched_io;
+pub mod call_guard;
 pub mod error;
-pub mod limits;
+pub mod gauges;
 pub mod proto;
 pub mod reflection;
 pub mod sample;

@@ -13,7 +13,8 @@ use tonic_health::ServingStatus;
 pub use crate::transport::TlsConfig;
 use crate::{
     auth::{AuthToken, Authenticate},
-    limits::{CallGuardLayer, Gauges},
+    call_guard::CallGuardLayer,
+    gauges::Gauges,
     proto::user_service_server::UserServiceServer,
     reflection,
     service::UserService,
@@ -200,8 +201,11 @@ pub async fn run<S: Store>(
         }
     }
 
-    let service = UserService::new(store, stop.clone())
-        .with_subscriber_slots(config.gauges.subscriber_slots(config.max_subscribers));
+    let service = UserService::new(
+        store,
+        stop.clone(),
+        config.gauges.subscriber_slots(config.max_subscribers),
+    );
     let users = UserServiceServer::new(service)
         .max_decoding_message_size(config.max_message_size)
         .max_encoding_message_size(config.max_message_size)

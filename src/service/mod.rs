@@ -5,17 +5,15 @@
 
 mod bulk;
 mod list;
-mod shutdown;
 mod sync;
 
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
 pub use list::UserListing;
-pub use shutdown::EndOnShutdown;
 pub use sync::SyncSession;
 
-use crate::{limits::Slots, proto, store::Store, user::NewUser, validate};
+use crate::{gauges::Slots, proto, store::Store, user::NewUser, validate};
 
 /// The reply text of a successful AddUser.
 pub const USER_SAVED: &str = "user saved successfully";
@@ -23,26 +21,22 @@ pub const USER_SAVED: &str = "user saved successfully";
 /// The `UserService` implementation over any [`Store`].
 pub struct UserService<S> {
     store: S,
-    /// Cancelled when the server starts shutting down; ends open streams.
+    /// Cancelled when the server starts shutting down: BulkAddUsers then
+    /// commits the rows it has and ends. (Response streams are ended by the
+    /// call guard, by one rule for every service.)
     shutdown: CancellationToken,
-    /// One per open SyncUsers stream; unbounded unless set.
-    subscribers: Option<Slots>,
+    /// One per open SyncUsers stream: past the cap, new ones are refused
+    /// with `RESOURCE_EXHAUSTED`.
+    subscribers: Slots,
 }
 
 impl<S: Store> UserService<S> {
-    pub fn new(store: S, shutdown: CancellationToken) -> Self {
+    pub fn new(store: S, shutdown: CancellationToken, subscribers: Slots) -> Self {
         UserService {
             store,
             shutdown,
-            subscribers: None,
+            subscribers,
         }
-    }
-
-    /// Caps the open SyncUsers streams: past the cap, new ones are refused
-    /// with `RESOURCE_EXHAUSTED`.
-    pub fn with_subscriber_slots(mut self, slots: Slots) -> Self {
-        self.subscribers = Some(slots);
-        self
     }
 }
 
@@ -74,7 +68,7 @@ impl<S: Store> proto::user_service_server::UserService for UserService<S> {
         Ok(Response::new(proto::User::from(&user)))
     }
 
-    type ListUsersStream = EndOnShutdown<UserListing>;
+    type ListUsersStream = UserListing;
 
     /// Server streaming: the response is a stream that tonic polls.
     async fn list_users(
@@ -82,7 +76,7 @@ impl<S: Store> proto::user_service_server::UserService for UserService<S> {
         request: Request<proto::ListUsersRequest>,
     ) -> Result<Response<Self::ListUsersStream>, Status> {
         let listing = list::listing(self.store.clone(), request.into_inner())?;
-        Ok(Response::new(EndOnShutdown::new(listing, &self.shutdown)))
+        Ok(Response::new(listing))
     }
 
     /// Client streaming: read the whole request stream, then reply once.
@@ -94,21 +88,18 @@ impl<S: Store> proto::user_service_server::UserService for UserService<S> {
         Ok(Response::new(report))
     }
 
-    type SyncUsersStream = EndOnShutdown<SyncSession<S>>;
+    type SyncUsersStream = SyncSession<S>;
 
     /// Bidirectional streaming: the response stream reads the request stream.
     async fn sync_users(
         &self,
         request: Request<Streaming<proto::SyncRequest>>,
     ) -> Result<Response<Self::SyncUsersStream>, Status> {
-        let slot = match &self.subscribers {
-            Some(slots) => Some(slots.try_take().ok_or_else(|| {
-                Status::resource_exhausted("too many SyncUsers streams open; retry with backoff")
-            })?),
-            None => None,
-        };
+        let slot = self.subscribers.try_take().ok_or_else(|| {
+            Status::resource_exhausted("too many SyncUsers streams open; retry with backoff")
+        })?;
         // Subscribes now, before the response headers are sent.
-        let session = SyncSession::new(self.store.clone(), request.into_inner()).holding(slot);
-        Ok(Response::new(EndOnShutdown::new(session, &self.shutdown)))
+        let session = SyncSession::new(self.store.clone(), request.into_inner(), slot);
+        Ok(Response::new(session))
     }
 }

@@ -13,7 +13,7 @@ use tonic::{Status, Streaming};
 
 use crate::{
     error::Error,
-    limits::Slot,
+    gauges::Slot,
     proto::{self, sync_request::Op, sync_response::Event},
     store::{Store, StoreError, WriteOp},
     user::{Change, NewUser},
@@ -68,7 +68,7 @@ pub struct SyncSession<S> {
     changes_first: bool,
     done: bool,
     /// The subscriber slot this stream counts against, given back on drop.
-    _slot: Option<Slot>,
+    _slot: Slot,
 }
 
 type Item = Result<proto::SyncResponse, Status>;
@@ -79,7 +79,8 @@ type Acks = Vec<(proto::Ack, Option<u64>)>;
 impl<S: Store> SyncSession<S> {
     /// Subscribes to the change feed at once: call this before returning the
     /// response, so that the subscription precedes the response headers.
-    pub fn new(store: S, requests: Streaming<proto::SyncRequest>) -> Self {
+    /// Holds `slot` for as long as the stream is open.
+    pub fn new(store: S, requests: Streaming<proto::SyncRequest>, slot: Slot) -> Self {
         let changes = BroadcastStream::new(store.subscribe());
         SyncSession {
             store,
@@ -93,14 +94,8 @@ impl<S: Store> SyncSession<S> {
             delivered_seq: 0,
             changes_first: false,
             done: false,
-            _slot: None,
+            _slot: slot,
         }
-    }
-
-    /// Holds `slot` for as long as the stream is open.
-    pub fn holding(mut self, slot: Option<Slot>) -> Self {
-        self._slot = slot;
-        self
     }
 
     fn poll_op(&mut self, cx: &mut Context<'_>) -> Poll<Item> {

@@ -8,7 +8,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 use user_service::{
     Config, MemoryStore, SqliteStore, Store,
-    limits::Gauges,
+    gauges::Gauges,
     proto::{self, user_service_client::UserServiceClient},
     server::ServeError,
     store::sqlite::{Durability, SqliteOptions},

@@ -1,0 +1,181 @@
+//! The response body of a guarded call: it ends the call at its deadline
+//! or at shutdown, and holds the call's in-flight slot until the call is
+//! over.
+
+use std::{
+    pin::Pin,
+    task::{Context, Poll},
+};
+
+use http_body::{Body, Frame, SizeHint};
+use tokio::time::Sleep;
+use tokio_util::sync::WaitForCancellationFutureOwned;
+use tonic::Status;
+
+use crate::gauges::Slot;
+
+/// A response body that ends its call with `DEADLINE_EXCEEDED` at the
+/// deadline, or with `UNAVAILABLE` when the server shuts down, and holds the
+/// call's in-flight slot until it is finished or dropped.
+///
+/// **At the deadline the call is cut now**, between two frames: the client
+/// has stopped waiting, and nothing more is worth sending. Each data frame
+/// holds whole gRPC messages, so the client sees complete messages and then
+/// the status.
+///
+/// **At shutdown the call sends what is ready, then ends**: one more data
+/// frame, if the stream has one ready when next polled (tonic packs every
+/// message its stream has ready, up to 32 KiB, into one frame), and then
+/// the call's own end if that is ready too (a unary reply: its message and
+/// its OK status), or else `UNAVAILABLE`. So a unary call that was running
+/// completes normally, a health `Watch` delivers the `NOT_SERVING` set just
+/// before, and a SyncUsers stream the Acks of ops already committed, while
+/// a stream that always has more (a listing) is still ended promptly and
+/// starts no new work. This is the one rule for every service on the port:
+/// UserService's streams, health's and reflection's alike (tonic's
+/// graceful shutdown would otherwise wait for every open stream, and a
+/// health `Watch` never ends on its own).
+pub struct GuardedBody<B> {
+    inner: B,
+    deadline: Option<Pin<Box<Sleep>>>,
+    shutdown: Shutdown,
+    slot: Option<Slot>,
+    ended: bool,
+}
+
+/// Where a call stands with respect to the server's shutdown.
+enum Shutdown {
+    /// Not shutting down yet (or never: a refusal, which ends at once).
+    Armed(Option<Pin<Box<WaitForCancellationFutureOwned>>>),
+    /// Shutting down: one more data frame may go out if it is ready.
+    LastFrame,
+    /// The last frame has gone out; the call ends at the next poll, as it
+    /// ends on its own if that is ready, or with `UNAVAILABLE`.
+    Ending,
+}
+
+impl<B: Default> GuardedBody<B> {
+    /// A trailers-only response carrying `status`.
+    pub(super) fn status(status: Status) -> http::Response<Self> {
+        status.into_http::<B>().map(|body| GuardedBody {
+            inner: body,
+            deadline: None,
+            shutdown: Shutdown::Armed(None),
+            slot: None,
+            ended: false,
+        })
+    }
+}
+
+impl<B> GuardedBody<B> {
+    pub(super) fn new(
+        inner: B,
+        deadline: Option<Pin<Box<Sleep>>>,
+        shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
+        slot: Option<Slot>,
+    ) -> Self {
+        GuardedBody {
+            inner,
+            deadline,
+            shutdown: Shutdown::Armed(Some(shutdown)),
+            slot,
+            ended: false,
+        }
+    }
+
+    fn finish(&mut self) {
+        self.ended = true;
+        self.deadline = None;
+        self.shutdown = Shutdown::Armed(None);
+        self.slot = None;
+    }
+
+    /// Ends the call with `status` now, as trailers.
+    fn end_with<D>(&mut self, status: Status) -> Poll<Option<Result<Frame<D>, Status>>> {
+        self.finish();
+        let mut trailers = http::HeaderMap::new();
+        Poll::Ready(Some(
+            status
+                .add_header(&mut trailers)
+                .map(|()| Frame::trailers(trailers)),
+        ))
+    }
+}
+
+fn shutting_down() -> Status {
+    Status::unavailable("server is shutting down")
+}
+
+impl<B> Body for GuardedBody<B>
+where
+    B: Body<Error = Status> + Unpin,
+{
+    type Data = B::Data;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Status>>> {
+        let this = &mut *self;
+        if this.ended {
+            return Poll::Ready(None);
+        }
+        if let Some(deadline) = &mut this.deadline
+            && deadline.as_mut().poll(cx).is_ready()
+        {
+            return this.end_with(super::deadline_exceeded());
+        }
+        match &mut this.shutdown {
+            Shutdown::Armed(Some(shutdown)) => {
+                if shutdown.as_mut().poll(cx).is_ready() {
+                    this.shutdown = Shutdown::LastFrame;
+                }
+            }
+            Shutdown::Armed(None) | Shutdown::LastFrame | Shutdown::Ending => {}
+        }
+        let frame = match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame)))
+                if frame.is_data() && matches!(this.shutdown, Shutdown::Ending) =>
+            {
+                return this.end_with(shutting_down());
+            }
+            Poll::Ready(frame) => frame,
+            Poll::Pending if !matches!(this.shutdown, Shutdown::Armed(_)) => {
+                return this.end_with(shutting_down());
+            }
+            Poll::Pending => return Poll::Pending,
+        };
+        match &frame {
+            Some(Ok(frame)) if frame.is_data() => {
+                if matches!(this.shutdown, Shutdown::LastFrame) {
+                    this.shutdown = Shutdown::Ending;
+                }
+            }
+            // Trailers, an error or the end: the call is over.
+            _ => this.finish(),
+        }
+        Poll::Ready(frame)
+    }
+
+    /// A body at its end is at its end whatever the deadline: a reply
+    /// without a body (every error status) must be sent as one HEADERS
+    /// frame with END_STREAM, gRPC's Trailers-Only form. Reporting "not at
+    /// the end" because a deadline is armed made the server send the
+    /// headers, then an empty DATA frame to end the stream, and grpc-go and
+    /// grpcio clients, which read the status only from that form or from
+    /// trailers, lost it (INTERNAL or UNKNOWN instead of the real code).
+    fn is_end_stream(&self) -> bool {
+        self.ended || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        // The deadline or shutdown may end the body with trailers the inner
+        // body does not know about.
+        if self.inner.is_end_stream() {
+            self.inner.size_hint()
+        } else {
+            SizeHint::default()
+        }
+    }
+}
