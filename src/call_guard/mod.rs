@@ -11,7 +11,8 @@
 //!   still running or has returned a response stream that is still open.
 //!   tonic alone only bounds the handler, and answers `CANCELLED` when it
 //!   does;
-//! - ends the call at shutdown, by one rule for every service ([`body`]);
+//! - ends the call at shutdown, by one rule for every service (see
+//!   [`GuardedBody`]);
 //! - holds the slot until the response body is finished or dropped, so a
 //!   client that disconnects mid-stream gives its slot back.
 
