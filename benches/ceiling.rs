@@ -37,7 +37,8 @@ enum Stage {
 }
 
 fn main() {
-    user_service::allocator::tune_mimalloc();
+    // SAFETY: first thing in `main`: no other thread exists yet.
+    unsafe { user_service::allocator::tune_mimalloc() };
     let full = std::env::args().any(|arg| arg == "--bench");
     let users = if full { FULL_USERS } else { SMOKE_USERS };
 

@@ -7,6 +7,7 @@
 //! Without `--id` the server assigns a UUIDv7; an id that is already stored
 //! is refused with `ALREADY_EXISTS`.
 
+use anyhow::bail;
 use clap::Parser;
 use user_service::proto::{self, user_service_client::UserServiceClient};
 
@@ -29,7 +30,7 @@ struct Args {
 }
 
 #[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
+async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let mut client = UserServiceClient::connect(format!("http://{}", args.addr)).await?;
 
@@ -51,9 +52,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             println!("{:?}", reply.user.unwrap_or_default());
             Ok(())
         }
-        Err(status) => {
-            eprintln!("AddUser: {:?}: {}", status.code(), status.message());
-            std::process::exit(1);
-        }
+        Err(status) => bail!("AddUser: {:?}: {}", status.code(), status.message()),
     }
 }

@@ -11,6 +11,7 @@
 
 use std::{fs::File, io::BufReader};
 
+use anyhow::bail;
 use clap::Parser;
 use futures::{StreamExt, stream};
 use tokio_stream::wrappers::ReceiverStream;
@@ -40,7 +41,7 @@ struct Row {
 }
 
 #[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
+async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let mut client = UserServiceClient::connect(format!("http://{}", args.addr)).await?;
 
@@ -103,9 +104,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
             Ok(())
         }
-        Err(status) => {
-            eprintln!("BulkAddUsers: {:?}: {}", status.code(), status.message());
-            std::process::exit(1);
-        }
+        Err(status) => bail!("BulkAddUsers: {:?}: {}", status.code(), status.message()),
     }
 }

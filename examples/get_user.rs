@@ -6,6 +6,7 @@
 
 use std::time::Duration;
 
+use anyhow::bail;
 use clap::Parser;
 use user_service::proto::{self, user_service_client::UserServiceClient};
 
@@ -19,15 +20,15 @@ struct Args {
 }
 
 #[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
+async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let mut client = UserServiceClient::connect(format!("http://{}", args.addr)).await?;
 
     // A deadline travels with the request, in the `grpc-timeout` header:
-    // past it the server gives up on the call and answers with an error
-    // status (tonic's: `CANCELLED`, "Timeout expired"). The tonic client does
-    // not enforce it itself; a client cancels a call by dropping its future,
-    // e.g. with `tokio::time::timeout`.
+    // past it the server gives up on the call and answers
+    // `DEADLINE_EXCEEDED`. The tonic client does not enforce it itself; a
+    // client cancels a call by dropping its future, e.g. with
+    // `tokio::time::timeout`.
     let mut request = tonic::Request::new(proto::GetUserRequest { id: args.id });
     request.set_timeout(Duration::from_secs(5));
 
@@ -36,9 +37,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             println!("{:?}", response.into_inner());
             Ok(())
         }
-        Err(status) => {
-            eprintln!("GetUser: {:?}: {}", status.code(), status.message());
-            std::process::exit(1);
-        }
+        Err(status) => bail!("GetUser: {:?}: {}", status.code(), status.message()),
     }
 }

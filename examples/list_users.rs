@@ -6,6 +6,7 @@
 //!
 //! Users come in ascending id order; `--after-id` resumes after a given id.
 
+use anyhow::bail;
 use clap::Parser;
 use user_service::proto::{self, user_service_client::UserServiceClient};
 
@@ -26,7 +27,7 @@ struct Args {
 }
 
 #[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
+async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let mut client = UserServiceClient::connect(format!("http://{}", args.addr)).await?;
 
@@ -39,10 +40,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // here, before any user is sent.
     let mut users = match client.list_users(request).await {
         Ok(response) => response.into_inner(),
-        Err(status) => {
-            eprintln!("ListUsers: {:?}: {}", status.code(), status.message());
-            std::process::exit(1);
-        }
+        Err(status) => bail!("ListUsers: {:?}: {}", status.code(), status.message()),
     };
 
     // Each `message()` waits for the next user. The server reads the store
@@ -59,10 +57,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 println!("{user:?}");
             }
             Ok(None) => break,
-            Err(status) => {
-                eprintln!("cut short: {:?}: {}", status.code(), status.message());
-                std::process::exit(1);
-            }
+            Err(status) => bail!("cut short: {:?}: {}", status.code(), status.message()),
         }
     }
     println!("listed {count} users");

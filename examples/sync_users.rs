@@ -17,6 +17,7 @@
 
 use std::time::Duration;
 
+use anyhow::bail;
 use clap::Parser;
 use tokio_stream::wrappers::ReceiverStream;
 use user_service::proto::{
@@ -40,7 +41,7 @@ struct Args {
 }
 
 #[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
+async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let mut client = UserServiceClient::connect(format!("http://{}", args.addr)).await?;
 
@@ -95,10 +96,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let event = match events.message().await {
             Ok(Some(response)) => response.event,
             Ok(None) => break, // the server ended the call with OK
-            Err(status) => {
-                eprintln!("call failed: {:?}: {}", status.code(), status.message());
-                std::process::exit(1);
-            }
+            Err(status) => bail!("call failed: {:?}: {}", status.code(), status.message()),
         };
         match event {
             Some(Event::Ack(ack)) => match ack.user {

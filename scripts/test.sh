@@ -26,6 +26,7 @@ scripts/install-test-tools.sh
 stage "lock check" scripts/check-lock.sh
 stage "cargo test" cargo test --all-targets --locked
 stage "examples against a live server" scripts/check-examples.sh
+stage "examples against the plain example server" scripts/check-examples.sh --plain-server
 stage "README grpcurl walkthrough" scripts/check-grpcurl.sh
 stage "grpcio client" scripts/python-tests.sh
 stage "grpc-go client" scripts/interop-go.sh

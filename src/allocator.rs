@@ -2,8 +2,9 @@
 
 use libmimalloc_sys::{mi_option_set, mi_option_t};
 
-/// `mi_option_purge_delay`: its position in mimalloc's `mi_option_t`
-/// (`mimalloc.h`); the Rust bindings do not name it.
+/// mimalloc's `mi_option_purge_delay`: its value in the `mi_option_t` enum
+/// of the `mimalloc.h` that libmimalloc-sys builds (v2, the default: the
+/// 16th option). The Rust bindings do not name it.
 const MI_OPTION_PURGE_DELAY: mi_option_t = 15;
 
 /// How long memory freed by the program stays with the process before
@@ -18,11 +19,16 @@ const MI_OPTION_PURGE_DELAY: mi_option_t = 15;
 /// second later.
 pub const PURGE_DELAY_MS: i64 = 1000;
 
-/// Applies [`PURGE_DELAY_MS`]. Call it first thing in `main`, before any
-/// other thread starts: mimalloc's option setters are not thread-safe.
-/// Harmless when mimalloc is not the global allocator.
-pub fn tune_mimalloc() {
-    // SAFETY: sets a plain integer option; `main` calls it before any other
-    // thread exists, so nothing reads the option at the same time.
+/// Applies [`PURGE_DELAY_MS`]. Harmless when mimalloc is not the global
+/// allocator.
+///
+/// # Safety
+///
+/// mimalloc's option setters are not thread-safe: call this before any
+/// other thread exists (first thing in `main`), so that nothing reads the
+/// option while it is set.
+pub unsafe fn tune_mimalloc() {
+    // SAFETY: sets a plain integer option; the caller guarantees no other
+    // thread exists yet.
     unsafe { mi_option_set(MI_OPTION_PURGE_DELAY, PURGE_DELAY_MS) };
 }

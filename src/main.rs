@@ -208,7 +208,8 @@ impl Failure {
 }
 
 fn main() -> ExitCode {
-    user_service::allocator::tune_mimalloc();
+    // SAFETY: first thing in `main`: no other thread exists yet.
+    unsafe { user_service::allocator::tune_mimalloc() };
     let args = Args::parse();
     init_logging();
     raise_open_files_limit();
