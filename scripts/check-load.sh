@@ -149,30 +149,51 @@ python3 -c 'import json, sys; r = json.load(open(sys.argv[1])); assert r["addr"]
     "$work/env.json" "$second"
 echo "ok   env-addr"
 
-# TLS and a bearer token: a throwaway CA, and a certificate it signs for
-# 127.0.0.1 and localhost.
-tls_cert() {
-    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 1 \
-        -subj "/CN=user-load smoke CA" -keyout "$work/ca.key" -out "$work/ca.pem"
-    openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
-        -subj "/CN=localhost" -keyout "$work/server.key" -out "$work/server.csr"
-    printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n' >"$work/ext.cnf"
-    openssl x509 -req -days 1 -in "$work/server.csr" -CA "$work/ca.pem" -CAkey "$work/ca.key" \
-        -CAcreateserial -extfile "$work/ext.cnf" -out "$work/server.pem"
+# TLS, mutual TLS and a bearer token, with the certificates the README's
+# recipe makes: the recipe and the grpcurl commands after it are run as
+# written (the address aside), so that both stay true.
+readme_block() {
+    # The fenced block after the line `<!-- recipe: $1 -->` of the README.
+    awk -v marker="<!-- recipe: $1 -->" '
+        $0 == marker { found = 1; next }
+        found && /^```/ { if (inside) exit; inside = 1; next }
+        inside { print }
+    ' README.md
 }
-tls_cert 2>"$work/openssl.log" || { cat "$work/openssl.log" >&2; exit 1; }
-echo "smoke-token" >"$work/token"
+tls_dir="$work/tls"
+mkdir -p "$tls_dir"
+recipe=$(readme_block tls)
+grpcurl_commands=$(readme_block grpcurl-tls)
+[ -n "$recipe" ] && [ -n "$grpcurl_commands" ] || { echo "FAIL no recipe blocks in README.md" >&2; exit 1; }
+(cd "$tls_dir" && bash -euo pipefail -c "$recipe") >"$work/openssl.log" 2>&1 ||
+    { echo "FAIL the README's certificate recipe:" >&2; cat "$work/openssl.log" >&2; exit 1; }
+echo "ok   README certificate recipe"
 start tls env NO_COLOR=1 "$bin/user-service" --addr 127.0.0.1:0 --store memory \
-    --tls-cert "$work/server.pem" --tls-key "$work/server.key" --auth-token-file "$work/token"
+    --tls-cert "$tls_dir/server.pem" --tls-key "$tls_dir/server.key" \
+    --tls-client-ca "$tls_dir/ca.pem" --auth-token-file "$tls_dir/token"
+if command -v grpcurl >/dev/null; then
+    (cd "$tls_dir" && bash -euo pipefail -c "${grpcurl_commands//localhost:8080/$addr}") \
+        >"$work/grpcurl-tls.log" 2>&1 ||
+        { echo "FAIL the README's grpcurl commands over TLS:" >&2; cat "$work/grpcurl-tls.log" >&2; exit 1; }
+    grep -q SERVING "$work/grpcurl-tls.log" && grep -q '"firstName": "Ada"' "$work/grpcurl-tls.log" ||
+        { echo "FAIL the README's grpcurl commands printed:" >&2; cat "$work/grpcurl-tls.log" >&2; exit 1; }
+    echo "ok   README grpcurl commands over TLS"
+else
+    echo "FAIL grpcurl not found; scripts/test.sh installs it" >&2
+    exit 1
+fi
+client=(--cert "$tls_dir/client.pem" --key "$tls_dir/client.key")
 check tls-add 'r["calls"] == 500 and ok() and verified()' \
-    -- add --total 500 --concurrency 8 --cacert "$work/ca.pem" --auth-token-file "$work/token" --verify
+    -- add --total 500 --concurrency 8 --cacert "$tls_dir/ca.pem" "${client[@]}" \
+    --auth-token-file "$tls_dir/token" --verify
 check tls-bulk 'r["rows_added"] == 2000 and ok()' \
-    -- bulk --total 2000 --cacert "$work/ca.pem" --cname localhost --auth-token-file "$work/token"
+    -- bulk --total 2000 --cacert "$tls_dir/ca.pem" --cname localhost "${client[@]}" \
+    --auth-token-file "$tls_dir/token"
 check tls-skip-verify 'r["calls"] == 100 and ok()' \
-    -- add --total 100 --skipTLS -H "authorization: Bearer smoke-token"
+    -- add --total 100 --skipTLS "${client[@]}" -H "authorization: Bearer $(cat "$tls_dir/token")"
 check tls-metadata 'r["calls"] == 100 and ok()' \
-    -- add --total 100 --cacert "$work/ca.pem" -m '{"authorization": "Bearer smoke-token"}'
-
+    -- add --total 100 --cacert "$tls_dir/ca.pem" "${client[@]}" \
+    -m "{\"authorization\": \"Bearer $(cat "$tls_dir/token")\"}"
 
 # The discarding sink.
 start sink "$bin/user-load" sink --addr 127.0.0.1:0

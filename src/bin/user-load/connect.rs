@@ -354,9 +354,14 @@ fn tls_config(target: &TargetArgs) -> Result<Option<Arc<ClientConfig>>, SetupErr
         (Some(cert), Some(key)) => {
             let chain = read_pem::<CertificateDer>("certificate", cert)?;
             let key = read_pem::<PrivateKeyDer>("private key", key)?.remove(0);
-            builder
-                .with_client_auth_cert(chain, key)
-                .map_err(|err| SetupError::Input(format!("--cert and --key: {err}")))?
+            builder.with_client_auth_cert(chain, key).map_err(|err| {
+                let mut message = format!("--cert and --key: {err}");
+                if let Some(hint) = tls_hint(&message) {
+                    message.push_str(". ");
+                    message.push_str(hint);
+                }
+                SetupError::Input(message)
+            })?
         }
         _ => builder.with_no_client_auth(),
     };

@@ -100,7 +100,13 @@ pub fn page(report: &Report) -> String {
     row(&mut out, "command", &report.command);
     row(&mut out, "targets", &report.addr);
     row(&mut out, "connections", report.connections);
-    row(&mut out, "concurrency", report.concurrency);
+    let concurrency = match report.mode {
+        Mode::Add | Mode::Get => "workers",
+        Mode::List => "scanners",
+        Mode::Bulk => "streams at a time",
+        Mode::Sync => "upserts in flight (one stream)",
+    };
+    row(&mut out, concurrency, report.concurrency);
     if report.mode == Mode::Sync {
         row(&mut out, "watcher streams", report.watchers);
     }
@@ -224,10 +230,17 @@ pub fn page(report: &Report) -> String {
             )
         }
     );
-    out.push_str(&rate_svg(&report.series, streams, m.series_users, m.calls));
+    out.push_str(&rate_svg(
+        &report.series,
+        report.warmup_s,
+        streams,
+        m.series_users,
+        m.calls,
+    ));
     if report.mode != Mode::Bulk {
         out.push_str(&p99_svg(
             &report.series,
+            report.warmup_s,
             |p| p.p50_ms,
             |p| p.p99_ms,
             "latency",
@@ -245,6 +258,7 @@ pub fn page(report: &Report) -> String {
         ));
         out.push_str(&p99_svg(
             &report.series,
+            report.warmup_s,
             |_| None,
             |p| p.propagation_p99_ms,
             "delivery",
@@ -415,9 +429,8 @@ fn format_ms(ms: f64) -> String {
 }
 
 /// The shaded warm-up, behind the lines.
-fn warmup_area(series: &[Point], top: f64) -> Option<Rectangle<(f64, f64)>> {
-    let end = series.iter().filter(|p| p.warmup).count();
-    (end > 0).then(|| Rectangle::new([(0.0, 0.0), (end as f64, top)], WARMUP_COLOUR.filled()))
+fn warmup_area(warmup_s: f64, top: f64) -> Option<Rectangle<(f64, f64)>> {
+    (warmup_s > 0.0).then(|| Rectangle::new([(0.0, 0.0), (warmup_s, top)], WARMUP_COLOUR.filled()))
 }
 
 /// A count of one second as a rate: the last second of a run is only
@@ -428,7 +441,7 @@ fn rate(point: &Point, count: u64) -> Option<f64> {
 
 /// Per second: users carried by the streams (bulk, list), or calls OK and
 /// failed (the others).
-fn rate_svg(series: &[Point], streams: bool, users: &str, calls: &str) -> String {
+fn rate_svg(series: &[Point], warmup_s: f64, streams: bool, users: &str, calls: &str) -> String {
     if series.is_empty() {
         return String::new();
     }
@@ -462,7 +475,7 @@ fn rate_svg(series: &[Point], streams: bool, users: &str, calls: &str) -> String
             .y_label_formatter(&|n| format!("{n:.0}"))
             .draw()
             .map_err(|err| err.to_string())?;
-        if let Some(area) = warmup_area(series, top) {
+        if let Some(area) = warmup_area(warmup_s, top) {
             chart
                 .draw_series(std::iter::once(area))
                 .map_err(|err| err.to_string())?;
@@ -491,6 +504,7 @@ fn rate_svg(series: &[Point], streams: bool, users: &str, calls: &str) -> String
 /// p50 and p99 per second (p50 left out when `p50` gives none).
 fn p99_svg(
     series: &[Point],
+    warmup_s: f64,
     p50: fn(&Point) -> Option<f64>,
     p99: fn(&Point) -> Option<f64>,
     what: &str,
@@ -520,7 +534,7 @@ fn p99_svg(
             .y_label_formatter(&|ms| format!("{ms:.2}"))
             .draw()
             .map_err(|err| err.to_string())?;
-        if let Some(area) = warmup_area(series, top) {
+        if let Some(area) = warmup_area(warmup_s, top) {
             chart
                 .draw_series(std::iter::once(area))
                 .map_err(|err| err.to_string())?;
