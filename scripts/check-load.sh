@@ -143,6 +143,12 @@ second=$addr
 addr=$first
 check two-targets 'r["calls"] == 1000 and ok() and verified() and [t["calls"] > 0 for t in r["targets"]] == [True, True] and sum(t["calls"] for t in r["targets"]) == 1000' \
     -- add --total 1000 --addr "$first,$second" --verify
+check get-two-targets 'r["calls"] == 500 and ok() and verified() and all(t["ok_calls"] > 0 for t in r["targets"])' \
+    -- get --total 500 --prefill 100 --addr "$first,$second" --verify
+# One store behind both addresses, as replicas share one: the second import
+# finds the users there already.
+check get-one-store 'r["calls"] == 500 and ok() and verified() and len(r["targets"]) == 2' \
+    -- get --total 500 --prefill 100 --addr "$first,$first" --verify
 # USER_SERVICE_ADDR, as the examples read it, names the targets too.
 USER_SERVICE_ADDR="$second" "$bin/user-load" add --total 10 --json >"$work/env.json"
 python3 -c 'import json, sys; r = json.load(open(sys.argv[1])); assert r["addr"] == sys.argv[2] and r["ok_calls"] == 10, r' \

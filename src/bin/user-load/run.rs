@@ -272,8 +272,13 @@ pub async fn run(plan: Plan) -> Result<Report, SetupError> {
     Ok(Report::new(&plan, info, totals, verify))
 }
 
-/// Imports `count` users with ids `{prefix}{n}` through BulkAddUsers and
-/// returns their ids.
+/// gRPC's ALREADY_EXISTS, as a BulkAddUsers row error carries it.
+const ALREADY_EXISTS: i32 = 6;
+
+/// Imports `count` users with ids `{prefix}{n}` through BulkAddUsers into
+/// every target and returns their ids. Targets may share one store
+/// (replicas): a target that already has the users, as the listed row
+/// errors show, has them.
 async fn import_users(
     ctx: &Ctx,
     prefix: &str,
@@ -290,22 +295,32 @@ async fn import_users(
             ..pool.get(n as u64).clone()
         })
         .collect();
-    let reply = ctx
-        .client(0)
-        .bulk_add_users(futures::stream::iter(rows))
-        .await
-        .map_err(|status| {
-            SetupError::Unreachable(format!(
-                "importing the {count} users of --prefill failed: {}",
-                stats::describe(&status)
-            ))
-        })?
-        .into_inner();
-    if reply.added != count {
-        return Err(SetupError::Unreachable(format!(
-            "--prefill: {} of {count} users added",
-            reply.added
-        )));
+    for (target, addr) in ctx.plan.target.addr.iter().enumerate() {
+        let reply = ctx
+            .client_of_target(target)
+            .bulk_add_users(futures::stream::iter(rows.clone()))
+            .await
+            .map_err(|status| {
+                SetupError::Unreachable(format!(
+                    "importing the {count} users of --prefill into {addr} failed: {}",
+                    stats::describe(&status)
+                ))
+            })?
+            .into_inner();
+        let present = reply.added + reply.failed == count
+            && reply.errors.iter().all(|e| e.code == ALREADY_EXISTS);
+        if !present {
+            return Err(SetupError::Unreachable(format!(
+                "--prefill: {} of {count} users added to {addr}, {} failed{}",
+                reply.added,
+                reply.failed,
+                reply
+                    .errors
+                    .first()
+                    .map(|e| format!(" (the first: {})", e.message))
+                    .unwrap_or_default()
+            )));
+        }
     }
     Ok(ids)
 }
