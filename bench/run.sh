@@ -74,10 +74,16 @@ rss_mib() {
 }
 
 # load NAME WORKLOAD ARGS...: one user-load run, its report kept as JSON.
+# A run that could not do its work (exit status 1) still leaves its report,
+# whose statuses the summary shows; anything else stops the benchmark.
 load() {
-    local name=$1 workload=$2
+    local name=$1 workload=$2 status=0
     shift 2
-    timeout 300 "$load" "$@" --addr "$addr" --json >"$out/$name.$workload.json"
+    timeout 300 "$load" "$@" --addr "$addr" --json >"$out/$name.$workload.json" || status=$?
+    if [ "$status" -ne 0 ] && [ "$status" -ne 1 ]; then
+        echo "user-load $* exited $status" >&2
+        return 1
+    fi
 }
 
 echo "results in $out"
@@ -99,7 +105,7 @@ for pair in $SERVERS; do
     # The sink publishes no Changes, so nothing would reach its watchers.
     watchers=8
     [ "$name" = sink ] && watchers=0
-    load "$name" sync sync --total "$SYNC_UPSERTS" --duration "$CAP" --concurrency 64 --watchers "$watchers"
+    load "$name" sync sync --total "$SYNC_UPSERTS" --duration "$CAP" --in-flight 64 --watchers "$watchers"
     stop_server
 done
 

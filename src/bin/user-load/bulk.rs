@@ -1,5 +1,11 @@
 //! bulk: concurrent BulkAddUsers streams, each sending rows as fast as the
 //! server takes them (HTTP/2 flow control paces it).
+//!
+//! A stream has one reply, at its end, so no row has a latency of its own.
+//! What is measured: rows sent per second over the run (the rate the
+//! server takes them in), each stream from open to reply, and each
+//! stream's reply wait, from its end of input to its reply: the time the
+//! server needs to commit the last rows it received.
 
 use std::{
     pin::Pin,
@@ -8,7 +14,7 @@ use std::{
         atomic::{AtomicU64, Ordering},
     },
     task::{Context, Poll},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use futures::Stream;
@@ -16,54 +22,72 @@ use prost::Message;
 use tokio::task::JoinSet;
 use user_service::proto;
 
-use crate::run::{Budget, Ctx, Outcome, Source};
+use crate::{
+    budget::Budget,
+    connect::Client,
+    record::{Live, Recorder, Timeline},
+    run::{Ctx, Outcome, Totals},
+    source::Source,
+    stats::Stats,
+};
 
-/// Rows between updates of the shared progress counter, so that streams do
-/// not contend on it for every row.
-const PROGRESS_EVERY: u64 = 256;
+/// Rows between updates of the shared progress counter and timeline, so
+/// that streams do not contend on them for every row.
+const REPORT_EVERY: u64 = 256;
 
-pub async fn run(ctx: &Ctx) -> Outcome {
+pub async fn run(ctx: &Ctx, totals: &mut Totals) {
     let mut workers = JoinSet::new();
-    for i in 0..ctx.concurrency {
+    for i in 0..ctx.plan.concurrency {
         let worker = Worker {
             client: ctx.client(i),
             budget: ctx.budget.clone(),
             source: ctx.source.clone(),
-            per_stream: ctx.args.per_stream,
-            progress: ctx.progress.clone(),
+            per_stream: ctx.plan.per_stream,
+            live: ctx.live.clone(),
+            timeline: ctx.timeline.clone(),
             id_prefix: ctx.id_prefix.clone(),
-            timeout: ctx.timeout,
+            timeout: ctx.plan.timeout,
+            recorder: ctx.recorder(),
         };
-        workers.spawn(worker.run());
+        let target = ctx.target(i);
+        workers.spawn(async move { (target, worker.run().await) });
     }
-    Outcome::gather(workers).await
+    totals.gather(workers).await;
 }
 
 struct Worker {
-    client: crate::run::Client,
+    client: Client,
     budget: Arc<Budget>,
     source: Source,
     per_stream: Option<u64>,
-    progress: Arc<AtomicU64>,
+    live: Arc<Live>,
+    timeline: Arc<Timeline>,
     id_prefix: Option<String>,
-    timeout: std::time::Duration,
+    timeout: Duration,
+    recorder: Recorder,
 }
 
 impl Worker {
-    /// Opens streams one after another until the budget is spent.
+    /// Opens streams one after another until the budget is spent. A stream
+    /// is opened only once its first row is at hand: no empty streams.
     async fn run(mut self) -> Outcome {
         let mut outcome = Outcome::default();
-        while !self.budget.is_done() {
+        while let Some(n) = self.budget.claim() {
+            let Some(first) = self.source.next(n).await else {
+                break;
+            };
             let sent = Arc::new(Sent::default());
             let rows = Rows {
                 budget: self.budget.clone(),
                 source: self.source.clone(),
                 left: self.per_stream.unwrap_or(u64::MAX),
+                first: Some((n, first)),
                 pending: None,
                 id_prefix: self.id_prefix.clone(),
                 sent: sent.clone(),
                 unreported: 0,
-                progress: self.progress.clone(),
+                live: self.live.clone(),
+                timeline: self.timeline.clone(),
                 bytes: 0,
             };
             let start = Instant::now();
@@ -76,40 +100,57 @@ impl Worker {
             };
             let result = tokio::select! {
                 result = call => result,
-                () = deadline => Err(tonic::Status::deadline_exceeded("no BulkAddUsers reply within --timeout")),
+                () = deadline => Err(tonic::Status::deadline_exceeded(
+                    "no BulkAddUsers reply within --timeout",
+                )),
             };
             let latency = start.elapsed();
             let rows_sent = sent.rows.load(Ordering::Relaxed);
-            let stats = &mut outcome.stats;
+            let recorder = &mut self.recorder;
             match result {
                 Ok(reply) => {
                     let reply = reply.into_inner();
-                    stats.call(latency, tonic::Code::Ok);
+                    recorder.call(latency, tonic::Code::Ok);
+                    if let Some(ended) = sent.ended() {
+                        recorder.secondary(|s| &mut s.reply_wait, ended.elapsed());
+                    }
+                    let stats = &mut recorder.stats;
                     stats.users += reply.added + reply.failed;
                     stats.bytes += sent.bytes.load(Ordering::Relaxed);
                     stats.rows_added += reply.added;
                     stats.rows_failed += reply.failed;
-                    if reply.added + reply.failed != rows_sent {
-                        stats.error(format!(
-                            "stream sent {rows_sent} rows, reply counts {}",
-                            reply.added + reply.failed
-                        ));
-                    }
-                    for error in &reply.errors {
-                        stats.error(format!("row code {}: {}", error.code, error.message));
-                    }
+                    check_reply(stats, rows_sent, &reply);
                     if self.id_prefix.is_some() {
                         collect_stored(&mut outcome, &sent, &reply);
                     }
                 }
-                Err(status) => stats.failed(latency, &status),
-            }
-            if rows_sent == 0 {
-                // Nothing left to send: the budget ran out or the data ended.
-                break;
+                Err(status) => recorder.stream_failed(latency, &status),
             }
         }
+        outcome.stats = self.recorder.finish();
         outcome
+    }
+}
+
+/// Checks that a reply accounts for every row sent, and keeps its row
+/// errors.
+fn check_reply(stats: &mut Stats, rows_sent: u64, reply: &proto::BulkAddUsersResponse) {
+    if reply.added + reply.failed != rows_sent {
+        stats.error(format!(
+            "a stream sent {rows_sent} rows, its reply counts {}",
+            reply.added + reply.failed
+        ));
+    }
+    for error in &reply.errors {
+        stats.error(format!("row code {}: {}", error.code, error.message));
+    }
+    // Rows failed beyond the ones the reply lists (at most 100).
+    let unlisted = reply.failed.saturating_sub(reply.errors.len() as u64);
+    if unlisted > 0 {
+        stats.errors.add(
+            "rows failed without being listed in the reply".into(),
+            unlisted,
+        );
     }
 }
 
@@ -131,8 +172,16 @@ fn collect_stored(outcome: &mut Outcome, sent: &Sent, reply: &proto::BulkAddUser
 struct Sent {
     rows: AtomicU64,
     bytes: AtomicU64,
+    /// When the stream ended its input.
+    ended: Mutex<Option<Instant>>,
     /// Row ids in stream order (only with `--verify`).
     ids: Mutex<Vec<String>>,
+}
+
+impl Sent {
+    fn ended(&self) -> Option<Instant> {
+        self.ended.lock().ok().and_then(|ended| *ended)
+    }
 }
 
 /// The rows of one stream, made as tonic asks for them.
@@ -141,21 +190,55 @@ struct Rows {
     source: Source,
     /// Rows this stream may still send (`--per-stream`).
     left: u64,
+    /// The first row, claimed before the stream was opened.
+    first: Option<(u64, proto::User)>,
     /// A unit claimed while the data file had nothing ready.
     pending: Option<u64>,
     id_prefix: Option<String>,
     sent: Arc<Sent>,
-    /// Rows not yet added to the progress counter.
+    /// Rows not yet added to the progress counter and the timeline.
     unreported: u64,
-    progress: Arc<AtomicU64>,
+    live: Arc<Live>,
+    timeline: Arc<Timeline>,
     bytes: u64,
 }
 
 impl Rows {
     fn flush(&mut self) {
-        self.progress.fetch_add(self.unreported, Ordering::Relaxed);
+        self.live.done(self.unreported);
+        self.timeline.add_users(self.unreported);
         self.unreported = 0;
         self.sent.bytes.store(self.bytes, Ordering::Relaxed);
+    }
+
+    fn end(&mut self) -> Poll<Option<proto::User>> {
+        self.flush();
+        if let Ok(mut ended) = self.sent.ended.lock() {
+            ended.get_or_insert_with(Instant::now);
+        }
+        Poll::Ready(None)
+    }
+
+    /// The next row: the first one, or one claimed from the budget.
+    fn poll_row(&mut self, cx: &mut Context<'_>) -> Poll<Option<(u64, proto::User)>> {
+        if let Some(first) = self.first.take() {
+            return Poll::Ready(Some(first));
+        }
+        let n = match self.pending.take() {
+            Some(n) => n,
+            None if self.left == 0 => return Poll::Ready(None),
+            None => match self.budget.claim() {
+                Some(n) => n,
+                None => return Poll::Ready(None),
+            },
+        };
+        match self.source.poll_next(n, cx) {
+            Poll::Ready(user) => Poll::Ready(user.map(|user| (n, user))),
+            Poll::Pending => {
+                self.pending = Some(n);
+                Poll::Pending
+            }
+        }
     }
 }
 
@@ -164,25 +247,10 @@ impl Stream for Rows {
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<proto::User>> {
         let this = &mut *self;
-        let n = match this.pending.take() {
-            Some(n) => Some(n),
-            None if this.left == 0 => None,
-            None => this.budget.claim(),
-        };
-        let Some(n) = n else {
-            this.flush();
-            return Poll::Ready(None);
-        };
-        let mut user = match this.source.poll_next(n, cx) {
-            Poll::Ready(Some(user)) => user,
-            Poll::Ready(None) => {
-                this.flush();
-                return Poll::Ready(None);
-            }
-            Poll::Pending => {
-                this.pending = Some(n);
-                return Poll::Pending;
-            }
+        let (n, mut user) = match this.poll_row(cx) {
+            Poll::Ready(Some(row)) => row,
+            Poll::Ready(None) => return this.end(),
+            Poll::Pending => return Poll::Pending,
         };
         if let Some(prefix) = &this.id_prefix {
             if user.id.is_empty() {
@@ -196,7 +264,7 @@ impl Stream for Rows {
         this.bytes += user.encoded_len() as u64;
         this.sent.rows.fetch_add(1, Ordering::Relaxed);
         this.unreported += 1;
-        if this.unreported == PROGRESS_EVERY {
+        if this.unreported == REPORT_EVERY {
             this.flush();
         }
         Poll::Ready(Some(user))

@@ -1,7 +1,8 @@
 //! list: full ListUsers scans, each worker starting its next scan when the
-//! last one ends. Latency is per scan.
+//! last one ends. Measured: each scan from request to last user, the time
+//! to its first user, and users received per second over the run.
 
-use std::{sync::atomic::Ordering, time::Instant};
+use std::time::Instant;
 
 use prost::{
     DecodeError, Message,
@@ -13,7 +14,10 @@ use tonic::{client::Grpc, codegen::http::uri::PathAndQuery};
 use tonic_prost::ProstCodec;
 use user_service::proto;
 
-use crate::run::{Ctx, Outcome, Transport};
+use crate::{
+    connect::Transport,
+    run::{Ctx, Outcome, Totals},
+};
 
 /// A listed user as the generator reads it: the id (to check the order)
 /// and the size on the wire. Every other field is skipped, not decoded:
@@ -78,28 +82,40 @@ async fn list_users(
     Ok(response.into_inner())
 }
 
-pub async fn run(ctx: &Ctx) -> Outcome {
+/// Users between updates of the timeline during a scan.
+const REPORT_EVERY: u64 = 4096;
+
+pub async fn run(ctx: &Ctx, totals: &mut Totals) {
     let mut workers = JoinSet::new();
-    for i in 0..ctx.concurrency {
+    for i in 0..ctx.plan.concurrency {
         let channel = ctx.channel(i);
-        let budget = ctx.budget.clone();
-        let progress = ctx.progress.clone();
-        let (timeout, limit, check_order) = (ctx.timeout, ctx.args.limit, ctx.args.verify);
+        let (budget, live, timeline) = (ctx.budget.clone(), ctx.live.clone(), ctx.timeline.clone());
+        let (timeout, limit, check_order) = (ctx.plan.timeout, ctx.plan.limit, ctx.plan.verify);
+        let mut recorder = ctx.recorder();
+        let target = ctx.target(i);
         workers.spawn(async move {
-            let mut outcome = Outcome::default();
+            let mut order_violations = 0;
             while budget.claim().is_some() {
                 let start = Instant::now();
+                let mut first_user = None;
                 let request = proto::ListUsersRequest {
                     verified: None,
                     after_id: String::new(),
                     limit,
                 };
+                let (mut users, mut bytes, mut out_of_order, mut unreported) =
+                    (0u64, 0u64, 0u64, 0u64);
                 let scan = async {
                     let mut stream = list_users(channel.clone(), request).await?;
-                    let (mut users, mut bytes, mut out_of_order) = (0u64, 0u64, 0u64);
                     let mut last: Option<Listed> = None;
                     while let Some(user) = stream.message().await? {
+                        first_user.get_or_insert_with(|| start.elapsed());
                         users += 1;
+                        unreported += 1;
+                        if unreported == REPORT_EVERY {
+                            timeline.add_users(unreported);
+                            unreported = 0;
+                        }
                         bytes += user.wire_len as u64;
                         if check_order {
                             if last.as_ref().is_some_and(|last| last.id >= user.id) {
@@ -108,31 +124,37 @@ pub async fn run(ctx: &Ctx) -> Outcome {
                             last = Some(user);
                         }
                     }
-                    Ok::<_, tonic::Status>((users, bytes, out_of_order))
+                    Ok::<_, tonic::Status>(())
                 };
                 let result = tokio::time::timeout(timeout, scan).await;
                 let latency = start.elapsed();
-                let stats = &mut outcome.stats;
+                timeline.add_users(unreported);
+                if let Some(first) = first_user {
+                    recorder.secondary(|s| &mut s.first_user, first);
+                }
+                // Users read before a scan failed were still carried.
+                recorder.stats.users += users;
+                recorder.stats.bytes += bytes;
                 match result {
-                    Ok(Ok((users, bytes, out_of_order))) => {
-                        stats.call(latency, tonic::Code::Ok);
-                        stats.users += users;
-                        stats.bytes += bytes;
-                        outcome.order_violations += out_of_order;
+                    Ok(Ok(())) => {
+                        recorder.call(latency, tonic::Code::Ok);
+                        order_violations += out_of_order;
                         if limit > 0 && users > u64::from(limit) {
-                            stats.error(format!("scan returned {users} users, limit {limit}"));
+                            recorder.error(format!("a scan returned {users} users, limit {limit}"));
                         }
                     }
-                    Ok(Err(status)) => stats.failed(latency, &status),
-                    Err(_) => {
-                        stats.call(latency, tonic::Code::DeadlineExceeded);
-                        stats.error("DeadlineExceeded: scan not finished within --timeout");
-                    }
+                    Ok(Err(status)) => recorder.stream_failed(latency, &status),
+                    Err(_) => recorder.stream_failed(
+                        latency,
+                        &tonic::Status::deadline_exceeded("scan not finished within --timeout"),
+                    ),
                 }
-                progress.fetch_add(1, Ordering::Relaxed);
+                live.done(1);
             }
-            outcome
+            let mut outcome = Outcome::of(recorder.finish());
+            outcome.order_violations = order_violations;
+            (target, outcome)
         });
     }
-    Outcome::gather(workers).await
+    totals.gather(workers).await;
 }

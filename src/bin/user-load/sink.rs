@@ -4,7 +4,7 @@
 //! alone: if it sends much faster to the sink than to the real server, the
 //! server, not the generator, sets the real figures.
 
-use std::{net::SocketAddr, pin::Pin};
+use std::pin::Pin;
 
 use futures::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
@@ -18,6 +18,8 @@ use user_service::{
     server::{MAX_CONCURRENT_STREAMS, MAX_MESSAGE_SIZE},
     service::USER_SAVED,
 };
+
+use crate::cli::HostPort;
 
 /// Users in one ListUsers reply from the sink (a limit asks for fewer): the
 /// size of the store the list benchmark reads.
@@ -127,8 +129,10 @@ impl UserService for Sink {
 }
 
 /// Serves the sink on `addr` until Ctrl-C.
-pub async fn serve(addr: SocketAddr) -> Result<(), Box<dyn std::error::Error>> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
+pub async fn serve(addr: &HostPort) -> Result<(), Box<dyn std::error::Error>> {
+    let listener = tokio::net::TcpListener::bind(addr.as_str())
+        .await
+        .map_err(|err| format!("cannot listen on {addr}: {err}"))?;
     eprintln!("user-load sink listening on {}", listener.local_addr()?);
     let service = UserServiceServer::new(Sink {
         pool: std::sync::Arc::new(UserPool::new(SINK_POOL, 1)),

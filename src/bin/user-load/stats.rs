@@ -1,117 +1,39 @@
-//! What a run measures, and the report it prints.
-//!
-//! Each worker keeps its own [`Stats`] (no shared counters on the hot path)
-//! and the run merges them at the end.
+//! What a run measures: the totals of a worker, merged into the run's
+//! ([`Stats`]), the errors grouped by kind, and the summaries the report
+//! shows (latency percentiles and distributions).
 
-use std::{collections::BTreeMap, fmt::Write as _, time::Duration};
+use std::{collections::BTreeMap, error::Error, time::Duration};
 
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
-use crate::{Mode, verify::VerifyReport};
-
 /// Latencies are recorded in microseconds, from 1 µs to an hour, to three
-/// significant figures: ~0.1% precision in a few tens of KB per histogram.
-const LATENCY_MAX_US: u64 = 3_600_000_000;
+/// significant figures (0.1%).
+pub const LATENCY_MAX_US: u64 = 3_600_000_000;
 const LATENCY_SIGFIGS: u8 = 3;
 
-/// Distinct error messages kept for the report; the rest are only counted.
-const MAX_DISTINCT_ERRORS: usize = 10;
+/// Distinct kinds of error message kept for the report; the rest are only
+/// counted.
+const MAX_ERROR_KINDS: usize = 10;
 
-/// One worker's measurements.
-#[derive(Debug, Clone)]
-pub struct Stats {
-    pub latency: Histogram<u64>,
-    /// sync: from sending an upsert to a watcher receiving its Change.
-    pub propagation: Histogram<u64>,
-    /// Calls (or Acks) by status code name.
-    pub codes: BTreeMap<String, u64>,
-    pub errors: Vec<String>,
-    pub calls: u64,
-    /// Users carried: rows sent (bulk), users stored (add), read (get,
-    /// list), acknowledged (sync).
-    pub users: u64,
-    /// bulk: rows the server reported added and failed.
-    pub rows_added: u64,
-    pub rows_failed: u64,
-    /// Encoded bytes of the users carried.
-    pub bytes: u64,
-}
-
-fn histogram() -> Histogram<u64> {
+pub fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, LATENCY_MAX_US, LATENCY_SIGFIGS)
         .expect("constant histogram bounds are valid")
 }
 
-impl Default for Stats {
-    fn default() -> Self {
-        Stats {
-            latency: histogram(),
-            propagation: histogram(),
-            codes: BTreeMap::new(),
-            errors: Vec::new(),
-            calls: 0,
-            users: 0,
-            rows_added: 0,
-            rows_failed: 0,
-            bytes: 0,
-        }
-    }
-}
-
-fn micros(d: Duration) -> u64 {
+pub fn micros(d: Duration) -> u64 {
     (d.as_micros() as u64).clamp(1, LATENCY_MAX_US)
 }
 
-impl Stats {
-    /// A finished call: its latency and status.
-    pub fn call(&mut self, latency: Duration, code: tonic::Code) {
-        self.calls += 1;
-        self.latency.saturating_record(micros(latency));
-        self.code(code);
-    }
-
-    pub fn code(&mut self, code: tonic::Code) {
-        *self.codes.entry(code_name(code)).or_default() += 1;
-    }
-
-    pub fn propagated(&mut self, latency: Duration) {
-        self.propagation.saturating_record(micros(latency));
-    }
-
-    /// Keeps the first few distinct error messages.
-    pub fn error(&mut self, message: impl Into<String>) {
-        let message = message.into();
-        if self.errors.len() < MAX_DISTINCT_ERRORS && !self.errors.contains(&message) {
-            self.errors.push(message);
-        }
-    }
-
-    /// A failed call: counted under its code, its message kept.
-    pub fn failed(&mut self, latency: Duration, status: &tonic::Status) {
-        self.call(latency, status.code());
-        self.error(format!("{:?}: {}", status.code(), status.message()));
-    }
-
-    pub fn merge(&mut self, other: Stats) {
+/// Adds `other` into the histogram in `slot`, creating it when needed.
+fn merge_into(slot: &mut Option<Histogram<u64>>, other: Option<Histogram<u64>>) {
+    if let Some(other) = other {
         // Same bounds on both sides, so adding cannot fail.
-        let _ = self.latency.add(&other.latency);
-        let _ = self.propagation.add(&other.propagation);
-        for (code, n) in other.codes {
-            *self.codes.entry(code).or_default() += n;
-        }
-        for error in other.errors {
-            self.error(error);
-        }
-        self.calls += other.calls;
-        self.users += other.users;
-        self.rows_added += other.rows_added;
-        self.rows_failed += other.rows_failed;
-        self.bytes += other.bytes;
+        let _ = slot.get_or_insert_with(histogram).add(&other);
     }
 }
 
-/// `OK`, `ALREADY_EXISTS`, ...: the names grpc status codes go by.
+/// `OK`, `ALREADY_EXISTS`, ...: the names gRPC status codes go by.
 pub fn code_name(code: tonic::Code) -> String {
     let mut name = String::new();
     for (i, c) in format!("{code:?}").chars().enumerate() {
@@ -123,6 +45,178 @@ pub fn code_name(code: tonic::Code) -> String {
     match name.as_str() {
         "O_K" => "OK".to_owned(),
         _ => name,
+    }
+}
+
+/// Whether `status` was made on this side because the connection failed,
+/// rather than sent by the server: tonic keeps the transport error as the
+/// source of such a status, and none for one read from the server's reply.
+pub fn is_transport_failure(status: &tonic::Status) -> bool {
+    status.source().is_some()
+}
+
+/// A status as a sentence: its code, its message, and for a transport
+/// failure the causes (a failed TLS handshake is only "transport error" on
+/// its own).
+pub fn describe(status: &tonic::Status) -> String {
+    let mut text = format!("{}: {}", code_name(status.code()), status.message());
+    let mut source = status.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+/// Error messages grouped by their shape: messages that differ only in
+/// numbers (ids, counts, line numbers) are one kind, counted.
+#[derive(Debug, Clone, Default)]
+pub struct Errors {
+    pub kinds: Vec<ErrorKind>,
+    /// Errors of kinds past the first [`MAX_ERROR_KINDS`].
+    pub others: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ErrorKind {
+    /// The first message of this kind.
+    pub message: String,
+    pub count: u64,
+    #[serde(skip)]
+    shape: String,
+}
+
+/// `message` with every run of digits replaced by `#`.
+fn shape(message: &str) -> String {
+    let mut shape = String::with_capacity(message.len());
+    for c in message.chars() {
+        if c.is_ascii_digit() {
+            if !shape.ends_with('#') {
+                shape.push('#');
+            }
+        } else {
+            shape.push(c);
+        }
+    }
+    shape
+}
+
+impl Errors {
+    pub fn add(&mut self, message: String, count: u64) {
+        let shape = shape(&message);
+        if let Some(kind) = self.kinds.iter_mut().find(|k| k.shape == shape) {
+            kind.count += count;
+        } else if self.kinds.len() < MAX_ERROR_KINDS {
+            self.kinds.push(ErrorKind {
+                message,
+                count,
+                shape,
+            });
+        } else {
+            self.others += count;
+        }
+    }
+
+    pub fn merge(&mut self, other: Errors) {
+        for kind in other.kinds {
+            self.add(kind.message, kind.count);
+        }
+        self.others += other.others;
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.kinds.is_empty()
+    }
+}
+
+/// One worker's measured totals (or, merged, the run's).
+#[derive(Debug, Clone)]
+pub struct Stats {
+    /// The mode's main latency: per call (add, get), per scan (list), per
+    /// Ack (sync), per stream (bulk).
+    pub latency: Histogram<u64>,
+    /// sync: from sending an upsert to a watcher receiving its Change.
+    pub propagation: Option<Histogram<u64>>,
+    /// bulk: from a stream's end of input to its reply.
+    pub reply_wait: Option<Histogram<u64>>,
+    /// list: from a scan's request to its first user.
+    pub first_user: Option<Histogram<u64>>,
+    /// Calls (or Acks, scans, streams) by status code name.
+    pub codes: BTreeMap<String, u64>,
+    pub errors: Errors,
+    pub calls: u64,
+    pub ok: u64,
+    /// Calls that got no status from the server: the connection failed.
+    pub transport_failures: u64,
+    /// Streams ended by an error status after they had started, by code.
+    pub aborted: BTreeMap<String, u64>,
+    /// Users carried: rows sent (bulk), users stored (add), read (get,
+    /// list), acknowledged (sync).
+    pub users: u64,
+    /// bulk: rows the server reported added and failed.
+    pub rows_added: u64,
+    pub rows_failed: u64,
+    /// sync: upserts sent that never got their Ack.
+    pub unanswered: u64,
+    /// Encoded bytes of the users carried.
+    pub bytes: u64,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Stats {
+            latency: histogram(),
+            propagation: None,
+            reply_wait: None,
+            first_user: None,
+            codes: BTreeMap::new(),
+            errors: Errors::default(),
+            calls: 0,
+            ok: 0,
+            transport_failures: 0,
+            aborted: BTreeMap::new(),
+            users: 0,
+            rows_added: 0,
+            rows_failed: 0,
+            unanswered: 0,
+            bytes: 0,
+        }
+    }
+}
+
+impl Stats {
+    pub fn failed_calls(&self) -> u64 {
+        self.calls - self.ok
+    }
+
+    pub fn error(&mut self, message: impl Into<String>) {
+        self.errors.add(message.into(), 1);
+    }
+
+    pub fn merge(&mut self, other: Stats) {
+        let _ = self.latency.add(&other.latency);
+        merge_into(&mut self.propagation, other.propagation);
+        merge_into(&mut self.reply_wait, other.reply_wait);
+        merge_into(&mut self.first_user, other.first_user);
+        for (code, n) in other.codes {
+            *self.codes.entry(code).or_default() += n;
+        }
+        for (code, n) in other.aborted {
+            *self.aborted.entry(code).or_default() += n;
+        }
+        self.errors.merge(other.errors);
+        self.calls += other.calls;
+        self.ok += other.ok;
+        self.transport_failures += other.transport_failures;
+        self.users += other.users;
+        self.rows_added += other.rows_added;
+        self.rows_failed += other.rows_failed;
+        self.unanswered += other.unanswered;
+        self.bytes += other.bytes;
     }
 }
 
@@ -140,7 +234,7 @@ pub struct Latency {
 }
 
 impl Latency {
-    fn of(h: &Histogram<u64>) -> Option<Latency> {
+    pub fn of(h: &Histogram<u64>) -> Option<Latency> {
         let ms = |us: u64| us as f64 / 1000.0;
         (!h.is_empty()).then(|| Latency {
             count: h.len(),
@@ -153,143 +247,47 @@ impl Latency {
             max_ms: ms(h.max()),
         })
     }
+
+    pub fn of_some(h: &Option<Histogram<u64>>) -> Option<Latency> {
+        h.as_ref().and_then(Latency::of)
+    }
 }
 
-/// The whole run, as printed.
+/// Bins of a latency histogram drawn in the HTML report.
+const BUCKETS: usize = 48;
+
+/// One bin of a latency distribution, in milliseconds.
 #[derive(Debug, Clone, Serialize)]
-pub struct Report {
-    pub mode: Mode,
-    pub addr: String,
-    pub concurrency: usize,
-    pub connections: usize,
-    /// Whether the run was cut short by Ctrl-C.
-    pub interrupted: bool,
-    pub duration_s: f64,
-    pub calls: u64,
-    pub calls_per_s: f64,
-    pub users: u64,
-    pub users_per_s: f64,
-    pub mb_per_s: f64,
-    pub bytes: u64,
-    /// bulk: rows the server reported added and failed.
-    pub rows_added: u64,
-    pub rows_failed: u64,
-    pub codes: BTreeMap<String, u64>,
-    pub errors: Vec<String>,
-    /// Per call (bulk: per stream; list: per scan; sync: per Ack).
-    pub latency: Option<Latency>,
-    /// sync: from sending an upsert to a watcher receiving its Change.
-    pub propagation: Option<Latency>,
-    /// CPU time the generator used, and that as a share of one core.
-    pub generator_cpu_s: f64,
-    pub generator_cores: f64,
-    pub verify: Option<VerifyReport>,
+pub struct Bucket {
+    pub from_ms: f64,
+    pub to_ms: f64,
+    pub count: u64,
 }
 
-pub struct RunInfo {
-    pub mode: Mode,
-    pub addr: String,
-    pub concurrency: usize,
-    pub connections: usize,
-    pub interrupted: bool,
-    pub elapsed: Duration,
-    pub cpu: Duration,
-}
-
-impl Report {
-    pub fn new(info: RunInfo, stats: Stats, verify: Option<VerifyReport>) -> Report {
-        let secs = info.elapsed.as_secs_f64().max(1e-9);
-        Report {
-            mode: info.mode,
-            addr: info.addr,
-            concurrency: info.concurrency,
-            connections: info.connections,
-            interrupted: info.interrupted,
-            duration_s: info.elapsed.as_secs_f64(),
-            calls: stats.calls,
-            calls_per_s: stats.calls as f64 / secs,
-            users: stats.users,
-            users_per_s: stats.users as f64 / secs,
-            mb_per_s: stats.bytes as f64 / secs / 1e6,
-            bytes: stats.bytes,
-            rows_added: stats.rows_added,
-            rows_failed: stats.rows_failed,
-            codes: stats.codes,
-            errors: stats.errors,
-            latency: Latency::of(&stats.latency),
-            propagation: Latency::of(&stats.propagation),
-            generator_cpu_s: info.cpu.as_secs_f64(),
-            generator_cores: info.cpu.as_secs_f64() / secs,
-            verify,
-        }
+/// The distribution in `h`, in bins of equal width on a log scale from its
+/// least to its largest value.
+pub fn buckets(h: &Option<Histogram<u64>>) -> Vec<Bucket> {
+    let Some(h) = h.as_ref().filter(|h| !h.is_empty()) else {
+        return Vec::new();
+    };
+    let low = (h.min().max(1) as f64 / 1e3) * 0.95;
+    let high = (h.max() as f64 / 1e3) * 1.05;
+    let ratio = (high / low).powf(1.0 / BUCKETS as f64);
+    let mut buckets: Vec<Bucket> = (0..BUCKETS)
+        .map(|i| Bucket {
+            from_ms: low * ratio.powi(i as i32),
+            to_ms: low * ratio.powi(i as i32 + 1),
+            count: 0,
+        })
+        .collect();
+    for value in h.iter_recorded() {
+        let ms = h.median_equivalent(value.value_iterated_to()) as f64 / 1e3;
+        let i = ((ms / low).ln() / ratio.ln())
+            .floor()
+            .clamp(0.0, (BUCKETS - 1) as f64) as usize;
+        buckets[i].count += value.count_at_value();
     }
-
-    /// The human-readable report.
-    pub fn render(&self) -> String {
-        let mut out = String::new();
-        let mode = format!("{:?}", self.mode).to_lowercase();
-        let _ = writeln!(
-            out,
-            "{mode} against {}: {} workers over {} connection(s){}",
-            self.addr,
-            self.concurrency,
-            self.connections,
-            if self.interrupted {
-                " (interrupted)"
-            } else {
-                ""
-            }
-        );
-        let _ = writeln!(out, "  duration    {:.3} s", self.duration_s);
-        let _ = writeln!(
-            out,
-            "  calls       {} ({:.1}/s)",
-            self.calls, self.calls_per_s
-        );
-        let _ = writeln!(
-            out,
-            "  users       {} ({:.0}/s, {:.1} MB/s)",
-            self.users, self.users_per_s, self.mb_per_s
-        );
-        if self.mode == Mode::Bulk {
-            let _ = writeln!(
-                out,
-                "  rows        {} added, {} failed",
-                self.rows_added, self.rows_failed
-            );
-        }
-        for (name, latency) in [
-            ("latency", &self.latency),
-            ("propagation", &self.propagation),
-        ] {
-            if let Some(l) = latency {
-                let _ = writeln!(
-                    out,
-                    "  {name:<11} p50 {:.3} ms  p90 {:.3}  p95 {:.3}  p99 {:.3}  p99.9 {:.3}  max {:.3}  (mean {:.3}, n={})",
-                    l.p50_ms, l.p90_ms, l.p95_ms, l.p99_ms, l.p999_ms, l.max_ms, l.mean_ms, l.count
-                );
-            }
-        }
-        let codes: Vec<String> = self.codes.iter().map(|(c, n)| format!("{c} {n}")).collect();
-        let _ = writeln!(out, "  status      {}", codes.join(", "));
-        for error in &self.errors {
-            let _ = writeln!(out, "  error       {error}");
-        }
-        let _ = writeln!(
-            out,
-            "  generator   {:.2} s CPU ({:.2} cores)",
-            self.generator_cpu_s, self.generator_cores
-        );
-        if let Some(v) = &self.verify {
-            let _ = writeln!(
-                out,
-                "  verify      {}: {}",
-                if v.ok { "ok" } else { "FAILED" },
-                v.detail
-            );
-        }
-        out
-    }
+    buckets
 }
 
 /// CPU time (user + system) this process has used so far.
@@ -324,19 +322,19 @@ mod tests {
     }
 
     #[test]
-    fn merging_adds_up_and_keeps_errors_distinct() {
-        let mut a = Stats::default();
-        a.call(Duration::from_millis(1), tonic::Code::Ok);
-        a.error("x");
-        let mut b = Stats::default();
-        b.call(Duration::from_millis(3), tonic::Code::NotFound);
-        b.error("x");
-        b.error("y");
-        a.merge(b);
-        assert_eq!(a.calls, 2);
-        assert_eq!(a.latency.len(), 2);
-        assert_eq!(a.codes["OK"], 1);
-        assert_eq!(a.codes["NOT_FOUND"], 1);
-        assert_eq!(a.errors, ["x", "y"]);
+    fn messages_that_differ_only_in_numbers_are_one_kind() {
+        let mut errors = Errors::default();
+        errors.add("user \"u-0001\" already exists".into(), 1);
+        errors.add("user \"u-0002\" already exists".into(), 1);
+        errors.add("data line 7: expected value at column 1".into(), 1);
+        errors.add("user \"u-0003\" already exists".into(), 3);
+        assert_eq!(errors.kinds.len(), 2);
+        assert_eq!(errors.kinds[0].message, "user \"u-0001\" already exists");
+        assert_eq!(errors.kinds[0].count, 5);
+        for n in 0..20 {
+            errors.add(format!("kind {} {n}", "x".repeat(n)), 1);
+        }
+        assert_eq!(errors.kinds.len(), MAX_ERROR_KINDS);
+        assert_eq!(errors.others, 12);
     }
 }

@@ -1,10 +1,11 @@
-//! sync: upserts on one SyncUsers stream, with up to `--concurrency` of them
+//! sync: upserts on one SyncUsers stream, with up to `--in-flight` of them
 //! awaiting their Ack, while `--watchers` other SyncUsers streams receive
 //! the Changes.
 //!
-//! Latency is per Ack, from sending the upsert. Propagation is from sending
-//! the upsert to a watcher receiving its Change; watchers recognise the
-//! run's changes by the id (`{prefix}-{n}`), `n` being the request id.
+//! Latency is per Ack, from sending the upsert (from when it was due, at a
+//! `--rps`). Propagation (feed delivery) is from sending the upsert to a
+//! watcher receiving its Change; watchers recognise the run's changes by the
+//! id (`{prefix}-{n}`), `n` being the request id.
 
 use std::{
     sync::{
@@ -20,8 +21,11 @@ use tokio_stream::wrappers::ReceiverStream;
 use user_service::proto::{self, sync_request::Op, sync_response::Event};
 
 use crate::{
-    run::{Client, Ctx, Outcome},
-    stats::Stats,
+    budget::Ticket,
+    connect::Client,
+    record::Recorder,
+    run::{Ctx, Outcome, Totals},
+    stats::code_name,
 };
 
 /// Send times are kept in a ring indexed by request id. It must be larger
@@ -31,21 +35,23 @@ use crate::{
 const SEND_TIMES: usize = 1 << 20;
 
 struct SendTimes {
+    /// The run's start.
     start: Instant,
     /// Nanoseconds since `start` plus one; 0 when unknown.
     times: Vec<AtomicU64>,
 }
 
 impl SendTimes {
-    fn new() -> Self {
+    fn new(start: Instant) -> Self {
         SendTimes {
-            start: Instant::now(),
+            start,
             times: (0..SEND_TIMES).map(|_| AtomicU64::new(0)).collect(),
         }
     }
 
-    fn sent(&self, n: u64) {
-        let nanos = self.start.elapsed().as_nanos() as u64 + 1;
+    /// Upsert `n` was sent, or was due, at `at`.
+    fn sent(&self, n: u64, at: Instant) {
+        let nanos = at.saturating_duration_since(self.start).as_nanos() as u64 + 1;
         self.times[n as usize % SEND_TIMES].store(nanos, Ordering::Relaxed);
     }
 
@@ -61,38 +67,44 @@ impl SendTimes {
     }
 }
 
-pub async fn run(ctx: &Ctx) -> Outcome {
-    let mut outcome = Outcome::default();
-    let times = Arc::new(SendTimes::new());
+pub async fn run(ctx: &Ctx, totals: &mut Totals) {
+    let times = Arc::new(SendTimes::new(ctx.timeline.clock().start));
     let prefix = ctx.run_id.clone();
     // The writer announces the seq of its last committed upsert; watchers
     // stop once they have seen it.
     let (last_seq_tx, last_seq_rx) = watch::channel(None::<u64>);
 
     let mut watchers = Vec::new();
-    for i in 0..ctx.watchers() {
-        let client = ctx.client(i + 1);
+    for i in 0..ctx.plan.watchers {
+        let (client, target) = (ctx.client(i + 1), ctx.target(i + 1));
+        let mut recorder = ctx.recorder();
         match Watcher::open(client, &prefix).await {
-            Ok(watcher) => watchers.push(tokio::spawn(watcher.run(
-                times.clone(),
-                last_seq_rx.clone(),
-                ctx.timeout,
-            ))),
-            Err(status) => outcome.stats.failed(Duration::ZERO, &status),
+            Ok(watcher) => watchers.push((
+                target,
+                tokio::spawn(watcher.run(
+                    recorder,
+                    times.clone(),
+                    last_seq_rx.clone(),
+                    ctx.plan.timeout,
+                )),
+            )),
+            Err(status) => {
+                recorder.aborted("opening a watcher stream", &status);
+                totals.add(target, Outcome::of(recorder.finish()));
+            }
         }
     }
 
     let (writer, last_seq) = write(ctx, ctx.client(0), &prefix, times.clone()).await;
-    outcome.merge(writer);
+    totals.add(ctx.target(0), writer);
     let _ = last_seq_tx.send(Some(last_seq));
 
-    for watcher in watchers {
+    for (target, watcher) in watchers {
         match watcher.await {
-            Ok(stats) => outcome.stats.merge(stats),
-            Err(err) => outcome.stats.error(format!("watcher failed: {err}")),
+            Ok(recorder) => totals.add(target, Outcome::of(recorder.finish())),
+            Err(err) => totals.all.stats.error(format!("a watcher failed: {err}")),
         }
     }
-    outcome
 }
 
 /// Sends upserts with a bounded window and reads their Acks. Returns the
@@ -103,38 +115,61 @@ async fn write(
     prefix: &str,
     times: Arc<SendTimes>,
 ) -> (Outcome, u64) {
-    let mut outcome = Outcome::default();
-    let window = ctx.concurrency;
+    let mut recorder = ctx.recorder();
+    let mut stored_ids = Vec::new();
+    let window = ctx.plan.concurrency;
     let (tx, rx) = mpsc::channel::<proto::SyncRequest>(window);
     let responses = client.sync_users(ReceiverStream::new(rx)).await;
     let mut responses = match responses {
         Ok(responses) => responses.into_inner(),
         Err(status) => {
-            outcome.stats.failed(Duration::ZERO, &status);
-            return (outcome, 0);
+            recorder.aborted("opening the SyncUsers stream", &status);
+            return (Outcome::of(recorder.finish()), 0);
         }
     };
 
     // Sending runs on its own task: a permit per upsert awaiting its Ack.
     let permits = Arc::new(Semaphore::new(window));
+    let sent = Arc::new(AtomicU64::new(0));
     let sender = {
-        let (budget, permits, times) = (ctx.budget.clone(), permits.clone(), times.clone());
+        let (budget, permits, times, sent) = (
+            ctx.budget.clone(),
+            permits.clone(),
+            times.clone(),
+            sent.clone(),
+        );
+        let tickets = ctx.tickets(window);
         let mut source = ctx.source.clone();
         let prefix = prefix.to_owned();
         tokio::spawn(async move {
             loop {
+                let (n, due): Ticket = match &tickets {
+                    Some(tickets) => match tickets.recv().await {
+                        Ok(ticket) => ticket,
+                        Err(_) => break,
+                    },
+                    None => match budget.claim() {
+                        Some(n) => (n, Instant::now()),
+                        None => break,
+                    },
+                };
                 let Ok(permit) = permits.acquire().await else {
                     break;
                 };
                 permit.forget();
-                let Some(n) = budget.claim() else { break };
                 let Some(mut user) = source.next(n).await else {
                     break;
                 };
                 if user.id.is_empty() {
                     user.id = format!("{prefix}-{n:010}");
                 }
-                times.sent(n);
+                // Closed loop: timed from now, after the window let it go.
+                let at = if tickets.is_some() {
+                    due
+                } else {
+                    Instant::now()
+                };
+                times.sent(n, at);
                 let request = proto::SyncRequest {
                     request_id: n,
                     op: Some(Op::Upsert(user)),
@@ -144,6 +179,7 @@ async fn write(
                 if tx.send(request).await.is_err() {
                     break;
                 }
+                sent.fetch_add(1, Ordering::Relaxed);
             }
             // Dropping `tx` closes our side: the server sends the Acks still
             // owed and ends the call.
@@ -151,17 +187,20 @@ async fn write(
     };
 
     let mut last_seq = 0;
+    let mut acked = 0u64;
     let deadline = async {
         ctx.budget.done().await;
-        tokio::time::sleep(ctx.timeout).await;
+        tokio::time::sleep(ctx.plan.timeout).await;
     };
     let mut deadline = std::pin::pin!(deadline);
-    let stats = &mut outcome.stats;
     loop {
         let message = tokio::select! {
             message = responses.message() => message,
             () = &mut deadline => {
-                stats.error("DeadlineExceeded: Acks still owed after --timeout");
+                recorder.aborted(
+                    "the SyncUsers stream",
+                    &tonic::Status::deadline_exceeded("Acks still owed after --timeout"),
+                );
                 break;
             }
         };
@@ -170,33 +209,41 @@ async fn write(
                 event: Some(Event::Ack(ack)),
             })) => {
                 permits.add_permits(1);
+                acked += 1;
                 let latency = times.since(ack.request_id).unwrap_or_default();
                 let code = tonic::Code::from_i32(ack.code);
-                stats.call(latency, code);
-                ctx.progress.fetch_add(1, Ordering::Relaxed);
+                recorder.call(latency, code);
+                ctx.live.done(1);
                 if code == tonic::Code::Ok {
                     last_seq = last_seq.max(ack.seq);
                     if let Some(user) = ack.user {
-                        stats.users += 1;
-                        stats.bytes += user.encoded_len() as u64;
-                        if ctx.args.verify {
-                            outcome.stored_ids.push(user.id);
+                        recorder.users(1, user.encoded_len() as u64);
+                        if ctx.plan.verify {
+                            stored_ids.push(user.id);
                         }
                     }
                 } else {
-                    stats.error(format!("Ack {code:?}: {}", ack.message));
+                    recorder.error(format!("Ack {}: {}", code_name(code), ack.message));
                 }
             }
             // Our own Changes come back too; the watchers measure those.
             Ok(Some(_)) => {}
             Ok(None) => break,
             Err(status) => {
-                stats.error(format!("{:?}: {}", status.code(), status.message()));
+                recorder.aborted("the SyncUsers stream", &status);
                 break;
             }
         }
     }
     sender.abort();
+    let _ = sender.await;
+    let unanswered = sent.load(Ordering::Relaxed).saturating_sub(acked);
+    if unanswered > 0 {
+        recorder.stats.unanswered += unanswered;
+        recorder.error(format!("{unanswered} upserts sent got no Ack"));
+    }
+    let mut outcome = Outcome::of(recorder.finish());
+    outcome.stored_ids = stored_ids;
     (outcome, last_seq)
 }
 
@@ -225,11 +272,11 @@ impl Watcher {
 
     async fn run(
         mut self,
+        mut recorder: Recorder,
         times: Arc<SendTimes>,
         mut last_seq: watch::Receiver<Option<u64>>,
         timeout: Duration,
-    ) -> Stats {
-        let mut stats = Stats::default();
+    ) -> Recorder {
         let mut seen_seq = 0;
         let mut target = None;
         let mut give_up = None;
@@ -248,13 +295,13 @@ impl Watcher {
                             .and_then(|u| u.id.strip_prefix(&self.prefix))
                             .and_then(|n| n.parse::<u64>().ok());
                         if let Some(latency) = n.and_then(|n| times.since(n)) {
-                            stats.propagated(latency);
+                            recorder.propagated(latency);
                         }
                     }
                     Ok(Some(_)) => {}
                     Ok(None) => break,
                     Err(status) => {
-                        stats.error(format!("watcher: {:?}: {}", status.code(), status.message()));
+                        recorder.aborted("a watcher stream", &status);
                         break;
                     }
                 },
@@ -266,11 +313,14 @@ impl Watcher {
                     give_up = Some(tokio::time::Instant::now() + timeout);
                 }
                 () = tokio::time::sleep_until(give_up_at), if give_up.is_some() => {
-                    stats.error("watcher: not every Change arrived within --timeout");
+                    recorder.aborted(
+                        "a watcher stream",
+                        &tonic::Status::deadline_exceeded("not every Change arrived within --timeout"),
+                    );
                     break;
                 }
             }
         }
-        stats
+        recorder
     }
 }

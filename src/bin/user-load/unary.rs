@@ -4,7 +4,7 @@
 //! was due, so a slow server cannot hide its queueing).
 
 use std::{
-    sync::{Arc, atomic::Ordering},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -12,7 +12,12 @@ use prost::Message;
 use tokio::task::JoinSet;
 use user_service::{proto, service::USER_SAVED};
 
-use crate::run::{Client, Ctx, Outcome, Source};
+use crate::{
+    connect::Client,
+    record::Recorder,
+    run::{Ctx, Outcome, Totals},
+    source::Source,
+};
 
 #[derive(Clone)]
 pub enum Kind {
@@ -21,44 +26,26 @@ pub enum Kind {
     Get(Arc<Vec<String>>),
 }
 
-pub async fn run(ctx: &Ctx, kind: Kind) -> Outcome {
+pub async fn run(ctx: &Ctx, kind: Kind, totals: &mut Totals) {
     let mut workers = JoinSet::new();
-    // Open loop: a pacer hands out (unit, due time) tickets; the queue is as
-    // deep as there are workers, and when it is full the pacer waits and the
-    // tickets' due times fall behind: that lateness is counted as latency.
-    let tickets = ctx.args.rps.map(|rps| {
-        let (tx, rx) = async_channel::bounded::<(u64, Instant)>(ctx.concurrency);
-        let budget = ctx.budget.clone();
-        workers.spawn(async move {
-            let interval = Duration::from_secs_f64(1.0 / rps as f64);
-            let start = tokio::time::Instant::now();
-            for i in 0u32.. {
-                let due = start + interval * i;
-                tokio::select! {
-                    () = tokio::time::sleep_until(due) => {}
-                    () = budget.done() => break,
-                }
-                let Some(n) = budget.claim() else { break };
-                if tx.send((n, due.into_std())).await.is_err() {
-                    break;
-                }
-            }
-            Outcome::default()
-        });
-        rx
-    });
-    for i in 0..ctx.concurrency {
+    let concurrency = ctx.plan.concurrency;
+    let tickets = ctx.tickets(concurrency);
+    for i in 0..concurrency {
         let mut worker = Worker {
             client: ctx.client(i),
             kind: kind.clone(),
             source: ctx.source.clone(),
-            timeout: ctx.timeout,
+            timeout: ctx.plan.timeout,
             id_prefix: ctx.id_prefix.clone(),
-            outcome: Outcome::default(),
+            recorder: ctx.recorder(),
+            stored_ids: Vec::new(),
         };
-        let budget = ctx.budget.clone();
-        let progress = ctx.progress.clone();
-        let tickets = tickets.clone();
+        let (budget, live, tickets, target) = (
+            ctx.budget.clone(),
+            ctx.live.clone(),
+            tickets.clone(),
+            ctx.target(i),
+        );
         workers.spawn(async move {
             loop {
                 let (n, due) = match &tickets {
@@ -74,13 +61,15 @@ pub async fn run(ctx: &Ctx, kind: Kind) -> Outcome {
                 if !worker.call(n, due).await {
                     break;
                 }
-                progress.fetch_add(1, Ordering::Relaxed);
+                live.done(1);
             }
-            worker.outcome
+            let mut outcome = Outcome::of(worker.recorder.finish());
+            outcome.stored_ids = worker.stored_ids;
+            (target, outcome)
         });
     }
     drop(tickets);
-    Outcome::gather(workers).await
+    totals.gather(workers).await;
 }
 
 struct Worker {
@@ -89,14 +78,15 @@ struct Worker {
     source: Source,
     timeout: Duration,
     id_prefix: Option<String>,
-    outcome: Outcome,
+    recorder: Recorder,
+    stored_ids: Vec<String>,
 }
 
 impl Worker {
     /// Makes call `n`, due at `due`. `false` when there is nothing left to
     /// send (the data file ended).
     async fn call(&mut self, n: u64, due: Instant) -> bool {
-        let stats = &mut self.outcome.stats;
+        let recorder = &mut self.recorder;
         match &self.kind {
             Kind::Add => {
                 let Some(mut user) = self.source.next(n).await else {
@@ -116,11 +106,10 @@ impl Worker {
                 match result {
                     Ok(Ok(reply)) => {
                         let reply = reply.into_inner();
-                        stats.call(latency, tonic::Code::Ok);
-                        stats.users += 1;
-                        stats.bytes += bytes;
+                        recorder.call(latency, tonic::Code::Ok);
+                        recorder.users(1, bytes);
                         if reply.code != 200 || reply.message != USER_SAVED {
-                            stats.error(format!(
+                            recorder.error(format!(
                                 "unexpected AddUser reply: {} {:?}",
                                 reply.code, reply.message
                             ));
@@ -128,11 +117,11 @@ impl Worker {
                         if self.id_prefix.is_some()
                             && let Some(stored) = reply.user
                         {
-                            self.outcome.stored_ids.push(stored.id);
+                            self.stored_ids.push(stored.id);
                         }
                     }
-                    Ok(Err(status)) => stats.failed(latency, &status),
-                    Err(_) => timed_out(stats, latency),
+                    Ok(Err(status)) => recorder.failed(latency, &status),
+                    Err(_) => recorder.timed_out(latency, "no AddUser reply"),
                 }
             }
             Kind::Get(ids) => {
@@ -145,23 +134,17 @@ impl Worker {
                 match result {
                     Ok(Ok(reply)) => {
                         let user = reply.into_inner();
-                        stats.call(latency, tonic::Code::Ok);
-                        stats.users += 1;
-                        stats.bytes += user.encoded_len() as u64;
+                        recorder.call(latency, tonic::Code::Ok);
+                        recorder.users(1, user.encoded_len() as u64);
                         if user.id != id {
-                            stats.error(format!("GetUser({id:?}) returned {:?}", user.id));
+                            recorder.error(format!("GetUser({id:?}) returned {:?}", user.id));
                         }
                     }
-                    Ok(Err(status)) => stats.failed(latency, &status),
-                    Err(_) => timed_out(stats, latency),
+                    Ok(Err(status)) => recorder.failed(latency, &status),
+                    Err(_) => recorder.timed_out(latency, "no GetUser reply"),
                 }
             }
         }
         true
     }
-}
-
-fn timed_out(stats: &mut crate::stats::Stats, latency: Duration) {
-    stats.call(latency, tonic::Code::DeadlineExceeded);
-    stats.error("DeadlineExceeded: no reply within --timeout");
 }

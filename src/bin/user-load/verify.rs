@@ -6,7 +6,10 @@ use std::{collections::HashSet, time::Duration};
 use serde::Serialize;
 use user_service::proto;
 
-use crate::{run::Client, stats::Stats};
+use crate::{
+    connect::Client,
+    stats::{Stats, describe},
+};
 
 /// Bounds the verifying scan: ListUsers streams well over a million users a
 /// second, so this covers stores far larger than a test run makes.
@@ -37,7 +40,7 @@ impl VerifyReport {
 
     /// get: every read succeeded and returned the user asked for.
     pub fn reads(stats: &Stats) -> VerifyReport {
-        let ok_calls = stats.codes.get("OK").copied().unwrap_or(0);
+        let ok_calls = stats.ok;
         let ok = ok_calls == stats.calls && stats.errors.is_empty();
         VerifyReport {
             ok,
@@ -48,6 +51,36 @@ impl VerifyReport {
                 stats.calls
             ),
         }
+    }
+}
+
+impl VerifyReport {
+    /// The reports of several targets as one; each target's detail is
+    /// named when there are several.
+    pub fn combine(reports: Vec<(String, VerifyReport)>) -> VerifyReport {
+        let several = reports.iter().filter(|(_, r)| r.expected > 0).count() > 1;
+        let mut combined = VerifyReport {
+            ok: true,
+            expected: 0,
+            found: 0,
+            detail: String::new(),
+        };
+        for (addr, report) in reports {
+            if several && report.expected == 0 && report.ok {
+                continue;
+            }
+            combined.ok &= report.ok;
+            combined.expected += report.expected;
+            combined.found += report.found;
+            if !combined.detail.is_empty() {
+                combined.detail.push_str("; ");
+            }
+            if several {
+                combined.detail.push_str(&format!("{addr}: "));
+            }
+            combined.detail.push_str(&report.detail);
+        }
+        combined
     }
 }
 
@@ -81,11 +114,7 @@ pub async fn stored(
     };
     let scanned = match tokio::time::timeout(VERIFY_TIMEOUT, scan).await {
         Ok(Ok(())) => Ok(()),
-        Ok(Err(status)) => Err(format!(
-            "ListUsers: {:?}: {}",
-            status.code(),
-            status.message()
-        )),
+        Ok(Err(status)) => Err(format!("ListUsers: {}", describe(&status))),
         Err(_) => Err("ListUsers did not finish in time".to_owned()),
     };
     if let Err(err) = scanned {

@@ -1,0 +1,605 @@
+//! The `user-load` binary against real `user-service` binaries: a run that
+//! could not do its work exits non-zero and says why, thresholds decide the
+//! exit status, Ctrl-C is not a success, and the `--html` report renders in
+//! a real browser (headless Chromium) without a console error.
+//!
+//! Each server listens on 127.0.0.1:0 and the test reads the address from
+//! its "listening" log line; every wait is bounded.
+
+use std::{
+    io::{BufRead, BufReader, Read},
+    net::TcpListener,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    time::Duration,
+};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair,
+};
+use tempfile::TempDir;
+use tokio_stream::wrappers::ReceiverStream;
+use user_service::proto::{sync_response::Event, user_service_client::UserServiceClient};
+
+/// Bounds every wait: a broken binary fails a test instead of hanging it.
+const PATIENCE: Duration = Duration::from_secs(60);
+
+/// Exit statuses `user-load --help` documents.
+const EXIT_FAILED: i32 = 1;
+const EXIT_USAGE: i32 = 2;
+const EXIT_THRESHOLD: i32 = 99;
+const EXIT_INTERRUPTED: i32 = 130;
+
+/// A running user-service, killed when dropped.
+struct Server {
+    child: Child,
+    addr: String,
+}
+
+impl Server {
+    fn start(args: &[&str]) -> Server {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_user-service"))
+            .args(["--addr", "127.0.0.1:0", "--store", "memory"])
+            .args(args)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn user-service");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let (tx, rx) = mpsc::channel();
+        // Reads the log to its end, so that the server never blocks on a
+        // full pipe; passes on the address once.
+        std::thread::spawn(move || {
+            let mut tx = Some(tx);
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if line.contains("user-service listening")
+                    && let Some(tx) = tx.take()
+                {
+                    let _ = tx.send(line);
+                }
+            }
+        });
+        let line = match rx.recv_timeout(PATIENCE) {
+            Ok(line) => line,
+            Err(err) => {
+                let _ = child.kill();
+                panic!("the server did not start listening: {err}");
+            }
+        };
+        let start = line.find("addr=").expect("addr field") + "addr=".len();
+        let addr = line[start..].split_whitespace().next().unwrap().to_owned();
+        Server { child, addr }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// What a finished `user-load` run left.
+#[derive(Debug)]
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl Run {
+    fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|err| panic!("not a JSON report ({err}): {self:?}"))
+    }
+}
+
+/// Waits (bounded) for `child` to exit and collects its output.
+fn finish(mut child: Child) -> Run {
+    let (mut out, mut err) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let (mut stdout, mut stderr) = (String::new(), String::new());
+        let _ = out.read_to_string(&mut stdout);
+        let _ = err.read_to_string(&mut stderr);
+        let _ = tx.send((stdout, stderr));
+    });
+    let Ok((stdout, stderr)) = rx.recv_timeout(PATIENCE) else {
+        let _ = child.kill();
+        panic!("user-load did not finish within {PATIENCE:?}");
+    };
+    let status = child.wait().expect("wait for user-load");
+    Run {
+        code: status.code().unwrap_or(-1),
+        stdout,
+        stderr,
+    }
+}
+
+fn spawn_load(args: &[&str]) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_user-load"))
+        .args(args)
+        .env_remove("USER_SERVICE_ADDR")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn user-load")
+}
+
+fn load(args: &[&str]) -> Run {
+    finish(spawn_load(args))
+}
+
+/// A CA, and a certificate it signs for 127.0.0.1 and localhost, in files.
+struct Pki {
+    dir: TempDir,
+}
+
+impl Pki {
+    fn new() -> Pki {
+        let dir = TempDir::new().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "user-load test CA");
+        let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
+        let leaf = |names: &[&str], usage: ExtendedKeyUsagePurpose| {
+            let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+            let mut params = CertificateParams::new(names).unwrap();
+            params.extended_key_usages = vec![usage];
+            let key = KeyPair::generate().unwrap();
+            let cert = params.signed_by(&key, &ca).unwrap();
+            (cert.pem(), key.serialize_pem())
+        };
+        let (server_cert, server_key) = leaf(
+            &["localhost", "127.0.0.1"],
+            ExtendedKeyUsagePurpose::ServerAuth,
+        );
+        let (client_cert, client_key) = leaf(&["client"], ExtendedKeyUsagePurpose::ClientAuth);
+        for (name, pem) in [
+            ("ca.pem", ca.pem()),
+            ("server.pem", server_cert),
+            ("server.key", server_key),
+            ("client.pem", client_cert),
+            ("client.key", client_key),
+            ("token", "right-token\n".to_owned()),
+            ("wrong-token", "wrong-token\n".to_owned()),
+        ] {
+            std::fs::write(dir.path().join(name), pem).unwrap();
+        }
+        Pki { dir }
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.dir.path().join(name).display().to_string()
+    }
+}
+
+fn assert_failed(run: &Run, code: i32, says: &[&str]) {
+    assert_eq!(run.code, code, "{run:?}");
+    for words in says {
+        assert!(
+            run.stderr.contains(words),
+            "stderr does not say {words:?}: {run:?}"
+        );
+    }
+}
+
+#[test]
+fn a_refused_connection_fails_naming_the_address() {
+    // A port nothing listens on any more.
+    let addr = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
+    let run = load(&["add", "--addr", &addr, "--total", "10"]);
+    assert_failed(
+        &run,
+        EXIT_FAILED,
+        &[
+            &format!("0 calls reached the server at {addr}"),
+            "cannot connect",
+            "refused",
+        ],
+    );
+    assert!(run.stdout.is_empty(), "no report for a run that never ran");
+}
+
+#[test]
+fn plaintext_to_a_tls_server_fails_saying_it_speaks_tls() {
+    let pki = Pki::new();
+    let server = Server::start(&[
+        "--tls-cert",
+        &pki.path("server.pem"),
+        "--tls-key",
+        &pki.path("server.key"),
+    ]);
+    let run = load(&["add", "--addr", &server.addr, "--total", "10"]);
+    assert_failed(
+        &run,
+        EXIT_FAILED,
+        &["0 calls reached the server", "TLS", "--cacert"],
+    );
+
+    // The same server with its CA: the run works.
+    let run = load(&[
+        "add",
+        "--addr",
+        &server.addr,
+        "--total",
+        "10",
+        "--cacert",
+        &pki.path("ca.pem"),
+    ]);
+    assert_eq!(run.code, 0, "{run:?}");
+}
+
+#[test]
+fn tls_to_a_plaintext_server_fails_in_the_handshake() {
+    let server = Server::start(&[]);
+    let run = load(&["add", "--addr", &server.addr, "--total", "10", "--skipTLS"]);
+    assert_failed(
+        &run,
+        EXIT_FAILED,
+        &["0 calls reached the server", "TLS handshake failed"],
+    );
+}
+
+#[test]
+fn mutual_tls_without_a_client_certificate_fails_asking_for_one() {
+    let pki = Pki::new();
+    let server = Server::start(&[
+        "--tls-cert",
+        &pki.path("server.pem"),
+        "--tls-key",
+        &pki.path("server.key"),
+        "--tls-client-ca",
+        &pki.path("ca.pem"),
+    ]);
+    let ca = pki.path("ca.pem");
+    let run = load(&["add", "--addr", &server.addr, "-n", "10", "--cacert", &ca]);
+    assert_failed(
+        &run,
+        EXIT_FAILED,
+        &["0 calls reached the server", "--cert and --key"],
+    );
+
+    let (cert, key) = (pki.path("client.pem"), pki.path("client.key"));
+    let run = load(&[
+        "add",
+        "--addr",
+        &server.addr,
+        "-n",
+        "10",
+        "--cacert",
+        &ca,
+        "--cert",
+        &cert,
+        "--key",
+        &key,
+    ]);
+    assert_eq!(run.code, 0, "{run:?}");
+}
+
+#[test]
+fn a_wrong_token_fails_naming_the_token_file() {
+    let pki = Pki::new();
+    let server = Server::start(&["--auth-token-file", &pki.path("token")]);
+    let wrong = pki.path("wrong-token");
+    let run = load(&[
+        "add",
+        "--addr",
+        &server.addr,
+        "-n",
+        "10",
+        "--auth-token-file",
+        &wrong,
+    ]);
+    assert_failed(&run, EXIT_FAILED, &["UNAUTHENTICATED", &wrong]);
+
+    let run = load(&["add", "--addr", &server.addr, "-n", "10"]);
+    assert_failed(&run, EXIT_FAILED, &["UNAUTHENTICATED", "--auth-token-file"]);
+
+    let run = load(&[
+        "add",
+        "--addr",
+        &server.addr,
+        "-n",
+        "10",
+        "-H",
+        "authorization: Bearer right-token",
+    ]);
+    assert_eq!(run.code, 0, "{run:?}");
+}
+
+#[test]
+fn an_aborted_sync_stream_fails_the_run_and_is_counted() {
+    // A feed this short cannot hold what 64 upserts in flight produce: the
+    // server ends the streams that fall behind with ABORTED.
+    let server = Server::start(&["--feed-capacity", "8"]);
+    let run = load(&["sync", "--addr", &server.addr, "-n", "3000", "--json"]);
+    assert_eq!(run.code, EXIT_FAILED, "{run:?}");
+    let report = run.json();
+    assert!(
+        report["streams_aborted"]["ABORTED"].as_u64() >= Some(1),
+        "{report}"
+    );
+    assert!(
+        report["calls"].as_u64() < Some(3000),
+        "not every upsert was acknowledged: {report}"
+    );
+    let failures = report["failures"].to_string();
+    assert!(failures.contains("aborted (ABORTED"), "{failures}");
+
+    // The text report counts them in its status line.
+    let run = load(&["sync", "--addr", &server.addr, "-n", "3000"]);
+    assert_eq!(run.code, EXIT_FAILED, "{run:?}");
+    let status = run
+        .stdout
+        .lines()
+        .find(|l| l.trim_start().starts_with("status"))
+        .unwrap_or_default();
+    assert!(status.contains("streams aborted: ABORTED"), "{run:?}");
+    assert!(run.stderr.contains("aborted"), "{run:?}");
+}
+
+#[test]
+fn every_call_failing_fails_the_run_without_a_throughput() {
+    let server = Server::start(&[]);
+    let dir = TempDir::new().unwrap();
+    let data = dir.path().join("invalid.jsonl");
+    std::fs::write(&data, "{\"first_name\": \" \"}\n".repeat(20)).unwrap();
+    let data = data.display().to_string();
+    let run = load(&["add", "--addr", &server.addr, "--data", &data]);
+    assert_eq!(run.code, EXIT_FAILED, "{run:?}");
+    assert!(
+        run.stdout.contains("throughput   none: 0 calls succeeded"),
+        "{run:?}"
+    );
+    assert!(run.stdout.contains("not throughput"), "{run:?}");
+    assert!(run.stdout.contains("20× INVALID_ARGUMENT"), "{run:?}");
+    assert!(
+        run.stderr.contains("every one of the 20 calls failed"),
+        "{run:?}"
+    );
+}
+
+#[test]
+fn thresholds_met_exit_0_and_missed_exit_99() {
+    let server = Server::start(&[]);
+    let addr = &server.addr;
+    let met = load(&[
+        "add",
+        "--addr",
+        addr,
+        "-n",
+        "200",
+        "--fail-if",
+        "errors>0",
+        "--fail-if",
+        "p99>60s",
+    ]);
+    assert_eq!(met.code, 0, "{met:?}");
+    assert!(
+        met.stdout.contains("fail-if      errors>0: 0.000, ok"),
+        "{met:?}"
+    );
+
+    // No call takes less than a microsecond, and none is that fast.
+    for condition in ["p99>1us", "rate<1000000000"] {
+        let missed = load(&["add", "--addr", addr, "-n", "200", "--fail-if", condition]);
+        assert_eq!(missed.code, EXIT_THRESHOLD, "{condition}: {missed:?}");
+        assert!(
+            missed.stderr.contains(&format!("--fail-if {condition}")),
+            "{missed:?}"
+        );
+    }
+}
+
+#[test]
+fn flags_of_other_modes_and_nonsense_values_are_usage_errors() {
+    for (args, says) in [
+        (&["bulk", "--rps", "10"][..], "unexpected argument '--rps'"),
+        (
+            &["sync", "--concurrency", "4"],
+            "unexpected argument '--concurrency'",
+        ),
+        (&["add", "--concurrency", "0"], "--concurrency"),
+        (&["bulk", "--total", "0"], "--total"),
+    ] {
+        let run = load(args);
+        assert_failed(&run, EXIT_USAGE, &[says]);
+    }
+    let help = load(&["--help"]);
+    assert_eq!(help.code, 0);
+    assert!(help.stdout.contains("load generator"), "{help:?}");
+    let version = load(&["-V"]);
+    assert!(version.stdout.starts_with("user-load "), "{version:?}");
+}
+
+#[tokio::test]
+async fn ctrl_c_ends_the_run_with_130_and_a_report() {
+    let server = Server::start(&[]);
+    // A watcher on the feed: its first Change means the run has started.
+    let mut client = UserServiceClient::connect(format!("http://{}", server.addr))
+        .await
+        .unwrap();
+    let (_requests, rx) = tokio::sync::mpsc::channel(1);
+    let mut changes = client
+        .sync_users(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let child = spawn_load(&["add", "--addr", &server.addr, "--duration", "60s", "--json"]);
+    let first = tokio::time::timeout(PATIENCE, changes.message()).await;
+    assert!(
+        matches!(&first, Ok(Ok(Some(m))) if matches!(m.event, Some(Event::Change(_)))),
+        "{first:?}"
+    );
+    // SAFETY: kill(2) with the pid of a child this test spawned and has
+    // not yet waited for.
+    let sent = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+    assert_eq!(sent, 0);
+    let run = tokio::task::spawn_blocking(move || finish(child))
+        .await
+        .unwrap();
+    assert_eq!(run.code, EXIT_INTERRUPTED, "{run:?}");
+    let report = run.json();
+    assert_eq!(report["interrupted"], true, "{report}");
+    assert!(report["ok_calls"].as_u64() > Some(0), "{report}");
+    assert!(run.stderr.contains("interrupted by Ctrl-C"), "{run:?}");
+}
+
+/// Headless Chromium, as Debian packages it.
+fn chromium() -> PathBuf {
+    let found = std::env::var_os("CHROMIUM").map(PathBuf::from).or_else(|| {
+        std::env::var_os("PATH").and_then(|path| {
+            std::env::split_paths(&path)
+                .map(|dir| dir.join("chromium"))
+                .find(|p| p.is_file())
+        })
+    });
+    found.expect(
+        "this test renders the HTML report in Chromium: install Debian's chromium \
+         (apt-get install chromium; .ci/run does) or set CHROMIUM",
+    )
+}
+
+/// Renders `page` in headless Chromium: its DOM once loaded, and what its
+/// console logged.
+fn render(page: &Path, dir: &Path, extra: &[&str]) -> (String, Vec<String>) {
+    let profile = TempDir::new_in(dir).unwrap();
+    let output = Command::new(chromium())
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+            "--hide-scrollbars",
+            "--enable-logging=stderr",
+            "--v=0",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .args(extra)
+        .arg(format!("file://{}", page.display()))
+        .stdin(Stdio::null())
+        .output()
+        .expect("run chromium");
+    assert!(output.status.success(), "chromium: {output:?}");
+    // Chromium logs each console message as an INFO:CONSOLE line.
+    let console = String::from_utf8_lossy(&output.stderr)
+        .lines()
+        .filter(|l| l.contains(":CONSOLE"))
+        .map(str::to_owned)
+        .collect();
+    (
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        console,
+    )
+}
+
+/// Width and height of a PNG, from its header.
+fn png_size(path: &Path) -> (u32, u32) {
+    let bytes = std::fs::read(path).unwrap();
+    assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n", "not a PNG");
+    let be = |at: usize| u32::from_be_bytes(bytes[at..at + 4].try_into().unwrap());
+    (be(16), be(20))
+}
+
+#[test]
+fn the_html_report_renders_with_its_totals_and_no_console_error() {
+    let dir = TempDir::new().unwrap();
+    // The way console errors are caught, shown to work on a page that
+    // makes one and tries to fetch something.
+    let control = dir.path().join("control.html");
+    std::fs::write(
+        &control,
+        "<!DOCTYPE html><meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'\">\
+         <img src=\"fetched.png\"><script>console.error('control')</script>",
+    )
+    .unwrap();
+    let (_, console) = render(&control, dir.path(), &["--dump-dom"]);
+    assert!(
+        !console.is_empty(),
+        "the console of a failing page was not seen"
+    );
+
+    let server = Server::start(&[]);
+    let page = dir.path().join("report.html");
+    let page_arg = page.display().to_string();
+    let run = load(&[
+        "sync",
+        "--addr",
+        &server.addr,
+        "--duration",
+        "2s",
+        "--rps",
+        "2000",
+        "--warmup",
+        "500ms",
+        "--watchers",
+        "2",
+        "--fail-if",
+        "errors>1%",
+        "--html",
+        &page_arg,
+        "--json",
+    ]);
+    assert_eq!(run.code, 0, "{run:?}");
+    let report = run.json();
+    let html = std::fs::read_to_string(&page).unwrap();
+    for fetch in ["src=", "href=", "url(", "<script", "<link"] {
+        assert!(!html.contains(fetch), "the page would fetch: {fetch}");
+    }
+
+    let (dom, console) = render(&page, dir.path(), &["--dump-dom"]);
+    assert!(console.is_empty(), "console: {console:?}");
+    let totals = dom
+        .split("<table id=\"totals\">")
+        .nth(1)
+        .and_then(|t| t.split("</table>").next())
+        .expect("a totals table");
+    for (name, field) in [
+        ("Acks", "calls"),
+        ("OK Acks", "ok_calls"),
+        ("users", "users"),
+    ] {
+        let cell = format!("<th>{name}</th><td>{}</td>", report[field]);
+        assert!(totals.contains(&cell), "{cell} not in {totals}");
+    }
+    for chart in [
+        "latency distribution",
+        "throughput per second",
+        "delivery distribution",
+    ] {
+        assert!(dom.contains(chart), "no {chart} chart");
+    }
+
+    let screenshot = dir.path().join("report.png");
+    let (_, console) = render(
+        &page,
+        dir.path(),
+        &[
+            "--window-size=1100,2400",
+            &format!("--screenshot={}", screenshot.display()),
+        ],
+    );
+    assert!(console.is_empty(), "console: {console:?}");
+    assert_eq!(png_size(&screenshot), (1100, 2400));
+    // Kept where asked, to look at (docs/ has one made this way).
+    if let Some(keep) = std::env::var_os("USER_LOAD_SCREENSHOT") {
+        std::fs::copy(&screenshot, keep).unwrap();
+    }
+}
