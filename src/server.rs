@@ -3,13 +3,14 @@
 use std::{future::Future, net::SocketAddr, time::Duration};
 
 use futures::TryStreamExt;
-use tokio::net::TcpListener;
+use tokio::{net::TcpListener, sync::watch};
 use tokio_util::sync::CancellationToken;
 use tonic::{
     codec::CompressionEncoding,
     service::interceptor::InterceptedService,
     transport::{Certificate, Identity, Server, ServerTlsConfig, server::TcpIncoming},
 };
+use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::{
     auth::{AuthToken, Authenticate},
@@ -17,7 +18,7 @@ use crate::{
     limits::{CallGuardLayer, Gauges},
     proto::{self, user_service_server::UserServiceServer},
     service::UserService,
-    store::Store,
+    store::{Store, StoreHealth},
 };
 
 /// Largest gRPC message accepted or sent. tonic bounds decoding at 4 MiB but
@@ -179,6 +180,7 @@ pub async fn run<S: Store>(
         }
     }
 
+    let store_health = store.health();
     let service = UserService::new(store, stop.clone())
         .with_subscriber_slots(config.gauges.subscriber_slots(config.max_subscribers));
     let users = UserServiceServer::new(service)
@@ -197,6 +199,7 @@ pub async fn run<S: Store>(
     health
         .set_serving::<UserServiceServer<UserService<S>>>()
         .await;
+    let store_health = tokio::spawn(forward_store_health(store_health, health.clone()));
 
     // grpcurl 1.8 only speaks v1alpha; newer clients use v1. The health
     // service's descriptors are registered too, so grpcurl can call it.
@@ -238,6 +241,9 @@ pub async fn run<S: Store>(
     }
 
     tracing::info!(grace = ?config.shutdown_grace, "shutting down");
+    // Stopped first, so that it cannot mark the service serving again.
+    store_health.abort();
+    let _ = store_health.await;
     health
         .set_not_serving::<UserServiceServer<UserService<S>>>()
         .await;
@@ -248,6 +254,26 @@ pub async fn run<S: Store>(
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Keeps the health of `grpcUser.UserService` and of the whole server ("")
+/// in step with the store's: a store that cannot take writes (its writer died, its
+/// database is out of reach) makes the server `NOT_SERVING`, for probes and
+/// load balancers to see, and `SERVING` again once it can. Ends when the
+/// store stops reporting (a store that cannot fail never does).
+async fn forward_store_health(mut store: watch::Receiver<StoreHealth>, reporter: HealthReporter) {
+    loop {
+        let status = match *store.borrow_and_update() {
+            StoreHealth::Serving => ServingStatus::Serving,
+            StoreHealth::NotServing => ServingStatus::NotServing,
+        };
+        for service in [proto::user_service_server::SERVICE_NAME, ""] {
+            reporter.set_service_status(service, status).await;
+        }
+        if store.changed().await.is_err() {
+            return;
+        }
+    }
 }
 
 #[cfg(test)]
