@@ -12,7 +12,7 @@ use clap::{Parser, ValueEnum};
 use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
 use user_service::{
-    Config, MemoryStore,
+    Config, MemoryStore, Store,
     auth::AuthToken,
     server::{self, TlsConfig},
     store::sqlite::{Durability, SqliteOptions, SqliteStore},
@@ -224,7 +224,11 @@ async fn serve(args: Args) -> Result<ExitCode, Box<dyn std::error::Error>> {
                 "user-service listening"
             );
             log_security(&config);
-            server::run(listener, store, config, shutdown_signal()).await?;
+            let served = server::run(listener, store.clone(), config, shutdown_signal()).await;
+            // Closing checkpoints the write-ahead log into the file and
+            // removes it: the file alone then holds every user.
+            store.close().await;
+            served?;
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -1,7 +1,8 @@
 //! The SQLite store through the real `user-service` binary, as a child
 //! process: refused files at startup, a `SIGKILL` in the middle of a write
 //! load followed by a restart on the same file, writes that fail for want of
-//! room, and a writer that dies.
+//! room, a `SIGTERM` that leaves the file complete on its own, and a writer
+//! that dies.
 
 use std::{
     collections::HashMap,
@@ -106,6 +107,29 @@ impl Server {
     fn kill(mut self) {
         self.child.kill().expect("kill");
         self.child.wait().expect("wait");
+    }
+
+    /// SIGTERM, as a service manager stops a server, then waits (bounded)
+    /// for the process to exit.
+    fn terminate(mut self) -> ExitStatus {
+        let pid = libc::pid_t::try_from(self.child.id()).unwrap();
+        // SAFETY: sends a signal to our own child, not yet waited for.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+        let (tx, rx) = std_mpsc::channel();
+        std::thread::scope(|scope| {
+            let child = &mut self.child;
+            scope.spawn(move || {
+                let _ = tx.send(child.wait());
+            });
+            match rx.recv_timeout(PATIENCE) {
+                Ok(status) => status.expect("wait"),
+                Err(_) => {
+                    // SAFETY: as above; the waiting thread then returns.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                    panic!("the server did not exit after SIGTERM");
+                }
+            }
+        })
     }
 }
 
@@ -387,6 +411,54 @@ async fn a_failed_log_write_rolls_back_and_writes_resume_when_room_is_made() {
     stored.retain(|user| user.id != PROBE_ID);
     assert_eq!(stored, acked);
     assert_eq!(next_seq_after(&mut client, 1).await, seq + 2);
+}
+
+/// A clean shutdown closes the store: the write-ahead log is checkpointed
+/// into the file and removed, so that a copy of the file alone, as a backup
+/// made after the server stopped would be, holds every user.
+#[tokio::test]
+async fn sigterm_leaves_every_user_in_the_database_file_alone() {
+    /// Enough for a log of several MiB, which takes a while to checkpoint.
+    const USERS: u64 = 50_000;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("users.db");
+    let wal = dir.path().join("users.db-wal");
+    let server = Server::start(&db);
+    let mut client = server.client().await;
+    let rows = (0..USERS).map(|i| user("", &format!("bulk {i}")));
+    let report = client
+        .bulk_add_users(tokio_stream::iter(rows))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(report.added, USERS);
+    client.add_user(user("", "Ann")).await.unwrap();
+    assert!(
+        wal.exists(),
+        "the log holds the writes while the server runs"
+    );
+    drop(client);
+
+    // On a blocking thread: this runtime goes on serving the client's side
+    // of the connection, which closes when the server says it is stopping.
+    let status = tokio::task::spawn_blocking(|| server.terminate())
+        .await
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(!wal.exists(), "the log was checkpointed and removed");
+    assert!(!dir.path().join("users.db-shm").exists());
+    let backup = tempfile::tempdir().unwrap();
+    let copy = backup.path().join("users.db");
+    std::fs::copy(&db, &copy).unwrap();
+    let conn = rusqlite::Connection::open(&copy).unwrap();
+    let users: i64 = conn
+        .query_row("SELECT count(*) FROM users", [], |row| row.get(0))
+        .unwrap();
+    assert_eq!(users, USERS as i64 + 1);
+    let seq: i64 = conn
+        .query_row("SELECT seq FROM change_seq", [], |row| row.get(0))
+        .unwrap();
+    assert_eq!(seq, USERS as i64 + 1);
 }
 
 /// Waits (bounded) until the health of `service` is `status`.
