@@ -4,12 +4,11 @@
 //!
 //! - here, [`SqliteStore`]: opening, closing, and each [`Store`] method
 //!   handing its work to the writer or to the readers;
-//! - [`open`]: the file, inspected and refused if it is not ours, the
+//! - `open`: the file, inspected and refused if it is not ours, the
 //!   connections' settings, the schema and its migrations;
 //! - `writer`: the one thread that owns the write connection and commits
-//!   every write, by group commit (see
-//!   [`group_commit`]), taking commands from
-//!   its parking `inbox`;
+//!   every write by [`group_commit`], taking commands from its parking
+//!   `inbox`;
 //! - `apply`: one batch, applied in one transaction;
 //! - `read`: GetUser and listing pages on a few read-only connections,
 //!   which never wait for the writer (WAL mode).
@@ -21,7 +20,7 @@
 
 mod apply;
 mod inbox;
-pub mod open;
+mod open;
 mod read;
 mod writer;
 
