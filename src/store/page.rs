@@ -60,8 +60,8 @@ pub struct PageScan {
     scan: usize,
     scanned: usize,
     users: Vec<User>,
-    /// The id of the last user looked at, matching or not; one buffer,
-    /// reused.
+    /// The id of the last user the page looks at, matching or not, once it
+    /// is complete: copied once a page, not once a user.
     last_id: String,
     /// Whether a user was offered past the page's end.
     more: bool,
@@ -103,17 +103,22 @@ impl PageScan {
         verified: bool,
         user: impl FnOnce() -> Result<User, E>,
     ) -> Result<bool, E> {
-        if self.users.len() == self.max || self.scanned == self.scan {
+        if self.is_complete() {
             self.more = true;
             return Ok(false);
         }
         self.scanned += 1;
-        self.last_id.clear();
-        self.last_id.push_str(id);
         if self.filter.matches_verified(verified) {
             self.users.push(user()?);
         }
+        if self.is_complete() {
+            self.last_id.push_str(id);
+        }
         Ok(true)
+    }
+
+    fn is_complete(&self) -> bool {
+        self.users.len() == self.max || self.scanned == self.scan
     }
 
     /// The page, once the backend has stopped offering (the scan said so, or
