@@ -1,9 +1,11 @@
 //! The one place where errors become what clients see.
 //!
 //! Each variant maps to one gRPC code. Validation errors carry a
-//! `google.rpc.BadRequest` detail naming the field; storage failures are
-//! logged here and reach the client only as a generic `INTERNAL` (or
-//! `RESOURCE_EXHAUSTED` for a full disk).
+//! `google.rpc.BadRequest` detail naming the field; storage failures reach
+//! the client only as a generic `INTERNAL` (or `RESOURCE_EXHAUSTED` for a
+//! full disk). They are not logged here: the store logs each failure once,
+//! where it knows what failed (a batch of a thousand rows that did not
+//! commit is one log line, not a thousand).
 
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
@@ -36,14 +38,8 @@ impl Error {
     /// The message a client sees.
     pub fn client_message(&self) -> String {
         match self {
-            Error::Store(err @ StoreError::Full(_)) => {
-                tracing::error!(error = %err, "request failed");
-                "storage full".to_owned()
-            }
-            Error::Store(err @ StoreError::Internal(_)) => {
-                tracing::error!(error = %err, "request failed");
-                "internal storage error".to_owned()
-            }
+            Error::Store(StoreError::Full(_)) => "storage full".to_owned(),
+            Error::Store(StoreError::Internal(_)) => "internal storage error".to_owned(),
             other => other.to_string(),
         }
     }

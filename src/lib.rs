@@ -21,8 +21,11 @@
 //!   convert), a module per streaming pattern.
 //! - [`validate`]: the input rules, apart from gRPC.
 //! - [`error`]: the one place where errors become gRPC statuses.
-//! - [`store`]: the [`store::Store`] trait, the in-memory and SQLite
-//!   backends and the change feed that SyncUsers streams subscribe to.
+//! - [`store`]: the [`store::Store`] trait and its health signal, the
+//!   in-memory and SQLite backends, what backends share (listing pages in
+//!   [`store::page`], group commit for a durable backend's writer in
+//!   [`store::group_commit`]) and the change feed that SyncUsers streams
+//!   subscribe to.
 //! - [`user`]: the domain types (users and changes).
 //! - [`proto`]: the generated wire types and conversions.
 //!

@@ -357,8 +357,11 @@ async fn listen_and_run<S: Store>(
             source,
         })?;
     }
-    server::run(listener, store, config, shutdown_signal()).await?;
-    Ok(())
+    let served = server::run(listener, store.clone(), config, shutdown_signal()).await;
+    // Closing checkpoints the SQLite write-ahead log into the file and
+    // removes it: the file alone then holds every user.
+    store.close().await;
+    Ok(served?)
 }
 
 /// Writes `addr` to `path` so that a reader never sees a partial file: to a

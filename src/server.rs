@@ -2,23 +2,23 @@
 
 use std::{future::Future, net::SocketAddr, pin::pin, time::Duration};
 
-use tokio::net::TcpListener;
+use tokio::{net::TcpListener, sync::watch};
 use tokio_util::sync::CancellationToken;
 use tonic::{
     codec::CompressionEncoding,
     service::{Routes, interceptor::InterceptedService},
 };
-use tonic_health::ServingStatus;
+use tonic_health::{ServingStatus, server::HealthReporter};
 
 pub use crate::transport::TlsConfig;
 use crate::{
     auth::{AuthToken, Authenticate},
     call_guard::CallGuardLayer,
     gauges::Gauges,
-    proto::user_service_server::UserServiceServer,
+    proto::{self, user_service_server::UserServiceServer},
     reflection,
     service::UserService,
-    store::Store,
+    store::{Store, StoreHealth},
     transport::{self, ConnectionStats, Http2Settings, TlsError},
 };
 
@@ -201,6 +201,7 @@ pub async fn run<S: Store>(
         }
     }
 
+    let store_health = store.health();
     let service = UserService::new(
         store,
         stop.clone(),
@@ -222,6 +223,7 @@ pub async fn run<S: Store>(
     health
         .set_serving::<UserServiceServer<UserService<S>>>()
         .await;
+    let store_health = tokio::spawn(forward_store_health(store_health, health.clone()));
 
     // Reflection needs the token like the service it describes.
     let reflection = reflection::Reflection::new();
@@ -268,6 +270,9 @@ pub async fn run<S: Store>(
     }
 
     tracing::info!(grace = ?config.shutdown_grace, "shutting down");
+    // Stopped first, so that it cannot mark the service serving again.
+    store_health.abort();
+    let _ = store_health.await;
     // Both the service and the server as a whole ("", what probes ask by
     // default) report NOT_SERVING before any stream is ended.
     health
@@ -285,6 +290,26 @@ pub async fn run<S: Store>(
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Keeps the health of `grpcUser.UserService` and of the whole server ("")
+/// in step with the store's: a store that cannot take writes (its writer died, its
+/// database is out of reach) makes the server `NOT_SERVING`, for probes and
+/// load balancers to see, and `SERVING` again once it can. Ends when the
+/// store stops reporting (a store that cannot fail never does).
+async fn forward_store_health(mut store: watch::Receiver<StoreHealth>, reporter: HealthReporter) {
+    loop {
+        let status = match *store.borrow_and_update() {
+            StoreHealth::Serving => ServingStatus::Serving,
+            StoreHealth::NotServing => ServingStatus::NotServing,
+        };
+        for service in [proto::user_service_server::SERVICE_NAME, ""] {
+            reporter.set_service_status(service, status).await;
+        }
+        if store.changed().await.is_err() {
+            return;
+        }
+    }
 }
 
 #[cfg(test)]

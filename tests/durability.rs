@@ -1,7 +1,8 @@
 //! The SQLite store through the real `user-service` binary, as a child
 //! process: refused files at startup, a `SIGKILL` in the middle of a write
-//! load followed by a restart on the same file, and writes that fail for
-//! want of room.
+//! load followed by a restart on the same file, writes that fail for want of
+//! room, a `SIGTERM` that leaves the file complete on its own, and a writer
+//! that dies.
 
 use std::{
     collections::HashMap,
@@ -21,10 +22,13 @@ use parking_lot::Mutex;
 use tokio::sync::{Notify, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, transport::Channel};
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
 use user_service::{
     proto::{
         self, SyncRequest, sync_request::Op, sync_response::Event,
-        user_service_client::UserServiceClient,
+        user_service_client::UserServiceClient, user_service_server::SERVICE_NAME,
     },
     store::sqlite::{APPLICATION_ID, SCHEMA_VERSION},
 };
@@ -87,19 +91,45 @@ impl Server {
         }
     }
 
-    async fn client(&self) -> Client {
-        let channel = Channel::from_shared(format!("http://{}", self.addr))
+    async fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.addr))
             .unwrap()
             .connect()
             .await
-            .expect("connect");
-        UserServiceClient::new(channel)
+            .expect("connect")
+    }
+
+    async fn client(&self) -> Client {
+        UserServiceClient::new(self.channel().await)
     }
 
     /// SIGKILL: no shutdown, no flush, no checkpoint.
     fn kill(mut self) {
         self.child.kill().expect("kill");
         self.child.wait().expect("wait");
+    }
+
+    /// SIGTERM, as a service manager stops a server, then waits (bounded)
+    /// for the process to exit.
+    fn terminate(mut self) -> ExitStatus {
+        let pid = libc::pid_t::try_from(self.child.id()).unwrap();
+        // SAFETY: sends a signal to our own child, not yet waited for.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+        let (tx, rx) = std_mpsc::channel();
+        std::thread::scope(|scope| {
+            let child = &mut self.child;
+            scope.spawn(move || {
+                let _ = tx.send(child.wait());
+            });
+            match rx.recv_timeout(PATIENCE) {
+                Ok(status) => status.expect("wait"),
+                Err(_) => {
+                    // SAFETY: as above; the waiting thread then returns.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                    panic!("the server did not exit after SIGTERM");
+                }
+            }
+        })
     }
 }
 
@@ -381,6 +411,137 @@ async fn a_failed_log_write_rolls_back_and_writes_resume_when_room_is_made() {
     stored.retain(|user| user.id != PROBE_ID);
     assert_eq!(stored, acked);
     assert_eq!(next_seq_after(&mut client, 1).await, seq + 2);
+}
+
+/// A clean shutdown closes the store: the write-ahead log is checkpointed
+/// into the file and removed, so that a copy of the file alone, as a backup
+/// made after the server stopped would be, holds every user.
+#[tokio::test]
+async fn sigterm_leaves_every_user_in_the_database_file_alone() {
+    /// Enough for a log of several MiB, which takes a while to checkpoint.
+    const USERS: u64 = 50_000;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("users.db");
+    let wal = dir.path().join("users.db-wal");
+    let server = Server::start(&db);
+    let mut client = server.client().await;
+    let rows = (0..USERS).map(|i| user("", &format!("bulk {i}")));
+    let report = client
+        .bulk_add_users(tokio_stream::iter(rows))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(report.added, USERS);
+    client.add_user(user("", "Ann")).await.unwrap();
+    assert!(
+        wal.exists(),
+        "the log holds the writes while the server runs"
+    );
+    drop(client);
+
+    // On a blocking thread: this runtime goes on serving the client's side
+    // of the connection, which closes when the server says it is stopping.
+    let status = tokio::task::spawn_blocking(|| server.terminate())
+        .await
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(!wal.exists(), "the log was checkpointed and removed");
+    assert!(!dir.path().join("users.db-shm").exists());
+    let backup = tempfile::tempdir().unwrap();
+    let copy = backup.path().join("users.db");
+    std::fs::copy(&db, &copy).unwrap();
+    let conn = rusqlite::Connection::open(&copy).unwrap();
+    let users: i64 = conn
+        .query_row("SELECT count(*) FROM users", [], |row| row.get(0))
+        .unwrap();
+    assert_eq!(users, USERS as i64 + 1);
+    let seq: i64 = conn
+        .query_row("SELECT seq FROM change_seq", [], |row| row.get(0))
+        .unwrap();
+    assert_eq!(seq, USERS as i64 + 1);
+}
+
+/// Waits (bounded) until the health of `service` is `status`.
+async fn wait_for_health(channel: Channel, service: &str, status: ServingStatus) {
+    let mut health = HealthClient::new(channel);
+    let mut watch = health
+        .watch(HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    tokio::time::timeout(PATIENCE, async {
+        while let Some(reply) = watch.message().await.unwrap() {
+            if reply.status == status as i32 {
+                return;
+            }
+        }
+        panic!("the health stream ended");
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{service:?} never became {status:?}"));
+}
+
+/// A writer thread that dies (here it panics on a row written by another
+/// program, with fields longer than a user can hold) makes the server say
+/// so: health turns NOT_SERVING, and every write fails with INTERNAL at once
+/// instead of hanging, while reads go on.
+#[tokio::test]
+async fn a_writer_that_dies_turns_health_to_not_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("users.db");
+    let server = Server::start(&db);
+    let channel = server.channel().await;
+    let mut client = UserServiceClient::new(channel.clone());
+    let ann = client
+        .add_user(user("a", "Ann"))
+        .await
+        .unwrap()
+        .into_inner()
+        .user
+        .unwrap();
+    wait_for_health(channel.clone(), SERVICE_NAME, ServingStatus::Serving).await;
+    rusqlite::Connection::open(&db)
+        .unwrap()
+        .execute(
+            "INSERT INTO users VALUES ('huge', ?1, '', '', 0, 1)",
+            ["x".repeat(70_000)],
+        )
+        .unwrap();
+
+    // Deleting the row makes the writer read it, and die.
+    let delete = SyncRequest {
+        request_id: 1,
+        op: Some(Op::DeleteId("huge".into())),
+        expected_version: 0,
+    };
+    let mut sync = client
+        .sync_users(tokio_stream::iter([delete]))
+        .await
+        .unwrap()
+        .into_inner();
+    let ack = loop {
+        match sync.message().await.unwrap().and_then(|r| r.event) {
+            Some(Event::Ack(ack)) => break ack,
+            Some(_) => {}
+            None => panic!("no Ack"),
+        }
+    };
+    assert_eq!(ack.code, Code::Internal as i32, "{ack:?}");
+    assert_eq!(ack.message, "internal storage error");
+
+    wait_for_health(channel.clone(), SERVICE_NAME, ServingStatus::NotServing).await;
+    wait_for_health(channel, "", ServingStatus::NotServing).await;
+    let failed = client.add_user(user("", "Bob")).await.unwrap_err();
+    assert_eq!(failed.code(), Code::Internal, "{failed:?}");
+    assert_eq!(failed.message(), "internal storage error");
+    let read = client
+        .get_user(proto::GetUserRequest { id: "a".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(read, ann);
 }
 
 /// Every stored user, in id order.

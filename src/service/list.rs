@@ -14,7 +14,7 @@ use crate::{
 /// Users fetched from the store per page. A listing holds at most one page in
 /// memory, however large the store, and the store is locked once per page:
 /// big enough to amortise that, small enough to keep each lock hold short.
-const PAGE_SIZE: usize = 256;
+const USERS_PER_PAGE: usize = 256;
 
 /// The response stream of one ListUsers call.
 ///
@@ -42,7 +42,7 @@ pub fn listing<S: Store>(
         0 => usize::MAX,
         n => n as usize,
     };
-    let page_size = PAGE_SIZE.min(limit);
+    let page_size = USERS_PER_PAGE.min(limit);
 
     // The state between pages is only the cursor: `Some(after)` while there
     // is more to read (`after` is `None` at the start), `None` at the end.

@@ -1,18 +1,24 @@
 //! The in-memory store: an ordered set of users behind one lock.
+//!
+//! Every write builds its user ([`PreparedOp`]) before it takes the lock,
+//! then applies and publishes under one hold of it; a batch of writes
+//! (`create_many`, `apply_many`) takes it once. A listing page looks at no
+//! more than [`MAX_SCAN_PER_PAGE`](super::page::MAX_SCAN_PER_PAGE) users under one read hold, so that a
+//! filter that matches few users does not scan the whole store while
+//! writers wait.
 
-use std::{borrow::Borrow, cmp::Ordering, collections::BTreeSet, ops::Bound, sync::Arc};
+use std::{
+    borrow::Borrow, cmp::Ordering, collections::BTreeSet, convert::Infallible, ops::Bound,
+    sync::Arc,
+};
 
 use parking_lot::RwLock;
 
 use super::{
-    ChangeFeed, ListFilter, Page, Store, StoreError, Subscription, WriteOp, check_version,
+    ChangeFeed, ListFilter, Page, PreparedOp, Store, StoreError, Subscription, WriteOp,
+    check_version, page::PageScan,
 };
 use crate::user::{Change, ChangeKind, NewUser, User};
-
-/// Most users a listing page looks at under one lock hold, matching or not:
-/// a filter that matches few users must not turn one page into a scan of the
-/// whole store while writers wait.
-const MAX_SCAN_PER_PAGE: usize = 4096;
 
 /// Users in memory, lost when the process exits.
 ///
@@ -211,9 +217,18 @@ impl MemoryStore {
         self.shared.state.read().seq
     }
 
-    /// Builds the user to store for a create, outside any lock.
-    fn prepare(user: &NewUser, version: u64) -> User {
-        super::prepare_user(user, version)
+    /// Applies `op`, built outside the lock, under one hold of it.
+    fn apply(&self, op: PreparedOp) -> Result<Change, StoreError> {
+        self.shared.state.write().apply(&self.shared.feed, op)
+    }
+
+    /// Applies every op in order under one hold of the lock, instead of one
+    /// hold per op.
+    fn apply_all(&self, ops: Vec<PreparedOp>) -> Vec<Result<Change, StoreError>> {
+        let mut state = self.shared.state.write();
+        ops.into_iter()
+            .map(|op| state.apply(&self.shared.feed, op))
+            .collect()
     }
 }
 
@@ -229,6 +244,20 @@ impl State {
         };
         feed.publish(change.clone());
         change
+    }
+
+    fn apply(&mut self, feed: &ChangeFeed, op: PreparedOp) -> Result<Change, StoreError> {
+        match op {
+            PreparedOp::Create(user) => self.create(feed, user),
+            PreparedOp::Upsert {
+                user,
+                expected_version,
+            } => self.upsert(feed, user, expected_version),
+            PreparedOp::Delete {
+                id,
+                expected_version,
+            } => self.delete(feed, &id, expected_version),
+        }
     }
 
     fn create(&mut self, feed: &ChangeFeed, user: User) -> Result<Change, StoreError> {
@@ -288,20 +317,11 @@ impl State {
 
 impl Store for MemoryStore {
     async fn create(&self, user: NewUser) -> Result<Change, StoreError> {
-        let user = Self::prepare(&user, 1);
-        let mut state = self.shared.state.write();
-        state.create(&self.shared.feed, user)
+        self.apply(PreparedOp::create(&user))
     }
 
     async fn create_many(&self, users: Vec<NewUser>) -> Vec<Result<Change, StoreError>> {
-        // Allocate outside the lock, then commit the whole batch under one
-        // lock hold instead of one per user.
-        let prepared: Vec<User> = users.iter().map(|user| Self::prepare(user, 1)).collect();
-        let mut state = self.shared.state.write();
-        prepared
-            .into_iter()
-            .map(|user| state.create(&self.shared.feed, user))
-            .collect()
+        self.apply_all(users.iter().map(PreparedOp::create).collect())
     }
 
     async fn upsert(
@@ -309,46 +329,21 @@ impl Store for MemoryStore {
         user: NewUser,
         expected_version: Option<u64>,
     ) -> Result<Change, StoreError> {
-        let prepared = Self::prepare(&user, 1);
-        let mut state = self.shared.state.write();
-        state.upsert(&self.shared.feed, prepared, expected_version)
+        self.apply(PreparedOp::prepare(WriteOp::Upsert {
+            user,
+            expected_version,
+        }))
     }
 
     async fn delete(&self, id: &str, expected_version: Option<u64>) -> Result<Change, StoreError> {
-        let mut state = self.shared.state.write();
-        state.delete(&self.shared.feed, id, expected_version)
+        self.apply(PreparedOp::Delete {
+            id: id.to_owned(),
+            expected_version,
+        })
     }
 
     async fn apply_many(&self, ops: Vec<WriteOp>) -> Vec<Result<Change, StoreError>> {
-        /// An op with its user built.
-        enum Prepared {
-            Upsert(User, Option<u64>),
-            Delete(String, Option<u64>),
-        }
-        // As `create_many`: users built outside the lock, then one lock hold
-        // for the whole batch.
-        let prepared: Vec<Prepared> = ops
-            .into_iter()
-            .map(|op| match op {
-                WriteOp::Upsert {
-                    user,
-                    expected_version,
-                } => Prepared::Upsert(Self::prepare(&user, 1), expected_version),
-                WriteOp::Delete {
-                    id,
-                    expected_version,
-                } => Prepared::Delete(id, expected_version),
-            })
-            .collect();
-        let feed = &self.shared.feed;
-        let mut state = self.shared.state.write();
-        prepared
-            .into_iter()
-            .map(|op| match op {
-                Prepared::Upsert(user, expected) => state.upsert(feed, user, expected),
-                Prepared::Delete(id, expected) => state.delete(feed, &id, expected),
-            })
-            .collect()
+        self.apply_all(ops.into_iter().map(PreparedOp::prepare).collect())
     }
 
     async fn get(&self, id: &str) -> Result<User, StoreError> {
@@ -370,28 +365,17 @@ impl Store for MemoryStore {
             Some(after) => Bound::Excluded(after as &dyn IdKey),
             None => Bound::Unbounded,
         };
+        let mut scan = PageScan::new(filter, max);
         let state = self.shared.state.read();
-        let mut page = Page {
-            users: Vec::with_capacity(max.min(MAX_SCAN_PER_PAGE)),
-            next_after: None,
-        };
-        let mut last_scanned = None;
-        for (scanned, Entry { user, .. }) in state
-            .users
-            .range::<dyn IdKey, _>((start, Bound::Unbounded))
-            .enumerate()
-        {
-            if page.users.len() == max || scanned == MAX_SCAN_PER_PAGE {
-                // More users follow: resume after the last one looked at.
-                page.next_after = last_scanned.map(|u: &User| u.id().to_owned());
+        for Entry { user, .. } in state.users.range::<dyn IdKey, _>((start, Bound::Unbounded)) {
+            let Ok(offered) = scan.offer(user.id(), user.verified(), || {
+                Ok::<_, Infallible>(user.clone())
+            });
+            if !offered {
                 break;
             }
-            if filter.matches(user) {
-                page.users.push(user.clone());
-            }
-            last_scanned = Some(user);
         }
-        Ok(page)
+        Ok(scan.finish())
     }
 
     fn subscribe(&self) -> Subscription {
@@ -402,17 +386,13 @@ impl Store for MemoryStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::{
+        page::{MAX_SCAN_PER_PAGE, tests::a_page_ends_exactly_at_the_end_of_the_table},
+        tests::{self, named},
+    };
 
     fn store() -> MemoryStore {
         MemoryStore::new(1024)
-    }
-
-    fn named(id: &str, first_name: &str) -> NewUser {
-        NewUser {
-            id: id.into(),
-            first_name: first_name.into(),
-            ..NewUser::default()
-        }
     }
 
     #[test]
@@ -540,48 +520,7 @@ mod tests {
 
     #[tokio::test]
     async fn apply_many_applies_each_op_in_order() {
-        let store = store();
-        let mut feed = store.subscribe();
-        let upsert = |id: &str, expected_version| WriteOp::Upsert {
-            user: named(id, "N"),
-            expected_version,
-        };
-        let results = store
-            .apply_many(vec![
-                upsert("a", None),
-                upsert("a", Some(1)),
-                upsert("a", Some(1)),
-                WriteOp::Delete {
-                    id: "b".into(),
-                    expected_version: None,
-                },
-                WriteOp::Delete {
-                    id: "a".into(),
-                    expected_version: Some(2),
-                },
-            ])
-            .await;
-        let outcomes: Vec<_> = results
-            .iter()
-            .map(|r| r.as_ref().map(|c| (c.seq, c.kind, c.user.version())))
-            .collect();
-        assert_eq!(
-            outcomes,
-            [
-                Ok((1, ChangeKind::Created, 1)),
-                Ok((2, ChangeKind::Updated, 2)),
-                Err(&StoreError::VersionMismatch {
-                    expected: 1,
-                    actual: 2
-                }),
-                Err(&StoreError::NotFound("b".into())),
-                Ok((3, ChangeKind::Deleted, 2)),
-            ]
-        );
-        for seq in 1..=3 {
-            assert_eq!(feed.try_recv().unwrap().seq, seq);
-        }
-        assert!(store.is_empty());
+        tests::apply_many_applies_each_op_in_order(store()).await;
     }
 
     #[tokio::test]
@@ -628,6 +567,11 @@ mod tests {
         let page = store.list_page(verified, Some(&resume), 10).await.unwrap();
         assert!(page.users.is_empty());
         assert_eq!(page.next_after, None);
+    }
+
+    #[tokio::test]
+    async fn a_page_that_reaches_the_last_user_ends_the_listing() {
+        a_page_ends_exactly_at_the_end_of_the_table(MemoryStore::new(16)).await;
     }
 
     #[tokio::test]

@@ -1,21 +1,31 @@
 //! The shared user store: the [`Store`] trait every backend implements, its
-//! errors, and the change feed. Two backends: [`MemoryStore`] (lost on exit)
-//! and [`SqliteStore`] (durable, the server's default).
+//! errors, the ops it applies, and the change feed. Two backends:
+//! [`MemoryStore`] (lost on exit) and [`SqliteStore`] (durable, the
+//! server's default).
 //!
 //! The RPC code only sees this trait, so a backend can be swapped without
 //! touching it. Callers validate input first (see `validate`); a store trusts
 //! that ids and fields follow the rules.
+//!
+//! What backends share lives here too: [`PreparedOp`] (a write with its user
+//! built), the listing page rules ([`page`]), and group commit
+//! ([`group_commit`]): the queue, batching policy and reply path of a
+//! durable backend whose writes go through one writer.
 
 mod feed;
+pub mod group_commit;
 mod memory;
+pub mod page;
 pub mod sqlite;
 
 use std::future::Future;
 
+use tokio::sync::watch;
 use uuid::Uuid;
 
 pub use feed::{ChangeFeed, Subscription};
 pub use memory::MemoryStore;
+pub use page::{ListFilter, Page};
 pub use sqlite::SqliteStore;
 
 use crate::user::{Change, NewUser, User};
@@ -32,27 +42,38 @@ pub enum StoreError {
     #[error("expected version {expected}, stored version is {actual}")]
     VersionMismatch { expected: u64, actual: u64 },
     /// The backend has no room for the write (a full disk); other writes
-    /// may succeed once room is made. The text is for logs, not for clients.
+    /// may succeed once room is made. The text is for logs, not for clients;
+    /// the store has logged the failure where it happened.
     #[error("storage full: {0}")]
     Full(String),
-    /// The backend failed. The text is for logs, not for clients.
+    /// The backend failed. The text is for logs, not for clients; the store
+    /// has logged the failure where it happened.
     #[error("storage failure: {0}")]
     Internal(String),
 }
 
-/// Builds the user a create stores: `user` with its own id, or a new
-/// server-assigned one when `user.id` is empty. Shared by every backend, so
-/// that ids look and sort the same whatever the store.
-pub(crate) fn prepare_user(user: &NewUser, version: u64) -> User {
+/// Whether a store can take writes, as health checks should report it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreHealth {
+    Serving,
+    /// Every write fails until the cause is fixed (a writer that died, a
+    /// database out of reach); the store has logged why.
+    NotServing,
+}
+
+/// Builds the user a create stores, at version 1: `user` with its own id, or
+/// a new server-assigned one when `user.id` is empty. Shared by every
+/// backend, so that ids look and sort the same whatever the store.
+pub(crate) fn prepare_user(user: &NewUser) -> User {
     if user.id.is_empty() {
         // UUIDv7 is time-ordered and the `uuid` crate keeps a counter so
         // that ids made in the same millisecond still increase; the
         // lowercase text form sorts like the bytes.
         let mut buf = Uuid::encode_buffer();
         let id = Uuid::now_v7().hyphenated().encode_lower(&mut buf);
-        User::new(id, user, version)
+        User::new(id, user, 1)
     } else {
-        User::new(&user.id, user, version)
+        User::new(&user.id, user, 1)
     }
 }
 
@@ -65,30 +86,6 @@ pub(crate) fn check_version(expected: Option<u64>, actual: u64) -> Result<(), St
         }
         _ => Ok(()),
     }
-}
-
-/// Which users a listing returns.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct ListFilter {
-    /// `Some(v)`: only users whose `verified` equals `v`.
-    pub verified: Option<bool>,
-}
-
-impl ListFilter {
-    pub fn matches(&self, user: &User) -> bool {
-        self.verified.is_none_or(|v| user.verified() == v)
-    }
-}
-
-/// One page of a listing.
-#[derive(Debug, Default)]
-pub struct Page {
-    /// Matching users in ascending id order.
-    pub users: Vec<User>,
-    /// Where the next page starts (strictly after this id), or `None` when the
-    /// listing has reached the end. It can be past the last user returned:
-    /// users the filter skipped are not scanned again.
-    pub next_after: Option<String>,
 }
 
 /// One write of a sequence given to [`Store::apply_many`].
@@ -104,6 +101,53 @@ pub enum WriteOp {
         id: String,
         expected_version: Option<u64>,
     },
+}
+
+/// A write as a backend applies it: the user built (its id assigned) on the
+/// caller's thread, before any lock or queue, so that the critical section
+/// or the writer only does the store's own work.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PreparedOp {
+    /// Store `user`; fails if its id is taken.
+    Create(User),
+    /// Store `user` (version 1) if its id is free; otherwise replace the
+    /// stored user with `user` at the next version. With `expected_version`
+    /// set, the stored version (0 when none) must equal it.
+    Upsert {
+        user: User,
+        expected_version: Option<u64>,
+    },
+    /// Remove the user; with `expected_version` set, its version must equal
+    /// it.
+    Delete {
+        id: String,
+        expected_version: Option<u64>,
+    },
+}
+
+impl PreparedOp {
+    pub fn create(user: &NewUser) -> PreparedOp {
+        PreparedOp::Create(prepare_user(user))
+    }
+
+    pub fn prepare(op: WriteOp) -> PreparedOp {
+        match op {
+            WriteOp::Upsert {
+                user,
+                expected_version,
+            } => PreparedOp::Upsert {
+                user: prepare_user(&user),
+                expected_version,
+            },
+            WriteOp::Delete {
+                id,
+                expected_version,
+            } => PreparedOp::Delete {
+                id,
+                expected_version,
+            },
+        }
+    }
 }
 
 /// A user store shared by every call.
@@ -144,9 +188,9 @@ pub trait Store: Clone + Send + Sync + Unpin + 'static {
     /// Applies each op in order, as [`Store::upsert`] and [`Store::delete`]
     /// would one after the other, and returns one result per op. Backends
     /// override it to share work between the ops: the memory store takes its
-    /// lock once, the SQLite store queues every op before it waits for the
-    /// first, so that they share commits (SyncUsers hands over the requests
-    /// of a stream that arrived together this way).
+    /// lock once, the SQLite store sends them to its writer as one command,
+    /// committed in one transaction (SyncUsers hands over the requests of a
+    /// stream that arrived together this way).
     fn apply_many(
         &self,
         ops: Vec<WriteOp>,
@@ -173,7 +217,8 @@ pub trait Store: Clone + Send + Sync + Unpin + 'static {
     fn get(&self, id: &str) -> impl Future<Output = Result<User, StoreError>> + Send;
 
     /// Reads up to `max` users matching `filter` with ids strictly after
-    /// `after` (from the start when `None`), in ascending id order.
+    /// `after` (from the start when `None`), in ascending id order, by the
+    /// rules of [`page`].
     ///
     /// Each call is short: a listing is a sequence of pages, so that no lock
     /// or transaction is held while a client reads slowly.
@@ -186,4 +231,86 @@ pub trait Store: Clone + Send + Sync + Unpin + 'static {
 
     /// Subscribes to every change committed from now on.
     fn subscribe(&self) -> Subscription;
+
+    /// Whether the store can take writes, now and as it changes. A store
+    /// that cannot fail on its own (the memory store) is always serving.
+    fn health(&self) -> watch::Receiver<StoreHealth> {
+        // The sender goes at once: the value stays, and no change comes.
+        watch::channel(StoreHealth::Serving).1
+    }
+
+    /// Finishes the writes already handed over, then releases what the store
+    /// holds (threads, connections, files), so that what it wrote is complete
+    /// on its own. Calls on any handle after it fail with
+    /// [`StoreError::Internal`]. Nothing to do for a store without such
+    /// resources.
+    fn close(&self) -> impl Future<Output = ()> + Send {
+        std::future::ready(())
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::{ListFilter, Store, StoreError, WriteOp};
+    use crate::user::{ChangeKind, NewUser};
+
+    /// A user with an id (empty: assigned by the store) and a first name.
+    pub(crate) fn named(id: &str, first_name: &str) -> NewUser {
+        NewUser {
+            id: id.into(),
+            first_name: first_name.into(),
+            ..NewUser::default()
+        }
+    }
+
+    /// What `apply_many` must do in every backend: each op in order, one result
+    /// per op, failed ops using no seq, the changes published in order.
+    pub(crate) async fn apply_many_applies_each_op_in_order(store: impl Store) {
+        let mut feed = store.subscribe();
+        let upsert = |id: &str, expected_version| WriteOp::Upsert {
+            user: named(id, "N"),
+            expected_version,
+        };
+        let results = store
+            .apply_many(vec![
+                upsert("a", None),
+                upsert("a", Some(1)),
+                upsert("a", Some(1)),
+                WriteOp::Delete {
+                    id: "b".into(),
+                    expected_version: None,
+                },
+                WriteOp::Delete {
+                    id: "a".into(),
+                    expected_version: Some(2),
+                },
+            ])
+            .await;
+        let outcomes: Vec<_> = results
+            .iter()
+            .map(|r| r.as_ref().map(|c| (c.seq, c.kind, c.user.version())))
+            .collect();
+        assert_eq!(
+            outcomes,
+            [
+                Ok((1, ChangeKind::Created, 1)),
+                Ok((2, ChangeKind::Updated, 2)),
+                Err(&StoreError::VersionMismatch {
+                    expected: 1,
+                    actual: 2
+                }),
+                Err(&StoreError::NotFound("b".into())),
+                Ok((3, ChangeKind::Deleted, 2)),
+            ]
+        );
+        for seq in 1..=3 {
+            assert_eq!(feed.try_recv().unwrap().seq, seq);
+        }
+        assert!(feed.try_recv().is_err());
+        let page = store
+            .list_page(ListFilter::default(), None, 10)
+            .await
+            .unwrap();
+        assert!(page.users.is_empty());
+    }
 }

@@ -1,7 +1,8 @@
 //! Throughput of the SQLite store, against SQLite alone and the memory store.
 //!
 //! ```sh
-//! cargo run --release --example sqlite_bench -- --users 1000000
+//! cargo bench --bench sqlite                              # everything
+//! cargo bench --bench sqlite -- --parts bulk,unary --users 300000
 //! ```
 //!
 //! Measures, each on a fresh database file in a temporary directory:
@@ -13,7 +14,9 @@
 //!    `--sync full` and `--sync normal`.
 //!
 //! Server and clients run in this one process, on loopback. Prints figures;
-//! asserts nothing beyond every write succeeding.
+//! asserts nothing beyond every write succeeding. Under `cargo test` (which
+//! does not pass `--bench`) it runs every part on a few thousand users, so
+//! that it cannot rot.
 
 use std::{
     sync::{
@@ -24,17 +27,20 @@ use std::{
 };
 
 use clap::Parser;
-use rusqlite::{Connection, params};
+use rusqlite::params;
 use tokio::net::TcpListener;
 use tonic::transport::Channel;
 use user_service::{
     Config, MemoryStore, SqliteStore, Store,
     proto::{self, user_service_client::UserServiceClient},
-    store::sqlite::{Durability, SqliteOptions, WAL_AUTOCHECKPOINT_PAGES, WRITER_CACHE_KIB},
+    store::sqlite::{Durability, SqliteOptions, open_writer},
 };
 
 #[derive(Debug, Parser)]
 struct Args {
+    /// Passed by `cargo bench`: the full-size run.
+    #[arg(long, hide = true)]
+    bench: bool,
     /// Users per bulk import.
     #[arg(long, default_value_t = 1_000_000)]
     users: u64,
@@ -45,8 +51,8 @@ struct Args {
     #[arg(long, default_value_t = 64)]
     workers: u64,
     /// Seconds each unary run lasts.
-    #[arg(long, default_value_t = 5)]
-    seconds: u64,
+    #[arg(long, default_value_t = 5.0)]
+    seconds: f64,
     /// Users per import with random ids (much slower, see BENCHMARKS.md).
     #[arg(long, default_value_t = 200_000)]
     random_users: u64,
@@ -68,14 +74,31 @@ const DIRECT_TXN_ROWS: u64 = 10_000;
 /// The change feed is not read here; its size does not matter.
 const FEED_CAPACITY: usize = 1024;
 
+impl Args {
+    /// What `cargo test` runs: every part, small.
+    fn smoke() -> Args {
+        Args {
+            bench: false,
+            users: 4_000,
+            streams: 4,
+            workers: 8,
+            seconds: 0.2,
+            random_users: 1_000,
+            parts: vec![Part::Bulk, Part::Random, Part::Unary],
+        }
+    }
+}
+
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let args = Args::parse();
+    // `cargo test` runs this too, with its own arguments (or none).
+    let full = std::env::args().any(|arg| arg == "--bench");
+    let args = if full { Args::parse() } else { Args::smoke() };
     let n = args.users;
     println!("users per import: {n}");
 
     if args.parts.contains(&Part::Bulk) {
-        let direct_seq = direct(n, Ids::TimeOrdered)?;
+        let direct_seq = direct(n, Ids::TimeOrdered).await?;
         report("SQLite alone, UUIDv7 ids", n, direct_seq);
         let grpc_seq = bulk_grpc(&args, n, Ids::Server).await?;
         report("BulkAddUsers gRPC -> SQLite, server ids", n, grpc_seq);
@@ -88,7 +111,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     if args.parts.contains(&Part::Random) {
         let n = args.random_users;
-        let direct_random = direct(n, Ids::Random)?;
+        let direct_random = direct(n, Ids::Random).await?;
         report("SQLite alone, random ids", n, direct_random);
         let grpc_random = bulk_grpc(&args, n, Ids::Random).await?;
         report(
@@ -145,19 +168,16 @@ enum Ids {
     Random,
 }
 
-/// A reproducible stream of random ids (splitmix64).
-struct RandomIds(u64);
+/// A reproducible stream of random ids.
+struct RandomIds(fastrand::Rng);
 
 impl RandomIds {
+    fn new(seed: u64) -> Self {
+        RandomIds(fastrand::Rng::with_seed(seed))
+    }
+
     fn next(&mut self) -> String {
-        let mut word = || {
-            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            z ^ (z >> 31)
-        };
-        format!("{:016x}{:016x}", word(), word())
+        format!("{:016x}{:016x}", self.0.u64(..), self.0.u64(..))
     }
 }
 
@@ -183,17 +203,14 @@ fn sqlite(
     Ok(SqliteStore::open(dir.path().join("users.db"), options)?)
 }
 
-/// Inserts `n` users with rusqlite alone into a file with the store's schema.
-fn direct(n: u64, ids: Ids) -> Result<Duration, Box<dyn std::error::Error>> {
+/// Inserts `n` users with rusqlite alone into a file with the store's schema,
+/// on a connection opened as the store opens its writer's (the same
+/// PRAGMAs, `--sync full`).
+async fn direct(n: u64, ids: Ids) -> Result<Duration, Box<dyn std::error::Error>> {
     let dir = tempfile::tempdir()?;
-    drop(sqlite(&dir, Durability::Full)?); // creates the schema
-    let mut conn = Connection::open(dir.path().join("users.db"))?;
-    conn.execute_batch(&format!(
-        "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; \
-         PRAGMA cache_size = -{WRITER_CACHE_KIB}; \
-         PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES};"
-    ))?;
-    let mut random = RandomIds(1);
+    sqlite(&dir, Durability::Full)?.close().await; // creates the schema
+    let mut conn = open_writer(&dir.path().join("users.db"), Durability::Full)?;
+    let mut random = RandomIds::new(1);
     let start = Instant::now();
     let mut i = 0;
     while i < n {
@@ -251,11 +268,12 @@ async fn bulk_grpc(args: &Args, n: u64, ids: Ids) -> Result<Duration, Box<dyn st
     // Opening a full file: inspection (including `PRAGMA quick_check`) and
     // schema check, as at every server start.
     let start = Instant::now();
-    drop(sqlite(&dir, Durability::Full)?);
+    let reopened = sqlite(&dir, Durability::Full)?;
     println!(
         "  (opening the {n}-user file takes {:.2} s)",
         start.elapsed().as_secs_f64()
     );
+    reopened.close().await;
     Ok(took)
 }
 
@@ -280,7 +298,7 @@ async fn bulk(
     let start = Instant::now();
     let mut tasks = Vec::new();
     for (s, mut client) in clients.into_iter().enumerate() {
-        let mut random = RandomIds(s as u64 + 100);
+        let mut random = RandomIds::new(s as u64 + 100);
         let rows = (0..per_stream).map(move |i| {
             let id = match ids {
                 Ids::Random => random.next(),
@@ -328,7 +346,7 @@ async fn unary<S: Store>(args: &Args, store: S) -> Result<f64, Box<dyn std::erro
     }
     let start = Instant::now();
     let before = done.load(Ordering::Relaxed);
-    tokio::time::sleep(Duration::from_secs(args.seconds)).await;
+    tokio::time::sleep(Duration::from_secs_f64(args.seconds)).await;
     let calls = done.load(Ordering::Relaxed) - before;
     stop.store(true, Ordering::Relaxed);
     let took = start.elapsed();
