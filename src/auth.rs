@@ -7,6 +7,8 @@
 use std::{fmt, path::Path, sync::Arc};
 
 use subtle::ConstantTimeEq;
+
+use crate::gauges::{Gauges, Limit};
 use tonic::{
     Request, Status,
     metadata::{Ascii, MetadataValue},
@@ -77,15 +79,21 @@ impl fmt::Debug for AuthToken {
 }
 
 /// The interceptor that checks the bearer token; lets everything through
-/// when no token is configured.
+/// when no token is configured. Refusals are counted in `gauges`.
 #[derive(Debug, Clone, Default)]
 pub struct Authenticate {
     token: Option<AuthToken>,
+    gauges: Gauges,
 }
 
 impl Authenticate {
-    pub fn new(token: Option<AuthToken>) -> Self {
-        Authenticate { token }
+    pub fn new(token: Option<AuthToken>, gauges: Gauges) -> Self {
+        Authenticate { token, gauges }
+    }
+
+    fn refuse(&self, message: &'static str) -> Status {
+        self.gauges.count_refused(Limit::Auth);
+        Status::unauthenticated(message)
     }
 }
 
@@ -95,19 +103,19 @@ impl Interceptor for Authenticate {
             return Ok(request);
         };
         let Some(value) = request.metadata().get("authorization") else {
-            return Err(Status::unauthenticated("missing bearer token"));
+            return Err(self.refuse("missing bearer token"));
         };
         let value = value.as_bytes();
         // "Bearer <token>"; the scheme is case-insensitive (RFC 7235).
         let presented = match value.split_at_checked(7) {
             Some((scheme, rest)) if scheme.eq_ignore_ascii_case(b"bearer ") => rest,
-            _ => return Err(Status::unauthenticated("expected a bearer token")),
+            _ => return Err(self.refuse("expected a bearer token")),
         };
         if token.matches(presented) {
             Ok(request)
         } else {
             tracing::debug!("call refused: wrong bearer token");
-            Err(Status::unauthenticated("invalid bearer token"))
+            Err(self.refuse("invalid bearer token"))
         }
     }
 }
@@ -128,7 +136,8 @@ mod tests {
 
     #[test]
     fn checks_the_bearer_token() {
-        let mut auth = Authenticate::new(Some(AuthToken::new("s3cret\n").unwrap()));
+        let gauges = Gauges::default();
+        let mut auth = Authenticate::new(Some(AuthToken::new("s3cret\n").unwrap()), gauges.clone());
         assert_eq!(call(&mut auth, Some("Bearer s3cret")), Ok(()));
         assert_eq!(call(&mut auth, Some("bearer s3cret")), Ok(()));
         let unauthenticated = Err(tonic::Code::Unauthenticated);
@@ -138,20 +147,21 @@ mod tests {
         assert_eq!(call(&mut auth, Some("Basic s3cret")), unauthenticated);
         assert_eq!(call(&mut auth, Some("s3cret")), unauthenticated);
         assert_eq!(call(&mut auth, Some("Bearer")), unauthenticated);
+        assert_eq!(gauges.refused(Limit::Auth), 6);
     }
 
     #[test]
     fn the_client_header_is_what_the_server_accepts() {
         let token = AuthToken::new(" s3cret\n").unwrap();
         assert_eq!(token.header_value(), "Bearer s3cret");
-        let mut auth = Authenticate::new(Some(token.clone()));
+        let mut auth = Authenticate::new(Some(token.clone()), Gauges::default());
         let value = token.header_value();
         assert_eq!(call(&mut auth, value.to_str().ok()), Ok(()));
     }
 
     #[test]
     fn no_token_lets_everything_through() {
-        let mut auth = Authenticate::new(None);
+        let mut auth = Authenticate::new(None, Gauges::default());
         assert_eq!(call(&mut auth, None), Ok(()));
         assert_eq!(call(&mut auth, Some("Bearer anything")), Ok(()));
     }

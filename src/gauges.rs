@@ -1,10 +1,10 @@
 //! The gauges that count what the server holds open (calls in flight, SyncUsers
-//! subscribers), and the bounded pools of slots they count: past a cap, work
-//! is refused at once, never queued.
+//! subscribers), the bounded pools of slots they count (past a cap, work is
+//! refused at once, never queued), and the counts of work refused.
 
 use std::sync::{
     Arc,
-    atomic::{AtomicUsize, Ordering},
+    atomic::{AtomicU64, AtomicUsize, Ordering},
 };
 
 use tokio::sync::Notify;
@@ -22,6 +22,34 @@ struct GaugesInner {
     subscribers: AtomicUsize,
     /// Woken whenever a count changes.
     changed: Notify,
+    refused_in_flight: AtomicU64,
+    refused_subscribers: AtomicU64,
+    refused_auth: AtomicU64,
+    lagged: AtomicU64,
+}
+
+/// A limit that refuses work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    /// `--max-in-flight-calls`.
+    InFlight,
+    /// `--max-subscribers`.
+    Subscribers,
+    /// The bearer token (`--auth-token-file`).
+    Auth,
+}
+
+impl Limit {
+    pub const ALL: [Limit; 3] = [Limit::InFlight, Limit::Subscribers, Limit::Auth];
+
+    /// Its name, as a metric label.
+    pub fn name(self) -> &'static str {
+        match self {
+            Limit::InFlight => "in_flight",
+            Limit::Subscribers => "subscribers",
+            Limit::Auth => "auth",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -40,6 +68,29 @@ impl Gauges {
     /// Open SyncUsers streams.
     pub fn subscribers(&self) -> usize {
         self.inner.subscribers.load(Ordering::Acquire)
+    }
+
+    /// Calls refused by `limit` since the start.
+    pub fn refused(&self, limit: Limit) -> u64 {
+        self.refusals(limit).load(Ordering::Relaxed)
+    }
+
+    /// Counts a call refused by `limit`.
+    pub fn count_refused(&self, limit: Limit) {
+        self.refusals(limit).fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// SyncUsers streams ended for falling too far behind the change feed.
+    pub fn lagged(&self) -> u64 {
+        self.inner.lagged.load(Ordering::Relaxed)
+    }
+
+    fn refusals(&self, limit: Limit) -> &AtomicU64 {
+        match limit {
+            Limit::InFlight => &self.inner.refused_in_flight,
+            Limit::Subscribers => &self.inner.refused_subscribers,
+            Limit::Auth => &self.inner.refused_auth,
+        }
     }
 
     /// Waits until `done(self)` holds, re-checking whenever a count changes.
@@ -91,15 +142,22 @@ pub struct Slots {
 }
 
 impl Slots {
-    /// Takes a slot, or returns `None` at once when all are taken: the
-    /// caller refuses the work instead of waiting for a slot.
+    /// Takes a slot, or returns `None` at once when all are taken (and
+    /// counts the refusal): the caller refuses the work instead of waiting
+    /// for a slot.
     pub fn try_take(&self) -> Option<Slot> {
-        self.gauges
-            .counter(self.gauge)
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < self.max).then_some(n + 1)
-            })
-            .ok()?;
+        let taken = self.gauges.counter(self.gauge).fetch_update(
+            Ordering::AcqRel,
+            Ordering::Acquire,
+            |n| (n < self.max).then_some(n + 1),
+        );
+        if taken.is_err() {
+            self.gauges.count_refused(match self.gauge {
+                Gauge::InFlight => Limit::InFlight,
+                Gauge::Subscribers => Limit::Subscribers,
+            });
+            return None;
+        }
         self.gauges.inner.changed.notify_waiters();
         Some(Slot {
             gauges: self.gauges.clone(),
@@ -113,6 +171,13 @@ impl Slots {
 pub struct Slot {
     gauges: Gauges,
     gauge: Gauge,
+}
+
+impl Slot {
+    /// Counts the subscriber holding this slot as ended for lagging.
+    pub fn count_lagged(&self) {
+        self.gauges.inner.lagged.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 impl Drop for Slot {

@@ -38,6 +38,7 @@ pub mod batched_io;
 pub mod call_guard;
 pub mod error;
 pub mod gauges;
+pub mod metrics;
 pub mod proto;
 pub mod reflection;
 pub mod sample;

@@ -216,7 +216,7 @@ pub async fn run<S: Store>(
         .send_compressed(CompressionEncoding::Zstd);
     // Health stays open, for probes; reflection needs the token like the
     // service it describes.
-    let auth = Authenticate::new(config.auth_token.clone());
+    let auth = Authenticate::new(config.auth_token.clone(), config.gauges.clone());
     let users = InterceptedService::new(users, auth.clone());
 
     let (health, health_service) = tonic_health::server::health_reporter();

@@ -68,7 +68,7 @@ pub struct SyncSession<S> {
     changes_first: bool,
     done: bool,
     /// The subscriber slot this stream counts against, given back on drop.
-    _slot: Slot,
+    slot: Slot,
 }
 
 type Item = Result<proto::SyncResponse, Status>;
@@ -94,7 +94,7 @@ impl<S: Store> SyncSession<S> {
             delivered_seq: 0,
             changes_first: false,
             done: false,
-            _slot: slot,
+            slot,
         }
     }
 
@@ -173,6 +173,7 @@ impl<S: Store> SyncSession<S> {
                 Some(Ok(change)) => change,
                 Some(Err(BroadcastStreamRecvError::Lagged(missed))) => {
                     self.done = true;
+                    self.slot.count_lagged();
                     return Poll::Ready(Err(Status::aborted(format!(
                         "change feed subscriber fell too far behind ({missed} changes not \
                          delivered); read faster or resubscribe and resync with ListUsers"

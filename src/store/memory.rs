@@ -13,6 +13,10 @@ use std::{
 };
 
 use parking_lot::RwLock;
+use prometheus_client::{
+    encoding::{DescriptorEncoder, EncodeMetric},
+    metrics::gauge::ConstGauge,
+};
 
 use super::{
     ChangeFeed, ListFilter, Page, PreparedOp, Store, StoreError, Subscription, WriteOp,
@@ -380,6 +384,25 @@ impl Store for MemoryStore {
 
     fn subscribe(&self) -> Subscription {
         self.shared.feed.subscribe()
+    }
+
+    fn encode_metrics(&self, encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let (users, last_seq) = {
+            let state = self.shared.state.read();
+            (state.users.len(), state.seq)
+        };
+        for (name, help, value) in [
+            ("user_service_users", "Users stored", users as i64),
+            (
+                "user_service_last_seq",
+                "The seq of the last committed change",
+                i64::try_from(last_seq).unwrap_or(i64::MAX),
+            ),
+        ] {
+            let gauge = ConstGauge::new(value);
+            gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)?;
+        }
+        Ok(())
     }
 }
 

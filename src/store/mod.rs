@@ -20,6 +20,7 @@ pub mod sqlite;
 
 use std::future::Future;
 
+use prometheus_client::encoding::DescriptorEncoder;
 use tokio::sync::watch;
 use uuid::Uuid;
 
@@ -246,6 +247,14 @@ pub trait Store: Clone + Send + Sync + Unpin + 'static {
     /// resources.
     fn close(&self) -> impl Future<Output = ()> + Send {
         std::future::ready(())
+    }
+
+    /// Encodes what the store reports of itself at a metrics scrape: users
+    /// stored, the last seq, and for a store with a writer its commits.
+    /// Called at each scrape, never on the path of a call.
+    fn encode_metrics(&self, encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let _ = encoder;
+        Ok(())
     }
 }
 

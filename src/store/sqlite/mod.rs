@@ -27,6 +27,7 @@ mod writer;
 use std::{path::Path, sync::Arc};
 
 use parking_lot::Mutex;
+use prometheus_client::encoding::DescriptorEncoder;
 use tokio::sync::watch;
 
 pub use open::{
@@ -39,7 +40,7 @@ use self::{read::Readers, writer::WriterThread};
 use super::{
     ChangeFeed, ListFilter, Page, PreparedOp, Store, StoreError, StoreHealth, Subscription,
     WriteOp,
-    group_commit::{self, Writes},
+    group_commit::{self, WriteStats, Writes},
 };
 use crate::user::{Change, NewUser, User};
 
@@ -68,6 +69,8 @@ struct Shared {
     // the write-ahead log (a read-only connection cannot).
     readers: Readers,
     writes: Writes,
+    /// The writer's commits, for the metrics endpoint.
+    stats: WriteStats,
     /// Taken by the first `close`.
     writer: Mutex<Option<WriterThread>>,
     feed: ChangeFeed,
@@ -90,17 +93,27 @@ impl SqliteStore {
         let feed = ChangeFeed::new(options.feed_capacity);
         let (writes, receiver) = group_commit::queue();
         let (health_sender, health) = watch::channel(StoreHealth::Serving);
+        // Counted once here (the file was just read whole by its check);
+        // from then on the commits keep the count.
+        let users: i64 = conn
+            .query_row("SELECT count(*) FROM users", [], |row| row.get(0))
+            .map_err(|source| OpenError::Sqlite {
+                path: path.to_owned(),
+                source,
+            })?;
+        let stats = WriteStats::default();
+        stats.start_from(users.unsigned_abs(), seq);
         let writer =
-            WriterThread::spawn(conn, receiver, feed.clone(), health_sender).map_err(|source| {
-                OpenError::Io {
+            WriterThread::spawn(conn, receiver, feed.clone(), stats.clone(), health_sender)
+                .map_err(|source| OpenError::Io {
                     path: path.to_owned(),
                     source,
-                }
-            })?;
+                })?;
         Ok(SqliteStore {
             shared: Arc::new(Shared {
                 readers: Readers::new(path),
                 writes,
+                stats,
                 writer: Mutex::new(Some(writer)),
                 feed,
                 health,
@@ -179,6 +192,10 @@ impl Store for SqliteStore {
     /// commit failed in its fsync (see `writer`), or the store was closed.
     fn health(&self) -> watch::Receiver<StoreHealth> {
         self.shared.health.clone()
+    }
+
+    fn encode_metrics(&self, encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        self.shared.stats.encode(encoder, &self.shared.writes)
     }
 
     /// Waits for the reads under way and closes the read connections, then

@@ -42,7 +42,7 @@ use super::{
 };
 use crate::store::{
     ChangeFeed, StoreError, StoreHealth,
-    group_commit::{Batch, Command, GroupCommit, Results},
+    group_commit::{Batch, Command, GroupCommit, Results, WriteStats},
 };
 
 /// The running writer thread, as the store holds it.
@@ -59,6 +59,7 @@ impl WriterThread {
         conn: Connection,
         receiver: mpsc::Receiver<Command>,
         feed: ChangeFeed,
+        stats: WriteStats,
         health: watch::Sender<StoreHealth>,
     ) -> io::Result<WriterThread> {
         let closing = Arc::new(AtomicBool::new(false));
@@ -67,7 +68,7 @@ impl WriterThread {
             .name("sqlite-writer".into())
             .spawn(move || {
                 let inbox = Inbox::new(receiver, inbox_closing);
-                let mut writer = Writer::new(conn, inbox, feed, health);
+                let mut writer = Writer::new(conn, inbox, GroupCommit::new(feed, stats), health);
                 let ran = panic::catch_unwind(AssertUnwindSafe(|| writer.run()));
                 writer.stop(ran.err());
             })?;
@@ -101,13 +102,13 @@ impl Writer {
     fn new(
         conn: Connection,
         inbox: Inbox,
-        feed: ChangeFeed,
+        group: GroupCommit,
         health: watch::Sender<StoreHealth>,
     ) -> Self {
         Writer {
             conn,
             inbox,
-            group: GroupCommit::new(feed),
+            group,
             health,
             failed: None,
         }
@@ -202,7 +203,8 @@ mod tests {
         let (writes, receiver) = group_commit::queue();
         let inbox = Inbox::new(receiver, Arc::new(AtomicBool::new(false)));
         let (health, _) = watch::channel(StoreHealth::Serving);
-        (Writer::new(conn, inbox, feed, health), writes)
+        let group = GroupCommit::new(feed, WriteStats::default());
+        (Writer::new(conn, inbox, group, health), writes)
     }
 
     /// Commits one batch of `ops` as the writer's loop would; returns the

@@ -1,0 +1,526 @@
+//! Per-call metrics, under the names grpc-go's and grpc-ecosystem's
+//! Prometheus interceptors use, so that existing dashboards work:
+//! `grpc_server_started_total`, `grpc_server_handled_total` (with
+//! `grpc_code`), `grpc_server_msg_received_total`,
+//! `grpc_server_msg_sent_total` and `grpc_server_handling_seconds`, each
+//! labelled `grpc_type`, `grpc_service` and `grpc_method`.
+//!
+//! [`RecordRpc`] is a tower layer around the call guard. The status of a
+//! call is known only at its end: in the trailers, or in the head of a
+//! Trailers-Only reply. A call that ends without one (the client reset the
+//! stream, the connection dropped) is recorded as `Canceled`, as grpc-go
+//! records a cancelled call.
+
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll, ready},
+    time::Instant,
+};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, histogram::Histogram},
+    registry::Registry,
+};
+use tonic::{Code, Status};
+use tower_service::Service;
+
+/// What kind of call a method is, as the `grpc_type` label says it.
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Unary,
+    ClientStream,
+    ServerStream,
+    BidiStream,
+}
+
+impl Kind {
+    fn label(self) -> &'static str {
+        match self {
+            Kind::Unary => "unary",
+            Kind::ClientStream => "client_stream",
+            Kind::ServerStream => "server_stream",
+            Kind::BidiStream => "bidi_stream",
+        }
+    }
+}
+
+/// Every method served on the port. Calls to other paths (which are
+/// `UNIMPLEMENTED`) are not recorded: a label per path a client makes up
+/// would grow the metrics without bound.
+const METHODS: [(&str, &str, Kind); 9] = [
+    ("grpcUser.UserService", "AddUser", Kind::Unary),
+    ("grpcUser.UserService", "GetUser", Kind::Unary),
+    ("grpcUser.UserService", "ListUsers", Kind::ServerStream),
+    ("grpcUser.UserService", "BulkAddUsers", Kind::ClientStream),
+    ("grpcUser.UserService", "SyncUsers", Kind::BidiStream),
+    ("grpc.health.v1.Health", "Check", Kind::Unary),
+    ("grpc.health.v1.Health", "Watch", Kind::ServerStream),
+    (
+        "grpc.reflection.v1.ServerReflection",
+        "ServerReflectionInfo",
+        Kind::BidiStream,
+    ),
+    (
+        "grpc.reflection.v1alpha.ServerReflection",
+        "ServerReflectionInfo",
+        Kind::BidiStream,
+    ),
+];
+
+/// The index in [`METHODS`] of the method a request path names.
+fn method_of(path: &str) -> Option<usize> {
+    let (service, method) = path.strip_prefix('/')?.split_once('/')?;
+    METHODS
+        .iter()
+        .position(|(s, m, _)| *s == service && *m == method)
+}
+
+/// grpc-go's names of the status codes (`codes.Code.String()`), by code.
+const CODE_NAMES: [&str; 17] = [
+    "OK",
+    "Canceled",
+    "Unknown",
+    "InvalidArgument",
+    "DeadlineExceeded",
+    "NotFound",
+    "AlreadyExists",
+    "PermissionDenied",
+    "ResourceExhausted",
+    "FailedPrecondition",
+    "Aborted",
+    "OutOfRange",
+    "Unimplemented",
+    "Internal",
+    "Unavailable",
+    "DataLoss",
+    "Unauthenticated",
+];
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MethodLabels {
+    grpc_type: &'static str,
+    grpc_service: &'static str,
+    grpc_method: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HandledLabels {
+    grpc_type: &'static str,
+    grpc_service: &'static str,
+    grpc_method: &'static str,
+    grpc_code: &'static str,
+}
+
+/// Buckets of `grpc_server_handling_seconds`: from 100 µs (a unary call
+/// here) to 10 s (a long import or listing), about three per decade.
+const SECONDS_BUCKETS: [f64; 16] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+
+/// The metrics of one method: handles taken once, so that recording a call
+/// is a few atomic additions, with no label lookup.
+#[derive(Debug)]
+struct MethodMetrics {
+    started: Counter,
+    handled: [Counter; 17],
+    received: Counter,
+    sent: Counter,
+    seconds: Histogram,
+}
+
+/// The per-call metrics of every method, every series created at the start
+/// (at 0), as dashboards expect.
+#[derive(Debug)]
+pub struct RpcMetrics {
+    methods: Vec<MethodMetrics>,
+}
+
+impl RpcMetrics {
+    /// Creates the metrics and registers them in `registry`.
+    pub fn new(registry: &mut Registry) -> Arc<Self> {
+        let started = Family::<MethodLabels, Counter>::default();
+        let handled = Family::<HandledLabels, Counter>::default();
+        let received = Family::<MethodLabels, Counter>::default();
+        let sent = Family::<MethodLabels, Counter>::default();
+        let seconds = Family::<MethodLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(SECONDS_BUCKETS)
+        });
+        let methods = METHODS
+            .iter()
+            .map(|&(service, method, kind)| {
+                let labels = MethodLabels {
+                    grpc_type: kind.label(),
+                    grpc_service: service,
+                    grpc_method: method,
+                };
+                let handled_for = |code: &'static str| {
+                    handled
+                        .get_or_create(&HandledLabels {
+                            grpc_type: kind.label(),
+                            grpc_service: service,
+                            grpc_method: method,
+                            grpc_code: code,
+                        })
+                        .clone()
+                };
+                MethodMetrics {
+                    started: started.get_or_create(&labels).clone(),
+                    handled: CODE_NAMES.map(handled_for),
+                    received: received.get_or_create(&labels).clone(),
+                    sent: sent.get_or_create(&labels).clone(),
+                    seconds: seconds.get_or_create(&labels).clone(),
+                }
+            })
+            .collect();
+        registry.register(
+            "grpc_server_started",
+            "Total number of RPCs started on the server",
+            started,
+        );
+        registry.register(
+            "grpc_server_handled",
+            "Total number of RPCs completed on the server, regardless of success or failure",
+            handled,
+        );
+        registry.register(
+            "grpc_server_msg_received",
+            "Total number of RPC stream messages received on the server",
+            received,
+        );
+        registry.register(
+            "grpc_server_msg_sent",
+            "Total number of gRPC stream messages sent by the server",
+            sent,
+        );
+        registry.register(
+            "grpc_server_handling_seconds",
+            "Histogram of response latency (seconds) of gRPC that had been application-level handled by the server",
+            seconds,
+        );
+        Arc::new(RpcMetrics { methods })
+    }
+}
+
+/// The tower layer that records each call in [`RpcMetrics`]; with `None`,
+/// calls pass through unrecorded.
+#[derive(Debug, Clone)]
+pub struct RecordRpcLayer {
+    metrics: Option<Arc<RpcMetrics>>,
+}
+
+impl RecordRpcLayer {
+    pub fn new(metrics: Option<Arc<RpcMetrics>>) -> Self {
+        RecordRpcLayer { metrics }
+    }
+}
+
+impl<S> tower_layer::Layer<S> for RecordRpcLayer {
+    type Service = RecordRpc<S>;
+
+    fn layer(&self, inner: S) -> RecordRpc<S> {
+        RecordRpc {
+            inner,
+            metrics: self.metrics.clone(),
+        }
+    }
+}
+
+/// See the module documentation.
+#[derive(Debug, Clone)]
+pub struct RecordRpc<S> {
+    inner: S,
+    metrics: Option<Arc<RpcMetrics>>,
+}
+
+impl<S, ReqBody, ResBody> Service<http::Request<ReqBody>> for RecordRpc<S>
+where
+    S: Service<http::Request<Counted<ReqBody>>, Response = http::Response<ResBody>>,
+    S::Future: Unpin,
+{
+    type Response = http::Response<Counted<ResBody>>;
+    type Error = S::Error;
+    type Future = Recording<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
+        let call = self.metrics.as_ref().and_then(|metrics| {
+            let method = method_of(request.uri().path())?;
+            metrics.methods[method].started.inc();
+            Some(Call {
+                metrics: metrics.clone(),
+                method,
+                started: Instant::now(),
+            })
+        });
+        let counter = call
+            .as_ref()
+            .map(|call| MessageCounter::new(call.method_metrics().received.clone()));
+        let request = request.map(|body| Counted {
+            inner: body,
+            messages: counter,
+            call: None,
+        });
+        Recording {
+            inner: self.inner.call(request),
+            call,
+        }
+    }
+}
+
+/// One call being recorded; recorded as `Canceled` if dropped unfinished.
+struct Call {
+    metrics: Arc<RpcMetrics>,
+    method: usize,
+    started: Instant,
+}
+
+impl Call {
+    fn method_metrics(&self) -> &MethodMetrics {
+        &self.metrics.methods[self.method]
+    }
+
+    /// Records the call's end with `code`.
+    fn finish(self, code: Code) {
+        let metrics = self.method_metrics();
+        let code = (code as usize).min(CODE_NAMES.len() - 1);
+        metrics.handled[code].inc();
+        metrics
+            .seconds
+            .observe(self.started.elapsed().as_secs_f64());
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for Call {
+    fn drop(&mut self) {
+        let metrics = self.method_metrics();
+        metrics.handled[Code::Cancelled as usize].inc();
+        metrics
+            .seconds
+            .observe(self.started.elapsed().as_secs_f64());
+    }
+}
+
+/// The `grpc-status` of a head or of trailers, if it has one.
+fn status_in(headers: &http::HeaderMap) -> Option<Code> {
+    let value = headers.get("grpc-status")?.to_str().ok()?;
+    Some(Code::from_i32(value.parse().ok()?))
+}
+
+/// The future of a recorded call's response head.
+pub struct Recording<F> {
+    inner: F,
+    call: Option<Call>,
+}
+
+impl<F, B, E> Future for Recording<F>
+where
+    F: Future<Output = Result<http::Response<B>, E>> + Unpin,
+{
+    type Output = Result<http::Response<Counted<B>>, E>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = &mut *self;
+        let response = ready!(Pin::new(&mut this.inner).poll(cx))?;
+        let mut call = this.call.take();
+        // A Trailers-Only reply: its status is in the head.
+        if let Some(code) = status_in(response.headers())
+            && let Some(call) = call.take()
+        {
+            call.finish(code);
+        }
+        let counter = call
+            .as_ref()
+            .map(|call| MessageCounter::new(call.method_metrics().sent.clone()));
+        Poll::Ready(Ok(response.map(|body| Counted {
+            inner: body,
+            messages: counter,
+            call,
+        })))
+    }
+}
+
+/// A request or response body whose gRPC messages are counted, and, for a
+/// response, whose trailers end the call's record.
+pub struct Counted<B> {
+    inner: B,
+    messages: Option<MessageCounter>,
+    /// The call, on a response body, until its status is known.
+    call: Option<Call>,
+}
+
+impl<B> Body for Counted<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: ErrorCode,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = &mut *self;
+        let frame = ready!(Pin::new(&mut this.inner).poll_frame(cx));
+        match &frame {
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref()
+                    && let Some(messages) = &mut this.messages
+                {
+                    messages.count(data);
+                } else if let Some(trailers) = frame.trailers_ref()
+                    && let Some(call) = this.call.take()
+                {
+                    call.finish(status_in(trailers).unwrap_or(Code::Unknown));
+                }
+            }
+            Some(Err(err)) => {
+                if let Some(call) = this.call.take() {
+                    call.finish(err.code());
+                }
+            }
+            // The end without trailers: not a gRPC reply.
+            None => {
+                if let Some(call) = this.call.take() {
+                    call.finish(Code::Unknown);
+                }
+            }
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The gRPC code a body error stands for.
+pub trait ErrorCode {
+    fn code(&self) -> Code;
+}
+
+impl ErrorCode for Status {
+    fn code(&self) -> Code {
+        Status::code(self)
+    }
+}
+
+impl ErrorCode for h2::Error {
+    fn code(&self) -> Code {
+        Code::Internal
+    }
+}
+
+/// Counts the gRPC messages in a body's bytes: each is a 5-byte prefix
+/// (a flag and a big-endian length), then that many bytes. A message is
+/// counted once it is complete; messages may span data frames.
+#[derive(Debug)]
+struct MessageCounter {
+    counter: Counter,
+    /// Bytes of the current prefix read so far, and the prefix.
+    prefix_read: usize,
+    prefix: [u8; 5],
+    /// Bytes of the current message still to come.
+    remaining: usize,
+}
+
+impl MessageCounter {
+    fn new(counter: Counter) -> Self {
+        MessageCounter {
+            counter,
+            prefix_read: 0,
+            prefix: [0; 5],
+            remaining: 0,
+        }
+    }
+
+    fn count(&mut self, mut data: &[u8]) {
+        let mut complete = 0;
+        while !data.is_empty() {
+            if self.remaining > 0 {
+                let take = self.remaining.min(data.len());
+                self.remaining -= take;
+                data = &data[take..];
+                if self.remaining == 0 {
+                    complete += 1;
+                }
+                continue;
+            }
+            let take = (5 - self.prefix_read).min(data.len());
+            self.prefix[self.prefix_read..self.prefix_read + take].copy_from_slice(&data[..take]);
+            self.prefix_read += take;
+            data = &data[take..];
+            if self.prefix_read == 5 {
+                self.prefix_read = 0;
+                let len = u32::from_be_bytes(self.prefix[1..5].try_into().expect("4 bytes"));
+                self.remaining = len as usize;
+                if self.remaining == 0 {
+                    complete += 1;
+                }
+            }
+        }
+        if complete > 0 {
+            self.counter.inc_by(complete);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(len: usize) -> Vec<u8> {
+        let mut bytes = vec![0];
+        bytes.extend_from_slice(&(len as u32).to_be_bytes());
+        bytes.resize(5 + len, b'x');
+        bytes
+    }
+
+    #[test]
+    fn counts_whole_messages_across_frames() {
+        let counter = Counter::default();
+        let mut messages = MessageCounter::new(counter.clone());
+        let mut stream = Vec::new();
+        for len in [0, 1, 70, 20_000, 3] {
+            stream.extend(message(len));
+        }
+        // Cut into chunks that split prefixes and bodies.
+        for chunk in stream.chunks(7) {
+            messages.count(chunk);
+        }
+        assert_eq!(counter.get(), 5);
+        // A message cut short is not counted.
+        messages.count(&message(10)[..8]);
+        assert_eq!(counter.get(), 5);
+    }
+
+    #[test]
+    fn finds_every_method_and_nothing_else() {
+        assert_eq!(method_of("/grpcUser.UserService/AddUser"), Some(0));
+        assert_eq!(method_of("/grpc.health.v1.Health/Watch"), Some(6));
+        assert_eq!(
+            method_of("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"),
+            Some(8)
+        );
+        assert_eq!(method_of("/grpcUser.UserService/Nothing"), None);
+        assert_eq!(method_of("/"), None);
+        assert_eq!(
+            CODE_NAMES[Code::Unauthenticated as usize],
+            "Unauthenticated"
+        );
+    }
+}
