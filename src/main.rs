@@ -17,6 +17,10 @@ use user_service::{
     auth::{AuthToken, AuthTokenError},
     server::{self, ServeError, TlsConfig},
     store::sqlite::{Durability, OpenError, SqliteOptions, SqliteStore},
+    telemetry::{
+        self,
+        trace::{ExportError, Exporter},
+    },
 };
 
 /// mimalloc instead of the system allocator: every call allocates and frees
@@ -39,6 +43,22 @@ struct Args {
     /// name (`localhost:8080`); port 0 lets the system pick a free port.
     #[arg(long, env = "USER_SERVICE_ADDR", default_value = "127.0.0.1:8080")]
     addr: String,
+
+    /// Serve Prometheus metrics at `http://HOST:PORT/metrics` (off by
+    /// default; with it, every call is recorded).
+    #[arg(long, env = "USER_SERVICE_METRICS_ADDR")]
+    metrics_addr: Option<String>,
+
+    /// Export OpenTelemetry traces over OTLP/gRPC to this collector URL
+    /// (`http://HOST:4317`); off by default. A call's span continues the
+    /// client's trace when it sends a W3C `traceparent`.
+    #[arg(long, env = "USER_SERVICE_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
+
+    /// Log format on stderr: `text` for people, `json` (one object a line)
+    /// for log shippers.
+    #[arg(long, env = "USER_SERVICE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
 
     /// Once listening, write the address the server bound (`IP:PORT` and a
     /// newline) to this file, atomically: for scripts and tests that start
@@ -161,6 +181,13 @@ fn parse_store(value: &str) -> Result<StoreArg, String> {
     }
 }
 
+/// The `--log-format` flag.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
 /// The `--sync` flag.
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum SyncArg {
@@ -188,6 +215,8 @@ enum Failure {
     #[error("cannot start the async runtime: {0}")]
     Runtime(io::Error),
     #[error("{0}")]
+    Traces(#[from] ExportError),
+    #[error("{0}")]
     Serve(#[from] ServeError),
 }
 
@@ -202,6 +231,8 @@ impl Failure {
             Failure::Listen { .. } => 69,
             // EX_CANTCREAT: the address file cannot be written.
             Failure::AddrFile { .. } => 73,
+            // EX_CONFIG too: an endpoint that is not a URL.
+            Failure::Traces(_) => 78,
             Failure::Store(_) | Failure::Runtime(_) => 1,
         })
     }
@@ -211,13 +242,28 @@ fn main() -> ExitCode {
     // SAFETY: first thing in `main`: no other thread exists yet.
     unsafe { user_service::allocator::tune_mimalloc() };
     let args = Args::parse();
-    init_logging();
-    raise_open_files_limit();
-    let result = tokio::runtime::Builder::new_multi_thread()
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-        .map_err(Failure::Runtime)
-        .and_then(|runtime| runtime.block_on(serve(args)));
+    {
+        Ok(runtime) => runtime,
+        Err(err) => return fail_early(Failure::Runtime(err)),
+    };
+    // Started on the runtime, whose tasks send the spans.
+    let exporter = match &args.otlp_endpoint {
+        Some(endpoint) => match runtime.block_on(async { Exporter::start(endpoint) }) {
+            Ok(exporter) => Some(exporter),
+            Err(err) => return fail_early(Failure::Traces(err)),
+        },
+        None => None,
+    };
+    init_logging(args.log_format, exporter.as_ref());
+    raise_open_files_limit();
+    let result = runtime.block_on(serve(args));
+    // The runtime still runs: the last spans can go out.
+    if let Some(exporter) = exporter {
+        exporter.shutdown();
+    }
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(failure) => {
@@ -227,16 +273,40 @@ fn main() -> ExitCode {
     }
 }
 
-/// Logs to stderr, coloured only when it is a terminal (and `NO_COLOR` is
-/// not set); the level comes from `RUST_LOG`, `info` by default.
-fn init_logging() {
-    let colour = io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
-    tracing_subscriber::fmt()
-        .with_writer(io::stderr)
-        .with_ansi(colour)
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
+/// A failure before logging is set up: said on stderr.
+fn fail_early(failure: Failure) -> ExitCode {
+    eprintln!("user-service: {failure}");
+    failure.exit_code()
+}
+
+/// Logs to stderr, as text coloured only when stderr is a terminal (and
+/// `NO_COLOR` is not set), or as JSON lines; the level comes from
+/// `RUST_LOG`, `info` by default. With `exporter`, the trace spans go to it
+/// (and never to the log).
+fn init_logging(format: LogFormat, exporter: Option<&Exporter>) {
+    use tracing_subscriber::{Layer as _, layer::SubscriberExt as _, util::SubscriberInitExt as _};
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info"))
+        .add_directive(
+            format!("{}=off", telemetry::trace::TARGET)
+                .parse()
+                .expect("a valid directive"),
+        );
+    let logs = tracing_subscriber::fmt::layer().with_writer(io::stderr);
+    let logs = match format {
+        LogFormat::Text => {
+            let colour = io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+            logs.with_ansi(colour).with_filter(filter).boxed()
+        }
+        LogFormat::Json => logs
+            .json()
+            .with_current_span(false)
+            .with_filter(filter)
+            .boxed(),
+    };
+    tracing_subscriber::registry()
+        .with(logs)
+        .with(exporter.map(Exporter::layer))
         .init();
 }
 
@@ -338,12 +408,24 @@ async fn listen_and_run<S: Store>(
     args: &Args,
     config: Config,
 ) -> Result<(), Failure> {
-    let listen_failed = |source| Failure::Listen {
-        addr: args.addr.clone(),
-        source,
+    let listen_failed = |addr: &str| {
+        let addr = addr.to_owned();
+        move |source| Failure::Listen { addr, source }
     };
-    let listener = TcpListener::bind(&args.addr).await.map_err(listen_failed)?;
-    let addr = listener.local_addr().map_err(listen_failed)?;
+    let listener = TcpListener::bind(&args.addr)
+        .await
+        .map_err(listen_failed(&args.addr))?;
+    let addr = listener.local_addr().map_err(listen_failed(&args.addr))?;
+    let metrics = match &args.metrics_addr {
+        Some(metrics_addr) => {
+            let failed = listen_failed(metrics_addr);
+            let listener = TcpListener::bind(metrics_addr).await.map_err(failed)?;
+            let local = listener.local_addr().map_err(listen_failed(metrics_addr))?;
+            tracing::info!(addr = %local, "metrics at http://{local}/metrics");
+            Some(listener)
+        }
+        None => None,
+    };
     tracing::info!(
         %addr,
         store = %described.store,
@@ -357,7 +439,11 @@ async fn listen_and_run<S: Store>(
             source,
         })?;
     }
-    let served = server::run(listener, store.clone(), config, shutdown_signal()).await;
+    let listeners = server::Listeners {
+        grpc: listener,
+        metrics,
+    };
+    let served = server::run(listeners, store.clone(), config, shutdown_signal()).await;
     // Closing checkpoints the SQLite write-ahead log into the file and
     // removes it: the file alone then holds every user.
     store.close().await;

@@ -19,6 +19,7 @@ use crate::{
     reflection,
     service::UserService,
     store::{Store, StoreHealth},
+    telemetry::{Metrics, ObserveCallsLayer, ServiceCollector},
     transport::{self, ConnectionStats, Http2Settings, TlsError},
 };
 
@@ -182,24 +183,57 @@ pub enum ServeError {
     Tls(#[from] TlsError),
 }
 
+/// Where the server listens: the gRPC port and, optionally, the metrics
+/// endpoint (`GET /metrics`). A plain `TcpListener` is the gRPC port alone.
+#[derive(Debug)]
+pub struct Listeners {
+    pub grpc: TcpListener,
+    pub metrics: Option<TcpListener>,
+}
+
+impl From<TcpListener> for Listeners {
+    fn from(grpc: TcpListener) -> Self {
+        Listeners {
+            grpc,
+            metrics: None,
+        }
+    }
+}
+
 /// Serves `grpcUser.UserService` over `store`, plus health and reflection, on
-/// `listener` until `shutdown` completes, within the limits of `config`.
+/// `listeners` until `shutdown` completes, within the limits of `config`.
+/// With a metrics listener, every call is recorded and the metrics are
+/// served there.
 ///
 /// On shutdown the server stops accepting connections, marks itself not
 /// serving, ends open streams with `UNAVAILABLE`, and waits up to
 /// `config.shutdown_grace` for in-flight calls to finish.
 pub async fn run<S: Store>(
-    listener: TcpListener,
+    listeners: impl Into<Listeners>,
     store: S,
     config: Config,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
+    let Listeners {
+        grpc: listener,
+        metrics: metrics_listener,
+    } = listeners.into();
     let stop = CancellationToken::new();
     if let Ok(addr) = listener.local_addr() {
         for warning in exposure_warnings(addr, &config) {
             tracing::warn!(%addr, "{warning}");
         }
     }
+
+    let metrics = metrics_listener.map(|listener| {
+        let metrics = Metrics::new(ServiceCollector {
+            gauges: config.gauges.clone(),
+            connections: config.connections.clone(),
+            store: Box::new(store.clone()),
+        });
+        let endpoint = tokio::spawn(metrics.clone().serve(listener, stop.clone()));
+        (metrics, endpoint)
+    });
 
     let store_health = store.health();
     let service = UserService::new(
@@ -243,6 +277,10 @@ pub async fn run<S: Store>(
         ),
         routes,
     );
+    let service = tower_layer::Layer::layer(
+        &ObserveCallsLayer::new(metrics.as_ref().map(|(metrics, _)| metrics.rpc.clone())),
+        service,
+    );
     let settings = Http2Settings {
         max_connections: config.max_connections,
         handshake_timeout: config.handshake_timeout,
@@ -268,7 +306,22 @@ pub async fn run<S: Store>(
         () = &mut serve => return Ok(()),
         () = shutdown => {}
     }
+    let stopped = shutting_down::<S>(serve, &config, &health, stop, store_health).await;
+    // Scraped until the end, so that the last figures can be seen.
+    if let Some((_, endpoint)) = metrics {
+        endpoint.abort();
+    }
+    stopped
+}
 
+/// The graceful shutdown of `run`.
+async fn shutting_down<S: Store>(
+    serve: std::pin::Pin<&mut impl Future<Output = ()>>,
+    config: &Config,
+    health: &HealthReporter,
+    stop: CancellationToken,
+    store_health: tokio::task::JoinHandle<()>,
+) -> Result<(), ServeError> {
     tracing::info!(grace = ?config.shutdown_grace, "shutting down");
     // Stopped first, so that it cannot mark the service serving again.
     store_health.abort();

@@ -66,8 +66,10 @@ use prometheus_client::{
     },
 };
 use tokio::sync::{mpsc, oneshot};
+use tracing::Instrument;
 
 use super::{ChangeFeed, PreparedOp, StoreError};
+use crate::telemetry::trace;
 use crate::user::{Change, ChangeKind};
 
 /// Commands waiting for the writer. Callers wait for room (backpressure)
@@ -237,7 +239,15 @@ pub type Results = Vec<Result<Change, StoreError>>;
 #[derive(Debug)]
 pub struct Command {
     ops: Vec<PreparedOp>,
-    reply: oneshot::Sender<Results>,
+    reply: oneshot::Sender<Reply>,
+}
+
+/// What the writer answers a command: its results, and how many ops the
+/// commit carried (for traces).
+#[derive(Debug)]
+struct Reply {
+    results: Results,
+    batch_ops: usize,
 }
 
 /// The callers' end of the queue to a writer; cheap to clone.
@@ -263,13 +273,26 @@ impl Writes {
     /// every op fails with [`StoreError::Internal`].
     pub async fn submit(&self, ops: Vec<PreparedOp>) -> Results {
         let count = ops.len();
+        let span = trace::store_span("store.commit", count);
         let (reply, replied) = oneshot::channel();
-        if self.sender.send(Command { ops, reply }).await.is_err() {
-            return vec![Err(writer_stopped()); count];
+        let submitted = async {
+            if self.sender.send(Command { ops, reply }).await.is_err() {
+                return vec![Err(writer_stopped()); count];
+            }
+            match replied.await {
+                Ok(reply) => {
+                    if let Some(span) = &span {
+                        span.record("batch.ops", reply.batch_ops);
+                    }
+                    reply.results
+                }
+                Err(_) => vec![Err(write_dropped()); count],
+            }
+        };
+        match &span {
+            Some(span) => submitted.instrument(span.clone()).await,
+            None => submitted.await,
         }
-        replied
-            .await
-            .unwrap_or_else(|_| vec![Err(write_dropped()); count])
     }
 
     /// [`Writes::submit`] for a single op.
@@ -292,9 +315,20 @@ fn write_dropped() -> StoreError {
 
 impl Command {
     #[cfg(test)]
-    pub(crate) fn for_test(ops: Vec<PreparedOp>) -> (Command, oneshot::Receiver<Results>) {
+    pub(crate) fn for_test(ops: Vec<PreparedOp>) -> (Command, ReplyForTest) {
         let (reply, replied) = oneshot::channel();
-        (Command { ops, reply }, replied)
+        (Command { ops, reply }, ReplyForTest(replied))
+    }
+}
+
+/// The results a [`Command::for_test`] gets.
+#[cfg(test)]
+pub(crate) struct ReplyForTest(oneshot::Receiver<Reply>);
+
+#[cfg(test)]
+impl ReplyForTest {
+    pub(crate) fn try_recv(&mut self) -> Result<Results, oneshot::error::TryRecvError> {
+        self.0.try_recv().map(|reply| reply.results)
     }
 }
 
@@ -365,9 +399,10 @@ impl GroupCommit {
                 for command in batch.commands {
                     // A send fails only when the caller has gone away (its
                     // call was cancelled).
-                    let _ = command
-                        .reply
-                        .send(vec![Err(err.clone()); command.ops.len()]);
+                    let _ = command.reply.send(Reply {
+                        results: vec![Err(err.clone()); command.ops.len()],
+                        batch_ops: batch.ops,
+                    });
                 }
                 return;
             }
@@ -382,7 +417,10 @@ impl GroupCommit {
         for command in batch.commands {
             let own = results.by_ref().take(command.ops.len()).collect();
             // As above: the write stays committed all the same.
-            let _ = command.reply.send(own);
+            let _ = command.reply.send(Reply {
+                results: own,
+                batch_ops: batch.ops,
+            });
         }
     }
 }

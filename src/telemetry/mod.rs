@@ -1,13 +1,20 @@
-//! Prometheus metrics: per-call metrics under grpc-go's names ([`rpc`]),
-//! the service's own figures and the process's, read at each scrape
-//! ([`collect`]), and the `GET /metrics` endpoint that serves them in the
-//! Prometheus text format.
+//! What operators see of the server: Prometheus metrics and OpenTelemetry
+//! traces.
 //!
-//! Off unless the server is given `--metrics-addr`: then no call is
-//! recorded, and nothing is served.
+//! - [`calls`]: what is recorded of each call (grpc-go's per-call metrics,
+//!   a span), by a tower layer.
+//! - [`collect`]: the service's own figures and the process's, read at
+//!   each scrape.
+//! - [`Metrics`]: the registry, and the `GET /metrics` endpoint that serves
+//!   it in the Prometheus text format.
+//! - [`trace`]: spans exported over OTLP.
+//!
+//! Both are off by default (`--metrics-addr`, `--otlp-endpoint`): then no
+//! call is recorded and no span made.
 
+pub mod calls;
 pub mod collect;
-pub mod rpc;
+pub mod trace;
 
 use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
 
@@ -19,8 +26,8 @@ use prometheus_client::{encoding::prometheus_text, registry::Registry};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+pub use calls::{ObserveCallsLayer, RpcMetrics};
 pub use collect::{ProcessCollector, ServiceCollector, StoreMetrics};
-pub use rpc::{RecordRpcLayer, RpcMetrics};
 
 /// How long a scraper has to send its request once connected.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);

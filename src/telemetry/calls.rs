@@ -1,11 +1,19 @@
-//! Per-call metrics, under the names grpc-go's and grpc-ecosystem's
-//! Prometheus interceptors use, so that existing dashboards work:
+//! What is recorded of each call: metrics and a trace span.
+//!
+//! **Metrics**, under the names grpc-go's and grpc-ecosystem's Prometheus
+//! interceptors use, so that existing dashboards work:
 //! `grpc_server_started_total`, `grpc_server_handled_total` (with
 //! `grpc_code`), `grpc_server_msg_received_total`,
 //! `grpc_server_msg_sent_total` and `grpc_server_handling_seconds`, each
 //! labelled `grpc_type`, `grpc_service` and `grpc_method`.
 //!
-//! [`RecordRpc`] is a tower layer around the call guard. The status of a
+//! **A span** per call when traces are exported (see [`super::trace`]),
+//! with OpenTelemetry's `rpc.*` attributes and the call's status, a child of
+//! the client's span when the request carries a W3C `traceparent`; the
+//! handler and the response stream run inside it, so store work shows as
+//! its children.
+//!
+//! [`ObserveCalls`] is a tower layer around the call guard. The status of a
 //! call is known only at its end: in the trailers, or in the head of a
 //! Trailers-Only reply. A call that ends without one (the client reset the
 //! stream, the connection dropped) is recorded as `Canceled`, as grpc-go
@@ -29,9 +37,11 @@ use prometheus_client::{
 use tonic::{Code, Status};
 use tower_service::Service;
 
+use super::trace;
+
 /// What kind of call a method is, as the `grpc_type` label says it.
 #[derive(Debug, Clone, Copy)]
-enum Kind {
+pub(super) enum Kind {
     Unary,
     ClientStream,
     ServerStream,
@@ -49,10 +59,10 @@ impl Kind {
     }
 }
 
-/// Every method served on the port. Calls to other paths (which are
+/// Every method served on the port, as (service, method, kind). Calls to other paths (which are
 /// `UNIMPLEMENTED`) are not recorded: a label per path a client makes up
 /// would grow the metrics without bound.
-const METHODS: [(&str, &str, Kind); 9] = [
+pub(super) const METHODS: [(&str, &str, Kind); 9] = [
     ("grpcUser.UserService", "AddUser", Kind::Unary),
     ("grpcUser.UserService", "GetUser", Kind::Unary),
     ("grpcUser.UserService", "ListUsers", Kind::ServerStream),
@@ -207,24 +217,25 @@ impl RpcMetrics {
     }
 }
 
-/// The tower layer that records each call in [`RpcMetrics`]; with `None`,
-/// calls pass through unrecorded.
+/// The tower layer that observes each call: its metrics in
+/// [`RpcMetrics`] (`None`: none recorded) and, when traces are exported, a
+/// span.
 #[derive(Debug, Clone)]
-pub struct RecordRpcLayer {
+pub struct ObserveCallsLayer {
     metrics: Option<Arc<RpcMetrics>>,
 }
 
-impl RecordRpcLayer {
+impl ObserveCallsLayer {
     pub fn new(metrics: Option<Arc<RpcMetrics>>) -> Self {
-        RecordRpcLayer { metrics }
+        ObserveCallsLayer { metrics }
     }
 }
 
-impl<S> tower_layer::Layer<S> for RecordRpcLayer {
-    type Service = RecordRpc<S>;
+impl<S> tower_layer::Layer<S> for ObserveCallsLayer {
+    type Service = ObserveCalls<S>;
 
-    fn layer(&self, inner: S) -> RecordRpc<S> {
-        RecordRpc {
+    fn layer(&self, inner: S) -> ObserveCalls<S> {
+        ObserveCalls {
             inner,
             metrics: self.metrics.clone(),
         }
@@ -233,12 +244,12 @@ impl<S> tower_layer::Layer<S> for RecordRpcLayer {
 
 /// See the module documentation.
 #[derive(Debug, Clone)]
-pub struct RecordRpc<S> {
+pub struct ObserveCalls<S> {
     inner: S,
     metrics: Option<Arc<RpcMetrics>>,
 }
 
-impl<S, ReqBody, ResBody> Service<http::Request<ReqBody>> for RecordRpc<S>
+impl<S, ReqBody, ResBody> Service<http::Request<ReqBody>> for ObserveCalls<S>
 where
     S: Service<http::Request<Counted<ReqBody>>, Response = http::Response<ResBody>>,
     S::Future: Unpin,
@@ -252,61 +263,88 @@ where
     }
 
     fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
-        let call = self.metrics.as_ref().and_then(|metrics| {
-            let method = method_of(request.uri().path())?;
-            metrics.methods[method].started.inc();
-            Some(Call {
-                metrics: metrics.clone(),
-                method,
-                started: Instant::now(),
+        let tracing = trace::enabled();
+        let call = if self.metrics.is_some() || tracing {
+            method_of(request.uri().path()).map(|method| {
+                let (service, name, _) = METHODS[method];
+                let span = tracing.then(|| trace::call_span(request.headers(), service, name));
+                Call::start(self.metrics.clone(), method, span)
             })
+        } else {
+            None
+        };
+        let counter = call.as_ref().and_then(|call| {
+            let metrics = call.method_metrics()?;
+            Some(MessageCounter::new(metrics.received.clone()))
         });
-        let counter = call
-            .as_ref()
-            .map(|call| MessageCounter::new(call.method_metrics().received.clone()));
+        let span = call.as_ref().and_then(|call| call.span.clone());
         let request = request.map(|body| Counted {
             inner: body,
             messages: counter,
             call: None,
+            span: None,
         });
-        Recording {
-            inner: self.inner.call(request),
-            call,
-        }
+        // The handler runs in the call's span.
+        let inner = match &span {
+            Some(span) => span.in_scope(|| self.inner.call(request)),
+            None => self.inner.call(request),
+        };
+        Recording { inner, call, span }
     }
 }
 
-/// One call being recorded; recorded as `Canceled` if dropped unfinished.
+/// One call being observed; recorded as `Canceled` if dropped unfinished.
 struct Call {
-    metrics: Arc<RpcMetrics>,
+    metrics: Option<Arc<RpcMetrics>>,
     method: usize,
     started: Instant,
+    span: Option<tracing::Span>,
+    finished: bool,
 }
 
 impl Call {
-    fn method_metrics(&self) -> &MethodMetrics {
-        &self.metrics.methods[self.method]
+    fn start(metrics: Option<Arc<RpcMetrics>>, method: usize, span: Option<tracing::Span>) -> Self {
+        if let Some(metrics) = &metrics {
+            metrics.methods[method].started.inc();
+        }
+        Call {
+            metrics,
+            method,
+            started: Instant::now(),
+            span,
+            finished: false,
+        }
+    }
+
+    fn method_metrics(&self) -> Option<&MethodMetrics> {
+        Some(&self.metrics.as_ref()?.methods[self.method])
     }
 
     /// Records the call's end with `code`.
-    fn finish(self, code: Code) {
-        let metrics = self.method_metrics();
-        let code = (code as usize).min(CODE_NAMES.len() - 1);
-        metrics.handled[code].inc();
-        metrics
-            .seconds
-            .observe(self.started.elapsed().as_secs_f64());
-        std::mem::forget(self);
+    fn finish(mut self, code: Code) {
+        self.record(code);
+    }
+
+    fn record(&mut self, code: Code) {
+        self.finished = true;
+        if let Some(metrics) = self.method_metrics() {
+            let index = (code as usize).min(CODE_NAMES.len() - 1);
+            metrics.handled[index].inc();
+            metrics
+                .seconds
+                .observe(self.started.elapsed().as_secs_f64());
+        }
+        if let Some(span) = &self.span {
+            trace::end_call(span, code);
+        }
     }
 }
 
 impl Drop for Call {
     fn drop(&mut self) {
-        let metrics = self.method_metrics();
-        metrics.handled[Code::Cancelled as usize].inc();
-        metrics
-            .seconds
-            .observe(self.started.elapsed().as_secs_f64());
+        if !self.finished {
+            self.record(Code::Cancelled);
+        }
     }
 }
 
@@ -316,10 +354,11 @@ fn status_in(headers: &http::HeaderMap) -> Option<Code> {
     Some(Code::from_i32(value.parse().ok()?))
 }
 
-/// The future of a recorded call's response head.
+/// The future of an observed call's response head.
 pub struct Recording<F> {
     inner: F,
     call: Option<Call>,
+    span: Option<tracing::Span>,
 }
 
 impl<F, B, E> Future for Recording<F>
@@ -330,7 +369,10 @@ where
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = &mut *self;
-        let response = ready!(Pin::new(&mut this.inner).poll(cx))?;
+        let response = {
+            let _entered = this.span.as_ref().map(tracing::Span::enter);
+            ready!(Pin::new(&mut this.inner).poll(cx))?
+        };
         let mut call = this.call.take();
         // A Trailers-Only reply: its status is in the head.
         if let Some(code) = status_in(response.headers())
@@ -338,13 +380,16 @@ where
         {
             call.finish(code);
         }
-        let counter = call
-            .as_ref()
-            .map(|call| MessageCounter::new(call.method_metrics().sent.clone()));
+        let counter = call.as_ref().and_then(|call| {
+            let metrics = call.method_metrics()?;
+            Some(MessageCounter::new(metrics.sent.clone()))
+        });
+        let span = this.span.take();
         Poll::Ready(Ok(response.map(|body| Counted {
             inner: body,
             messages: counter,
             call,
+            span,
         })))
     }
 }
@@ -356,6 +401,8 @@ pub struct Counted<B> {
     messages: Option<MessageCounter>,
     /// The call, on a response body, until its status is known.
     call: Option<Call>,
+    /// The call's span, on a response body: the stream runs in it.
+    span: Option<tracing::Span>,
 }
 
 impl<B> Body for Counted<B>
@@ -371,6 +418,7 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let this = &mut *self;
+        let _entered = this.span.as_ref().map(tracing::Span::enter);
         let frame = ready!(Pin::new(&mut this.inner).poll_frame(cx));
         match &frame {
             Some(Ok(frame)) => {
