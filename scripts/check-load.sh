@@ -26,21 +26,24 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# Starts "$@" (a server listening on 127.0.0.1:0) logging to $1.log; sets
-# $addr to the address it reports.
+# start NAME COMMAND...: starts a server (user-service or user-load sink,
+# given --addr 127.0.0.1:0) logging to $work/NAME.log; sets $addr to the
+# address it writes to its --addr-file once listening.
 start() {
-    local log="$work/$1.log"
+    local name=$1
     shift
-    "$@" >"$log" 2>&1 &
+    rm -f "$work/$name.addr"
+    "$@" --addr-file "$work/$name.addr" >"$work/$name.log" 2>&1 &
     pids+=("$!")
-    addr=""
-    for _ in $(seq 100); do
-        addr=$(sed 's/\x1b\[[0-9;]*m//g' "$log" | grep -o 'listening.*127\.0\.0\.1:[0-9]*' | grep -o '127\.0\.0\.1:[0-9]*' | head -1 || true)
-        [ -n "$addr" ] && return 0
+    for _ in $(seq 200); do
+        if [ -s "$work/$name.addr" ]; then
+            addr=$(cat "$work/$name.addr")
+            return 0
+        fi
         sleep 0.1
     done
-    echo "server did not start:" >&2
-    cat "$log" >&2
+    echo "$name did not start:" >&2
+    cat "$work/$name.log" >&2
     return 1
 }
 
@@ -84,7 +87,7 @@ EOF
     echo "ok   $name"
 }
 
-start server env NO_COLOR=1 RUST_LOG=warn,user_service=info "$bin/user-service" --addr 127.0.0.1:0 \
+start server env RUST_LOG=warn,user_service=info "$bin/user-service" --addr 127.0.0.1:0 \
     --store "sqlite:$work/users.db"
 addr_of_server=$addr
 
@@ -137,7 +140,7 @@ check gen-bulk 'r["rows_added"] + r["rows_failed"] == 2000 and 100 < r["rows_fai
     -- bulk --data "$work/gen.jsonl" --verify
 
 # Two targets: the connections are spread over both, each reports its part.
-start second env NO_COLOR=1 "$bin/user-service" --addr 127.0.0.1:0 --store memory
+start second "$bin/user-service" --addr 127.0.0.1:0 --store memory
 first=$addr_of_server
 second=$addr
 addr=$first
@@ -174,7 +177,7 @@ grpcurl_commands=$(readme_block grpcurl-tls)
 (cd "$tls_dir" && bash -euo pipefail -c "$recipe") >"$work/openssl.log" 2>&1 ||
     { echo "FAIL the README's certificate recipe:" >&2; cat "$work/openssl.log" >&2; exit 1; }
 echo "ok   README certificate recipe"
-start tls env NO_COLOR=1 "$bin/user-service" --addr 127.0.0.1:0 --store memory \
+start tls "$bin/user-service" --addr 127.0.0.1:0 --store memory \
     --tls-cert "$tls_dir/server.pem" --tls-key "$tls_dir/server.key" \
     --tls-client-ca "$tls_dir/ca.pem" --auth-token-file "$tls_dir/token"
 if command -v grpcurl >/dev/null; then

@@ -33,7 +33,7 @@ start_command() {
     trap stop_server EXIT
     trap 'exit 130' INT TERM
     # Logs go to stderr; stdout is kept apart, so a log line there fails.
-    NO_COLOR=1 RUST_LOG=info "$@" --addr 127.0.0.1:0 --addr-file "$WORK/addr" \
+    RUST_LOG=info "$@" --addr 127.0.0.1:0 --addr-file "$WORK/addr" \
         >"$WORK/server.stdout" 2>"$SERVER_LOG" &
     SERVER_PID=$!
     local waited=0

@@ -6,19 +6,19 @@
 
 use std::{
     collections::HashMap,
-    io::{self, BufRead, BufReader, Read},
+    io,
     os::unix::process::CommandExt,
     path::Path,
-    process::{Child, Command, ExitStatus, Stdio},
+    process::{Command, ExitStatus},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
-        mpsc as std_mpsc,
     },
-    time::Duration,
 };
 
 use parking_lot::Mutex;
+use rlimit::Resource;
+use test_support::{Client, PATIENCE, ServerProcess, list_all};
 use tokio::sync::{Notify, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, transport::Channel};
@@ -33,176 +33,27 @@ use user_service::{
     store::sqlite::{APPLICATION_ID, SCHEMA_VERSION},
 };
 
-/// Bounds every wait for the child process or the load.
-const PATIENCE: Duration = Duration::from_secs(30);
-
 /// The exit code for a refused store file (see `src/main.rs`).
 const EXIT_STORE_REFUSED: i32 = 65;
 
-type Client = UserServiceClient<Channel>;
-
-/// A running server process, killed when dropped.
-struct Server {
-    child: Child,
-    addr: String,
-    /// The "listening" log line.
-    listening: String,
-}
-
-impl Server {
-    /// Starts the binary on `db` and waits (bounded) for its "listening" log
-    /// line, which names the port it bound.
-    fn start(db: &Path) -> Server {
-        Server::spawn(server_command(db))
-    }
-
-    /// The same, for a command made by [`server_command`] and adjusted.
-    fn spawn(mut command: Command) -> Server {
-        let mut child = command
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn user-service");
-        let stderr = child.stderr.take().expect("piped stderr");
-        let (tx, rx) = std_mpsc::channel();
-        // Reads the log to its end, so that the child never blocks on a full
-        // pipe; passes on the address once.
-        std::thread::spawn(move || {
-            let mut tx = Some(tx);
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                if line.contains("user-service listening")
-                    && let Some(tx) = tx.take()
-                {
-                    let _ = tx.send(without_colours(&line));
-                }
-            }
-        });
-        let listening = match rx.recv_timeout(PATIENCE) {
-            Ok(line) => line,
-            Err(err) => {
-                let _ = child.kill();
-                panic!("the server did not start listening: {err}");
-            }
-        };
-        Server {
-            child,
-            addr: listening_addr(&listening),
-            listening,
-        }
-    }
-
-    async fn channel(&self) -> Channel {
-        Channel::from_shared(format!("http://{}", self.addr))
-            .unwrap()
-            .connect()
-            .await
-            .expect("connect")
-    }
-
-    async fn client(&self) -> Client {
-        UserServiceClient::new(self.channel().await)
-    }
-
-    /// SIGKILL: no shutdown, no flush, no checkpoint.
-    fn kill(mut self) {
-        self.child.kill().expect("kill");
-        self.child.wait().expect("wait");
-    }
-
-    /// SIGTERM, as a service manager stops a server, then waits (bounded)
-    /// for the process to exit.
-    fn terminate(mut self) -> ExitStatus {
-        let pid = libc::pid_t::try_from(self.child.id()).unwrap();
-        // SAFETY: sends a signal to our own child, not yet waited for.
-        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
-        let (tx, rx) = std_mpsc::channel();
-        std::thread::scope(|scope| {
-            let child = &mut self.child;
-            scope.spawn(move || {
-                let _ = tx.send(child.wait());
-            });
-            match rx.recv_timeout(PATIENCE) {
-                Ok(status) => status.expect("wait"),
-                Err(_) => {
-                    // SAFETY: as above; the waiting thread then returns.
-                    unsafe { libc::kill(pid, libc::SIGKILL) };
-                    panic!("the server did not exit after SIGTERM");
-                }
-            }
-        })
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
+/// The server binary on the SQLite file `db`, durable commits.
 fn server_command(db: &Path) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_user-service"));
     command
-        .arg("--addr")
-        .arg("127.0.0.1:0")
         .arg("--store")
-        .arg(format!("sqlite:{}", db.display()))
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null());
+        .arg(format!("sqlite:{}", db.display()));
     command
 }
 
-/// The `addr=` field of a log line.
-fn listening_addr(line: &str) -> String {
-    let start = line.find("addr=").expect("addr field") + "addr=".len();
-    line[start..]
-        .split_whitespace()
-        .next()
-        .expect("an address")
-        .to_owned()
+/// The server binary on `db`, listening.
+fn start(db: &Path) -> ServerProcess {
+    ServerProcess::spawn(server_command(db))
 }
 
-/// A log line without terminal colour codes.
-fn without_colours(line: &str) -> String {
-    let mut plain = String::new();
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        if c == '\x1b' {
-            // Skip to the end of the escape sequence.
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            plain.push(c);
-        }
-    }
-    plain
-}
-
-/// Runs the binary on `db` until it exits (bounded); returns its status and log.
+/// The server binary on `db`, which must refuse it: returns its exit
+/// status and log.
 fn run_to_exit(db: &Path) -> (ExitStatus, String) {
-    let mut child = server_command(db)
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn user-service");
-    let mut stderr = child.stderr.take().expect("piped stderr");
-    let (tx, rx) = std_mpsc::channel();
-    std::thread::spawn(move || {
-        let mut log = String::new();
-        let _ = stderr.read_to_string(&mut log);
-        let _ = tx.send(log);
-    });
-    match rx.recv_timeout(PATIENCE) {
-        Ok(log) => (child.wait().expect("wait"), log),
-        Err(_) => {
-            let _ = child.kill();
-            panic!("the server kept running on a file it should refuse");
-        }
-    }
+    test_support::run_to_exit(server_command(db))
 }
 
 fn assert_refused(db: &Path, why: &str) {
@@ -249,15 +100,17 @@ fn refuses_a_corrupted_foreign_or_newer_file_at_startup() {
 async fn a_restart_keeps_what_was_written() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("users.db");
-    let server = Server::start(&db);
+    let server = start(&db);
     // The log names the store and its durability.
+    let log = server.log();
+    let listening = log
+        .lines()
+        .find(|line| line.contains("user-service listening"))
+        .unwrap_or_else(|| panic!("no listening line: {log}"));
     assert!(
-        server
-            .listening
-            .contains(&format!("store=sqlite:{}", db.display()))
-            && server.listening.contains("durability=full"),
-        "{}",
-        server.listening
+        listening.contains(&format!("store=sqlite:{}", db.display()))
+            && listening.contains("durability=full"),
+        "{listening}"
     );
     let mut client = server.client().await;
     let added = client
@@ -289,7 +142,7 @@ async fn a_restart_keeps_what_was_written() {
     assert_eq!(last_seq, 3);
     server.kill();
 
-    let server = Server::start(&db);
+    let server = start(&db);
     let mut client = server.client().await;
     let ann = client
         .get_user(proto::GetUserRequest {
@@ -313,27 +166,12 @@ async fn a_restart_keeps_what_was_written() {
 const FILE_SIZE_LIMIT: u64 = 1 << 20;
 
 /// Sets `resource`'s soft limit for process `pid` (0: this one), keeping the
-/// hard limit. Only system calls: safe between fork and exec.
-fn set_soft_limit(
-    pid: libc::pid_t,
-    resource: libc::__rlimit_resource_t,
-    soft: u64,
-) -> io::Result<()> {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: `limit` is a valid rlimit for the kernel to read and write.
-    unsafe {
-        if libc::prlimit(pid, resource, std::ptr::null(), &mut limit) != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        limit.rlim_cur = soft.min(limit.rlim_max);
-        if libc::prlimit(pid, resource, &limit, std::ptr::null_mut()) != 0 {
-            return Err(io::Error::last_os_error());
-        }
-    }
-    Ok(())
+/// hard limit. Only system calls (rlimit's `prlimit` wraps the libc call,
+/// with the types of every libc): safe between fork and exec.
+fn set_soft_limit(pid: libc::pid_t, resource: Resource, soft: u64) -> io::Result<()> {
+    let (mut current, mut hard) = (0, 0);
+    rlimit::prlimit(pid, resource, None, Some((&mut current, &mut hard)))?;
+    rlimit::prlimit(pid, resource, Some((soft.min(hard), hard)), None)
 }
 
 /// A commit whose log write fails (here because the server's files may not
@@ -349,14 +187,14 @@ async fn a_failed_log_write_rolls_back_and_writes_resume_when_room_is_made() {
     // fork and exec.
     unsafe {
         command.pre_exec(|| {
-            set_soft_limit(0, libc::RLIMIT_FSIZE, FILE_SIZE_LIMIT)?;
+            set_soft_limit(0, Resource::FSIZE, FILE_SIZE_LIMIT)?;
             // A write past the limit then fails with EFBIG, rather than
             // killing the process with SIGXFSZ.
             libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
             Ok(())
         });
     }
-    let server = Server::spawn(command);
+    let server = ServerProcess::spawn(command);
     let mut client = server.client().await;
 
     let mut acked = Vec::new();
@@ -390,8 +228,8 @@ async fn a_failed_log_write_rolls_back_and_writes_resume_when_room_is_made() {
     );
 
     // Room again: writes succeed, and the failed ones used no seq.
-    let pid = libc::pid_t::try_from(server.child.id()).unwrap();
-    set_soft_limit(pid, libc::RLIMIT_FSIZE, libc::RLIM_INFINITY).unwrap();
+    let pid = libc::pid_t::try_from(server.pid()).unwrap();
+    set_soft_limit(pid, Resource::FSIZE, rlimit::INFINITY).unwrap();
     let seq = next_seq(&mut client).await;
     assert_eq!(seq, acked.len() as u64 + 1);
     let added = client
@@ -405,7 +243,7 @@ async fn a_failed_log_write_rolls_back_and_writes_resume_when_room_is_made() {
     server.kill();
 
     // Everything acknowledged survives a restart.
-    let server = Server::start(&db);
+    let server = start(&db);
     let mut client = server.client().await;
     let mut stored = list_all(&mut client).await;
     stored.retain(|user| user.id != PROBE_ID);
@@ -423,7 +261,7 @@ async fn sigterm_leaves_every_user_in_the_database_file_alone() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("users.db");
     let wal = dir.path().join("users.db-wal");
-    let server = Server::start(&db);
+    let server = start(&db);
     let mut client = server.client().await;
     let rows = (0..USERS).map(|i| user("", &format!("bulk {i}")));
     let report = client
@@ -441,10 +279,8 @@ async fn sigterm_leaves_every_user_in_the_database_file_alone() {
 
     // On a blocking thread: this runtime goes on serving the client's side
     // of the connection, which closes when the server says it is stopping.
-    let status = tokio::task::spawn_blocking(|| server.terminate())
-        .await
-        .unwrap();
-    assert!(status.success(), "{status:?}");
+    let (status, log) = server.stop().await;
+    assert!(status.success(), "{status:?}: {log}");
     assert!(!wal.exists(), "the log was checkpointed and removed");
     assert!(!dir.path().join("users.db-shm").exists());
     let backup = tempfile::tempdir().unwrap();
@@ -491,7 +327,7 @@ async fn wait_for_health(channel: Channel, service: &str, status: ServingStatus)
 async fn a_writer_that_dies_turns_health_to_not_serving() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("users.db");
-    let server = Server::start(&db);
+    let server = start(&db);
     let channel = server.channel().await;
     let mut client = UserServiceClient::new(channel.clone());
     let ann = client
@@ -542,20 +378,6 @@ async fn a_writer_that_dies_turns_health_to_not_serving() {
         .unwrap()
         .into_inner();
     assert_eq!(read, ann);
-}
-
-/// Every stored user, in id order.
-async fn list_all(client: &mut Client) -> Vec<proto::User> {
-    let mut stream = client
-        .list_users(proto::ListUsersRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
-    let mut users = Vec::new();
-    while let Some(user) = stream.message().await.unwrap() {
-        users.push(user);
-    }
-    users
 }
 
 /// The id [`next_seq`] upserts.
@@ -714,7 +536,7 @@ async fn sigkill_mid_load_loses_no_acknowledged_write() {
 
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("users.db");
-    let server = Server::start(&db);
+    let server = start(&db);
     let progress = Arc::new(Progress::default());
     let stop = Arc::new(AtomicBool::new(false));
     let mut load = Vec::new();
@@ -764,7 +586,7 @@ async fn sigkill_mid_load_loses_no_acknowledged_write() {
     let acked = std::mem::take(&mut *progress.acked.lock());
 
     // Restart on the same file.
-    let server = Server::start(&db);
+    let server = start(&db);
     let mut client = server.client().await;
     let mut listing = client
         .list_users(proto::ListUsersRequest::default())

@@ -6,15 +6,12 @@
 //! Ignored by a plain `cargo test`; `scripts/test.sh` runs it as a stage:
 //! `SOAK_SECS=30 cargo test --test soak -- --ignored --nocapture`.
 
-#[path = "contract/common/mod.rs"]
-mod common;
-
 use std::{
     collections::BTreeMap,
     time::{Duration, Instant},
 };
 
-use common::{Client, TestServer, request_stream, within};
+use test_support::{Client, TestServer, request_stream, rss_bytes, within};
 use tonic::Code;
 use user_service::proto::{
     self, BulkAddUsersResponse, GetUserRequest, ListUsersRequest, SyncRequest, sync_request::Op,
@@ -41,31 +38,13 @@ fn soak_duration() -> Duration {
     Duration::from_secs(secs)
 }
 
-/// Resident memory of this process (server and clients), from /proc.
-fn rss_bytes() -> Option<u64> {
-    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
-    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
-    Some(pages * 4096)
-}
-
-/// A small deterministic generator: runs are reproducible per worker.
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: usize) -> usize {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        (self.0 % n as u64) as usize
-    }
-}
-
 /// What one worker knows: the version of each of its ids that exists.
 struct Worker {
     index: usize,
     client: Client,
     model: BTreeMap<String, u64>,
-    rng: Rng,
+    /// Seeded per worker: runs are reproducible.
+    rng: fastrand::Rng,
     /// Changes this worker committed (each took one seq).
     commits: u64,
     calls: u64,
@@ -74,7 +53,7 @@ struct Worker {
 fn a_user(id: &str, first_name: &str) -> proto::User {
     proto::User {
         id: id.into(),
-        ..common::user(first_name)
+        ..test_support::user(first_name)
     }
 }
 
@@ -84,13 +63,13 @@ impl Worker {
     }
 
     fn random_id(&mut self) -> String {
-        let k = self.rng.below(IDS);
+        let k = self.rng.usize(..IDS);
         self.id(k)
     }
 
     async fn step(&mut self) {
         self.calls += 1;
-        match self.rng.below(5) {
+        match self.rng.usize(..5) {
             0 => self.add().await,
             1 => self.get().await,
             2 => self.list().await,
@@ -144,7 +123,7 @@ impl Worker {
     }
 
     async fn bulk(&mut self) {
-        let ids: Vec<String> = (0..1 + self.rng.below(8))
+        let ids: Vec<String> = (0..1 + self.rng.usize(..8))
             .map(|_| self.random_id())
             .collect();
         let rows: Vec<proto::User> = ids.iter().map(|id| a_user(id, "Bulk")).collect();
@@ -174,10 +153,10 @@ impl Worker {
         let (tx, requests) = request_stream::<SyncRequest>();
         let mut stream = self.client.sync_users(requests).await.unwrap().into_inner();
         let mut expected = Vec::new();
-        for request_id in 0..1 + self.rng.below(4) as u64 {
+        for request_id in 0..1 + self.rng.usize(..4) as u64 {
             let id = self.random_id();
             let current = self.model.get(&id).copied();
-            let (op, expected_version, code) = match self.rng.below(3) {
+            let (op, expected_version, code) = match self.rng.usize(..3) {
                 0 => (Op::Upsert(a_user(&id, "Sync")), 0, Code::Ok),
                 1 => {
                     // A stale expected version fails and commits nothing.
@@ -273,7 +252,7 @@ async fn soak_all_methods_from_many_clients() {
                 index,
                 client,
                 model: BTreeMap::new(),
-                rng: Rng(0x9e37_79b9_7f4a_7c15 ^ (index as u64 + 1)),
+                rng: fastrand::Rng::with_seed(index as u64 + 1),
                 commits: 0,
                 calls: 0,
             };
@@ -287,7 +266,7 @@ async fn soak_all_methods_from_many_clients() {
     // Memory once the store has reached its working size.
     let mid = tokio::spawn(async move {
         tokio::time::sleep(duration / 3).await;
-        rss_bytes()
+        rss_bytes(std::process::id())
     });
     let mid_rss = mid.await.unwrap();
 
@@ -300,10 +279,10 @@ async fn soak_all_methods_from_many_clients() {
         calls += worker.calls;
         stored += worker.model.len();
     }
-    let end_rss = rss_bytes();
+    let end_rss = rss_bytes(std::process::id());
 
     // Exact counts: the store holds what the models say...
-    let users = common::list_all(&mut server.client().await).await;
+    let users = test_support::list_all(&mut server.client().await).await;
     assert_eq!(users.len(), stored);
     // ...and every watcher saw every commit, in order, without a gap, up to
     // a final marker write.
@@ -329,13 +308,11 @@ async fn soak_all_methods_from_many_clients() {
          {commits} commits, {stored} users, {WATCHERS} watchers gapless; \
          RSS {:.1} MiB at 1/3, {:.1} MiB at end",
         calls as f64 / secs,
-        mid_rss.unwrap_or(0) as f64 / (1 << 20) as f64,
-        end_rss.unwrap_or(0) as f64 / (1 << 20) as f64,
+        mid_rss as f64 / (1 << 20) as f64,
+        end_rss as f64 / (1 << 20) as f64,
     );
-    if let (Some(mid), Some(end)) = (mid_rss, end_rss) {
-        assert!(
-            end.saturating_sub(mid) < MAX_RSS_GROWTH,
-            "memory grew from {mid} to {end} bytes"
-        );
-    }
+    assert!(
+        end_rss.saturating_sub(mid_rss) < MAX_RSS_GROWTH,
+        "memory grew from {mid_rss} to {end_rss} bytes"
+    );
 }

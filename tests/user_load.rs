@@ -3,11 +3,11 @@
 //! exit status, Ctrl-C is not a success, and the `--html` report renders in
 //! a real browser (headless Chromium) without a console error.
 //!
-//! Each server listens on 127.0.0.1:0 and the test reads the address from
-//! its "listening" log line; every wait is bounded.
+//! Each server listens on 127.0.0.1:0 and writes the address it got to a
+//! file (`--addr-file`); every wait is bounded.
 
 use std::{
-    io::{BufRead, BufReader, Read},
+    io::Read,
     net::TcpListener,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -15,11 +15,8 @@ use std::{
     time::Duration,
 };
 
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair,
-};
 use tempfile::TempDir;
+use test_support::{Pki, ServerProcess};
 use tokio_stream::wrappers::ReceiverStream;
 use user_service::proto::{sync_response::Event, user_service_client::UserServiceClient};
 
@@ -32,56 +29,24 @@ const EXIT_USAGE: i32 = 2;
 const EXIT_THRESHOLD: i32 = 99;
 const EXIT_INTERRUPTED: i32 = 130;
 
-/// A running user-service, killed when dropped.
+/// A running user-service on a memory store, with `args`; its address as
+/// user-load's `--addr` takes it.
 struct Server {
-    child: Child,
+    /// Killed when dropped.
+    _process: ServerProcess,
     addr: String,
 }
 
 impl Server {
     fn start(args: &[&str]) -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_user-service"))
-            .args(["--addr", "127.0.0.1:0", "--store", "memory"])
-            .args(args)
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn user-service");
-        let stderr = child.stderr.take().expect("piped stderr");
-        let (tx, rx) = mpsc::channel();
-        // Reads the log to its end, so that the server never blocks on a
-        // full pipe; passes on the address once.
-        std::thread::spawn(move || {
-            let mut tx = Some(tx);
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                if line.contains("user-service listening")
-                    && let Some(tx) = tx.take()
-                {
-                    let _ = tx.send(line);
-                }
-            }
-        });
-        let line = match rx.recv_timeout(PATIENCE) {
-            Ok(line) => line,
-            Err(err) => {
-                let _ = child.kill();
-                panic!("the server did not start listening: {err}");
-            }
-        };
-        let start = line.find("addr=").expect("addr field") + "addr=".len();
-        let addr = line[start..].split_whitespace().next().unwrap().to_owned();
-        Server { child, addr }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_user-service"));
+        command.args(["--store", "memory"]).args(args);
+        let process = ServerProcess::spawn(command);
+        let addr = process.addr.to_string();
+        Server {
+            _process: process,
+            addr,
+        }
     }
 }
 
@@ -137,52 +102,6 @@ fn load(args: &[&str]) -> Run {
     finish(spawn_load(args))
 }
 
-/// A CA, and a certificate it signs for 127.0.0.1 and localhost, in files.
-struct Pki {
-    dir: TempDir,
-}
-
-impl Pki {
-    fn new() -> Pki {
-        let dir = TempDir::new().unwrap();
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "user-load test CA");
-        let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
-        let leaf = |names: &[&str], usage: ExtendedKeyUsagePurpose| {
-            let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
-            let mut params = CertificateParams::new(names).unwrap();
-            params.extended_key_usages = vec![usage];
-            let key = KeyPair::generate().unwrap();
-            let cert = params.signed_by(&key, &ca).unwrap();
-            (cert.pem(), key.serialize_pem())
-        };
-        let (server_cert, server_key) = leaf(
-            &["localhost", "127.0.0.1"],
-            ExtendedKeyUsagePurpose::ServerAuth,
-        );
-        let (client_cert, client_key) = leaf(&["client"], ExtendedKeyUsagePurpose::ClientAuth);
-        for (name, pem) in [
-            ("ca.pem", ca.pem()),
-            ("server.pem", server_cert),
-            ("server.key", server_key),
-            ("client.pem", client_cert),
-            ("client.key", client_key),
-            ("token", "right-token\n".to_owned()),
-            ("wrong-token", "wrong-token\n".to_owned()),
-        ] {
-            std::fs::write(dir.path().join(name), pem).unwrap();
-        }
-        Pki { dir }
-    }
-
-    fn path(&self, name: &str) -> String {
-        self.dir.path().join(name).display().to_string()
-    }
-}
-
 fn assert_failed(run: &Run, code: i32, says: &[&str]) {
     assert_eq!(run.code, code, "{run:?}");
     for words in says {
@@ -216,7 +135,7 @@ fn a_refused_connection_fails_naming_the_address() {
 
 #[test]
 fn plaintext_to_a_tls_server_fails_saying_it_speaks_tls() {
-    let pki = Pki::new();
+    let pki = Pki::new().files();
     let server = Server::start(&[
         "--tls-cert",
         &pki.path("server.pem"),
@@ -256,7 +175,7 @@ fn tls_to_a_plaintext_server_fails_in_the_handshake() {
 
 #[test]
 fn mutual_tls_without_a_client_certificate_fails_asking_for_one() {
-    let pki = Pki::new();
+    let pki = Pki::new().files();
     let server = Server::start(&[
         "--tls-cert",
         &pki.path("server.pem"),
@@ -292,7 +211,7 @@ fn mutual_tls_without_a_client_certificate_fails_asking_for_one() {
 
 #[test]
 fn a_wrong_token_fails_naming_the_token_file() {
-    let pki = Pki::new();
+    let pki = Pki::new().files();
     let server = Server::start(&["--auth-token-file", &pki.path("token")]);
     let wrong = pki.path("wrong-token");
     let run = load(&[

@@ -3,9 +3,9 @@
 use tonic::Code;
 use user_service::proto;
 
-use crate::common::{Backend, list_all, request_stream, user, user_with_id, within};
+use test_support::{Backend, list_all, request_stream, user, user_with_id, within};
 
-crate::for_each_backend!(
+test_support::for_each_backend!(
     imports_every_valid_row_and_reports_the_rest,
     reports_at_most_100_errors_but_counts_all,
     an_empty_stream_adds_nothing,

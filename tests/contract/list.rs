@@ -14,11 +14,11 @@ use user_service::{
     user::{Change, NewUser, User},
 };
 
-use crate::common::{
+use test_support::{
     Backend, Client, FEED_CAPACITY, TestServer, list_all, sqlite_store, user, user_with_id, within,
 };
 
-crate::for_each_backend!(
+test_support::for_each_backend!(
     lists_in_ascending_id_order,
     filters_resumes_and_limits,
     lists_every_user_of_a_large_store_once,

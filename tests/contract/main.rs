@@ -3,8 +3,6 @@
 //!
 //! Every test body takes a `Backend` and runs once per store backend.
 
-mod common;
-
 mod bulk;
 mod list;
 mod server;

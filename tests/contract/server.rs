@@ -12,9 +12,9 @@ use user_service::{
     proto::{self, SyncRequest},
 };
 
-use crate::common::{Backend, FEED_CAPACITY, list_all, request_stream, user, within};
+use test_support::{Backend, FEED_CAPACITY, list_all, request_stream, user, within};
 
-crate::for_each_backend!(
+test_support::for_each_backend!(
     health_reports_serving,
     reflection_lists_the_service_in_both_versions,
     concurrent_writers_lose_nothing,
@@ -141,6 +141,9 @@ async fn shutdown_ends_open_streams_and_returns(backend: Backend) {
         ..Config::default()
     };
     let mut server = backend.start_with_config(FEED_CAPACITY, config).await;
+    // Every backend runs with the config it was given (the SQLite one once
+    // ran with the default 10 s and could pass for the wrong reason).
+    assert_eq!(server.shutdown_grace, Duration::from_secs(600));
     let mut client = server.client().await;
     let rows: Vec<proto::User> = (0..5000).map(|i| user(&format!("u{i}"))).collect();
     client

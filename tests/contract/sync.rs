@@ -7,9 +7,9 @@ use user_service::proto::{
     sync_response::Event,
 };
 
-use crate::common::{Backend, Client, TestServer, request_stream, user, user_with_id, within};
+use test_support::{Backend, Client, TestServer, request_stream, user, user_with_id, within};
 
-crate::for_each_backend!(
+test_support::for_each_backend!(
     acks_report_each_outcome_and_changes_follow_commits,
     requests_apply_in_the_order_sent,
     each_ack_comes_before_its_change,

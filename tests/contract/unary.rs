@@ -4,9 +4,9 @@ use tonic::Code;
 use tonic_types::StatusExt;
 use user_service::{proto, service::USER_SAVED};
 
-use crate::common::{Backend, user, user_with_id};
+use test_support::{Backend, user, user_with_id};
 
-crate::for_each_backend!(
+test_support::for_each_backend!(
     add_user_returns_the_stored_user,
     add_user_ignores_a_client_version,
     add_user_keeps_a_client_id_and_rejects_it_twice,
@@ -133,7 +133,7 @@ async fn invalid_users_are_rejected_with_the_field_named(backend: Backend) {
         assert_eq!(detail.field_violations[0].field, field);
     }
     // Nothing was stored.
-    assert!(crate::common::list_all(&mut client).await.is_empty());
+    assert!(test_support::list_all(&mut client).await.is_empty());
 }
 
 async fn get_user_returns_what_was_stored(backend: Backend) {

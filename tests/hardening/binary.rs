@@ -1,154 +1,53 @@
 //! The security flags of the `user-service` binary, end to end: TLS files
 //! named on the command line, the token file, and what the log says.
 
-use std::{
-    io::{BufRead, BufReader},
-    net::SocketAddr,
-    path::PathBuf,
-    process::{Child, Command, Stdio},
-    sync::{Arc, Mutex, mpsc},
-};
+use std::process::Command;
 
+use test_support::{Pki, ServerProcess, request_stream, run_to_exit, user, within};
 use tonic::{
     Code, Request,
     transport::{Channel, Endpoint},
 };
 use user_service::proto::user_service_client::UserServiceClient;
 
-use crate::{
-    common::{PATIENCE, user, within},
-    security::Pki,
-};
+const BINARY: &str = env!("CARGO_BIN_EXE_user-service");
 
-/// The server binary, running until dropped; its log is collected.
-struct Binary {
-    child: Child,
-    addr: SocketAddr,
-    log: Arc<Mutex<Vec<String>>>,
-    readers: Vec<std::thread::JoinHandle<()>>,
+/// The binary with `args`, logging everything (`trace`), over a memory
+/// store: these tests are about the transport and security flags, and
+/// keep no file behind.
+fn start(args: &[&str]) -> ServerProcess {
+    let mut command = Command::new(BINARY);
+    command
+        .args(["--store", "memory"])
+        .args(args)
+        .env("RUST_LOG", "trace");
+    ServerProcess::spawn(command)
 }
 
-impl Binary {
-    fn start(args: &[&str]) -> Binary {
-        Self::start_command(Command::new(env!("CARGO_BIN_EXE_user-service")), args)
-    }
-
-    /// Starts the binary under `prlimit`, with at most `files` descriptors
-    /// (soft and hard limit: the server cannot raise it).
-    fn start_with_open_files(files: u32, args: &[&str]) -> Binary {
-        let mut command = Command::new("prlimit");
-        command
-            .arg(format!("--nofile={files}:{files}"))
-            .arg("--")
-            .arg(env!("CARGO_BIN_EXE_user-service"));
-        Self::start_command(command, args)
-    }
-
-    fn start_command(mut command: Command, args: &[&str]) -> Binary {
-        let mut child = command
-            .args(args)
-            // These tests are about the transport flags; keep no file behind.
-            .args(["--store", "memory"])
-            .env("RUST_LOG", "trace")
-            .env("NO_COLOR", "1")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start the binary");
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let (port_tx, port_rx) = mpsc::channel();
-        let mut readers = Vec::new();
-        for output in [
-            Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
-            Box::new(child.stderr.take().unwrap()),
-        ] {
-            let (log, port_tx) = (log.clone(), port_tx.clone());
-            readers.push(std::thread::spawn(move || {
-                for line in BufReader::new(output).lines().map_while(Result::ok) {
-                    if line.contains("listening")
-                        && let Some(port) = line
-                            .split_whitespace()
-                            .find_map(|word| word.strip_prefix("addr="))
-                            .and_then(|addr| addr.rsplit(':').next())
-                            .and_then(|port| port.parse::<u16>().ok())
-                    {
-                        let _ = port_tx.send(port);
-                    }
-                    log.lock().unwrap().push(line);
-                }
-            }));
-        }
-        let port = port_rx
-            .recv_timeout(PATIENCE)
-            .unwrap_or_else(|_| panic!("no address in the log: {:?}", log.lock().unwrap()));
-        Binary {
-            child,
-            addr: SocketAddr::from(([127, 0, 0, 1], port)),
-            log,
-            readers,
-        }
-    }
-
-    /// Stops the server with SIGTERM; returns its log. Waits off the async
-    /// runtime, which must go on driving the clients' connections.
-    async fn stop(self) -> String {
-        tokio::task::spawn_blocking(move || self.stop_blocking())
-            .await
-            .unwrap()
-    }
-
-    /// The server's CPU time so far (user + system), from /proc.
-    fn cpu_seconds(&self) -> f64 {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap();
-        // The fields after the command name, which is in parentheses.
-        let fields: Vec<&str> = stat
-            .rsplit_once(')')
-            .unwrap()
-            .1
-            .split_whitespace()
-            .collect();
-        let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
-        // SAFETY: sysconf only reads a system setting.
-        ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
-    }
-
-    fn log(&self) -> String {
-        self.log.lock().unwrap().join("\n")
-    }
-
-    fn stop_blocking(mut self) -> String {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
-        assert!(self.child.wait().unwrap().success(), "exit 0 on SIGTERM");
-        // The readers finish at the end of the output.
-        for reader in self.readers.drain(..) {
-            reader.join().unwrap();
-        }
-        self.log.lock().unwrap().join("\n")
-    }
+/// The same under `prlimit`, with at most `files` descriptors (soft and
+/// hard limit: the server cannot raise it).
+fn start_with_open_files(files: u32, args: &[&str]) -> ServerProcess {
+    let mut command = Command::new("prlimit");
+    command
+        .arg(format!("--nofile={files}:{files}"))
+        .arg("--")
+        .arg(BINARY)
+        .args(["--store", "memory"])
+        .args(args);
+    ServerProcess::spawn(command)
 }
 
-impl Drop for Binary {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A fresh directory for the files a test hands the binary.
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("user-service-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+/// A fresh directory for the files a test hands the binary, removed when
+/// dropped.
+fn scratch() -> tempfile::TempDir {
+    tempfile::tempdir().unwrap()
 }
 
 #[tokio::test]
 async fn the_binary_serves_mutual_tls_from_its_flags() {
     let pki = Pki::new();
-    let dir = scratch("tls");
+    let dir = scratch();
+    let dir = dir.path();
     let (cert, key, ca) = (
         dir.join("cert.pem"),
         dir.join("key.pem"),
@@ -157,7 +56,7 @@ async fn the_binary_serves_mutual_tls_from_its_flags() {
     std::fs::write(&cert, &pki.server_cert_pem).unwrap();
     std::fs::write(&key, &pki.server_key_pem).unwrap();
     std::fs::write(&ca, &pki.ca_pem).unwrap();
-    let server = Binary::start(&[
+    let server = start(&[
         "--addr",
         "127.0.0.1:0",
         "--tls-cert",
@@ -167,12 +66,11 @@ async fn the_binary_serves_mutual_tls_from_its_flags() {
         "--tls-client-ca",
         ca.to_str().unwrap(),
     ]);
-    std::fs::remove_dir_all(&dir).unwrap();
 
     let connect = |identity: bool| {
         let mut tls = pki.client_tls();
         if identity {
-            tls = tls.identity(pki.client.clone());
+            tls = tls.identity(pki.client_identity());
         }
         let endpoint = Endpoint::from_shared(format!("https://{}", server.addr))
             .unwrap()
@@ -194,7 +92,8 @@ async fn the_binary_serves_mutual_tls_from_its_flags() {
             .is_err(),
     };
     assert!(refused);
-    let log = within("the server to stop", server.stop()).await;
+    let (status, log) = within("the server to stop", server.stop()).await;
+    assert!(status.success(), "exit 0 on SIGTERM: {log}");
     assert!(log.contains("tls=true"), "{log}");
     assert!(!log.contains("PRIVATE KEY"), "{log}");
 }
@@ -202,18 +101,18 @@ async fn the_binary_serves_mutual_tls_from_its_flags() {
 #[tokio::test]
 async fn the_binary_checks_its_token_never_logs_it_and_warns_when_exposed() {
     const TOKEN: &str = "t0ken-that-must-not-appear-in-logs";
-    let dir = scratch("token");
+    let dir = scratch();
+    let dir = dir.path();
     let token_file = dir.join("token");
     std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
     // All interfaces (the calls below still go to loopback): the server
     // must warn that it has no TLS.
-    let server = Binary::start(&[
+    let server = start(&[
         "--addr",
         "0.0.0.0:0",
         "--auth-token-file",
         token_file.to_str().unwrap(),
     ]);
-    std::fs::remove_dir_all(&dir).unwrap();
 
     let channel = Endpoint::from_shared(format!("http://{}", server.addr))
         .unwrap()
@@ -238,33 +137,20 @@ async fn the_binary_checks_its_token_never_logs_it_and_warns_when_exposed() {
     );
 
     drop(client);
-    let log = within("the server to stop", server.stop()).await;
+    let (status, log) = within("the server to stop", server.stop()).await;
+    assert!(status.success(), "exit 0 on SIGTERM: {log}");
     assert!(log.contains("without TLS"), "{log}");
     assert!(!log.contains("without an auth token"), "{log}");
     assert!(!log.contains(TOKEN), "the token was logged: {log}");
 }
 
-/// Runs the binary with `args` until it exits (bounded); returns its exit
-/// code and its log.
+/// Runs the binary with `args` (and a memory store) until it exits,
+/// bounded; returns its exit code and its log.
 fn exit_of(args: &[&str]) -> (Option<i32>, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_user-service"))
-        .args(args)
-        .args(["--store", "memory"])
-        .env("NO_COLOR", "1")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start the binary");
-    let mut log = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut log).unwrap();
-    let (done_tx, done_rx) = mpsc::channel();
-    let waiter = std::thread::spawn(move || {
-        let status = child.wait().unwrap();
-        let _ = done_tx.send(());
-        status
-    });
-    done_rx.recv_timeout(PATIENCE).expect("the binary to exit");
-    (waiter.join().unwrap().code(), log)
+    let mut command = Command::new(BINARY);
+    command.args(args).args(["--store", "memory"]);
+    let (status, log) = run_to_exit(command);
+    (status.code(), log)
 }
 
 #[test]
@@ -275,7 +161,8 @@ fn startup_failures_say_what_failed_and_exit_with_their_code() {
     assert_eq!(code, Some(69), "{log}");
     assert!(log.contains(&format!("cannot listen on {taken}")), "{log}");
 
-    let dir = scratch("startup");
+    let dir = scratch();
+    let dir = dir.path();
     let empty = dir.join("empty-token");
     std::fs::write(&empty, "\n").unwrap();
     let missing = dir.join("missing.pem");
@@ -307,46 +194,18 @@ fn startup_failures_say_what_failed_and_exit_with_their_code() {
         log.contains("TLS: the certificate file holds no PEM certificate"),
         "{log}"
     );
-    std::fs::remove_dir_all(&dir).unwrap();
     // Sentences, not Rust debug structures.
     assert!(!log.contains("Os {"), "{log}");
 }
 
 #[tokio::test]
 async fn a_host_name_address_and_the_address_file() {
-    let dir = scratch("addr-file");
-    let addr_file = dir.join("addr");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_user-service"))
-        .args(["--store", "memory", "--addr", "localhost:0", "--addr-file"])
-        .arg(&addr_file)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let addr: SocketAddr = within("the address file", async {
-        loop {
-            // Written whole or not at all.
-            if let Ok(text) = std::fs::read_to_string(&addr_file) {
-                assert!(text.ends_with('\n'), "{text:?}");
-                break text.trim().parse().unwrap();
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
-    })
-    .await;
-    assert!(addr.ip().is_loopback(), "{addr}");
-    let channel = Endpoint::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    UserServiceClient::new(channel)
-        .add_user(user("Named"))
-        .await
-        .unwrap();
-    let _ = child.kill();
-    let _ = child.wait();
-    std::fs::remove_dir_all(&dir).unwrap();
+    // The address file (which `start` waits for) names the address bound.
+    let server = start(&["--addr", "localhost:0"]);
+    assert!(server.addr.ip().is_loopback(), "{}", server.addr);
+    server.client().await.add_user(user("Named")).await.unwrap();
+    let (status, log) = within("the server to stop", server.stop()).await;
+    assert!(status.success(), "{log}");
 }
 
 /// With its descriptors exhausted, the server neither spins nor stops: it
@@ -355,7 +214,7 @@ async fn a_host_name_address_and_the_address_file() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_descriptors_exhausted_the_server_idles_then_accepts_again() {
     const FILES: u32 = 64;
-    let server = Binary::start_with_open_files(FILES, &["--addr", "127.0.0.1:0"]);
+    let server = start_with_open_files(FILES, &[]);
     let url = format!("http://{}", server.addr);
     let mut client = UserServiceClient::new(
         Endpoint::from_shared(url.clone())
@@ -365,7 +224,7 @@ async fn with_descriptors_exhausted_the_server_idles_then_accepts_again() {
             .unwrap(),
     );
     // A call in flight all along: an import whose stream stays open.
-    let (rows, stream) = crate::common::request_stream();
+    let (rows, stream) = request_stream();
     let import = tokio::spawn({
         let mut client = client.clone();
         async move { client.bulk_add_users(stream).await }
@@ -417,6 +276,7 @@ async fn with_descriptors_exhausted_the_server_idles_then_accepts_again() {
         .into_inner();
     assert_eq!((report.added, report.failed), (2, 0));
     client.add_user(user("Same connection")).await.unwrap();
-    let log = within("the server to stop", server.stop()).await;
+    let (status, log) = within("the server to stop", server.stop()).await;
+    assert!(status.success(), "exit 0 on SIGTERM: {log}");
     assert!(log.contains("open files"), "{log}");
 }

@@ -9,10 +9,9 @@ use user_service::{
     proto::{self, GetUserRequest, ListUsersRequest, SyncRequest},
 };
 
-use crate::{
-    common::{FEED_CAPACITY, TestServer, request_stream, user, within},
-    deadlines::start_stuck,
-};
+use test_support::{FEED_CAPACITY, TestServer, request_stream, rss_bytes, user, within};
+
+use crate::deadlines::start_stuck;
 
 async fn settled(server: &TestServer) {
     within(
@@ -104,13 +103,6 @@ async fn a_unary_call_abandoned_before_its_reply_is_released() {
     settled(&server).await;
 }
 
-/// Resident memory of this process (server and client), from /proc.
-fn rss_bytes() -> u64 {
-    let statm = std::fs::read_to_string("/proc/self/statm").expect("/proc/self/statm");
-    let pages: u64 = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
-    pages * 4096
-}
-
 #[tokio::test]
 async fn a_bulk_writer_that_never_stops_is_held_to_bounded_memory() {
     const ROWS: usize = 40_000;
@@ -124,14 +116,14 @@ async fn a_bulk_writer_that_never_stops_is_held_to_bounded_memory() {
         ..user("")
     };
     let rows = tokio_stream::iter(std::iter::repeat_n(row, ROWS));
-    let before = rss_bytes();
+    let before = rss_bytes(std::process::id());
     // Longer than the usual patience: 100 MB through a debug build.
     let reply = tokio::time::timeout(Duration::from_secs(120), client.bulk_add_users(rows))
         .await
         .expect("the import to finish")
         .unwrap()
         .into_inner();
-    let growth = rss_bytes().saturating_sub(before);
+    let growth = rss_bytes(std::process::id()).saturating_sub(before);
     assert_eq!((reply.added, reply.failed), (0, ROWS as u64));
     assert_eq!(reply.errors.len(), 100);
     // Flow control and the import's batch bound what is held at once.

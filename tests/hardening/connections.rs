@@ -14,9 +14,10 @@ use user_service::{
     proto::{SyncRequest, sync_request::Op, user_service_client::UserServiceClient},
 };
 
-use crate::{
-    common::{FEED_CAPACITY, TestServer, request_stream, user, user_with_id, within},
+use test_support::{
+    FEED_CAPACITY, TestServer,
     raw::{self, GOAWAY, Recorder},
+    request_stream, user, user_with_id, within,
 };
 
 async fn start(config: Config) -> TestServer {

@@ -10,54 +10,17 @@ use std::{
 use prost::Message;
 use tonic::{Code, Request, Status};
 use user_service::{
-    Config, MemoryStore, Store,
+    Config, MemoryStore,
     proto::{self, GetUserRequest, ListUsersRequest, SyncRequest, sync_response::Event},
-    store::{ListFilter, Page, StoreError, Subscription},
-    user::{Change, NewUser, User},
 };
 
-use crate::{
-    common::{FEED_CAPACITY, TestServer, list_all, request_stream, user, within},
-    raw,
+use test_support::{
+    FEED_CAPACITY, StuckReads, TestServer, list_all, raw, request_stream, user, within,
 };
 
 /// Short enough to keep the tests fast; long enough that every call is well
 /// under way when it passes.
 const DEADLINE: Duration = Duration::from_millis(500);
-
-/// A store whose reads never complete: a stand-in for a stuck backend, so a
-/// call is still running when its deadline passes.
-#[derive(Clone)]
-pub struct StuckReads(MemoryStore);
-
-impl Store for StuckReads {
-    async fn create(&self, user: NewUser) -> Result<Change, StoreError> {
-        self.0.create(user).await
-    }
-    async fn create_many(&self, users: Vec<NewUser>) -> Vec<Result<Change, StoreError>> {
-        self.0.create_many(users).await
-    }
-    async fn upsert(&self, user: NewUser, expected: Option<u64>) -> Result<Change, StoreError> {
-        self.0.upsert(user, expected).await
-    }
-    async fn delete(&self, id: &str, expected: Option<u64>) -> Result<Change, StoreError> {
-        self.0.delete(id, expected).await
-    }
-    async fn get(&self, _id: &str) -> Result<User, StoreError> {
-        std::future::pending().await
-    }
-    async fn list_page(
-        &self,
-        _filter: ListFilter,
-        _after: Option<&str>,
-        _max: usize,
-    ) -> Result<Page, StoreError> {
-        std::future::pending().await
-    }
-    fn subscribe(&self) -> Subscription {
-        self.0.subscribe()
-    }
-}
 
 pub async fn start_stuck() -> TestServer {
     TestServer::start_with(

@@ -15,9 +15,10 @@ use user_service::{
     proto::{self, SyncRequest},
 };
 
-use crate::{
-    common::{FEED_CAPACITY, TestServer, request_stream, user, within},
+use test_support::{
+    FEED_CAPACITY, TestServer,
     raw::{self, RawConn},
+    request_stream, user, within,
 };
 
 async fn start(config: Config) -> TestServer {

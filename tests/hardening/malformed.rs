@@ -9,9 +9,10 @@ use user_service::proto::{
     user_service_client::UserServiceClient,
 };
 
-use crate::{
-    common::{TestServer, user, user_with_id, within},
+use test_support::{
+    TestServer,
     raw::{self, RawConn, h2_call},
+    user, user_with_id, within,
 };
 
 const ADD_USER: &str = "/grpcUser.UserService/AddUser";

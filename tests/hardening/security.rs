@@ -1,10 +1,7 @@
 //! Bearer-token authentication, TLS and mutual TLS, with certificates made
 //! at test time.
 
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair,
-};
+use rcgen::ExtendedKeyUsagePurpose;
 use tonic::{
     Code, Request, Status,
     transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity},
@@ -23,7 +20,7 @@ use user_service::{
     server::TlsConfig,
 };
 
-use crate::common::{FEED_CAPACITY, TestServer, user, within};
+use test_support::{FEED_CAPACITY, Pki, TestServer, ca, leaf, user, within};
 
 const TOKEN: &str = "correct-horse-battery-staple";
 
@@ -152,64 +149,6 @@ async fn without_a_token_configured_calls_need_none() {
     }
 }
 
-/// A CA, a server certificate for localhost signed by it, and a client
-/// certificate signed by it; all made fresh for each test.
-pub struct Pki {
-    pub ca_pem: String,
-    pub server_cert_pem: String,
-    pub server_key_pem: String,
-    pub client: Identity,
-}
-
-fn ca(name: &str) -> CertifiedIssuer<'static, KeyPair> {
-    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.distinguished_name.push(DnType::CommonName, name);
-    CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap()
-}
-
-fn leaf(
-    issuer: &CertifiedIssuer<'static, KeyPair>,
-    names: &[&str],
-    usage: ExtendedKeyUsagePurpose,
-) -> (String, String) {
-    let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
-    let mut params = CertificateParams::new(names).unwrap();
-    params.extended_key_usages = vec![usage];
-    let key = KeyPair::generate().unwrap();
-    let cert = params.signed_by(&key, issuer).unwrap();
-    (cert.pem(), key.serialize_pem())
-}
-
-impl Pki {
-    pub fn new() -> Pki {
-        let ca = ca("user-service test CA");
-        let (server_cert_pem, server_key_pem) =
-            leaf(&ca, &["localhost"], ExtendedKeyUsagePurpose::ServerAuth);
-        let (client_cert, client_key) = leaf(&ca, &["client"], ExtendedKeyUsagePurpose::ClientAuth);
-        Pki {
-            ca_pem: ca.pem(),
-            server_cert_pem,
-            server_key_pem,
-            client: Identity::from_pem(client_cert, client_key),
-        }
-    }
-
-    fn server_tls(&self, mutual: bool) -> TlsConfig {
-        TlsConfig {
-            cert_pem: self.server_cert_pem.clone().into_bytes(),
-            key_pem: self.server_key_pem.clone().into_bytes(),
-            client_ca_pem: mutual.then(|| self.ca_pem.clone().into_bytes()),
-        }
-    }
-
-    pub fn client_tls(&self) -> ClientTlsConfig {
-        ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(&self.ca_pem))
-            .domain_name("localhost")
-    }
-}
-
 async fn start_tls(tls: TlsConfig) -> TestServer {
     let config = Config {
         tls: Some(tls),
@@ -280,9 +219,12 @@ async fn tls_serves_clients_that_trust_the_server() {
 async fn mutual_tls_refuses_clients_without_a_valid_certificate() {
     let pki = Pki::new();
     let server = start_tls(pki.server_tls(true)).await;
-    add_over(&server, Some(pki.client_tls().identity(pki.client.clone())))
-        .await
-        .unwrap();
+    add_over(
+        &server,
+        Some(pki.client_tls().identity(pki.client_identity())),
+    )
+    .await
+    .unwrap();
 
     let status = add_over(&server, Some(pki.client_tls())).await.unwrap_err();
     assert_refused_by_transport(&status, "no certificate");
@@ -298,7 +240,10 @@ async fn mutual_tls_refuses_clients_without_a_valid_certificate() {
     assert_refused_by_transport(&status, "foreign certificate");
 
     // The server is still serving.
-    add_over(&server, Some(pki.client_tls().identity(pki.client.clone())))
-        .await
-        .unwrap();
+    add_over(
+        &server,
+        Some(pki.client_tls().identity(pki.client_identity())),
+    )
+    .await
+    .unwrap();
 }

@@ -19,9 +19,10 @@ use user_service::{
     proto::{GetUserRequest, ListUsersRequest, SyncRequest, User, sync_request::Op},
 };
 
-use crate::{
-    common::{FEED_CAPACITY, TestServer, user, user_with_id, within},
+use test_support::{
+    FEED_CAPACITY, TestServer,
     raw::{self, GOAWAY, HEADERS, RST_STREAM, RawConn, Recorder, Sent, grpc_frame},
+    user, user_with_id, within,
 };
 
 const END_STREAM: u8 = 0x1;

@@ -52,7 +52,7 @@ class Server:
 
     def __init__(self, *args):
         assert BINARY.exists(), f"build the server first: {BINARY}"
-        env = dict(os.environ, RUST_LOG="info", NO_COLOR="1")
+        env = dict(os.environ, RUST_LOG="info")
         # The default, durable store, on a fresh file for each server.
         self.data = tempfile.mkdtemp(prefix="user-service-data-")
         store = f"sqlite:{self.data}/users.db"

@@ -103,6 +103,19 @@ impl Budget {
 /// A unit of work and when it was due.
 pub type Ticket = (u64, Instant);
 
+/// A worker's next unit of work: from the pacer's `tickets` when the run
+/// is paced (open loop), else claimed from `budget`, due now (closed loop).
+/// `None`: the run is over.
+pub async fn next_ticket(
+    tickets: Option<&async_channel::Receiver<Ticket>>,
+    budget: &Budget,
+) -> Option<Ticket> {
+    match tickets {
+        Some(tickets) => tickets.recv().await.ok(),
+        None => budget.claim().map(|n| (n, Instant::now())),
+    }
+}
+
 /// Open loop: hands out tickets at the rate `schedule` gives for each
 /// moment since `start`, whatever the latency. The queue is `depth` deep;
 /// when it is full (every worker busy) the pacer waits and the tickets' due

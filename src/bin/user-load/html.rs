@@ -445,9 +445,8 @@ fn rate_svg(series: &[Point], warmup_s: f64, streams: bool, users: &str, calls: 
     if series.is_empty() {
         return String::new();
     }
-    let end = series.len() as f64;
     type Pick = fn(&Point) -> u64;
-    let lines: Vec<(String, Pick, RGBColor)> = if streams {
+    let picks: Vec<(String, Pick, RGBColor)> = if streams {
         vec![(users.to_owned(), |p| p.users, OK_COLOUR)]
     } else {
         vec![
@@ -455,50 +454,20 @@ fn rate_svg(series: &[Point], warmup_s: f64, streams: bool, users: &str, calls: 
             (format!("failed {calls}"), |p| p.failed, FAILED_COLOUR),
         ]
     };
-    let top = series
-        .iter()
-        .flat_map(|p| lines.iter().filter_map(|(_, pick, _)| rate(p, pick(p))))
-        .fold(1.0f64, f64::max)
-        * 1.1;
-    svg(|root| {
-        let mut chart = ChartBuilder::on(root)
-            .caption("throughput per second", ("sans-serif", 18))
-            .margin(10)
-            .x_label_area_size(40)
-            .y_label_area_size(70)
-            .build_cartesian_2d(0.0..end, 0.0..top)
-            .map_err(|err| err.to_string())?;
-        chart
-            .configure_mesh()
-            .x_desc("seconds")
-            .y_desc("per second")
-            .y_label_formatter(&|n| format!("{n:.0}"))
-            .draw()
-            .map_err(|err| err.to_string())?;
-        if let Some(area) = warmup_area(warmup_s, top) {
-            chart
-                .draw_series(std::iter::once(area))
-                .map_err(|err| err.to_string())?;
-        }
-        for (name, pick, colour) in lines {
-            // Each second's rate is drawn at the middle of its second.
-            let points: Vec<(f64, f64)> = series
-                .iter()
-                .filter_map(|p| rate(p, pick(p)).map(|r| (p.t_s as f64 + 0.5, r)))
-                .collect();
-            chart
-                .draw_series(LineSeries::new(points, colour.stroke_width(2)))
-                .map_err(|err| err.to_string())?
-                .label(name)
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], colour));
-        }
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .draw()
-            .map_err(|err| err.to_string())
-    })
+    let lines = picks
+        .into_iter()
+        .map(|(name, pick, colour)| {
+            let points = per_second(series, |p| rate(p, pick(p)));
+            (name, points, colour)
+        })
+        .collect();
+    let chart = TimeChart {
+        caption: "throughput per second".into(),
+        y_desc: "per second",
+        y_format: |n| format!("{n:.0}"),
+        floor: 1.0,
+    };
+    chart.draw(series.len(), warmup_s, lines)
 }
 
 /// p50 and p99 per second (p50 left out when `p50` gives none).
@@ -509,55 +478,88 @@ fn p99_svg(
     p99: fn(&Point) -> Option<f64>,
     what: &str,
 ) -> String {
-    let top = series
-        .iter()
-        .filter_map(p99)
-        .fold(0.0f64, f64::max)
-        .max(0.001)
-        * 1.1;
     if series.iter().all(|p| p99(p).is_none()) {
         return String::new();
     }
-    let end = series.len() as f64;
-    svg(|root| {
-        let mut chart = ChartBuilder::on(root)
-            .caption(format!("{what} p50 and p99 per second"), ("sans-serif", 18))
-            .margin(10)
-            .x_label_area_size(40)
-            .y_label_area_size(70)
-            .build_cartesian_2d(0.0..end, 0.0..top)
-            .map_err(|err| err.to_string())?;
-        chart
-            .configure_mesh()
-            .x_desc("seconds")
-            .y_desc("milliseconds")
-            .y_label_formatter(&|ms| format!("{ms:.2}"))
-            .draw()
-            .map_err(|err| err.to_string())?;
-        if let Some(area) = warmup_area(warmup_s, top) {
-            chart
-                .draw_series(std::iter::once(area))
+    let lines = [("p50", p50, P50_COLOUR), ("p99", p99, P99_COLOUR)]
+        .into_iter()
+        .map(|(name, pick, colour)| (name.to_owned(), per_second(series, pick), colour))
+        .collect();
+    let chart = TimeChart {
+        caption: format!("{what} p50 and p99 per second"),
+        y_desc: "milliseconds",
+        y_format: |ms| format!("{ms:.2}"),
+        floor: 0.001,
+    };
+    chart.draw(series.len(), warmup_s, lines)
+}
+
+/// The points of one line: each second's value, drawn at the middle of its
+/// second; seconds without one are left out.
+fn per_second(series: &[Point], value: impl Fn(&Point) -> Option<f64>) -> Vec<(f64, f64)> {
+    series
+        .iter()
+        .filter_map(|p| value(p).map(|v| (p.t_s as f64 + 0.5, v)))
+        .collect()
+}
+
+/// One line of a [`TimeChart`]: its name, its points, its colour.
+type Line = (String, Vec<(f64, f64)>, RGBColor);
+
+/// A chart of values per second of the run, with the warm-up shaded.
+struct TimeChart {
+    caption: String,
+    y_desc: &'static str,
+    y_format: fn(&f64) -> String,
+    /// The least top of the y axis, for a run of zeros.
+    floor: f64,
+}
+
+impl TimeChart {
+    /// Draws `lines` (a name, its points, its colour) over `seconds`.
+    fn draw(&self, seconds: usize, warmup_s: f64, lines: Vec<Line>) -> String {
+        let top = lines
+            .iter()
+            .flat_map(|(_, points, _)| points.iter().map(|&(_, y)| y))
+            .fold(self.floor, f64::max)
+            * 1.1;
+        let end = seconds as f64;
+        svg(|root| {
+            let mut chart = ChartBuilder::on(root)
+                .caption(&self.caption, ("sans-serif", 18))
+                .margin(10)
+                .x_label_area_size(40)
+                .y_label_area_size(70)
+                .build_cartesian_2d(0.0..end, 0.0..top)
                 .map_err(|err| err.to_string())?;
-        }
-        for (name, pick, colour) in [("p50", p50, P50_COLOUR), ("p99", p99, P99_COLOUR)] {
-            let points: Vec<(f64, f64)> = series
-                .iter()
-                .filter_map(|p| pick(p).map(|ms| (p.t_s as f64 + 0.5, ms)))
-                .collect();
-            if points.is_empty() {
-                continue;
+            chart
+                .configure_mesh()
+                .x_desc("seconds")
+                .y_desc(self.y_desc)
+                .y_label_formatter(&self.y_format)
+                .draw()
+                .map_err(|err| err.to_string())?;
+            if let Some(area) = warmup_area(warmup_s, top) {
+                chart
+                    .draw_series(std::iter::once(area))
+                    .map_err(|err| err.to_string())?;
+            }
+            for (name, points, colour) in lines {
+                if points.is_empty() {
+                    continue;
+                }
+                chart
+                    .draw_series(LineSeries::new(points, colour.stroke_width(2)))
+                    .map_err(|err| err.to_string())?
+                    .label(name)
+                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], colour));
             }
             chart
-                .draw_series(LineSeries::new(points, colour.stroke_width(2)))
-                .map_err(|err| err.to_string())?
-                .label(name)
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], colour));
-        }
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .draw()
-            .map_err(|err| err.to_string())
-    })
+                .configure_series_labels()
+                .background_style(WHITE.mix(0.8))
+                .border_style(BLACK)
+                .draw()
+                .map_err(|err| err.to_string())
+        })
+    }
 }

@@ -72,13 +72,15 @@ fn main() -> ExitCode {
     };
     match action {
         Action::Gen(args) => samples::write(&args),
-        Action::Sink(args) => match runtime.block_on(sink::serve(&args.addr)) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(err) => {
-                eprintln!("user-load: sink: {err}");
-                ExitCode::from(EXIT_USAGE)
+        Action::Sink(args) => {
+            match runtime.block_on(sink::serve(&args.addr, args.addr_file.as_deref())) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(err) => {
+                    eprintln!("user-load: sink: {err}");
+                    ExitCode::from(EXIT_USAGE)
+                }
             }
-        },
+        }
         Action::Load(plan) => {
             let output = plan.output.clone();
             match runtime.block_on(run::run(*plan)) {

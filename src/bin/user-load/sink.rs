@@ -128,12 +128,25 @@ impl UserService for Sink {
     }
 }
 
-/// Serves the sink on `addr` until Ctrl-C.
-pub async fn serve(addr: &HostPort) -> Result<(), Box<dyn std::error::Error>> {
+/// Serves the sink on `addr` until Ctrl-C; once listening, writes the
+/// address bound to `addr_file`, if given.
+pub async fn serve(
+    addr: &HostPort,
+    addr_file: Option<&std::path::Path>,
+) -> Result<(), Box<dyn std::error::Error>> {
     let listener = tokio::net::TcpListener::bind(addr.as_str())
         .await
         .map_err(|err| format!("cannot listen on {addr}: {err}"))?;
-    eprintln!("user-load sink listening on {}", listener.local_addr()?);
+    let bound = listener.local_addr()?;
+    eprintln!("user-load sink listening on {bound}");
+    if let Some(path) = addr_file {
+        // Whole or not at all: written beside it, then renamed.
+        let mut temporary = path.as_os_str().to_owned();
+        temporary.push(".tmp");
+        std::fs::write(&temporary, format!("{bound}\n"))
+            .and_then(|()| std::fs::rename(&temporary, path))
+            .map_err(|err| format!("cannot write the address file {}: {err}", path.display()))?;
+    }
     let service = UserServiceServer::new(Sink {
         pool: std::sync::Arc::new(UserPool::new(SINK_POOL, 1)),
     })

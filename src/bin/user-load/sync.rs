@@ -21,7 +21,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use user_service::proto::{self, sync_request::Op, sync_response::Event};
 
 use crate::{
-    budget::Ticket,
+    budget,
     connect::Client,
     record::Recorder,
     run::{Ctx, Outcome, Totals},
@@ -143,15 +143,8 @@ async fn write(
         let prefix = prefix.to_owned();
         tokio::spawn(async move {
             loop {
-                let (n, due): Ticket = match &tickets {
-                    Some(tickets) => match tickets.recv().await {
-                        Ok(ticket) => ticket,
-                        Err(_) => break,
-                    },
-                    None => match budget.claim() {
-                        Some(n) => (n, Instant::now()),
-                        None => break,
-                    },
+                let Some((n, due)) = budget::next_ticket(tickets.as_ref(), &budget).await else {
+                    break;
                 };
                 let Ok(permit) = permits.acquire().await else {
                     break;

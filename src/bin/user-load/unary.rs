@@ -13,6 +13,7 @@ use tokio::task::JoinSet;
 use user_service::{proto, service::USER_SAVED};
 
 use crate::{
+    budget,
     connect::Client,
     record::Recorder,
     run::{Ctx, Outcome, Totals},
@@ -48,15 +49,8 @@ pub async fn run(ctx: &Ctx, kind: Kind, totals: &mut Totals) {
         );
         workers.spawn(async move {
             loop {
-                let (n, due) = match &tickets {
-                    Some(tickets) => match tickets.recv().await {
-                        Ok(ticket) => ticket,
-                        Err(_) => break,
-                    },
-                    None => match budget.claim() {
-                        Some(n) => (n, Instant::now()),
-                        None => break,
-                    },
+                let Some((n, due)) = budget::next_ticket(tickets.as_ref(), &budget).await else {
+                    break;
                 };
                 if !worker.call(n, due).await {
                     break;

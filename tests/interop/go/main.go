@@ -132,7 +132,6 @@ func start(t *T, args ...string) *server {
 	cmd := exec.Command(*serverBin, all...)
 	cmd.Stdout = log
 	cmd.Stderr = log
-	cmd.Env = append(os.Environ(), "NO_COLOR=1")
 	if err := cmd.Start(); err != nil {
 		t.Fatalf("start %s: %v", *serverBin, err)
 	}

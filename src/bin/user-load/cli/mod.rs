@@ -363,6 +363,10 @@ pub struct SinkArgs {
     /// Address to listen on (port 0: any free port, printed at start).
     #[arg(long, env = "USER_SERVICE_ADDR", default_value = DEFAULT_ADDR, value_parser = parse_host_port, value_name = "HOST:PORT")]
     pub addr: HostPort,
+    /// Once listening, write the address bound (`IP:PORT` and a newline)
+    /// to this file, atomically, as the server's own flag does.
+    #[arg(long, value_name = "PATH")]
+    pub addr_file: Option<std::path::PathBuf>,
 }
 
 /// A `host:port` as given: a name is resolved when connecting.

@@ -1,28 +1,26 @@
-//! A real server on an ephemeral port, and helpers for talking to it.
-#![allow(dead_code)] // each test binary uses its own subset
+//! A real server in the test's own process, on `127.0.0.1:0`.
 
-use std::{net::SocketAddr, time::Duration};
+use std::net::SocketAddr;
 
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Channel;
+use tonic::transport::{Channel, Endpoint};
 use user_service::{
     Config, MemoryStore, SqliteStore, Store,
     gauges::Gauges,
-    proto::{self, user_service_client::UserServiceClient},
-    server::ServeError,
-    store::sqlite::{Durability, SqliteOptions},
+    proto::user_service_client::UserServiceClient,
+    server::{Listeners, ServeError},
+    store::{
+        ListFilter, Page, StoreError, Subscription,
+        sqlite::{Durability, SqliteOptions},
+    },
     transport::ConnectionStats,
+    user::{Change, NewUser, User},
 };
+
+use crate::{Client, PATIENCE};
 
 /// Change-feed capacity of test servers unless a test asks for another.
 pub const FEED_CAPACITY: usize = 4096;
-
-/// Bounds every wait in the tests, so a broken server fails a test instead of
-/// hanging it.
-pub const PATIENCE: Duration = Duration::from_secs(10);
-
-pub type Client = UserServiceClient<Channel>;
 
 /// A store backend the contract tests run against.
 #[derive(Debug, Clone, Copy)]
@@ -52,48 +50,12 @@ impl Backend {
             }
             Backend::Sqlite => {
                 let (store, dir) = sqlite_store(feed_capacity);
-                let mut server = TestServer::start_with(store, Config::default()).await;
-                server._data = Some(dir);
+                let mut server = TestServer::start_with(store, config).await;
+                server.data = Some(dir);
                 server
             }
         }
     }
-}
-
-/// Runs each named `async fn(Backend)` test against every backend.
-#[macro_export]
-macro_rules! for_each_backend {
-    ($($test:ident),* $(,)?) => {
-        mod memory {
-            $(
-                #[tokio::test]
-                async fn $test() {
-                    super::$test($crate::common::Backend::Memory).await
-                }
-            )*
-        }
-        mod sqlite {
-            $(
-                #[tokio::test]
-                async fn $test() {
-                    super::$test($crate::common::Backend::Sqlite).await
-                }
-            )*
-        }
-    };
-}
-
-/// A server running in this process on `127.0.0.1:0`.
-pub struct TestServer {
-    pub addr: SocketAddr,
-    /// What the server holds open (from its `Config`).
-    pub gauges: Gauges,
-    /// What happened to its connections (from its `Config`).
-    pub connections: ConnectionStats,
-    shutdown: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<Result<(), ServeError>>>,
-    /// The store's files, deleted when the server is dropped.
-    _data: Option<tempfile::TempDir>,
 }
 
 /// A SQLite store in a new temporary directory (deleted when the returned
@@ -108,6 +70,23 @@ pub fn sqlite_store(feed_capacity: usize) -> (SqliteStore, tempfile::TempDir) {
     (store, dir)
 }
 
+/// A server running in this process on `127.0.0.1:0`.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    /// Where its metrics are served, when it was started with them.
+    pub metrics_addr: Option<SocketAddr>,
+    /// What the server holds open (from its `Config`).
+    pub gauges: Gauges,
+    /// What happened to its connections (from its `Config`).
+    pub connections: ConnectionStats,
+    /// The grace period it was started with, as its shutdown will use it.
+    pub shutdown_grace: std::time::Duration,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Result<(), ServeError>>>,
+    /// The store's files, deleted when the server is dropped.
+    data: Option<tempfile::TempDir>,
+}
+
 impl TestServer {
     /// Starts a server over a fresh in-memory store.
     pub async fn start() -> TestServer {
@@ -117,21 +96,41 @@ impl TestServer {
     /// Starts a server over `store`. The listener is bound before the server
     /// task is spawned, so clients can connect at once.
     pub async fn start_with<S: Store>(store: S, config: Config) -> TestServer {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("local addr");
+        Self::start_listening(store, config, false).await
+    }
+
+    /// The same, serving its metrics too (at `metrics_addr`).
+    pub async fn start_with_metrics<S: Store>(store: S, config: Config) -> TestServer {
+        Self::start_listening(store, config, true).await
+    }
+
+    async fn start_listening<S: Store>(store: S, config: Config, metrics: bool) -> TestServer {
+        let grpc = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = grpc.local_addr().expect("local addr");
+        let metrics = match metrics {
+            true => Some(TcpListener::bind("127.0.0.1:0").await.expect("bind")),
+            false => None,
+        };
+        let metrics_addr = metrics
+            .as_ref()
+            .map(|l| l.local_addr().expect("local addr"));
         let (tx, rx) = oneshot::channel::<()>();
         let gauges = config.gauges.clone();
         let connections = config.connections.clone();
-        let task = tokio::spawn(user_service::run(listener, store, config, async {
+        let shutdown_grace = config.shutdown_grace;
+        let listeners = Listeners { grpc, metrics };
+        let task = tokio::spawn(user_service::run(listeners, store, config, async {
             let _ = rx.await;
         }));
         TestServer {
             addr,
+            metrics_addr,
             gauges,
             connections,
+            shutdown_grace,
             shutdown: Some(tx),
             task: Some(task),
-            _data: None,
+            data: None,
         }
     }
 
@@ -156,7 +155,7 @@ impl TestServer {
     /// 64 KiB (about 1000 users): a stream it does not read stalls the
     /// server quickly, through flow control.
     pub async fn small_window_client(&self) -> Client {
-        let channel = tonic::transport::Endpoint::from_shared(self.url())
+        let channel = Endpoint::from_shared(self.url())
             .expect("url")
             .initial_stream_window_size(64 * 1024)
             .initial_connection_window_size(64 * 1024)
@@ -192,53 +191,36 @@ impl Drop for TestServer {
     }
 }
 
-/// A valid user with no id.
-pub fn user(first_name: &str) -> proto::User {
-    proto::User {
-        first_name: first_name.into(),
-        last_name: "Doe".into(),
-        address: "1 Long Street, Springfield".into(),
-        verified: false,
-        id: String::new(),
-        version: 0,
+/// A store whose reads never complete: a stand-in for a stuck backend, so a
+/// call is still running when its deadline passes or the server shuts down.
+#[derive(Clone)]
+pub struct StuckReads(pub MemoryStore);
+
+impl Store for StuckReads {
+    async fn create(&self, user: NewUser) -> Result<Change, StoreError> {
+        self.0.create(user).await
     }
-}
-
-/// A valid user with a client-chosen id.
-pub fn user_with_id(id: &str) -> proto::User {
-    proto::User {
-        id: id.into(),
-        ..user("Ann")
+    async fn create_many(&self, users: Vec<NewUser>) -> Vec<Result<Change, StoreError>> {
+        self.0.create_many(users).await
     }
-}
-
-/// A request stream the test feeds by hand, for the client-streaming and
-/// bidirectional calls. Dropping the sender closes the client's side.
-pub fn request_stream<T>() -> (tokio::sync::mpsc::Sender<T>, ReceiverStream<T>) {
-    let (tx, rx) = tokio::sync::mpsc::channel(1024);
-    (tx, ReceiverStream::new(rx))
-}
-
-/// Awaits `future`, failing the test if it takes longer than [`PATIENCE`].
-pub async fn within<F: std::future::Future>(what: &str, future: F) -> F::Output {
-    tokio::time::timeout(PATIENCE, future)
-        .await
-        .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
-}
-
-/// Every user, through ListUsers.
-pub async fn list_all(client: &mut Client) -> Vec<proto::User> {
-    let mut stream = client
-        .list_users(proto::ListUsersRequest::default())
-        .await
-        .expect("list_users")
-        .into_inner();
-    let mut users = Vec::new();
-    while let Some(user) = within("a listed user", stream.message())
-        .await
-        .expect("stream")
-    {
-        users.push(user);
+    async fn upsert(&self, user: NewUser, expected: Option<u64>) -> Result<Change, StoreError> {
+        self.0.upsert(user, expected).await
     }
-    users
+    async fn delete(&self, id: &str, expected: Option<u64>) -> Result<Change, StoreError> {
+        self.0.delete(id, expected).await
+    }
+    async fn get(&self, _id: &str) -> Result<User, StoreError> {
+        std::future::pending().await
+    }
+    async fn list_page(
+        &self,
+        _filter: ListFilter,
+        _after: Option<&str>,
+        _max: usize,
+    ) -> Result<Page, StoreError> {
+        std::future::pending().await
+    }
+    fn subscribe(&self) -> Subscription {
+        self.0.subscribe()
+    }
 }

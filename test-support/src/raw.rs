@@ -20,7 +20,7 @@ use tokio::{
     sync::Notify,
 };
 
-use crate::common::within;
+use crate::within;
 
 pub const DATA: u8 = 0x0;
 pub const HEADERS: u8 = 0x1;
