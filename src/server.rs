@@ -231,7 +231,8 @@ pub async fn run<S: Store>(
             connections: config.connections.clone(),
             store: Box::new(store.clone()),
         });
-        let endpoint = tokio::spawn(metrics.clone().serve(listener, stop.clone()));
+        // Served through the shutdown, until `run` returns.
+        let endpoint = tokio::spawn(metrics.clone().serve(listener));
         (metrics, endpoint)
     });
 

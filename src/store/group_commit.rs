@@ -282,7 +282,7 @@ impl Writes {
             match replied.await {
                 Ok(reply) => {
                     if let Some(span) = &span {
-                        span.record("batch.ops", reply.batch_ops);
+                        span.record("batch.ops", reply.batch_ops as i64);
                     }
                     reply.results
                 }

@@ -24,7 +24,6 @@ use hyper::{Method, Request, Response, StatusCode, body::Incoming};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::{encoding::prometheus_text, registry::Registry};
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 
 pub use calls::{ObserveCallsLayer, RpcMetrics};
 pub use collect::{ProcessCollector, ServiceCollector, StoreMetrics};
@@ -62,12 +61,12 @@ impl Metrics {
         text
     }
 
-    /// Serves `GET /metrics` on `listener` until `stop` is cancelled.
-    pub async fn serve(self, listener: TcpListener, stop: CancellationToken) {
+    /// Serves `GET /metrics` on `listener`, until the future is dropped
+    /// (which closes its connections too).
+    pub async fn serve(self, listener: TcpListener) {
         let mut connections = tokio::task::JoinSet::new();
         loop {
             let (tcp, _) = tokio::select! {
-                () = stop.cancelled() => break,
                 Some(_) = connections.join_next(), if !connections.is_empty() => continue,
                 accepted = listener.accept() => match accepted {
                     Ok(accepted) => accepted,

@@ -78,7 +78,7 @@ pub fn store_span(name: &'static str, ops: usize) -> Option<tracing::Span> {
             target: TARGET,
             "store",
             otel.name = name,
-            ops,
+            ops = ops as i64,
             batch.ops = tracing::field::Empty,
         )
     })

@@ -193,34 +193,65 @@ impl Drop for TestServer {
 
 /// A store whose reads never complete: a stand-in for a stuck backend, so a
 /// call is still running when its deadline passes or the server shuts down.
+/// With an id, only GetUser of that id is stuck.
 #[derive(Clone)]
-pub struct StuckReads(pub MemoryStore);
+pub struct StuckReads {
+    store: MemoryStore,
+    only: Option<&'static str>,
+}
+
+impl StuckReads {
+    /// Every read is stuck.
+    pub fn all(store: MemoryStore) -> Self {
+        StuckReads { store, only: None }
+    }
+
+    /// Only GetUser of `id` is stuck.
+    pub fn get_of(store: MemoryStore, id: &'static str) -> Self {
+        StuckReads {
+            store,
+            only: Some(id),
+        }
+    }
+}
 
 impl Store for StuckReads {
     async fn create(&self, user: NewUser) -> Result<Change, StoreError> {
-        self.0.create(user).await
+        self.store.create(user).await
     }
     async fn create_many(&self, users: Vec<NewUser>) -> Vec<Result<Change, StoreError>> {
-        self.0.create_many(users).await
+        self.store.create_many(users).await
     }
     async fn upsert(&self, user: NewUser, expected: Option<u64>) -> Result<Change, StoreError> {
-        self.0.upsert(user, expected).await
+        self.store.upsert(user, expected).await
     }
     async fn delete(&self, id: &str, expected: Option<u64>) -> Result<Change, StoreError> {
-        self.0.delete(id, expected).await
+        self.store.delete(id, expected).await
     }
-    async fn get(&self, _id: &str) -> Result<User, StoreError> {
-        std::future::pending().await
+    async fn get(&self, id: &str) -> Result<User, StoreError> {
+        match self.only {
+            Some(only) if only != id => self.store.get(id).await,
+            _ => std::future::pending().await,
+        }
     }
     async fn list_page(
         &self,
-        _filter: ListFilter,
-        _after: Option<&str>,
-        _max: usize,
+        filter: ListFilter,
+        after: Option<&str>,
+        max: usize,
     ) -> Result<Page, StoreError> {
-        std::future::pending().await
+        match self.only {
+            Some(_) => self.store.list_page(filter, after, max).await,
+            None => std::future::pending().await,
+        }
     }
     fn subscribe(&self) -> Subscription {
-        self.0.subscribe()
+        self.store.subscribe()
+    }
+    fn encode_metrics(
+        &self,
+        encoder: &mut prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        self.store.encode_metrics(encoder)
     }
 }

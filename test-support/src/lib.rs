@@ -57,3 +57,47 @@ macro_rules! for_each_backend {
         }
     };
 }
+
+/// A plain HTTP/1.1 GET of `path` on `addr` (the metrics endpoint, a
+/// Prometheus API): the status code and the body.
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    within("an HTTP reply", async {
+        let mut tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        tcp.write_all(request.as_bytes()).await.expect("write");
+        let mut reply = Vec::new();
+        tcp.read_to_end(&mut reply).await.expect("read");
+        let reply = String::from_utf8(reply).expect("UTF-8");
+        let (head, body) = reply.split_once("\r\n\r\n").expect("a head and a body");
+        let status = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|code| code.parse().ok())
+            .expect("a status code");
+        let body = if head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked")
+        {
+            dechunk(body)
+        } else {
+            body.to_owned()
+        };
+        (status, body)
+    })
+    .await
+}
+
+/// The body of a chunked HTTP/1.1 reply.
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let size = usize::from_str_radix(size.trim(), 16).expect("a chunk size");
+        if size == 0 {
+            break;
+        }
+        out.push_str(&rest[..size]);
+        body = &rest[size + 2..];
+    }
+    out
+}

@@ -24,7 +24,7 @@ const DEADLINE: Duration = Duration::from_millis(500);
 
 pub async fn start_stuck() -> TestServer {
     TestServer::start_with(
-        StuckReads(MemoryStore::new(FEED_CAPACITY)),
+        StuckReads::all(MemoryStore::new(FEED_CAPACITY)),
         Config::default(),
     )
     .await
