@@ -33,7 +33,7 @@ sed -e 's/^package grpc.reflection.v1alpha;/package grpc.reflection.v1;/' \
 protoc -I "$build/proto" --go_out=plugins=grpc,Muser.proto=usergrpc:"$build/src/usergrpc" user.proto
 protoc -I "$build/proto" --go_out=plugins=grpc,Mreflection.proto=reflectionv1:"$build/src/reflectionv1" \
     reflection.proto
-cp tests/interop/go/main.go "$build/src/interop-go/"
+cp tests/interop/go/*.go "$build/src/interop-go/"
 (cd "$build" && GO111MODULE=off GOPATH="$build:/usr/share/gocode" GOCACHE="$build/cache" \
     GOFLAGS=-mod=mod go build -o interop-go interop-go)
 

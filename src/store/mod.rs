@@ -17,6 +17,7 @@ pub mod group_commit;
 mod memory;
 pub mod page;
 pub mod sqlite;
+mod write_stats;
 
 use std::future::Future;
 
