@@ -35,7 +35,8 @@ fn value_for(flag: &str) -> Option<&'static str> {
         "--duration" | "--timeout" | "--warmup" | "--step-every" => "1s",
         "--rps" | "--rps-end" | "--rps-step" => "10",
         "--schedule" => "step",
-        "--cacert" | "--cert" | "--key" | "--auth-token-file" | "--data" | "--html" => "f",
+        "--cacert" | "--cert" | "--key" | "--auth-token-file" | "--data" | "--html"
+        | "--addr-file" => "f",
         "--cname" => "localhost",
         "--header" => "x-a: b",
         "--metadata" => r#"{"x-a":"b"}"#,
@@ -138,7 +139,7 @@ const MODES: &[(&str, &[&str])] = &[
         ],
     ),
     ("gen", &["--count", "--invalid", "--id-prefix", "--seed"]),
-    ("sink", &["--addr"]),
+    ("sink", &["--addr", "--addr-file"]),
 ];
 
 fn accepted(mode: &str) -> BTreeSet<&'static str> {
