@@ -32,9 +32,10 @@ const MAX_REPORTED_ERRORS: usize = 100;
 /// with every row that arrived in the meantime. At most two batches are held
 /// (one committing, one filling, each of at most `MAX_BATCH` rows), so a
 /// client streaming millions of users is throttled by HTTP/2 flow control
-/// rather than buffered. If the stream breaks (the client aborts) or the
-/// server shuts down, the rows already received are still committed, and
-/// stay stored, before the call ends with an error.
+/// rather than buffered. Rows received are committed however the call
+/// ends: when the client cancels or its connection closes, the stream
+/// just ends early (and the reply goes nowhere); when the server shuts
+/// down, the call ends with `UNAVAILABLE` after the commit.
 pub async fn import<S: Store>(
     store: &S,
     mut rows: Streaming<proto::User>,

@@ -467,12 +467,6 @@ impl ErrorCode for Status {
     }
 }
 
-impl ErrorCode for h2::Error {
-    fn code(&self) -> Code {
-        Code::Internal
-    }
-}
-
 /// Counts the gRPC messages in a body's bytes: each is a 5-byte prefix
 /// (a flag and a big-endian length), then that many bytes. A message is
 /// counted once it is complete; messages may span data frames.

@@ -64,8 +64,10 @@ where
     /// it fails, or it is told to go away (server shutdown, idle, age) and
     /// its calls have finished.
     ///
-    /// Each call runs in its own task, owned by this connection: when the
-    /// connection ends, calls still running are cancelled.
+    /// Each call runs in its own task, owned by this connection. When the
+    /// connection ends, calls still running are let go to finish on their
+    /// own (their streams are broken: they end soon); when the future is
+    /// dropped, they are cancelled.
     pub async fn serve<IO>(self, io: IO) -> Result<(), h2::Error>
     where
         IO: AsyncRead + AsyncWrite + Unpin,
@@ -105,17 +107,17 @@ where
         // abruptly, to bound the wait for that GOAWAY to go out.
         let mut grace_timer: Option<Pin<Box<Sleep>>> = None;
         let mut forced = false;
-        loop {
+        let ended = loop {
             tokio::select! {
                 // Accepting also drives the connection: every frame in and out.
                 accepted = conn.accept() => match accepted {
                     Some(Ok((request, respond))) => {
                         calls.spawn(stream::serve(request, respond, service.clone()));
                     }
-                    Some(Err(err)) => return Err(err),
+                    Some(Err(err)) => break Err(err),
                     // Closed: by the client, or once told to go away and
                     // every call is done.
-                    None => return Ok(()),
+                    None => break Ok(()),
                 },
                 Some(_) = calls.join_next(), if !calls.is_empty() => {
                     if calls.is_empty()
@@ -128,7 +130,7 @@ where
                     if received.get() < PREFACE_AND_SETTINGS {
                         stats.count_handshake_timeout();
                         tracing::debug!("no SETTINGS from the client in time; closing the connection");
-                        return Ok(());
+                        break Ok(());
                     }
                     greeted = true;
                 }
@@ -155,7 +157,7 @@ where
                     if grace_timer.is_some() =>
                 {
                     if forced {
-                        return Ok(());
+                        break Ok(());
                     }
                     tracing::debug!(calls = calls.len(), "age grace over; closing the connection");
                     // GOAWAY, and every stream still open is ended.
@@ -165,10 +167,16 @@ where
                 }
                 () = keepalive.expired() => {
                     tracing::debug!("keepalive ping unanswered; closing the connection");
-                    return Ok(());
+                    break Ok(());
                 }
             }
-        }
+        };
+        // Calls still running find their stream broken and end as their
+        // handlers decide (an import commits the rows it received): they
+        // are let go, not cancelled. (Dropping the connection's future
+        // instead, at the end of the shutdown grace, cancels them.)
+        calls.detach_all();
+        ended
     }
 }
 

@@ -31,6 +31,7 @@ use bytes::Bytes;
 use h2::{RecvStream, SendStream, server::SendResponse};
 use http_body::{Body, Frame, SizeHint};
 use tokio::sync::oneshot;
+use tonic::Status;
 use tower_service::Service;
 
 /// The error type of bodies the server sends.
@@ -45,10 +46,15 @@ pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 /// A client that keeps sending past that is not finishing, and gets a reset.
 pub const DRAIN_MAX_BYTES: usize = 1024 * 1024;
 
+/// Longest a call whose client reset the stream (or whose connection is
+/// gone) before the reply head goes on running, to finish with what it
+/// received; then it is cancelled.
+pub const ABANDONED_CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Serves one call: hands `request` to `service` and sends its response on
 /// `respond`, then reads what is left of the request (see the module
-/// documentation). Returns when the stream is done or the client reset it;
-/// dropping the future cancels the call.
+/// documentation). Returns when the stream is done, or when the client reset
+/// it and the call has ended; dropping the future cancels the call.
 pub async fn serve<S, B>(
     request: http::Request<RecvStream>,
     mut respond: SendResponse<Bytes>,
@@ -68,12 +74,19 @@ pub async fn serve<S, B>(
         poll_fn(|cx| service.poll_ready(cx)).await?;
         service.call(request).await
     };
+    let mut call = pin!(call);
     let response = tokio::select! {
         biased;
-        Ok(response) = call => response,
-        // Reset by the client, or the connection is gone: dropping the call
-        // cancels the handler.
-        _ = poll_fn(|cx| respond.poll_reset(cx)) => return,
+        Ok(response) = &mut call => response,
+        // Reset by the client, or the connection is gone. No one will read
+        // the reply, but the call gets a moment to end on its own: its
+        // request body now fails after the data already received, so a
+        // handler reading it stops there (an import commits the rows it
+        // had received). Past that moment it is cancelled.
+        _ = poll_fn(|cx| respond.poll_reset(cx)) => {
+            let _ = tokio::time::timeout(ABANDONED_CALL_TIMEOUT, call).await;
+            return;
+        }
     };
 
     let (head, body) = response.into_parts();
@@ -230,12 +243,12 @@ impl RequestBody {
 
 impl Body for RequestBody {
     type Data = Bytes;
-    type Error = h2::Error;
+    type Error = Status;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
         let this = &mut *self;
         let Some(recv) = &mut this.recv else {
             return Poll::Ready(None);
@@ -248,14 +261,14 @@ impl Body for RequestBody {
                     let _ = recv.flow_control().release_capacity(data.len());
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
-                Some(Err(err)) => return Poll::Ready(Some(Err(err))),
+                Some(Err(err)) => return Poll::Ready(Some(Err(broken(&err)))),
                 None => this.data_done = true,
             }
         }
         match ready!(recv.poll_trailers(cx)) {
             Ok(Some(trailers)) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
             Ok(None) => Poll::Ready(None),
-            Err(err) => Poll::Ready(Some(Err(err))),
+            Err(err) => Poll::Ready(Some(Err(broken(&err)))),
         }
     }
 
@@ -265,6 +278,33 @@ impl Body for RequestBody {
 
     fn size_hint(&self) -> SizeHint {
         SizeHint::default()
+    }
+}
+
+/// The status of a call whose request broke: its stream was reset, or its
+/// connection is gone.
+///
+/// A client that cancels (RST_STREAM with CANCEL) or goes away (its
+/// connection closes or fails) makes the call `CANCELLED`, as gRPC's
+/// HTTP/2 mapping and grpc-go have it. (tonic's `Streaming` then ends the
+/// request stream as if the client had finished it: a handler stops
+/// reading there, and an import commits what it received. Whatever the
+/// handler replies goes nowhere; the call is recorded as `Canceled`.)
+/// Other reset codes map as that same mapping says.
+fn broken(err: &h2::Error) -> Status {
+    if err.is_io() {
+        return Status::cancelled("the client's connection closed");
+    }
+    match err.reason() {
+        Some(h2::Reason::CANCEL) => Status::cancelled("the client cancelled the call"),
+        Some(h2::Reason::REFUSED_STREAM) => Status::unavailable(format!("stream refused: {err}")),
+        Some(h2::Reason::ENHANCE_YOUR_CALM) => {
+            Status::resource_exhausted(format!("stream ended: {err}"))
+        }
+        Some(h2::Reason::INADEQUATE_SECURITY) => {
+            Status::permission_denied(format!("stream ended: {err}"))
+        }
+        _ => Status::internal(format!("stream ended: {err}")),
     }
 }
 

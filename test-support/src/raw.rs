@@ -37,6 +37,7 @@ pub const END_HEADERS: u8 = 0x4;
 
 pub const FRAME_SIZE_ERROR: u32 = 0x6;
 pub const REFUSED_STREAM: u32 = 0x7;
+pub const CANCEL: u32 = 0x8;
 pub const ENHANCE_YOUR_CALM: u32 = 0xb;
 
 /// One frame read from the server.
@@ -104,6 +105,13 @@ impl RawConn {
     /// The next frame, or `None` when the server has closed the connection.
     pub async fn read(&mut self) -> Option<Frame> {
         read_frame(&mut self.tcp).await
+    }
+
+    /// Ends the connection from this side, as a client process that exits
+    /// does (TCP FIN), without an HTTP/2 word: streams still open are left
+    /// open.
+    pub async fn close_write(&mut self) -> std::io::Result<()> {
+        self.tcp.shutdown().await
     }
 
     /// Halves that read and write independently (from two tasks).

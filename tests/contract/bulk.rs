@@ -3,13 +3,20 @@
 use tonic::Code;
 use user_service::proto;
 
-use test_support::{Backend, list_all, request_stream, user, user_with_id, within};
+use prost::Message;
+use test_support::{
+    Backend, list_all,
+    raw::{self, RawConn},
+    request_stream, user, user_with_id, within,
+};
 
 test_support::for_each_backend!(
     imports_every_valid_row_and_reports_the_rest,
     reports_at_most_100_errors_but_counts_all,
     an_empty_stream_adds_nothing,
     rows_stored_before_an_abort_stay_stored,
+    rows_received_before_the_connection_breaks_are_committed,
+    rows_received_before_a_reset_are_committed,
     a_long_import_reports_failures_in_stream_order_across_batches,
 );
 
@@ -118,6 +125,89 @@ async fn rows_stored_before_an_abort_stay_stored(backend: Backend) {
         .unwrap()
         .into_inner();
     assert_eq!(report.added, 1);
+}
+
+/// A client that sends rows and then goes away (it closes its connection
+/// without a word, as a process that exits does): the rows the server
+/// received are still committed, as when the call breaks off, and not
+/// dropped with the connection.
+async fn rows_received_before_the_connection_breaks_are_committed(backend: Backend) {
+    rows_received_before_a_break_are_committed(backend, |mut conn| async move {
+        conn.close_write().await.unwrap();
+        // The server closes its side in turn: read up to there, so that
+        // every byte it sent is taken and the close is clean both ways.
+        while conn.read().await.is_some() {}
+        conn
+    })
+    .await;
+}
+
+/// A client that resets the stream (cancels the call) right after sending
+/// rows: the rows that arrived before the reset are committed.
+async fn rows_received_before_a_reset_are_committed(backend: Backend) {
+    rows_received_before_a_break_are_committed(backend, |mut conn| async move {
+        conn.send(raw::RST_STREAM, 0, 1, &raw::CANCEL.to_be_bytes())
+            .await
+            .unwrap();
+        // Held until the rows are committed: only the stream ends.
+        conn
+    })
+    .await;
+}
+
+/// Starts an import on a raw connection, waits until its first rows are
+/// committed, sends more in one frame and then `breaks` the call: every
+/// row must end up stored.
+async fn rows_received_before_a_break_are_committed<B, F>(backend: Backend, breaks: B)
+where
+    B: FnOnce(RawConn) -> F,
+    F: IntoFuture,
+{
+    const FIRST: usize = 10;
+    // More than two batches of 1024: rows wait to be read when the call
+    // breaks.
+    const THEN: usize = 3000;
+    let server = backend.start().await;
+    let mut watcher = server.client().await;
+    let (_sync_tx, sync_rx) = request_stream::<proto::SyncRequest>();
+    let mut changes = watcher.sync_users(sync_rx).await.unwrap().into_inner();
+    let rows = |range: std::ops::Range<usize>| {
+        let mut body = Vec::new();
+        for i in range {
+            body.extend(raw::grpc_frame(
+                &user_with_id(&format!("gone-{i:04}")).encode_to_vec(),
+            ));
+        }
+        body
+    };
+
+    let mut conn = RawConn::connect(server.addr).await;
+    conn.open(1, "/grpcUser.UserService/BulkAddUsers")
+        .await
+        .unwrap();
+    // The import is under way: its first rows are committed...
+    conn.send(raw::DATA, 0, 1, &rows(0..FIRST)).await.unwrap();
+    for _ in 0..FIRST {
+        within("a change", changes.message())
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    // ...when more arrive, more than one batch, and the call breaks with the
+    // stream still open.
+    for frame in rows(FIRST..FIRST + THEN).chunks(16 * 1024) {
+        conn.send(raw::DATA, 0, 1, frame).await.unwrap();
+    }
+    let _kept = breaks(conn).await;
+
+    for _ in 0..THEN {
+        within("a change", changes.message())
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    let stored = list_all(&mut server.client().await).await;
+    assert_eq!(stored.len(), FIRST + THEN);
 }
 
 async fn a_long_import_reports_failures_in_stream_order_across_batches(backend: Backend) {

@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use prost::Message;
 use test_support::{
     FEED_CAPACITY, StuckReads, TestServer, http_get, raw, request_stream, user, user_with_id,
     within,
@@ -169,6 +170,42 @@ async fn metrics_count_exactly_the_calls_made() {
     )
     .await;
 
+    // Imports that break off after a row: one the client cancels
+    // (RST_STREAM, CANCEL), one whose connection the client closes. Both
+    // count the row and are recorded as cancelled; the row is stored once
+    // (the second is a duplicate).
+    let row = raw::grpc_frame(&user_with_id("broken").encode_to_vec());
+    let started = async |conn: &mut raw::RawConn| {
+        conn.open(1, "/grpcUser.UserService/BulkAddUsers")
+            .await
+            .unwrap();
+        conn.send(raw::DATA, 0, 1, &row).await.unwrap();
+        within(
+            "the import to start",
+            server.gauges.wait_until(|g| g.in_flight_calls() == 1),
+        )
+        .await;
+    };
+    let mut cancelled = raw::RawConn::connect(server.addr).await;
+    started(&mut cancelled).await;
+    cancelled
+        .send(raw::RST_STREAM, 0, 1, &raw::CANCEL.to_be_bytes())
+        .await
+        .unwrap();
+    within(
+        "the cancelled import to end",
+        server.gauges.wait_until(|g| g.in_flight_calls() == 0),
+    )
+    .await;
+    let mut closed = raw::RawConn::connect(server.addr).await;
+    started(&mut closed).await;
+    closed.close_write().await.unwrap();
+    within(
+        "the abandoned import to end",
+        server.gauges.wait_until(|g| g.in_flight_calls() == 0),
+    )
+    .await;
+
     // A stream still open at its deadline.
     let (_keep_open, stream) = request_stream::<SyncRequest>();
     let mut request = Request::new(stream);
@@ -241,10 +278,10 @@ async fn metrics_count_exactly_the_calls_made() {
         },
         Expected {
             method: "BulkAddUsers",
-            started: 1.0,
-            received: 3.0,
+            started: 3.0,
+            received: 5.0,
             sent: 1.0,
-            handled: &[("OK", 1.0)],
+            handled: &[("OK", 1.0), ("Canceled", 2.0)],
         },
         Expected {
             method: "SyncUsers",
@@ -313,15 +350,15 @@ async fn metrics_count_exactly_the_calls_made() {
         );
     }
 
-    // The service's own figures: users (ada, bob, c1, c2, sy), one change
-    // each, nothing refused, one call (the stuck one) in flight.
+    // The service's own figures: users (ada, bob, c1, c2, broken, sy), one
+    // change each, nothing refused, one call (the stuck one) in flight.
     let service = |name: &str, extra: &[(&str, &str)]| {
         *samples
             .get(&(name.to_owned(), labels(extra)))
             .unwrap_or_else(|| panic!("no {name} in:\n{text}"))
     };
-    assert_eq!(service("user_service_users", &[]), 5.0);
-    assert_eq!(service("user_service_last_seq", &[]), 5.0);
+    assert_eq!(service("user_service_users", &[]), 6.0);
+    assert_eq!(service("user_service_last_seq", &[]), 6.0);
     assert_eq!(service("user_service_calls_in_flight", &[]), 1.0);
     assert_eq!(service("user_service_feed_subscribers", &[]), 0.0);
     for limit in ["in_flight", "subscribers", "auth"] {
