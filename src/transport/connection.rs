@@ -2,7 +2,6 @@
 //! going away when idle, old or shut down.
 
 use std::{
-    convert::Infallible,
     future::poll_fn,
     pin::Pin,
     sync::{
@@ -15,19 +14,14 @@ use std::{
 
 use bytes::Bytes;
 use h2::{Ping, PingPong};
-use http_body::Body;
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     task::JoinSet,
     time::{Instant, Sleep},
 };
 use tokio_util::sync::CancellationToken;
-use tower_service::Service;
 
-use super::{
-    ConnectionStats, Http2Settings,
-    stream::{self, BoxError, RequestBody},
-};
+use super::{CallService, ConnectionStats, Http2Settings, ResponseBody, stream};
 
 /// The HTTP/2 preface (24 bytes) and the header of the client's first frame
 /// (9 bytes), which h2 accepts only if it is SETTINGS: a client that has
@@ -50,16 +44,7 @@ pub struct Connection<'a, S> {
     pub stop: CancellationToken,
 }
 
-impl<S, B> Connection<'_, S>
-where
-    S: Service<http::Request<RequestBody>, Response = http::Response<B>, Error = Infallible>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send,
-    B: Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<BoxError> + Send,
-{
+impl<S> Connection<'_, S> {
     /// Serves the calls of the connection `io` until the client closes it,
     /// it fails, or it is told to go away (server shutdown, idle, age) and
     /// its calls have finished.
@@ -68,9 +53,11 @@ where
     /// connection ends, calls still running are let go to finish on their
     /// own (their streams are broken: they end soon); when the future is
     /// dropped, they are cancelled.
-    pub async fn serve<IO>(self, io: IO) -> Result<(), h2::Error>
+    pub async fn serve<IO, B>(self, io: IO) -> Result<(), h2::Error>
     where
         IO: AsyncRead + AsyncWrite + Unpin,
+        S: CallService<B>,
+        B: ResponseBody,
     {
         let Connection {
             service,

@@ -1,18 +1,12 @@
 //! The accept loop: a task per connection, until shutdown.
 
-use std::{convert::Infallible, io, time::Duration};
+use std::{io, time::Duration};
 
-use bytes::Bytes;
-use http_body::Body;
 use tokio::{net::TcpListener, task::JoinSet, time::Instant};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
-use tower_service::Service;
 
-use super::{
-    ConnectionStats, Http2Settings, connection,
-    stream::{BoxError, RequestBody},
-};
+use super::{CallService, ConnectionStats, Http2Settings, ResponseBody, connection};
 use crate::batched_io::BatchedWrites;
 
 /// First pause after an accept error that is not about one connection
@@ -45,13 +39,8 @@ pub async fn serve<S, B>(
     stats: ConnectionStats,
     stop: CancellationToken,
 ) where
-    S: Service<http::Request<RequestBody>, Response = http::Response<B>, Error = Infallible>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send,
-    B: Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<BoxError> + Send,
+    S: CallService<B>,
+    B: ResponseBody,
 {
     let mut connections = JoinSet::new();
     let mut errors = AcceptErrors::default();

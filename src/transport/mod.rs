@@ -19,12 +19,49 @@ mod stats;
 mod stream;
 mod tls;
 
-use std::time::Duration;
+use std::{convert::Infallible, time::Duration};
+
+use bytes::Bytes;
+use http_body::Body;
+use tower_service::Service;
 
 pub use listener::serve;
 pub use stats::ConnectionStats;
 pub use stream::{BoxError, RequestBody};
 pub use tls::{TlsConfig, TlsError};
+
+/// What the transport serves: a service that takes each call's request and
+/// answers with a response whose body is `B`. It never fails: a failed call
+/// is a gRPC status in its response. Every such service is one.
+pub trait CallService<B>:
+    Service<
+        http::Request<RequestBody>,
+        Response = http::Response<B>,
+        Error = Infallible,
+        Future: Send,
+    > + Clone
+    + Send
+    + 'static
+{
+}
+
+impl<S, B> CallService<B> for S where
+    S: Service<
+            http::Request<RequestBody>,
+            Response = http::Response<B>,
+            Error = Infallible,
+            Future: Send,
+        > + Clone
+        + Send
+        + 'static
+{
+}
+
+/// A response body the transport can send: bytes, and errors it can log.
+pub trait ResponseBody: Body<Data = Bytes, Error: Into<BoxError> + Send> + Send + 'static {}
+
+impl<B> ResponseBody for B where B: Body<Data = Bytes, Error: Into<BoxError> + Send> + Send + 'static
+{}
 
 /// Bytes a client may send on one call before the handler reads them: the
 /// stream's initial flow-control window (hyper's default, which this server

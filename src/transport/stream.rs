@@ -20,7 +20,6 @@
 //!   rejected by the thousand would have its whole connection torn down.
 
 use std::{
-    convert::Infallible,
     future::poll_fn,
     pin::{Pin, pin},
     task::{Context, Poll, ready},
@@ -32,7 +31,8 @@ use h2::{RecvStream, SendStream, server::SendResponse};
 use http_body::{Body, Frame, SizeHint};
 use tokio::sync::oneshot;
 use tonic::Status;
-use tower_service::Service;
+
+use super::{CallService, ResponseBody};
 
 /// The error type of bodies the server sends.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -60,9 +60,8 @@ pub async fn serve<S, B>(
     mut respond: SendResponse<Bytes>,
     mut service: S,
 ) where
-    S: Service<http::Request<RequestBody>, Response = http::Response<B>, Error = Infallible>,
-    B: Body<Data = Bytes>,
-    B::Error: Into<BoxError> + Send,
+    S: CallService<B>,
+    B: ResponseBody,
 {
     let (parts, recv) = request.into_parts();
     let (body, mut returned) = RequestBody::new(recv);
@@ -120,11 +119,10 @@ struct Stopped;
 /// END_STREAM when the body has none). An error in the body resets the
 /// stream; a reset by the client ends the body (dropping it cancels the
 /// call).
-async fn send_body<B>(mut body: Pin<&mut B>, send: &mut SendStream<Bytes>) -> Result<(), Stopped>
-where
-    B: Body<Data = Bytes>,
-    B::Error: Into<BoxError> + Send,
-{
+async fn send_body<B: ResponseBody>(
+    mut body: Pin<&mut B>,
+    send: &mut SendStream<Bytes>,
+) -> Result<(), Stopped> {
     loop {
         let frame = poll_fn(|cx| {
             if send.poll_reset(cx).is_ready() {
