@@ -188,18 +188,20 @@ impl WriteStats {
         encoder: &mut DescriptorEncoder,
         writes: &Writes,
     ) -> Result<(), std::fmt::Error> {
+        encode_contents(encoder, self.users(), self.last_seq())?;
+        self.encode_commits(encoder, writes)
+    }
+
+    /// Encodes the commit figures alone (not users and the last seq), with
+    /// the depth of `writes`' queue: for a store that knows those better
+    /// than its own commits can tell (one of several replicas).
+    pub fn encode_commits(
+        &self,
+        encoder: &mut DescriptorEncoder,
+        writes: &Writes,
+    ) -> Result<(), std::fmt::Error> {
         let i = &self.inner;
-        let metrics: [(&str, &str, &dyn EncodeMetric); 6] = [
-            (
-                "user_service_users",
-                "Users stored",
-                &ConstGauge::new(i64::try_from(self.users()).unwrap_or(i64::MAX)),
-            ),
-            (
-                "user_service_last_seq",
-                "The seq of the last committed change",
-                &ConstGauge::new(i64::try_from(self.last_seq()).unwrap_or(i64::MAX)),
-            ),
+        let metrics: [(&str, &str, &dyn EncodeMetric); 4] = [
             (
                 "user_service_write_batch_ops",
                 "Ops (users created, upserts, deletes) per commit of the store's writer",
@@ -228,6 +230,33 @@ impl WriteStats {
         }
         Ok(())
     }
+}
+
+/// Encodes the users stored and the seq of the last change, as every store
+/// reports them.
+pub fn encode_contents(
+    encoder: &mut DescriptorEncoder,
+    users: u64,
+    last_seq: u64,
+) -> Result<(), std::fmt::Error> {
+    let metrics: [(&str, &str, i64); 2] = [
+        (
+            "user_service_users",
+            "Users stored",
+            i64::try_from(users).unwrap_or(i64::MAX),
+        ),
+        (
+            "user_service_last_seq",
+            "The seq of the last committed change",
+            i64::try_from(last_seq).unwrap_or(i64::MAX),
+        ),
+    ];
+    for (name, help, value) in metrics {
+        let gauge = ConstGauge::new(value);
+        let metric_encoder = encoder.encode_descriptor(name, help, None, gauge.metric_type())?;
+        gauge.encode(metric_encoder)?;
+    }
+    Ok(())
 }
 
 /// What a command gets back: one result per op, in order.
@@ -302,7 +331,9 @@ impl Command {
 /// batching policy remembers from one batch to the next.
 #[derive(Debug)]
 pub struct GroupCommit {
-    feed: ChangeFeed,
+    /// `None` for a backend whose feed is fed elsewhere: PostgreSQL's tailer
+    /// publishes what every replica commits, read back from the database.
+    feed: Option<ChangeFeed>,
     stats: WriteStats,
     /// Ops in the previous batch: how many writers were active a moment ago,
     /// and so how many to wait for.
@@ -323,9 +354,9 @@ pub struct Batch {
 }
 
 impl GroupCommit {
-    /// A writer that publishes to `feed` and records its commits in
-    /// `stats`.
-    pub fn new(feed: ChangeFeed, stats: WriteStats) -> Self {
+    /// A writer that publishes to `feed` (if any) and records its commits
+    /// in `stats`.
+    pub fn new(feed: Option<ChangeFeed>, stats: WriteStats) -> Self {
         GroupCommit {
             feed,
             stats,
@@ -375,8 +406,10 @@ impl GroupCommit {
         assert_eq!(results.len(), batch.ops, "one result per op");
         self.stats.committed(batch.ops, took, &results);
         // Committed: now, and only now, the feed and then the callers.
-        for change in results.iter().flatten() {
-            self.feed.publish(change.clone());
+        if let Some(feed) = &self.feed {
+            for change in results.iter().flatten() {
+                feed.publish(change.clone());
+            }
         }
         let mut results = results.into_iter();
         for command in batch.commands {
@@ -459,7 +492,7 @@ mod tests {
 
     #[test]
     fn a_batch_takes_what_is_waiting_up_to_the_cap() {
-        let group = GroupCommit::new(ChangeFeed::new(16), WriteStats::default());
+        let group = GroupCommit::new(Some(ChangeFeed::new(16)), WriteStats::default());
         let mut waiting = (0..3).map(|_| Command::for_test(vec![delete("x")]).0);
         let (first, _) = Command::for_test(vec![delete("a"), delete("b")]);
         let batch = group.start(first, || waiting.next());
@@ -483,7 +516,7 @@ mod tests {
 
     #[test]
     fn a_small_batch_waits_a_fraction_of_the_last_commit() {
-        let mut group = GroupCommit::new(ChangeFeed::new(16), WriteStats::default());
+        let mut group = GroupCommit::new(Some(ChangeFeed::new(16)), WriteStats::default());
         // Nothing known yet: no wait.
         let (first, _) = Command::for_test(vec![delete("a")]);
         let mut batch = group.start(first, || None);
@@ -536,7 +569,7 @@ mod tests {
     fn finish_publishes_in_order_then_answers_each_command() {
         let feed = ChangeFeed::new(16);
         let mut published = feed.subscribe();
-        let mut group = GroupCommit::new(feed, WriteStats::default());
+        let mut group = GroupCommit::new(Some(feed), WriteStats::default());
         let (one, mut one_replied) = Command::for_test(vec![delete("a")]);
         let (two, mut two_replied) = Command::for_test(vec![delete("b"), delete("c")]);
         let mut waiting = Some(two);

@@ -16,6 +16,7 @@ mod feed;
 pub mod group_commit;
 mod memory;
 pub mod page;
+pub mod postgres;
 pub mod sqlite;
 
 use std::future::Future;
@@ -24,9 +25,10 @@ use prometheus_client::encoding::DescriptorEncoder;
 use tokio::sync::watch;
 use uuid::Uuid;
 
-pub use feed::{ChangeFeed, Subscription};
+pub use feed::{ChangeFeed, Changes, FeedError, Subscription, TryRecvError};
 pub use memory::MemoryStore;
 pub use page::{ListFilter, Page};
+pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
 use crate::user::{Change, NewUser, User};
@@ -47,6 +49,12 @@ pub enum StoreError {
     /// the store has logged the failure where it happened.
     #[error("storage full: {0}")]
     Full(String),
+    /// The backend is out of reach (a database server that went away); the
+    /// write may be retried once it is back. A write that failed this way
+    /// in the middle of its commit may have committed: only an
+    /// acknowledgement says that it did. The text is for logs.
+    #[error("storage unavailable: {0}")]
+    Unavailable(String),
     /// The backend failed. The text is for logs, not for clients; the store
     /// has logged the failure where it happened.
     #[error("storage failure: {0}")]
