@@ -233,22 +233,19 @@ impl PostgresStore {
         });
         let wake = Arc::new(Notify::new());
         let prefix = format!("{}:", opened.schema);
-        let writer = WriterTask::spawn(
-            connector.clone(),
-            receiver,
-            stats.clone(),
-            health_parts.clone(),
-            Announce {
-                channel: options.notify.then(|| tailer::CHANNEL.to_owned()),
-                prefix: prefix.clone(),
-            },
-            wake.clone(),
-        );
-        let tailer = TailerTask::spawn(
+        let announce = Announce {
+            channel: options.notify.then(|| tailer::CHANNEL.to_owned()),
+            prefix: prefix.clone(),
+        };
+        // Connected now, so that the first writes find the writer ready.
+        let session = writer::Session::open(&connector, &announce)
+            .await
+            .map_err(|err| OpenError::postgres(&target, err))?;
+        let tailer = TailerTask::start(
             connector.clone(),
             feed.clone(),
             position_sender,
-            wake,
+            wake.clone(),
             Wakeups {
                 listen: options.notify,
                 prefix,
@@ -257,6 +254,17 @@ impl PostgresStore {
             health_parts.clone(),
             contents.clone(),
             opened.seq,
+        )
+        .await
+        .map_err(|err| OpenError::postgres(&target, err))?;
+        let writer = WriterTask::spawn(
+            session,
+            connector.clone(),
+            receiver,
+            stats.clone(),
+            health_parts.clone(),
+            announce,
+            wake,
         );
         let pool = connector.pool();
         let stop_pruning = CancellationToken::new();

@@ -110,8 +110,10 @@ pub(super) struct TailerTask {
 }
 
 impl TailerTask {
+    /// Connects and starts reading after `start`. Connected before it
+    /// returns, so that the store's first writes find it reading.
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn spawn(
+    pub(super) async fn start(
         connector: Connector,
         feed: ChangeFeed,
         position: watch::Sender<Position>,
@@ -120,7 +122,7 @@ impl TailerTask {
         health: Arc<Health>,
         contents: Arc<Contents>,
         start: u64,
-    ) -> TailerTask {
+    ) -> Result<TailerTask, tokio_postgres::Error> {
         let closing = CancellationToken::new();
         let tailer = Tailer {
             connector,
@@ -134,10 +136,12 @@ impl TailerTask {
             counted_from: start,
             closing: closing.clone(),
         };
-        TailerTask {
-            task: tokio::spawn(tailer.run()),
+        let connected = tailer.connect().await?;
+        tailer.position.send_modify(|p| p.reading = true);
+        Ok(TailerTask {
+            task: tokio::spawn(tailer.run(connected)),
             closing,
-        }
+        })
     }
 
     pub(super) async fn close(self) {
@@ -164,6 +168,9 @@ struct Tailer {
     closing: CancellationToken,
 }
 
+/// The tailer's connection, its driver task and its read statement.
+type Connected = (Client, JoinHandle<()>, Statement);
+
 /// Why reading stopped.
 enum Stop {
     Closing,
@@ -171,13 +178,17 @@ enum Stop {
 }
 
 impl Tailer {
-    async fn run(mut self) {
+    async fn run(mut self, connected: Connected) {
         let mut backoff = Backoff::default();
         let mut logged = false;
+        let mut first = Some(connected);
         loop {
-            let connected = tokio::select! {
-                () = self.closing.cancelled() => break,
-                connected = self.connect() => connected,
+            let connected = match first.take() {
+                Some(connected) => Ok(connected),
+                None => tokio::select! {
+                    () = self.closing.cancelled() => break,
+                    connected = self.connect() => connected,
+                },
             };
             let stop = match connected {
                 Ok((client, driver, statement)) => {

@@ -42,7 +42,9 @@ pub(super) struct WriterTask {
 }
 
 impl WriterTask {
+    /// Starts the writer on `session` (connected as the store opened).
     pub(super) fn spawn(
+        session: Session,
         connector: Connector,
         receiver: mpsc::Receiver<Command>,
         stats: WriteStats,
@@ -62,7 +64,7 @@ impl WriterTask {
             closed: false,
         };
         WriterTask {
-            task: tokio::spawn(writer.run()),
+            task: tokio::spawn(writer.run(session)),
             closing,
         }
     }
@@ -77,9 +79,20 @@ impl WriterTask {
 }
 
 /// The writer's connection and its statements.
-struct Session {
+pub(super) struct Session {
     client: Client,
     statements: Statements,
+}
+
+impl Session {
+    pub(super) async fn open(
+        connector: &Connector,
+        announce: &Announce,
+    ) -> Result<Session, tokio_postgres::Error> {
+        let client = connector.connect().await?;
+        let statements = Statements::prepare(&client, announce).await?;
+        Ok(Session { client, statements })
+    }
 }
 
 struct Writer {
@@ -96,12 +109,20 @@ struct Writer {
 }
 
 impl Writer {
-    async fn run(mut self) {
+    async fn run(mut self, session: Session) {
         let mut backoff = Backoff::default();
-        while let Some(mut session) = self.connect(&mut backoff).await {
+        let mut session = Some(session);
+        loop {
+            let mut connected = match session.take() {
+                Some(session) => session,
+                None => match self.connect(&mut backoff).await {
+                    Some(session) => session,
+                    None => break,
+                },
+            };
             tracing::info!(target = %self.connector, "PostgreSQL writer connected");
             self.health.set(Part::Writer, true);
-            let lost = self.serve(&mut session).await;
+            let lost = self.serve(&mut connected).await;
             self.health.set(Part::Writer, false);
             if !lost {
                 break;
@@ -134,11 +155,7 @@ impl Writer {
         loop {
             let connector = self.connector.clone();
             let announce = self.announce.clone();
-            let attempt = async move {
-                let client = connector.connect().await?;
-                let statements = Statements::prepare(&client, &announce).await?;
-                Ok::<_, tokio_postgres::Error>(Session { client, statements })
-            };
+            let attempt = async move { Session::open(&connector, &announce).await };
             let mut attempt = std::pin::pin!(attempt);
             let failed = loop {
                 tokio::select! {

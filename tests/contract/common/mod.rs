@@ -1,6 +1,8 @@
 //! A real server on an ephemeral port, and helpers for talking to it.
 #![allow(dead_code)] // each test binary uses its own subset
 
+pub mod postgres;
+
 use std::{net::SocketAddr, time::Duration};
 
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
@@ -11,7 +13,10 @@ use user_service::{
     gauges::Gauges,
     proto::{self, user_service_client::UserServiceClient},
     server::ServeError,
-    store::sqlite::{Durability, SqliteOptions},
+    store::{
+        postgres::{PostgresOptions, PostgresStore},
+        sqlite::{Durability, SqliteOptions},
+    },
     transport::ConnectionStats,
 };
 
@@ -30,6 +35,9 @@ pub enum Backend {
     Memory,
     /// A fresh database file in a temporary directory, durable commits.
     Sqlite,
+    /// A fresh schema of its own in the test PostgreSQL database (see
+    /// [`postgres`]).
+    Postgres,
 }
 
 impl Backend {
@@ -52,8 +60,14 @@ impl Backend {
             }
             Backend::Sqlite => {
                 let (store, dir) = sqlite_store(feed_capacity);
-                let mut server = TestServer::start_with(store, Config::default()).await;
-                server._data = Some(dir);
+                let mut server = TestServer::start_with(store, config).await;
+                server._data = Some(Box::new(dir));
+                server
+            }
+            Backend::Postgres => {
+                let (store, schema) = postgres_store(feed_capacity).await;
+                let mut server = TestServer::start_with(store, config).await;
+                server._data = Some(Box::new(schema));
                 server
             }
         }
@@ -80,6 +94,14 @@ macro_rules! for_each_backend {
                 }
             )*
         }
+        mod postgres {
+            $(
+                #[tokio::test]
+                async fn $test() {
+                    super::$test($crate::common::Backend::Postgres).await
+                }
+            )*
+        }
     };
 }
 
@@ -92,8 +114,8 @@ pub struct TestServer {
     pub connections: ConnectionStats,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), ServeError>>>,
-    /// The store's files, deleted when the server is dropped.
-    _data: Option<tempfile::TempDir>,
+    /// The store's files or schema, deleted when the server is dropped.
+    _data: Option<Box<dyn std::any::Any + Send>>,
 }
 
 /// A SQLite store in a new temporary directory (deleted when the returned
@@ -106,6 +128,16 @@ pub fn sqlite_store(feed_capacity: usize) -> (SqliteStore, tempfile::TempDir) {
     };
     let store = SqliteStore::open(dir.path().join("users.db"), options).expect("open store");
     (store, dir)
+}
+
+/// A PostgreSQL store in a new, empty schema of the test database (dropped
+/// when the returned schema is dropped).
+pub async fn postgres_store(feed_capacity: usize) -> (PostgresStore, postgres::TestSchema) {
+    let schema = postgres::TestSchema::new().await;
+    let store = PostgresStore::open(&schema.url, PostgresOptions::new(feed_capacity))
+        .await
+        .expect("open the PostgreSQL store");
+    (store, schema)
 }
 
 impl TestServer {
