@@ -20,7 +20,10 @@
 
 use tokio_postgres::{Client, Statement, Transaction, error::SqlState, types::Type};
 
-use super::copy::{self, COPY_MIN_ROWS};
+use super::{
+    connect::Report,
+    copy::{self, COPY_MIN_ROWS},
+};
 use crate::{
     store::{
         PreparedOp, StoreError, check_version,
@@ -163,7 +166,7 @@ pub(super) async fn apply(
     loop {
         match apply_once(client, statements, announce, batch).await {
             Err(err) if attempt < MAX_ATTEMPTS && is_conflict(&err) => {
-                tracing::debug!(error = %err, attempt, "write transaction conflicted; running it again");
+                tracing::debug!(error = %Report(&err), attempt, "write transaction conflicted; running it again");
                 attempt += 1;
             }
             outcome => return outcome,

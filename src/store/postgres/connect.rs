@@ -309,7 +309,7 @@ impl Driver {
             Driver::Tls(connection) => (*connection).await,
         };
         if let Err(err) = ended {
-            tracing::debug!(error = %err, "PostgreSQL connection ended");
+            tracing::debug!(error = %Report(&err), "PostgreSQL connection ended");
         }
     }
 
@@ -322,6 +322,38 @@ impl Driver {
         match self {
             Driver::Plain(connection) => connection.poll_message(cx),
             Driver::Tls(connection) => connection.poll_message(cx),
+        }
+    }
+}
+
+/// A PostgreSQL error in full, for logs and error texts: the server's
+/// severity, code and message (tokio-postgres's own `Display` says only
+/// "db error"), or the client's error and its cause.
+pub struct Report<'a>(pub &'a tokio_postgres::Error);
+
+impl fmt::Display for Report<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0.as_db_error() {
+            Some(db) => {
+                write!(
+                    f,
+                    "{} {}: {}",
+                    db.severity(),
+                    db.code().code(),
+                    db.message()
+                )?;
+                if let Some(detail) = db.detail() {
+                    write!(f, " ({detail})")?;
+                }
+                Ok(())
+            }
+            None => {
+                write!(f, "{}", self.0)?;
+                match std::error::Error::source(self.0) {
+                    Some(source) => write!(f, ": {source}"),
+                    None => Ok(()),
+                }
+            }
         }
     }
 }
@@ -359,7 +391,7 @@ pub fn is_connection_loss(err: &tokio_postgres::Error) -> bool {
 /// [`StoreError::Unavailable`], a full disk [`StoreError::Full`], anything
 /// else internal. `what` says what failed, for the log text.
 pub fn store_error(what: &str, err: &tokio_postgres::Error) -> StoreError {
-    let text = format!("{what}: {err}");
+    let text = format!("{what}: {}", Report(err));
     if is_connection_loss(err) {
         StoreError::Unavailable(text)
     } else if err.code() == Some(&SqlState::DISK_FULL) {
@@ -372,7 +404,12 @@ pub fn store_error(what: &str, err: &tokio_postgres::Error) -> StoreError {
 /// [`store_error`] for a pool that could not hand out a connection.
 pub fn pool_error(err: PoolError) -> StoreError {
     match err {
-        PoolError::Backend(err) => store_error("PostgreSQL connection", &err),
+        // Whatever stops a connection from being made (refused, the server
+        // starting or shutting down, connections not allowed) means the
+        // database is out of reach for now.
+        PoolError::Backend(err) => {
+            StoreError::Unavailable(format!("PostgreSQL connection: {}", Report(&err)))
+        }
         PoolError::Closed => StoreError::Internal("the store is closed".into()),
         PoolError::Timeout(kind) => {
             StoreError::Unavailable(format!("no PostgreSQL connection in time ({kind:?})"))

@@ -15,7 +15,7 @@ use deadpool_postgres::Pool;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::connect::{STATEMENT_TIMEOUT, pool_error};
+use super::connect::{Report, STATEMENT_TIMEOUT, pool_error};
 
 /// Most changes deleted by one statement: keeps each delete (and what it
 /// locks and logs) short. A round goes on until it deletes fewer.
@@ -96,7 +96,7 @@ pub(super) fn spawn(
                     .map_err(|err| pool_error(err).to_string())?;
                 prune(&client, retention)
                     .await
-                    .map_err(|err| err.to_string())
+                    .map_err(|err| Report(&err).to_string())
             };
             match tokio::time::timeout(STATEMENT_TIMEOUT * 6, round).await {
                 Ok(Ok(0)) => {}

@@ -11,7 +11,7 @@ use deadpool_postgres::Pool;
 
 use super::{
     apply::user_from_row,
-    connect::{STATEMENT_TIMEOUT, is_connection_loss, pool_error, store_error},
+    connect::{Report, STATEMENT_TIMEOUT, is_connection_loss, pool_error, store_error},
 };
 use crate::{
     store::{ListFilter, Page, StoreError, page::PageScan},
@@ -108,7 +108,7 @@ fn settle<T>(
             // Not back into the pool.
             let _ = deadpool_postgres::Object::take(client);
             if retry {
-                tracing::debug!(error = %err, "{what}: connection lost; trying another");
+                tracing::debug!(error = %Report(&err), "{what}: connection lost; trying another");
                 return Ok(None);
             }
             store_error(what, &err)

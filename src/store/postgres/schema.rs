@@ -23,7 +23,7 @@
 
 use tokio_postgres::Client;
 
-use super::connect::{ConfigError, is_connection_loss};
+use super::connect::{ConfigError, Report, is_connection_loss};
 
 /// The schema version this build writes. An older database is migrated; a
 /// newer one is refused, since this build cannot know what it means.
@@ -75,11 +75,8 @@ const MIGRATIONS: &[&str] = &["CREATE TABLE users (
 pub enum OpenError {
     #[error(transparent)]
     Config(#[from] ConfigError),
-    #[error("cannot reach PostgreSQL at {target}: {source}")]
-    Unreachable {
-        target: String,
-        source: tokio_postgres::Error,
-    },
+    #[error("cannot reach PostgreSQL at {target}: {detail}")]
+    Unreachable { target: String, detail: String },
     #[error(
         "{target} schema {schema:?}: version {found} is newer than this build supports \
          ({supported}); refusing to use it (database left untouched); run a newer user-service"
@@ -101,11 +98,8 @@ pub enum OpenError {
     },
     #[error("{target}: no schema to create tables in (the search_path names none that exists)")]
     NoSchema { target: String },
-    #[error("{target}: {source}")]
-    Postgres {
-        target: String,
-        source: tokio_postgres::Error,
-    },
+    #[error("{target}: {detail}")]
+    Postgres { target: String, detail: String },
 }
 
 impl OpenError {
@@ -125,10 +119,11 @@ impl OpenError {
 
     pub(super) fn postgres(target: &str, source: tokio_postgres::Error) -> OpenError {
         let target = target.to_owned();
+        let detail = Report(&source).to_string();
         if is_connection_loss(&source) {
-            OpenError::Unreachable { target, source }
+            OpenError::Unreachable { target, detail }
         } else {
-            OpenError::Postgres { target, source }
+            OpenError::Postgres { target, detail }
         }
     }
 }

@@ -38,7 +38,7 @@ use tokio_util::sync::CancellationToken;
 use super::{
     Health, Part,
     apply::{kind_of, user_from_columns},
-    connect::{Backoff, Connector, Driver, STATEMENT_TIMEOUT},
+    connect::{Backoff, Connector, Driver, Report, STATEMENT_TIMEOUT},
 };
 use crate::{
     store::ChangeFeed,
@@ -201,7 +201,7 @@ impl Tailer {
                     self.health.set(Part::Tailer, false);
                     stop
                 }
-                Err(err) => Stop::Lost(err.to_string()),
+                Err(err) => Stop::Lost(Report(&err).to_string()),
             };
             match stop {
                 Stop::Closing => break,
@@ -265,12 +265,12 @@ impl Tailer {
             };
             let rows = match read {
                 Ok(Ok(rows)) => rows,
-                Ok(Err(err)) => return Stop::Lost(err.to_string()),
+                Ok(Err(err)) => return Stop::Lost(Report(&err).to_string()),
                 Err(_) => return Stop::Lost("changelog read timed out".into()),
             };
             let full = rows.len() as i64 == TAIL_BATCH;
             if let Err(err) = self.publish(client, &rows).await {
-                return Stop::Lost(err.to_string());
+                return Stop::Lost(Report(&err).to_string());
             }
             if full {
                 continue;
@@ -371,7 +371,7 @@ async fn drive(
             }
             Some(Ok(_)) => {}
             Some(Err(err)) => {
-                tracing::debug!(error = %err, "PostgreSQL tailer connection ended");
+                tracing::debug!(error = %Report(&err), "PostgreSQL tailer connection ended");
                 return;
             }
             None => return,

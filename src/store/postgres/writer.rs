@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use super::{
     Health, Part,
     apply::{Announce, Statements, apply},
-    connect::{Backoff, Connector, STATEMENT_TIMEOUT, is_connection_loss, store_error},
+    connect::{Backoff, Connector, Report, STATEMENT_TIMEOUT, is_connection_loss, store_error},
 };
 use crate::store::{
     StoreError,
@@ -172,7 +172,7 @@ impl Writer {
             if !logged {
                 tracing::warn!(
                     target = %self.connector,
-                    error = %failed,
+                    error = %Report(&failed),
                     "PostgreSQL writer cannot connect; writes fail with UNAVAILABLE until it can"
                 );
                 logged = true;
@@ -219,6 +219,26 @@ impl Writer {
                 let receiver = &mut self.receiver;
                 batch.add(command, || receiver.try_recv().ok());
             }
+            // A connection the server ended while the writer was idle (an
+            // administrator's pg_terminate_backend, a failover) is replaced
+            // before the batch is tried on it, rather than failing it.
+            if session.client.is_closed() {
+                match Session::open(&self.connector, &self.announce).await {
+                    Ok(fresh) => *session = fresh,
+                    Err(err) => {
+                        tracing::warn!(error = %Report(&err), "PostgreSQL writer cannot reconnect");
+                        self.group.finish(
+                            batch,
+                            std::time::Duration::ZERO,
+                            Err(StoreError::Unavailable(format!(
+                                "PostgreSQL writer cannot reconnect: {}",
+                                Report(&err)
+                            ))),
+                        );
+                        return true;
+                    }
+                }
+            }
             let started = Instant::now();
             let (outcome, lost) = self.commit(session, &batch).await;
             self.group.finish(batch, started.elapsed(), outcome);
@@ -252,14 +272,14 @@ impl Writer {
             Ok(Ok(results)) => (Ok(results), false),
             Ok(Err(err)) if is_connection_loss(&err) => {
                 tracing::warn!(
-                    error = %err,
+                    error = %Report(&err),
                     ops = batch.len(),
                     "PostgreSQL connection lost during a write; reconnecting"
                 );
                 (Err(store_error("PostgreSQL write", &err)), true)
             }
             Ok(Err(err)) => {
-                tracing::error!(error = %err, ops = batch.len(), "PostgreSQL write failed; batch rolled back");
+                tracing::error!(error = %Report(&err), ops = batch.len(), "PostgreSQL write failed; batch rolled back");
                 (Err(store_error("PostgreSQL write", &err)), false)
             }
             Err(_) => {
