@@ -25,7 +25,8 @@ pub type Client = UserServiceClient<Channel>;
 pub struct Replica {
     child: Child,
     pub addr: SocketAddr,
-    dir: tempfile::TempDir,
+    /// Its address file and log, deleted when dropped.
+    _dir: tempfile::TempDir,
 }
 
 impl Replica {
@@ -50,7 +51,11 @@ impl Replica {
             assert!(started.elapsed() < PATIENCE, "no address: {}", log(&dir));
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
-        Replica { child, addr, dir }
+        Replica {
+            child,
+            addr,
+            _dir: dir,
+        }
     }
 
     /// Runs the binary on `url` until it exits by itself (bounded); its
@@ -114,11 +119,6 @@ impl Replica {
         let pid = libc::pid_t::try_from(self.child.id()).unwrap();
         // SAFETY: a signal to our own child, not yet waited for.
         assert_eq!(unsafe { libc::kill(pid, signal) }, 0);
-    }
-
-    /// What the replica logged so far.
-    pub fn log(&self) -> String {
-        log(&self.dir)
     }
 }
 

@@ -190,7 +190,7 @@ impl Tailer {
                     connected = self.connect() => connected,
                 },
             };
-            let stop = match connected {
+            let failed = match connected {
                 Ok((client, driver, statement)) => {
                     backoff.reset();
                     logged = false;
@@ -199,23 +199,29 @@ impl Tailer {
                     let stop = self.read(&client, &statement, driver).await;
                     self.position.send_modify(|p| p.reading = false);
                     self.health.set(Part::Tailer, false);
-                    stop
-                }
-                Err(err) => Stop::Lost(Report(&err).to_string()),
-            };
-            match stop {
-                Stop::Closing => break,
-                Stop::Lost(reason) => {
-                    if !logged {
-                        tracing::warn!(
-                            target = %self.connector,
-                            error = %reason,
-                            last_seq = self.last,
-                            "PostgreSQL tailer lost its connection; reconnecting"
-                        );
-                        logged = true;
+                    match stop {
+                        Stop::Closing => break,
+                        // A connection that worked is replaced at once.
+                        Stop::Lost(reason) => {
+                            tracing::warn!(
+                                error = %reason,
+                                last_seq = self.last,
+                                "PostgreSQL tailer lost its connection; reconnecting"
+                            );
+                            continue;
+                        }
                     }
                 }
+                Err(err) => err,
+            };
+            if !logged {
+                tracing::warn!(
+                    target = %self.connector,
+                    error = %Report(&failed),
+                    last_seq = self.last,
+                    "PostgreSQL tailer cannot connect; retrying"
+                );
+                logged = true;
             }
             tokio::select! {
                 () = self.closing.cancelled() => break,
