@@ -4,8 +4,13 @@
 
 use std::collections::{HashMap, HashSet};
 
+use prometheus_client::{collector::Collector, encoding::DescriptorEncoder, registry::Registry};
 use tonic::Code;
 use user_service::proto::{Change, sync_response::Event};
+use user_service::store::{
+    Store,
+    postgres::{PostgresOptions, PostgresStore},
+};
 
 use crate::{
     common::postgres::TestSchema,
@@ -184,4 +189,51 @@ async fn one_of_concurrent_upserts_with_one_expected_version_wins() {
         .unwrap()
         .into_inner();
     assert_eq!(stored.version, ROUNDS + 1);
+}
+
+/// A store's metrics, as a scrape would encode them.
+fn scrape(store: &PostgresStore) -> String {
+    #[derive(Debug)]
+    struct Scraped(PostgresStore);
+    impl Collector for Scraped {
+        fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+            self.0.encode_metrics(&mut encoder)
+        }
+    }
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(Scraped(store.clone())));
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+    text
+}
+
+/// Users and the last seq count every replica's writes, as its tailer has
+/// read them; the commit figures are the replica's own writer's.
+#[tokio::test]
+async fn metrics_count_every_replicas_writes() {
+    use user_service::user::NewUser;
+    let schema = TestSchema::new().await;
+    let open = || PostgresStore::open(&schema.url, PostgresOptions::new(64));
+    let (a, b) = (open().await.unwrap(), open().await.unwrap());
+    let user = |id: &str| NewUser {
+        id: id.into(),
+        first_name: "N".into(),
+        ..NewUser::default()
+    };
+    b.create_many(vec![user("b1"), user("b2"), user("b3")])
+        .await;
+    b.delete("b2", None).await.unwrap();
+    a.create(user("a1")).await.unwrap();
+    // Replica A has read B's changes before its own (seq 5) was answered.
+    assert_eq!(a.last_seq(), 5);
+    let text = scrape(&a);
+    assert!(text.contains("user_service_users 3\n"), "{text}");
+    assert!(text.contains("user_service_last_seq 5\n"), "{text}");
+    // One commit by A's writer, of one op.
+    assert!(
+        text.contains("user_service_write_batch_ops_count 1\n"),
+        "{text}"
+    );
+    a.close().await;
+    b.close().await;
 }
