@@ -11,14 +11,25 @@
 //!
 //! Then one statement takes as many seqs as there were changes from the
 //! counter row and appends the changes to the changelog, and asks
-//! PostgreSQL to notify the tailers once it commits. The counter row is
+//! PostgreSQL to notify the tailers once it commits.
+//!
+//! A batch of creates only (AddUser calls, BulkAddUsers batches: the bulk
+//! of the traffic) is one statement instead, run on its own as its own
+//! transaction: it stores the users whose ids are free, takes their seqs
+//! and appends their changes, in one round trip to the database where the
+//! general path takes four. Long ones are first copied into a staging table
+//! with binary `COPY` (see `copy`). The counter row is
 //! locked last, just before COMMIT, and held through it: replicas take turns
 //! only for that moment, seqs go out in commit order, and a transaction that
 //! holds the counter never waits for a user row another one holds (so the
 //! two locks cannot deadlock). Users locked in different orders by two
 //! replicas can: PostgreSQL then fails one transaction, which is run again.
 
-use tokio_postgres::{Client, Statement, Transaction, error::SqlState, types::Type};
+use tokio_postgres::{
+    Client, Statement, Transaction,
+    error::SqlState,
+    types::{ToSql, Type},
+};
 
 use super::{
     connect::Report,
@@ -69,6 +80,10 @@ pub(super) struct Announce {
 
 /// The writer's statements, prepared once per connection.
 pub(super) struct Statements {
+    /// A batch of creates only, from arrays: `$1`..`$5` the columns.
+    create_all: Statement,
+    /// The same from the staging table `copy` fills.
+    create_staged: Statement,
     insert_new: Statement,
     version_of: Statement,
     insert: Statement,
@@ -105,7 +120,18 @@ impl Statements {
                 None => "",
             }
         );
+        let copy = copy::Statements::prepare(client).await?;
+        let arrays = "SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], \
+                      $5::bool[]) WITH ORDINALITY AS u(id, f, l, a, v, n)";
+        let staged = "SELECT id, first_name AS f, last_name AS l, address AS a, verified AS v, \
+                      ord::bigint AS n FROM user_import";
         Ok(Statements {
+            create_all: client
+                .prepare(&create_statement(arrays, 6, announce))
+                .await?,
+            create_staged: client
+                .prepare(&create_statement(staged, 1, announce))
+                .await?,
             // Writes nothing for an id that is taken (by an earlier row of
             // the same statement too: the first of equal ids wins), and
             // returns the ids it stored.
@@ -148,9 +174,53 @@ impl Statements {
                 .await?,
             delete: client.prepare("DELETE FROM users WHERE id = $1").await?,
             log: client.prepare(&log).await?,
-            copy: copy::Statements::prepare(client).await?,
+            copy,
         })
     }
+}
+
+/// The statement that stores a batch of creates only, the rows coming from
+/// `input` (columns `id, f, l, a, v` and `n`, each row's place from 1):
+/// stores those whose id is free (the first of equal ids), takes as many
+/// seqs from the counter row, appends their changes to the changelog, and
+/// returns each stored row's `n` and seq. `$notify` and the next parameter
+/// are the NOTIFY channel and payload prefix, when commits announce.
+fn create_statement(input: &str, notify: usize, announce: &Announce) -> String {
+    let (announced, from) = match announce.channel {
+        Some(_) => (
+            format!(
+                ", announced AS (SELECT pg_notify(${notify}, ${} || last) FROM taken)",
+                notify + 1
+            ),
+            ", announced",
+        ),
+        None => (String::new(), ""),
+    };
+    format!(
+        "WITH input AS ({input}),
+         stored AS (
+             INSERT INTO users (id, first_name, last_name, address, verified, version)
+             SELECT id, f, l, a, v, 1 FROM input ORDER BY n
+             ON CONFLICT (id) DO NOTHING RETURNING id
+         ),
+         numbered AS (
+             SELECT first.n, row_number() OVER (ORDER BY first.n) AS k
+             FROM (SELECT min(input.n) AS n FROM input JOIN stored USING (id)
+                   GROUP BY input.id) AS first
+         ),
+         taken AS (
+             UPDATE user_change_seq SET seq = seq + (SELECT count(*) FROM numbered)
+             RETURNING seq - (SELECT count(*) FROM numbered) AS base, seq AS last
+         ),
+         logged AS (
+             INSERT INTO user_changes
+                 (seq, kind, id, first_name, last_name, address, verified, version)
+             SELECT taken.base + numbered.k, 1, input.id, input.f, input.l, input.a,
+                    input.v, 1
+             FROM taken, numbered JOIN input USING (n)
+         ){announced}
+         SELECT numbered.n, taken.base + numbered.k FROM taken, numbered{from}"
+    )
 }
 
 /// Runs `batch` in one transaction and commits it; one result per op. A
@@ -162,9 +232,20 @@ pub(super) async fn apply(
     announce: &Announce,
     batch: &Batch,
 ) -> Result<Results, tokio_postgres::Error> {
+    let creates: Option<Vec<&User>> = batch
+        .ops()
+        .map(|op| match op {
+            PreparedOp::Create(user) => Some(user),
+            _ => None,
+        })
+        .collect();
     let mut attempt = 1;
     loop {
-        match apply_once(client, statements, announce, batch).await {
+        let outcome = match &creates {
+            Some(users) => create_only(client, statements, announce, users).await,
+            None => apply_once(client, statements, announce, batch).await,
+        };
+        match outcome {
             Err(err) if attempt < MAX_ATTEMPTS && is_conflict(&err) => {
                 tracing::debug!(error = %Report(&err), attempt, "write transaction conflicted; running it again");
                 attempt += 1;
@@ -181,6 +262,58 @@ fn is_conflict(err: &tokio_postgres::Error) -> bool {
         err.code(),
         Some(&SqlState::T_R_DEADLOCK_DETECTED | &SqlState::T_R_SERIALIZATION_FAILURE)
     )
+}
+
+/// A batch of creates only, as one statement: its own transaction.
+async fn create_only(
+    client: &mut Client,
+    statements: &Statements,
+    announce: &Announce,
+    users: &[&User],
+) -> Result<Results, tokio_postgres::Error> {
+    let notify: Vec<&(dyn ToSql + Sync)> = match &announce.channel {
+        Some(channel) => vec![channel, &announce.prefix],
+        None => Vec::new(),
+    };
+    let rows = if users.len() >= COPY_MIN_ROWS {
+        let tx = client.transaction().await?;
+        copy::stage(&tx, &statements.copy, users).await?;
+        let rows = tx.query(&statements.create_staged, &notify).await?;
+        tx.commit().await?;
+        rows
+    } else {
+        let column = |field: fn(&User) -> &str| users.iter().map(|u| field(u)).collect::<Vec<_>>();
+        let (ids, firsts, lasts, addresses) = (
+            column(User::id),
+            column(User::first_name),
+            column(User::last_name),
+            column(User::address),
+        );
+        let verified: Vec<bool> = users.iter().map(|u| u.verified()).collect();
+        let mut params: Vec<&(dyn ToSql + Sync)> =
+            vec![&ids, &firsts, &lasts, &addresses, &verified];
+        params.extend(notify);
+        // Outside a transaction: the statement is one, committed on its own.
+        client.query(&statements.create_all, &params).await?
+    };
+    let mut seqs = vec![None; users.len()];
+    for row in rows {
+        let n: i64 = row.try_get(0)?;
+        let seq: i64 = row.try_get(1)?;
+        seqs[n as usize - 1] = Some(seq as u64);
+    }
+    Ok(users
+        .iter()
+        .zip(seqs)
+        .map(|(user, seq)| match seq {
+            Some(seq) => Ok(Change {
+                seq,
+                kind: ChangeKind::Created,
+                user: (*user).clone(),
+            }),
+            None => Err(StoreError::AlreadyExists(user.id().to_owned())),
+        })
+        .collect())
 }
 
 async fn apply_once(
@@ -202,7 +335,7 @@ async fn apply_once(
                     run.push(user);
                     ops.next();
                 }
-                create_all(&tx, statements, &run, &mut changes, &mut outcomes).await?;
+                create_run(&tx, statements, &run, &mut changes, &mut outcomes).await?;
             }
             PreparedOp::Upsert {
                 user,
@@ -229,17 +362,16 @@ async fn apply_once(
     Ok(changes.results(base, outcomes))
 }
 
-/// Creates each user of `run` whose id is free, in order.
-async fn create_all(
+/// Creates each user of `run` (creates among other ops) whose id is free,
+/// in order.
+async fn create_run(
     tx: &Transaction<'_>,
     statements: &Statements,
     run: &[&User],
     changes: &mut Changes,
     outcomes: &mut Vec<Result<usize, StoreError>>,
 ) -> Result<(), tokio_postgres::Error> {
-    let mut stored: std::collections::HashSet<String> = if run.len() >= COPY_MIN_ROWS {
-        copy::insert_new(tx, &statements.copy, run).await?
-    } else {
+    let mut stored: std::collections::HashSet<String> = {
         let column = |field: fn(&User) -> &str| run.iter().map(|u| field(u)).collect::<Vec<_>>();
         let verified: Vec<bool> = run.iter().map(|u| u.verified()).collect();
         tx.query(

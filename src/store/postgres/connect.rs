@@ -464,6 +464,8 @@ mod tests {
         ];
         let c = Connector::from_url_and_env("postgres://", env(&vars)).unwrap();
         assert_eq!(c.to_string(), "postgres://svc@db.internal:6432/users");
+        let c = Connector::from_url_and_env("postgres:///other", env(&vars)).unwrap();
+        assert_eq!(c.to_string(), "postgres://svc@db.internal:6432/other");
         assert_eq!(c.config.get_application_name(), Some("replica-a"));
         assert_eq!(c.config.get_connect_timeout(), Some(&CONNECT_TIMEOUT));
         let c = Connector::from_url_and_env(

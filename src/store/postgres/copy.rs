@@ -2,13 +2,13 @@
 //! committed together) through binary `COPY`.
 //!
 //! The rows are copied into a temporary staging table of the writer's
-//! connection, in their order, then moved into `users` by one `INSERT ...
-//! SELECT ... ON CONFLICT DO NOTHING RETURNING id`: an id that already
-//! exists, or that came earlier in the run, is not stored, and the ids
-//! returned say which were. The staging table empties itself at every
-//! commit (`ON COMMIT DELETE ROWS`).
+//! connection, numbered in their order; then the statement that stores a
+//! batch of creates (see `apply`) reads them from there instead of from
+//! arrays: it stores those whose id is free, takes their seqs, appends
+//! their changes, and says which rows were stored. The staging table
+//! empties itself at every commit (`ON COMMIT DELETE ROWS`).
 
-use std::{collections::HashSet, pin::pin};
+use std::pin::pin;
 
 use tokio_postgres::{
     Client, Statement, Transaction, binary_copy::BinaryCopyInWriter, types::Type,
@@ -16,14 +16,14 @@ use tokio_postgres::{
 
 use crate::user::User;
 
-/// Runs of at least this many creates go through `COPY`; shorter ones are
-/// one `INSERT` over arrays (see `apply`), which takes one round trip
-/// fewer. See BENCHMARKS.md for how the two compare.
+/// Batches of at least this many creates go through `COPY`; smaller ones
+/// send their rows as arrays, in the statement itself, which needs no
+/// transaction around it (one round trip, where `COPY` takes four). See
+/// BENCHMARKS.md for how the two compare.
 pub(super) const COPY_MIN_ROWS: usize = 256;
 
 pub(super) struct Statements {
     copy_in: Statement,
-    insert: Statement,
 }
 
 impl Statements {
@@ -48,25 +48,16 @@ impl Statements {
                      FROM STDIN (FORMAT binary)",
                 )
                 .await?,
-            insert: client
-                .prepare(
-                    "INSERT INTO users (id, first_name, last_name, address, verified, version)
-                     SELECT id, first_name, last_name, address, verified, 1
-                     FROM user_import ORDER BY ord
-                     ON CONFLICT (id) DO NOTHING RETURNING id",
-                )
-                .await?,
         })
     }
 }
 
-/// Stores each user of `run` whose id is free (the first of equal ids);
-/// returns the ids stored.
-pub(super) async fn insert_new(
+/// Copies `users` into the staging table, numbered from 1 in their order.
+pub(super) async fn stage(
     tx: &Transaction<'_>,
     statements: &Statements,
-    run: &[&User],
-) -> Result<HashSet<String>, tokio_postgres::Error> {
+    users: &[&User],
+) -> Result<(), tokio_postgres::Error> {
     let sink = tx.copy_in(&statements.copy_in).await?;
     let mut writer = pin!(BinaryCopyInWriter::new(
         sink,
@@ -79,8 +70,8 @@ pub(super) async fn insert_new(
             Type::BOOL
         ],
     ));
-    for (ord, user) in run.iter().enumerate() {
-        let ord = ord as i32;
+    for (ord, user) in (1..).zip(users) {
+        let ord: i32 = ord;
         writer
             .as_mut()
             .write(&[
@@ -94,10 +85,5 @@ pub(super) async fn insert_new(
             .await?;
     }
     writer.finish().await?;
-    Ok(tx
-        .query(&statements.insert, &[])
-        .await?
-        .iter()
-        .map(|row| row.get(0))
-        .collect())
+    Ok(())
 }

@@ -90,6 +90,11 @@ impl Session {
         announce: &Announce,
     ) -> Result<Session, tokio_postgres::Error> {
         let client = connector.connect().await?;
+        // Each batch is a handful of short statements: compiling them
+        // (PostgreSQL's JIT, which the planner's guesses about the tiny
+        // counter table can set off) took 30 ms a statement, far longer
+        // than running them.
+        client.batch_execute("SET jit = off").await?;
         let statements = Statements::prepare(&client, announce).await?;
         Ok(Session { client, statements })
     }
