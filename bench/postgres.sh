@@ -66,6 +66,16 @@ cpu() {
     awk -v tck="$(getconf CLK_TCK)" '{ split($0, a, ") "); split(a[2], f, " "); printf "%.2f", (f[12] + f[13]) / tck }' "/proc/$1/stat"
 }
 
+# pg_cpu: the CPU seconds so far of the database's backends serving the
+# run's servers (those alive now).
+pg_cpu() {
+    local total=0 backend
+    for backend in $(psql -X -At "$url" -c "SELECT pid FROM pg_stat_activity WHERE application_name = 'user-service'"); do
+        total=$(python3 -c "print($total + $(cpu "$backend" 2>/dev/null || echo 0))")
+    done
+    echo "$total"
+}
+
 # figure JSON FIELD...: fields of a user-load --json report.
 figure() {
     python3 - "$@" <<'PY'
@@ -103,19 +113,21 @@ bulk() {
 }
 
 add() {
+    local before pg_before calls
     for round in $(seq "$ROUNDS"); do
         start memory
+        before=$(cpu "$pid")
         "$load" add --addr "$addr" --duration "$FOR" --concurrency 64 --json >"$work/add.json"
-        echo "round $round: AddUser, memory: $(figure "$work/add.json" throughput latency.p50_ms latency.p99_ms) (calls/s, p50 ms, p99 ms)"
+        calls=$(figure "$work/add.json" ok_calls)
+        echo "round $round: AddUser, memory: $(figure "$work/add.json" throughput latency.p50_ms latency.p99_ms) (calls/s, p50 ms, p99 ms), server CPU $(python3 -c "print(f'{($(cpu "$pid") - $before) / $calls * 1e6:.0f}')") us/call"
         stop_all
         fresh
         start "$url"
-        local before
         before=$(cpu "$pid")
+        pg_before=$(pg_cpu)
         "$load" add --addr "$addr" --duration "$FOR" --concurrency 64 --json >"$work/add.json"
-        local calls
         calls=$(figure "$work/add.json" ok_calls)
-        echo "round $round: AddUser, PostgreSQL: $(figure "$work/add.json" throughput latency.p50_ms latency.p99_ms) (calls/s, p50 ms, p99 ms), server CPU $(python3 -c "print(f'{($(cpu "$pid") - $before) / $calls * 1e6:.0f}')") us/call"
+        echo "round $round: AddUser, PostgreSQL: $(figure "$work/add.json" throughput latency.p50_ms latency.p99_ms) (calls/s, p50 ms, p99 ms), server CPU $(python3 -c "print(f'{($(cpu "$pid") - $before) / $calls * 1e6:.0f}')") us/call, database CPU $(python3 -c "print(f'{($(pg_cpu) - $pg_before) / $calls * 1e6:.0f}')") us/call"
         stop_all
     done
 }
