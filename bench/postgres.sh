@@ -66,6 +66,15 @@ cpu() {
     awk -v tck="$(getconf CLK_TCK)" '{ split($0, a, ") "); split(a[2], f, " "); printf "%.2f", (f[12] + f[13]) / tck }' "/proc/$1/stat"
 }
 
+# servers_cpu: the CPU seconds so far of every server started.
+servers_cpu() {
+    local total=0 server
+    for server in "${pids[@]}"; do
+        total=$(python3 -c "print($total + $(cpu "$server"))")
+    done
+    echo "$total"
+}
+
 # pg_cpu: the CPU seconds so far of the database's backends serving the
 # run's servers (those alive now).
 pg_cpu() {
@@ -104,10 +113,11 @@ bulk() {
         echo "round $round: psql \\copy: $(python3 -c "print(f'{$USERS / ($ended - $started):.0f}')") rows/s"
         fresh
         start "$url"
-        local before
+        local before pg_before
         before=$(cpu "$pid")
+        pg_before=$(pg_cpu)
         "$load" bulk --addr "$addr" --total "$USERS" --concurrency 4 --json >"$work/bulk.json"
-        echo "round $round: BulkAddUsers into PostgreSQL, 4 streams: $(figure "$work/bulk.json" throughput) rows/s, server CPU $(python3 -c "print(f'{$(cpu "$pid") - $before:.1f}')") s"
+        echo "round $round: BulkAddUsers into PostgreSQL, 4 streams: $(figure "$work/bulk.json" throughput) rows/s, CPU per row: server $(python3 -c "print(f'{($(cpu "$pid") - $before) / $USERS * 1e6:.1f}')") us, database $(python3 -c "print(f'{($(pg_cpu) - $pg_before) / $USERS * 1e6:.1f}')") us"
         stop_all
     done
 }
@@ -165,8 +175,12 @@ scale() {
             done
             local joined
             joined=$(IFS=,; echo "${addrs[*]}")
+            local before pg_before calls
+            before=$(servers_cpu)
+            pg_before=$(pg_cpu)
             "$load" add --addr "$joined" --duration "$FOR" --concurrency 64 --json >"$work/add.json"
-            echo "round $round: $replicas replica(s): AddUser $(figure "$work/add.json" throughput) calls/s"
+            calls=$(figure "$work/add.json" ok_calls)
+            echo "round $round: $replicas replica(s): AddUser $(figure "$work/add.json" throughput) calls/s, CPU per call: servers $(python3 -c "print(f'{($(servers_cpu) - $before) / $calls * 1e6:.0f}')") us, database $(python3 -c "print(f'{($(pg_cpu) - $pg_before) / $calls * 1e6:.0f}')") us"
             "$load" bulk --addr "$joined" --total "$((USERS / 2))" --concurrency 4 --json >"$work/bulk.json"
             echo "round $round: $replicas replica(s): bulk $(figure "$work/bulk.json" throughput) rows/s"
             stop_all

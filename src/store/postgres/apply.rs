@@ -276,6 +276,19 @@ async fn create_only(
         None => Vec::new(),
     };
     let rows = if users.len() >= COPY_MIN_ROWS {
+        if let Some(base) = copy::copy_new(client, &statements.copy, announce, users).await? {
+            return Ok(users
+                .iter()
+                .zip(base + 1..)
+                .map(|(user, seq)| {
+                    Ok(Change {
+                        seq,
+                        kind: ChangeKind::Created,
+                        user: (*user).clone(),
+                    })
+                })
+                .collect());
+        }
         let tx = client.transaction().await?;
         copy::stage(&tx, &statements.copy, users).await?;
         let rows = tx.query(&statements.create_staged, &notify).await?;
