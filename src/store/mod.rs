@@ -1,7 +1,8 @@
 //! The shared user store: the [`Store`] trait every backend implements, its
-//! errors, the ops it applies, and the change feed. Two backends:
-//! [`MemoryStore`] (lost on exit) and [`SqliteStore`] (durable, the
-//! server's default).
+//! errors, the ops it applies, and the change feed. Three backends:
+//! [`MemoryStore`] (lost on exit), [`SqliteStore`] (durable, the server's
+//! default) and [`PostgresStore`] (durable, one database shared by any
+//! number of replicas of the server).
 //!
 //! The RPC code only sees this trait, so a backend can be swapped without
 //! touching it. Callers validate input first (see `validate`); a store trusts
