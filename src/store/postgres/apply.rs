@@ -5,25 +5,25 @@
 //! The ops run in order. Each checks before it writes (the id is free, the
 //! expected version matches), so an op that fails writes nothing and uses no
 //! seq while the others go on: a run of creates is one `INSERT ... ON
-//! CONFLICT DO NOTHING` over all of them (long runs go through `COPY`, see
-//! `copy`), an upsert or a delete locks its row (`FOR UPDATE`) before it
-//! checks the version, so that replicas writing the same user take turns.
+//! CONFLICT DO NOTHING` over all of them; an upsert or a delete locks its
+//! row (`FOR UPDATE`) before it checks the version, so that replicas writing
+//! the same user take turns. Then one statement takes as many seqs as there
+//! were changes from the counter row, appends the changes to the changelog,
+//! and asks PostgreSQL to notify the tailers once it commits.
 //!
-//! Then one statement takes as many seqs as there were changes from the
-//! counter row and appends the changes to the changelog, and asks
-//! PostgreSQL to notify the tailers once it commits.
+//! The counter row is locked last, just before COMMIT, and held through it:
+//! replicas take turns only for that moment, seqs go out in commit order,
+//! and a transaction that holds the counter never waits for a user row
+//! another one holds (so the two locks cannot deadlock). Users locked in
+//! different orders by two replicas can: PostgreSQL then fails one
+//! transaction, which is run again.
 //!
-//! A batch of creates only (AddUser calls, BulkAddUsers batches: the bulk
-//! of the traffic) is one statement instead, run on its own as its own
-//! transaction: it stores the users whose ids are free, takes their seqs
-//! and appends their changes, in one round trip to the database where the
-//! general path takes four. Long ones are first copied into a staging table
-//! with binary `COPY` (see `copy`). The counter row is
-//! locked last, just before COMMIT, and held through it: replicas take turns
-//! only for that moment, seqs go out in commit order, and a transaction that
-//! holds the counter never waits for a user row another one holds (so the
-//! two locks cannot deadlock). Users locked in different orders by two
-//! replicas can: PostgreSQL then fails one transaction, which is run again.
+//! A batch of creates only (AddUser calls, BulkAddUsers batches: the bulk of
+//! the traffic) takes a shorter way, with the same order of locks: a small
+//! one is one statement, run as its own transaction, that stores the users
+//! whose ids are free, takes their seqs and appends their changes, in one
+//! round trip where the general path takes four; a long one goes through
+//! binary `COPY` (see `copy`).
 
 use tokio_postgres::{
     Client, Statement, Transaction,
