@@ -17,3 +17,4 @@ mod outage;
 mod replica;
 mod replicas;
 mod schema;
+mod tls;

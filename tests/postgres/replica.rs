@@ -33,9 +33,19 @@ impl Replica {
     /// Starts the binary on `url` with `args` and waits (bounded) for the
     /// address it writes once listening.
     pub async fn start(url: &str, args: &[&str]) -> Replica {
+        Self::start_with_env(url, args, &[]).await
+    }
+
+    /// The same, with these environment variables set.
+    pub async fn start_with_env(
+        url: &str,
+        args: &[&str],
+        env: &[(&str, &std::path::Path)],
+    ) -> Replica {
         let dir = tempfile::tempdir().unwrap();
         let addr_file = dir.path().join("addr");
         let mut child = command(url, args, &dir)
+            .envs(env.iter().copied())
             .arg("--addr-file")
             .arg(&addr_file)
             .spawn()

@@ -152,6 +152,12 @@ impl Cluster {
         cluster
     }
 
+    /// The directory of its Unix socket (for connections without TLS once
+    /// [`Cluster::require_tls`] refuses them over TCP).
+    pub fn socket_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
     /// The cluster's `postgres` database.
     pub fn url(&self) -> String {
         format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
@@ -161,6 +167,32 @@ impl Cluster {
     /// until it accepts connections again.
     pub fn restart(&self) {
         self.pg_ctl("restart");
+    }
+
+    /// Serves TLS only, with this certificate and key (PEM): TCP
+    /// connections without TLS are refused. Restarts the server.
+    pub fn require_tls(&self, cert_pem: &str, key_pem: &str) {
+        let data = self.dir.path().join("data");
+        let write = |name: &str, text: &str| {
+            let path = data.join(name);
+            std::fs::write(&path, text).unwrap();
+            std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+                .unwrap();
+            if is_root() {
+                chown_postgres(&path);
+            }
+        };
+        write("server.crt", cert_pem);
+        write("server.key", key_pem);
+        write(
+            "pg_hba.conf",
+            "local all all trust\nhostssl all all 127.0.0.1/32 trust\n",
+        );
+        let conf = data.join("postgresql.conf");
+        let mut text = std::fs::read_to_string(&conf).unwrap();
+        text.push_str("\nssl = on\n");
+        std::fs::write(&conf, text).unwrap();
+        self.restart();
     }
 
     /// Stops the server (fast: open connections are ended).
