@@ -241,8 +241,6 @@ impl Tailer {
             self.wakeups.prefix.clone(),
             self.position.subscribe(),
         ));
-        // Short reads, as the writer's statements (see there).
-        client.batch_execute("SET jit = off").await?;
         if self.wakeups.listen {
             client.batch_execute(&format!("LISTEN {CHANNEL}")).await?;
         }

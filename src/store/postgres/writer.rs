@@ -90,15 +90,11 @@ impl Session {
         announce: &Announce,
     ) -> Result<Session, tokio_postgres::Error> {
         let client = connector.connect().await?;
-        // Each batch is a handful of short statements: compiling them
-        // (PostgreSQL's JIT, which the planner's guesses about the tiny
-        // counter table can set off) took 30 ms a statement, far longer
-        // than running them.
-        // And planning them anew for each batch (the statement that stores
+        // Planning the statements anew for each batch (the one that stores
         // a batch of creates takes a millisecond to plan) would cost more
         // than running them: one generic plan each, made once.
         client
-            .batch_execute("SET jit = off; SET plan_cache_mode = force_generic_plan")
+            .batch_execute("SET plan_cache_mode = force_generic_plan")
             .await?;
         let statements = Statements::prepare(&client, announce).await?;
         Ok(Session { client, statements })
