@@ -8,7 +8,7 @@ use prometheus_client::{collector::Collector, encoding::DescriptorEncoder, regis
 use tonic::Code;
 use user_service::proto::{Change, sync_response::Event};
 use user_service::store::{
-    Store,
+    Store, StoreError,
     postgres::{PostgresOptions, PostgresStore},
 };
 
@@ -208,9 +208,10 @@ fn scrape(store: &PostgresStore) -> String {
 }
 
 /// Users and the last seq count every replica's writes, as its tailer has
-/// read them; the commit figures are the replica's own writer's.
+/// read them; the commit figures are the replica's own writer's. Once
+/// closed, the store refuses every call.
 #[tokio::test]
-async fn metrics_count_every_replicas_writes() {
+async fn metrics_count_every_replicas_writes_and_close_ends_the_store() {
     use user_service::user::NewUser;
     let schema = TestSchema::new().await;
     let open = || PostgresStore::open(&schema.url, PostgresOptions::new(64));
@@ -236,4 +237,11 @@ async fn metrics_count_every_replicas_writes() {
     );
     a.close().await;
     b.close().await;
+    // Closed: every call fails, and a second close returns at once.
+    assert!(matches!(
+        a.create(user("late")).await,
+        Err(StoreError::Internal(_))
+    ));
+    assert!(matches!(a.get("a1").await, Err(StoreError::Internal(_))));
+    a.close().await;
 }
