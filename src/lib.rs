@@ -25,7 +25,8 @@
 //! - [`validate`]: the input rules, apart from gRPC.
 //! - [`error`]: the one place where errors become gRPC statuses.
 //! - [`store`]: the [`store::Store`] trait and its health signal, the
-//!   in-memory and SQLite backends, what backends share (listing pages in
+//!   in-memory, SQLite and PostgreSQL backends (the last shared by replicas
+//!   of the server, with one change feed across them), what backends share (listing pages in
 //!   [`store::page`], group commit for a durable backend's writer in
 //!   [`store::group_commit`]) and the change feed that SyncUsers streams
 //!   subscribe to.
@@ -53,4 +54,4 @@ pub mod user;
 pub mod validate;
 
 pub use server::{Config, run};
-pub use store::{MemoryStore, SqliteStore, Store};
+pub use store::{MemoryStore, PostgresStore, SqliteStore, Store};

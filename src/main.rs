@@ -16,7 +16,10 @@ use user_service::{
     Config, MemoryStore, Store,
     auth::{AuthToken, AuthTokenError},
     server::{self, ServeError, TlsConfig},
-    store::sqlite::{Durability, OpenError, SqliteOptions, SqliteStore},
+    store::{
+        postgres::{self, PostgresOptions, PostgresStore},
+        sqlite::{Durability, OpenError, SqliteOptions, SqliteStore},
+    },
     telemetry::{
         self,
         trace::{ExportError, Exporter},
@@ -75,10 +78,38 @@ struct Args {
     #[arg(long, env = "USER_SERVICE_SHUTDOWN_GRACE", default_value_t = 10)]
     shutdown_grace: u64,
 
-    /// Where users are kept: `sqlite:PATH` (a file, kept across restarts) or
-    /// `memory` (lost on exit).
+    /// Where users are kept: `sqlite:PATH` (a file, kept across restarts),
+    /// `postgres://USER@HOST:PORT/DB` (a PostgreSQL database that replicas
+    /// of this server share; libpq-style, the `PG*` variables fill in what it
+    /// leaves out) or `memory` (lost on exit).
     #[arg(long, env = "USER_SERVICE_STORE", default_value = "sqlite:users.db", value_parser = parse_store)]
     store: StoreArg,
+
+    /// PostgreSQL only: keep at most this many of the latest changes in the
+    /// changelog that replicas' change feeds read.
+    #[arg(long, env = "USER_SERVICE_CHANGELOG_KEEP", default_value_t = postgres::DEFAULT_RETENTION.keep)]
+    changelog_keep: u64,
+
+    /// PostgreSQL only: and none older than this many minutes. A replica cut
+    /// off from the database for longer ends its SyncUsers streams with
+    /// ABORTED when it is back.
+    #[arg(long, env = "USER_SERVICE_CHANGELOG_KEEP_MINUTES", default_value_t = postgres::DEFAULT_RETENTION.keep_for.as_secs() / 60)]
+    changelog_keep_minutes: u64,
+
+    /// PostgreSQL only: seconds between two prunings of the changelog.
+    #[arg(long, env = "USER_SERVICE_CHANGELOG_PRUNE_INTERVAL", default_value_t = postgres::DEFAULT_RETENTION.every.as_secs())]
+    changelog_prune_interval: u64,
+
+    /// PostgreSQL only: whether commits wake the other replicas' feeds with
+    /// NOTIFY; `false` for an engine without LISTEN/NOTIFY (feeds then poll).
+    #[arg(long, env = "USER_SERVICE_CHANGELOG_NOTIFY", default_value_t = true, action = clap::ArgAction::Set)]
+    changelog_notify: bool,
+
+    /// PostgreSQL only: milliseconds between two reads of the changelog when
+    /// nothing woke the feed (the safety net under NOTIFY, the latency of the
+    /// feed without it).
+    #[arg(long, env = "USER_SERVICE_CHANGELOG_POLL_MS", default_value_t = postgres::DEFAULT_POLL_INTERVAL.as_millis() as u64)]
+    changelog_poll_ms: u64,
 
     /// SQLite only: `full` fsyncs every commit before acknowledging it
     /// (survives power loss); `normal` does not (survives a process crash).
@@ -171,13 +202,17 @@ struct Args {
 enum StoreArg {
     Memory,
     Sqlite(PathBuf),
+    Postgres(String),
 }
 
 fn parse_store(value: &str) -> Result<StoreArg, String> {
     match value.split_once(':') {
         _ if value == "memory" => Ok(StoreArg::Memory),
         Some(("sqlite", path)) if !path.is_empty() => Ok(StoreArg::Sqlite(path.into())),
-        _ => Err("expected `memory` or `sqlite:PATH`".into()),
+        Some(("postgres" | "postgresql", rest)) if rest.starts_with("//") => {
+            Ok(StoreArg::Postgres(value.into()))
+        }
+        _ => Err("expected `memory`, `sqlite:PATH` or `postgres://USER@HOST:PORT/DB`".into()),
     }
 }
 
@@ -208,6 +243,8 @@ enum Failure {
     Read { path: PathBuf, source: io::Error },
     #[error("cannot open the store: {0}")]
     Store(#[from] OpenError),
+    #[error("cannot open the store: {0}")]
+    Postgres(#[from] postgres::OpenError),
     #[error("cannot listen on {addr}: {source}")]
     Listen { addr: String, source: io::Error },
     #[error("cannot write the address file {}: {source}", path.display())]
@@ -225,6 +262,9 @@ impl Failure {
         ExitCode::from(match self {
             // EX_DATAERR: a store file that is not ours, corrupted or newer.
             Failure::Store(err) if err.is_refusal() => 65,
+            Failure::Postgres(err) if err.is_refusal() => 65,
+            // EX_UNAVAILABLE: the database cannot be reached.
+            Failure::Postgres(err) if err.is_unreachable() => 69,
             // EX_CONFIG: a token, certificate or key that cannot be used.
             Failure::Token { .. } | Failure::Read { .. } | Failure::Serve(ServeError::Tls(_)) => 78,
             // EX_UNAVAILABLE: the address is taken, or not ours to bind.
@@ -233,7 +273,7 @@ impl Failure {
             Failure::AddrFile { .. } => 73,
             // EX_CONFIG too: an endpoint that is not a URL.
             Failure::Traces(_) => 78,
-            Failure::Store(_) | Failure::Runtime(_) => 1,
+            Failure::Store(_) | Failure::Postgres(_) | Failure::Runtime(_) => 1,
         })
     }
 }
@@ -387,6 +427,26 @@ async fn serve(args: Args) -> Result<(), Failure> {
             };
             listen_and_run(store, described, &args, config).await
         }
+        StoreArg::Postgres(url) => {
+            let options = PostgresOptions {
+                retention: postgres::Retention {
+                    keep: args.changelog_keep,
+                    keep_for: Duration::from_secs(args.changelog_keep_minutes * 60),
+                    every: Duration::from_secs(args.changelog_prune_interval.max(1)),
+                },
+                notify: args.changelog_notify,
+                poll_interval: Duration::from_millis(args.changelog_poll_ms.max(1)),
+                ..PostgresOptions::new(feed_capacity)
+            };
+            // Opened before binding, as SQLite: a refused schema or an
+            // unreachable database stops the server before it accepts.
+            let store = PostgresStore::open(url, options).await?;
+            let described = Described {
+                store: store.target(),
+                durability: "as the database commits (synchronous_commit)".into(),
+            };
+            listen_and_run(store, described, &args, config).await
+        }
     }
 }
 
@@ -445,7 +505,8 @@ async fn listen_and_run<S: Store>(
     };
     let served = server::run(listeners, store.clone(), config, shutdown_signal()).await;
     // Closing checkpoints the SQLite write-ahead log into the file and
-    // removes it: the file alone then holds every user.
+    // removes it: the file alone then holds every user. A PostgreSQL store
+    // commits what is queued and closes its connections.
     store.close().await;
     Ok(served?)
 }

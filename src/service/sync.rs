@@ -8,14 +8,13 @@ use std::{
 };
 
 use futures::{FutureExt, Stream, StreamExt, future::BoxFuture};
-use tokio_stream::wrappers::{BroadcastStream, errors::BroadcastStreamRecvError};
 use tonic::{Status, Streaming};
 
 use crate::{
     error::Error,
     gauges::Slot,
     proto::{self, sync_request::Op, sync_response::Event},
-    store::{Store, StoreError, WriteOp},
+    store::{Changes, FeedError, Store, StoreError, WriteOp},
     user::{Change, NewUser},
     validate::{self, ValidationError},
 };
@@ -58,7 +57,7 @@ pub struct SyncSession<S> {
     in_flight: Option<BoxFuture<'static, Acks>>,
     /// Acks of the applied batch not sent yet, in request order.
     acks: VecDeque<(proto::Ack, Option<u64>)>,
-    changes: BroadcastStream<Change>,
+    changes: Changes,
     /// A change taken from the feed that must wait for an Ack before it.
     held: Option<Change>,
     /// The seq of the last change this stream committed (its last Ack
@@ -81,7 +80,7 @@ impl<S: Store> SyncSession<S> {
     /// response, so that the subscription precedes the response headers.
     /// Holds `slot` for as long as the stream is open.
     pub fn new(store: S, requests: Streaming<proto::SyncRequest>, slot: Slot) -> Self {
-        let changes = BroadcastStream::new(store.subscribe());
+        let changes = store.subscribe().into_stream();
         SyncSession {
             store,
             requests: Some(requests),
@@ -171,7 +170,7 @@ impl<S: Store> SyncSession<S> {
             Some(change) => change,
             None => match ready!(self.changes.poll_next_unpin(cx)) {
                 Some(Ok(change)) => change,
-                Some(Err(BroadcastStreamRecvError::Lagged(missed))) => {
+                Some(Err(FeedError::Lagged(missed))) => {
                     self.done = true;
                     self.slot.count_lagged();
                     return Poll::Ready(Err(Status::aborted(format!(
@@ -179,8 +178,18 @@ impl<S: Store> SyncSession<S> {
                          delivered); read faster or resubscribe and resync with ListUsers"
                     ))));
                 }
+                // This server could not read some changes before they were
+                // pruned from the database's changelog (it was cut off from
+                // the database for long): never skipped, the stream ends.
+                Some(Err(FeedError::Missed { first, last })) => {
+                    self.done = true;
+                    return Poll::Ready(Err(Status::aborted(format!(
+                        "changes {first} to {last} were pruned before this server could \
+                         deliver them; resubscribe and resync with ListUsers"
+                    ))));
+                }
                 // The feed only closes when the store is gone.
-                None => {
+                Some(Err(FeedError::Closed)) | None => {
                     self.done = true;
                     return Poll::Ready(Err(Status::unavailable("change feed closed")));
                 }

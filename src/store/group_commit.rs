@@ -188,7 +188,9 @@ impl ReplyForTest {
 /// batching policy remembers from one batch to the next.
 #[derive(Debug)]
 pub struct GroupCommit {
-    feed: ChangeFeed,
+    /// `None` for a backend whose feed is fed elsewhere: PostgreSQL's tailer
+    /// publishes what every replica commits, read back from the database.
+    feed: Option<ChangeFeed>,
     stats: WriteStats,
     /// Ops in the previous batch: how many writers were active a moment ago,
     /// and so how many to wait for.
@@ -209,9 +211,9 @@ pub struct Batch {
 }
 
 impl GroupCommit {
-    /// A writer that publishes to `feed` and records its commits in
-    /// `stats`.
-    pub fn new(feed: ChangeFeed, stats: WriteStats) -> Self {
+    /// A writer that publishes to `feed` (if any) and records its commits
+    /// in `stats`.
+    pub fn new(feed: Option<ChangeFeed>, stats: WriteStats) -> Self {
         GroupCommit {
             feed,
             stats,
@@ -262,8 +264,10 @@ impl GroupCommit {
         assert_eq!(results.len(), batch.ops, "one result per op");
         self.stats.committed(batch.ops, took, &results);
         // Committed: now, and only now, the feed and then the callers.
-        for change in results.iter().flatten() {
-            self.feed.publish(change.clone());
+        if let Some(feed) = &self.feed {
+            for change in results.iter().flatten() {
+                feed.publish(change.clone());
+            }
         }
         let mut results = results.into_iter();
         for command in batch.commands {
@@ -349,7 +353,7 @@ mod tests {
 
     #[test]
     fn a_batch_takes_what_is_waiting_up_to_the_cap() {
-        let group = GroupCommit::new(ChangeFeed::new(16), WriteStats::default());
+        let group = GroupCommit::new(Some(ChangeFeed::new(16)), WriteStats::default());
         let mut waiting = (0..3).map(|_| Command::for_test(vec![delete("x")]).0);
         let (first, _) = Command::for_test(vec![delete("a"), delete("b")]);
         let batch = group.start(first, || waiting.next());
@@ -373,7 +377,7 @@ mod tests {
 
     #[test]
     fn a_small_batch_waits_a_fraction_of_the_last_commit() {
-        let mut group = GroupCommit::new(ChangeFeed::new(16), WriteStats::default());
+        let mut group = GroupCommit::new(Some(ChangeFeed::new(16)), WriteStats::default());
         // Nothing known yet: no wait.
         let (first, _) = Command::for_test(vec![delete("a")]);
         let mut batch = group.start(first, || None);
@@ -426,7 +430,7 @@ mod tests {
     fn finish_publishes_in_order_then_answers_each_command() {
         let feed = ChangeFeed::new(16);
         let mut published = feed.subscribe();
-        let mut group = GroupCommit::new(feed, WriteStats::default());
+        let mut group = GroupCommit::new(Some(feed), WriteStats::default());
         let (one, mut one_replied) = Command::for_test(vec![delete("a")]);
         let (two, mut two_replied) = Command::for_test(vec![delete("b"), delete("c")]);
         let mut waiting = Some(two);

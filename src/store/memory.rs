@@ -13,10 +13,7 @@ use std::{
 };
 
 use parking_lot::RwLock;
-use prometheus_client::{
-    encoding::{DescriptorEncoder, EncodeMetric},
-    metrics::gauge::ConstGauge,
-};
+use prometheus_client::encoding::DescriptorEncoder;
 
 use super::{
     ChangeFeed, ListFilter, Page, PreparedOp, Store, StoreError, Subscription, WriteOp,
@@ -391,18 +388,7 @@ impl Store for MemoryStore {
             let state = self.shared.state.read();
             (state.users.len(), state.seq)
         };
-        for (name, help, value) in [
-            ("user_service_users", "Users stored", users as i64),
-            (
-                "user_service_last_seq",
-                "The seq of the last committed change",
-                i64::try_from(last_seq).unwrap_or(i64::MAX),
-            ),
-        ] {
-            let gauge = ConstGauge::new(value);
-            gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)?;
-        }
-        Ok(())
+        super::write_stats::encode_contents(encoder, users as u64, last_seq)
     }
 }
 

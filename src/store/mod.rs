@@ -1,7 +1,8 @@
 //! The shared user store: the [`Store`] trait every backend implements, its
-//! errors, the ops it applies, and the change feed. Two backends:
-//! [`MemoryStore`] (lost on exit) and [`SqliteStore`] (durable, the
-//! server's default).
+//! errors, the ops it applies, and the change feed. Three backends:
+//! [`MemoryStore`] (lost on exit), [`SqliteStore`] (durable, the server's
+//! default) and [`PostgresStore`] (durable, one database shared by any
+//! number of replicas of the server).
 //!
 //! The RPC code only sees this trait, so a backend can be swapped without
 //! touching it. Callers validate input first (see `validate`); a store trusts
@@ -16,6 +17,7 @@ mod feed;
 pub mod group_commit;
 mod memory;
 pub mod page;
+pub mod postgres;
 pub mod sqlite;
 mod write_stats;
 
@@ -25,9 +27,10 @@ use prometheus_client::encoding::DescriptorEncoder;
 use tokio::sync::watch;
 use uuid::Uuid;
 
-pub use feed::{ChangeFeed, Subscription};
+pub use feed::{ChangeFeed, Changes, FeedError, Subscription, TryRecvError};
 pub use memory::MemoryStore;
 pub use page::{ListFilter, Page};
+pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
 use crate::user::{Change, NewUser, User};
@@ -48,6 +51,12 @@ pub enum StoreError {
     /// the store has logged the failure where it happened.
     #[error("storage full: {0}")]
     Full(String),
+    /// The backend is out of reach (a database server that went away); the
+    /// write may be retried once it is back. A write that failed this way
+    /// in the middle of its commit may have committed: only an
+    /// acknowledgement says that it did. The text is for logs.
+    #[error("storage unavailable: {0}")]
+    Unavailable(String),
     /// The backend failed. The text is for logs, not for clients; the store
     /// has logged the failure where it happened.
     #[error("storage failure: {0}")]

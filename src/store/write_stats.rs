@@ -120,18 +120,20 @@ impl WriteStats {
         encoder: &mut DescriptorEncoder,
         writes: &Writes,
     ) -> Result<(), std::fmt::Error> {
+        encode_contents(encoder, self.users(), self.last_seq())?;
+        self.encode_commits(encoder, writes)
+    }
+
+    /// Encodes the commit figures alone (not users and the last seq), with
+    /// the depth of `writes`' queue: for a store that knows those better
+    /// than its own commits can tell (one of several replicas).
+    pub fn encode_commits(
+        &self,
+        encoder: &mut DescriptorEncoder,
+        writes: &Writes,
+    ) -> Result<(), std::fmt::Error> {
         let i = &self.inner;
-        let metrics: [(&str, &str, &dyn EncodeMetric); 6] = [
-            (
-                "user_service_users",
-                "Users stored",
-                &ConstGauge::new(i64::try_from(self.users()).unwrap_or(i64::MAX)),
-            ),
-            (
-                "user_service_last_seq",
-                "The seq of the last committed change",
-                &ConstGauge::new(i64::try_from(self.last_seq()).unwrap_or(i64::MAX)),
-            ),
+        let metrics: [(&str, &str, &dyn EncodeMetric); 4] = [
             (
                 "user_service_write_batch_ops",
                 "Ops (users created, upserts, deletes) per commit of the store's writer",
@@ -160,4 +162,31 @@ impl WriteStats {
         }
         Ok(())
     }
+}
+
+/// Encodes the users stored and the seq of the last change, as every store
+/// reports them.
+pub fn encode_contents(
+    encoder: &mut DescriptorEncoder,
+    users: u64,
+    last_seq: u64,
+) -> Result<(), std::fmt::Error> {
+    let metrics: [(&str, &str, i64); 2] = [
+        (
+            "user_service_users",
+            "Users stored",
+            i64::try_from(users).unwrap_or(i64::MAX),
+        ),
+        (
+            "user_service_last_seq",
+            "The seq of the last committed change",
+            i64::try_from(last_seq).unwrap_or(i64::MAX),
+        ),
+    ];
+    for (name, help, value) in metrics {
+        let gauge = ConstGauge::new(value);
+        let metric_encoder = encoder.encode_descriptor(name, help, None, gauge.metric_type())?;
+        gauge.encode(metric_encoder)?;
+    }
+    Ok(())
 }

@@ -11,13 +11,14 @@ use user_service::{
     server::{Listeners, ServeError},
     store::{
         ListFilter, Page, StoreError, Subscription,
+        postgres::{PostgresOptions, PostgresStore},
         sqlite::{Durability, SqliteOptions},
     },
     transport::ConnectionStats,
     user::{Change, NewUser, User},
 };
 
-use crate::{Client, PATIENCE};
+use crate::{Client, PATIENCE, postgres::TestSchema};
 
 /// Change-feed capacity of test servers unless a test asks for another.
 pub const FEED_CAPACITY: usize = 4096;
@@ -28,6 +29,9 @@ pub enum Backend {
     Memory,
     /// A fresh database file in a temporary directory, durable commits.
     Sqlite,
+    /// A fresh schema of its own in the test PostgreSQL database (see
+    /// [`crate::postgres`]).
+    Postgres,
 }
 
 impl Backend {
@@ -51,7 +55,13 @@ impl Backend {
             Backend::Sqlite => {
                 let (store, dir) = sqlite_store(feed_capacity);
                 let mut server = TestServer::start_with(store, config).await;
-                server.data = Some(dir);
+                server.data = Some(Box::new(dir));
+                server
+            }
+            Backend::Postgres => {
+                let (store, schema) = postgres_store(feed_capacity).await;
+                let mut server = TestServer::start_with(store, config).await;
+                server.data = Some(Box::new(schema));
                 server
             }
         }
@@ -70,6 +80,16 @@ pub fn sqlite_store(feed_capacity: usize) -> (SqliteStore, tempfile::TempDir) {
     (store, dir)
 }
 
+/// A PostgreSQL store in a new, empty schema of the test database (dropped
+/// when the returned schema is dropped).
+pub async fn postgres_store(feed_capacity: usize) -> (PostgresStore, TestSchema) {
+    let schema = TestSchema::new().await;
+    let store = PostgresStore::open(&schema.url, PostgresOptions::new(feed_capacity))
+        .await
+        .expect("open the PostgreSQL store");
+    (store, schema)
+}
+
 /// A server running in this process on `127.0.0.1:0`.
 pub struct TestServer {
     pub addr: SocketAddr,
@@ -83,8 +103,8 @@ pub struct TestServer {
     pub shutdown_grace: std::time::Duration,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), ServeError>>>,
-    /// The store's files, deleted when the server is dropped.
-    data: Option<tempfile::TempDir>,
+    /// The store's files or schema, deleted when the server is dropped.
+    data: Option<Box<dyn std::any::Any + Send>>,
 }
 
 impl TestServer {

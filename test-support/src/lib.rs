@@ -8,6 +8,8 @@
 //!   read from the file it writes once listening (`--addr-file`).
 //! - [`raw`]: HTTP/2 below the generated client, frame by frame, for what no
 //!   well-behaved client does, and a recording proxy.
+//! - [`postgres`]: a real PostgreSQL: a schema of its own per test in the
+//!   test database, or a throwaway cluster for tests that restart it.
 //! - [`Pki`]: a CA and certificates made at test time.
 //! - [`within`]: every wait bounded, so that a broken server fails a test
 //!   instead of hanging it.
@@ -15,13 +17,16 @@
 mod calls;
 mod in_process;
 mod pki;
+pub mod postgres;
 mod process;
 pub mod raw;
 
 use std::{future::Future, time::Duration};
 
 pub use calls::{Client, list_all, request_stream, user, user_with_id};
-pub use in_process::{Backend, FEED_CAPACITY, StuckReads, TestServer, sqlite_store};
+pub use in_process::{
+    Backend, FEED_CAPACITY, StuckReads, TestServer, postgres_store, sqlite_store,
+};
 pub use pki::{Pki, PkiFiles, ca, leaf};
 pub use process::{ServerProcess, cpu_seconds, rss_bytes, run_to_exit};
 
@@ -52,6 +57,14 @@ macro_rules! for_each_backend {
                 #[tokio::test]
                 async fn $test() {
                     super::$test($crate::Backend::Sqlite).await
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test]
+                async fn $test() {
+                    super::$test($crate::Backend::Postgres).await
                 }
             )*
         }

@@ -15,7 +15,8 @@ use user_service::{
 };
 
 use test_support::{
-    Backend, Client, FEED_CAPACITY, TestServer, list_all, sqlite_store, user, user_with_id, within,
+    Backend, Client, FEED_CAPACITY, TestServer, list_all, postgres_store, sqlite_store, user,
+    user_with_id, within,
 };
 
 test_support::for_each_backend!(
@@ -235,6 +236,12 @@ async fn a_cancelled_listing_stops_its_work() {
 #[tokio::test]
 async fn a_cancelled_sqlite_listing_stops_its_work() {
     let (store, _dir) = sqlite_store(FEED_CAPACITY);
+    cancelled_listing_stops_its_work(store).await;
+}
+
+#[tokio::test]
+async fn a_cancelled_postgres_listing_stops_its_work() {
+    let (store, _schema) = postgres_store(FEED_CAPACITY).await;
     cancelled_listing_stops_its_work(store).await;
 }
 

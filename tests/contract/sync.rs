@@ -7,7 +7,15 @@ use user_service::proto::{
     sync_response::Event,
 };
 
-use test_support::{Backend, Client, TestServer, request_stream, user, user_with_id, within};
+use user_service::{
+    Config, MemoryStore, Store,
+    store::{ChangeFeed, ListFilter, Page, StoreError, Subscription, WriteOp},
+    user::{Change as UserChange, NewUser, User},
+};
+
+use test_support::{
+    Backend, Client, FEED_CAPACITY, TestServer, request_stream, user, user_with_id, within,
+};
 
 test_support::for_each_backend!(
     acks_report_each_outcome_and_changes_follow_commits,
@@ -420,4 +428,99 @@ async fn pipelined_ops_keep_their_order_beside_another_writer(backend: Backend) 
         }
     }
     assert_eq!(owed, None);
+}
+
+/// A store whose changes reach the feed late: a forwarder republishes each
+/// change of the inner store a moment after it committed, the way a
+/// PostgreSQL replica's tailer reads it back from the changelog (after the
+/// write has been answered, if the tailer is slow).
+#[derive(Clone)]
+struct LateFeed {
+    inner: MemoryStore,
+    feed: ChangeFeed,
+}
+
+impl LateFeed {
+    fn new() -> Self {
+        let inner = MemoryStore::new(FEED_CAPACITY);
+        let feed = ChangeFeed::new(FEED_CAPACITY);
+        let mut committed = inner.subscribe();
+        let late = feed.clone();
+        tokio::spawn(async move {
+            while let Ok(change) = committed.recv().await {
+                // Long enough for the writer's Ack to go out first.
+                tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+                late.publish(change);
+            }
+        });
+        LateFeed { inner, feed }
+    }
+}
+
+impl Store for LateFeed {
+    async fn create(&self, user: NewUser) -> Result<UserChange, StoreError> {
+        self.inner.create(user).await
+    }
+    async fn create_many(&self, users: Vec<NewUser>) -> Vec<Result<UserChange, StoreError>> {
+        self.inner.create_many(users).await
+    }
+    async fn upsert(&self, user: NewUser, expected: Option<u64>) -> Result<UserChange, StoreError> {
+        self.inner.upsert(user, expected).await
+    }
+    async fn delete(&self, id: &str, expected: Option<u64>) -> Result<UserChange, StoreError> {
+        self.inner.delete(id, expected).await
+    }
+    async fn apply_many(&self, ops: Vec<WriteOp>) -> Vec<Result<UserChange, StoreError>> {
+        self.inner.apply_many(ops).await
+    }
+    async fn get(&self, id: &str) -> Result<User, StoreError> {
+        self.inner.get(id).await
+    }
+    async fn list_page(
+        &self,
+        filter: ListFilter,
+        after: Option<&str>,
+        max: usize,
+    ) -> Result<Page, StoreError> {
+        self.inner.list_page(filter, after, max).await
+    }
+    fn subscribe(&self) -> Subscription {
+        self.feed.subscribe()
+    }
+}
+
+/// Changes that reach the feed after their writes were answered still go
+/// out after their Acks, each before the next Ack, and a stream closed by
+/// its client ends only once its own last Change is out.
+#[tokio::test]
+async fn late_changes_still_follow_their_acks() {
+    let server = TestServer::start_with(LateFeed::new(), Config::default()).await;
+    let sync = Sync::open(&server).await;
+    for i in 0..40u64 {
+        sync.send(i, upsert(user_with_id(&format!("u{i}"))), 0)
+            .await;
+    }
+    let mut events = Vec::new();
+    let mut sync = sync;
+    drop(sync.tx);
+    while let Some(response) = within("the call to end", sync.rx.message()).await.unwrap() {
+        events.push(response.event.unwrap());
+    }
+    let mut owed = None;
+    let mut acks = 0;
+    for event in &events {
+        match event {
+            Event::Ack(ack) => {
+                assert_eq!(owed, None, "an op's Change comes before the next Ack");
+                assert_eq!(ack.code, 0);
+                owed = Some(ack.seq);
+                acks += 1;
+            }
+            Event::Change(change) => {
+                assert_eq!(owed, Some(change.seq), "a Change after its own Ack");
+                owed = None;
+            }
+        }
+    }
+    assert_eq!((acks, owed), (40, None), "every Ack and every Change");
 }

@@ -68,7 +68,8 @@ impl WriterThread {
             .name("sqlite-writer".into())
             .spawn(move || {
                 let inbox = Inbox::new(receiver, inbox_closing);
-                let mut writer = Writer::new(conn, inbox, GroupCommit::new(feed, stats), health);
+                let mut writer =
+                    Writer::new(conn, inbox, GroupCommit::new(Some(feed), stats), health);
                 let ran = panic::catch_unwind(AssertUnwindSafe(|| writer.run()));
                 writer.stop(ran.err());
             })?;
@@ -203,7 +204,7 @@ mod tests {
         let (writes, receiver) = group_commit::queue();
         let inbox = Inbox::new(receiver, Arc::new(AtomicBool::new(false)));
         let (health, _) = watch::channel(StoreHealth::Serving);
-        let group = GroupCommit::new(feed, WriteStats::default());
+        let group = GroupCommit::new(Some(feed), WriteStats::default());
         (Writer::new(conn, inbox, group, health), writes)
     }
 

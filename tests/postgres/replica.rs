@@ -1,0 +1,281 @@
+//! One replica: the `user-service` binary as a child process on a
+//! PostgreSQL store, and the clients the tests talk to it with.
+
+use std::{
+    net::SocketAddr,
+    process::{Child, Command, ExitStatus, Stdio},
+    time::{Duration, Instant},
+};
+
+use tokio::sync::mpsc;
+use tonic::{Code, Streaming, transport::Channel};
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
+use user_service::proto::{
+    self, Ack, Change, SyncRequest, SyncResponse, sync_request::Op, sync_response::Event,
+    user_service_client::UserServiceClient,
+};
+
+use test_support::{PATIENCE, request_stream, within};
+
+pub type Client = UserServiceClient<Channel>;
+
+/// A running replica, killed when dropped.
+pub struct Replica {
+    child: Child,
+    pub addr: SocketAddr,
+    /// Its address file and log, deleted when dropped.
+    _dir: tempfile::TempDir,
+}
+
+impl Replica {
+    /// Starts the binary on `url` with `args` and waits (bounded) for the
+    /// address it writes once listening.
+    pub async fn start(url: &str, args: &[&str]) -> Replica {
+        Self::start_with_env(url, args, &[]).await
+    }
+
+    /// The same, with these environment variables set.
+    pub async fn start_with_env(
+        url: &str,
+        args: &[&str],
+        env: &[(&str, &std::path::Path)],
+    ) -> Replica {
+        let dir = tempfile::tempdir().unwrap();
+        let addr_file = dir.path().join("addr");
+        let mut child = command(url, args, &dir)
+            .envs(env.iter().copied())
+            .arg("--addr-file")
+            .arg(&addr_file)
+            .spawn()
+            .expect("spawn user-service");
+        let started = Instant::now();
+        let addr = loop {
+            if let Ok(text) = std::fs::read_to_string(&addr_file) {
+                break text.trim().parse().unwrap();
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("the replica exited ({status}): {}", log(&dir));
+            }
+            assert!(started.elapsed() < PATIENCE, "no address: {}", log(&dir));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        Replica {
+            child,
+            addr,
+            _dir: dir,
+        }
+    }
+
+    /// Runs the binary on `url` until it exits by itself (bounded); its
+    /// status and log.
+    pub async fn run_to_exit(url: &str) -> (ExitStatus, String) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut child = command(url, &[], &dir).spawn().expect("spawn user-service");
+        let started = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return (status, log(&dir));
+            }
+            if started.elapsed() > PATIENCE {
+                let _ = child.kill();
+                panic!("the binary did not exit: {}", log(&dir));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.addr))
+            .unwrap()
+            .connect()
+            .await
+            .expect("connect")
+    }
+
+    pub async fn client(&self) -> Client {
+        UserServiceClient::new(self.channel().await)
+    }
+
+    /// The server's health (`""`, the whole server), as a stream of changes.
+    pub async fn health(&self) -> Streaming<tonic_health::pb::HealthCheckResponse> {
+        HealthClient::new(self.channel().await)
+            .watch(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    /// SIGKILL: no shutdown, nothing flushed or closed.
+    pub fn kill(mut self) {
+        self.child.kill().expect("kill");
+        self.child.wait().expect("wait");
+    }
+
+    /// SIGSTOP: the process stops where it is, connections open.
+    pub fn pause(&self) {
+        self.signal(libc::SIGSTOP);
+    }
+
+    /// SIGCONT after [`Replica::pause`].
+    pub fn resume(&self) {
+        self.signal(libc::SIGCONT);
+    }
+
+    fn signal(&self, signal: libc::c_int) {
+        let pid = libc::pid_t::try_from(self.child.id()).unwrap();
+        // SAFETY: a signal to our own child, not yet waited for.
+        assert_eq!(unsafe { libc::kill(pid, signal) }, 0);
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn command(url: &str, args: &[&str], dir: &tempfile::TempDir) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_user-service"));
+    let log = std::fs::File::create(dir.path().join("log")).unwrap();
+    command
+        .args(["--addr", "127.0.0.1:0", "--store", url])
+        .args(args)
+        .env("RUST_LOG", "info,user_service=debug")
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log);
+    command
+}
+
+fn log(dir: &tempfile::TempDir) -> String {
+    std::fs::read_to_string(dir.path().join("log")).unwrap_or_default()
+}
+
+/// Waits (bounded) until the health stream reports `status`; returns how
+/// long that took.
+pub async fn wait_for_health(
+    health: &mut Streaming<tonic_health::pb::HealthCheckResponse>,
+    status: ServingStatus,
+    patience: Duration,
+) -> Duration {
+    let started = Instant::now();
+    tokio::time::timeout(patience, async {
+        loop {
+            let reply = health.message().await.unwrap().expect("health stream open");
+            if reply.status == status as i32 {
+                return started.elapsed();
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("health did not turn {status:?} within {patience:?}"))
+}
+
+/// One SyncUsers call: `tx` sends requests (drop it to close our side),
+/// `rx` reads Acks and Changes.
+pub struct Sync {
+    pub tx: Option<mpsc::Sender<SyncRequest>>,
+    rx: Streaming<SyncResponse>,
+    _client: Client,
+}
+
+impl Sync {
+    pub async fn open(replica: &Replica) -> Sync {
+        let mut client = replica.client().await;
+        let (tx, requests) = request_stream();
+        let rx = client.sync_users(requests).await.unwrap().into_inner();
+        Sync {
+            tx: Some(tx),
+            rx,
+            _client: client,
+        }
+    }
+
+    /// Sends an upsert of `user` expecting `expected_version` (0: none).
+    pub async fn upsert(&self, request_id: u64, user: proto::User, expected_version: u64) {
+        let request = SyncRequest {
+            request_id,
+            op: Some(Op::Upsert(user)),
+            expected_version,
+        };
+        self.tx.as_ref().unwrap().send(request).await.unwrap();
+    }
+
+    /// The next event, or the status that ended the call.
+    pub async fn next(&mut self) -> Result<Event, tonic::Status> {
+        let message = within("a SyncUsers event", self.rx.message()).await?;
+        Ok(message.expect("the call is open").event.expect("an event"))
+    }
+
+    /// The next Change (Acks skipped).
+    pub async fn next_change(&mut self) -> Change {
+        loop {
+            if let Event::Change(change) = self.next().await.unwrap() {
+                return change;
+            }
+        }
+    }
+
+    /// The next Ack, with every Change before it.
+    pub async fn next_ack(&mut self) -> (Ack, Vec<Change>) {
+        let mut changes = Vec::new();
+        loop {
+            match self.next().await.unwrap() {
+                Event::Ack(ack) => return (ack, changes),
+                Event::Change(change) => changes.push(change),
+            }
+        }
+    }
+
+    /// Reads Changes until one with `seq` at least `last`; all of them.
+    pub async fn changes_through(&mut self, last: u64) -> Vec<Change> {
+        let mut changes = Vec::new();
+        while changes.last().is_none_or(|c: &Change| c.seq < last) {
+            changes.push(self.next_change().await);
+        }
+        changes
+    }
+
+    /// The status the call ended with, reading past any events.
+    pub async fn ended(&mut self) -> tonic::Status {
+        loop {
+            match self.next().await {
+                Ok(_) => continue,
+                Err(status) => return status,
+            }
+        }
+    }
+}
+
+/// Asserts that `changes` are numbered `first, first + 1, ...` with no gap.
+pub fn assert_gapless(changes: &[Change], first: u64) {
+    for (i, change) in changes.iter().enumerate() {
+        assert_eq!(change.seq, first + i as u64, "gap or reorder at {i}");
+    }
+}
+
+/// A user with an id and a first name.
+pub fn named(id: &str, first_name: &str) -> proto::User {
+    proto::User {
+        id: id.into(),
+        first_name: first_name.into(),
+        last_name: "Doe".into(),
+        address: "1 Long Street".into(),
+        verified: false,
+        version: 0,
+    }
+}
+
+/// The code of a failed call, for the tests that allow only some.
+pub fn code_of(result: &Result<impl Sized, tonic::Status>) -> Code {
+    match result {
+        Ok(_) => Code::Ok,
+        Err(status) => status.code(),
+    }
+}
