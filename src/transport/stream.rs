@@ -91,7 +91,10 @@ pub async fn serve<S, B>(
     let (head, body) = response.into_parts();
     let head = http::Response::from_parts(head, ());
     if body.is_end_stream() {
-        // Trailers-Only: the status is in the head, in one frame.
+        // Trailers-Only: the status is in the head, in one frame. The body
+        // goes now, not after the drain below: it holds what the call
+        // holds (its in-flight slot), and the call is over.
+        drop(body);
         if respond.send_response(head, true).is_err() {
             return;
         }

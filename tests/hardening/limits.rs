@@ -365,6 +365,9 @@ async fn sync_streams_past_the_subscriber_cap_are_refused() {
     let (_b, requests_b) = request_stream::<SyncRequest>();
     let status = client.sync_users(requests_b).await.unwrap_err();
     assert_eq!(status.code(), Code::ResourceExhausted);
+    // The refused call let go of its in-flight slot before its reply went
+    // out, though the client has not ended its request stream.
+    assert_eq!(server.gauges.in_flight_calls(), 1);
     // Other calls are not affected.
     client.add_user(user("Other")).await.unwrap();
 

@@ -242,6 +242,14 @@ func checkLimits() {
 		open, err := client.BulkAddUsers(ctx)
 		must(t, "BulkAddUsers", err)
 		must(t, "a row", open.Send(user("Ann")))
+		// The import holds the second slot once its row is committed: its
+		// Change reaches the open SyncUsers stream. (Calls take their slots
+		// as the server gets to them, not in the order they were sent.)
+		change, err := first.Recv()
+		must(t, "the row's Change", err)
+		if change.GetChange().GetUser().GetFirstName() != "Ann" {
+			t.Fatalf("expected the row's Change, got %v", change)
+		}
 		_, err = client.AddUser(ctx, user("Ann"))
 		expectStatus(t, "AddUser past the cap", err, codes.ResourceExhausted,
 			"too many calls in flight; retry with backoff")
