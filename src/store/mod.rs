@@ -9,9 +9,10 @@
 //! that ids and fields follow the rules.
 //!
 //! What backends share lives here too: [`PreparedOp`] (a write with its user
-//! built), the listing page rules ([`page`]), and group commit
+//! built), the listing page rules ([`page`]), group commit
 //! ([`group_commit`]): the queue, batching policy and reply path of a
-//! durable backend whose writes go through one writer.
+//! durable backend whose writes go through one writer, and what its commits
+//! add up to for the metrics ([`write_stats`]).
 
 mod feed;
 pub mod group_commit;
@@ -19,7 +20,7 @@ mod memory;
 pub mod page;
 pub mod postgres;
 pub mod sqlite;
-mod write_stats;
+pub mod write_stats;
 
 use std::future::Future;
 
