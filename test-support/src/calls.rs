@@ -23,9 +23,14 @@ pub fn user(first_name: &str) -> proto::User {
 
 /// A valid user with a client-chosen id.
 pub fn user_with_id(id: &str) -> proto::User {
+    user_named(id, "Ann")
+}
+
+/// A valid user with a client-chosen id and first name.
+pub fn user_named(id: &str, first_name: &str) -> proto::User {
     proto::User {
         id: id.into(),
-        ..user("Ann")
+        ..user(first_name)
     }
 }
 

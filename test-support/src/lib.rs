@@ -23,7 +23,7 @@ pub mod raw;
 
 use std::{future::Future, time::Duration};
 
-pub use calls::{Client, list_all, request_stream, user, user_with_id};
+pub use calls::{Client, list_all, request_stream, user, user_named, user_with_id};
 pub use in_process::{
     Backend, FEED_CAPACITY, StuckReads, TestServer, postgres_store, sqlite_store,
 };

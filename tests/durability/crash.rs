@@ -10,12 +10,12 @@ use std::{
 };
 
 use parking_lot::Mutex;
-use test_support::{Client, PATIENCE};
+use test_support::{Client, PATIENCE, user_named};
 use tokio::sync::{Notify, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use user_service::proto::{self, SyncRequest, sync_response::Event};
 
-use crate::{next_seq, start, upsert, user};
+use crate::{next_seq, start, upsert};
 
 /// Rows per BulkAddUsers call in the crash test.
 const BULK_ROWS: usize = 1000;
@@ -54,7 +54,7 @@ async fn import_until_killed(mut client: Client, importer: usize, progress: Arc<
             .collect();
         let rows: Vec<proto::User> = ids
             .iter()
-            .map(|id| user(id, &format!("bulk {id}")))
+            .map(|id| user_named(id, &format!("bulk {id}")))
             .collect();
         match client.bulk_add_users(tokio_stream::iter(rows)).await {
             Ok(report) => {
@@ -91,7 +91,7 @@ async fn sync_until_killed(
             let n = sent[k];
             let name = format!("{id} v{}", n + 1);
             if tx
-                .send(upsert(request_id, user(&id, &name), n))
+                .send(upsert(request_id, user_named(&id, &name), n))
                 .await
                 .is_err()
             {
@@ -222,7 +222,7 @@ async fn sigkill_mid_load_loses_no_acknowledged_write() {
         }
         assert_eq!(
             (user.last_name.as_str(), user.address.as_str()),
-            ("Doe", "1 Long Street")
+            ("Doe", "1 Long Street, Springfield")
         );
         // One change per bulk row, one per upsert (no deletes here).
         committed_changes += user.version;

@@ -3,7 +3,7 @@
 use std::{io, os::unix::process::CommandExt};
 
 use rlimit::Resource;
-use test_support::{ServerProcess, list_all};
+use test_support::{ServerProcess, list_all, user, user_named};
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 use user_service::proto::{
@@ -11,7 +11,7 @@ use user_service::proto::{
     user_service_client::UserServiceClient, user_service_server::SERVICE_NAME,
 };
 
-use crate::{PROBE_ID, next_seq, next_seq_after, server_command, start, user, wait_for_health};
+use crate::{PROBE_ID, next_seq, next_seq_after, server_command, start, wait_for_health};
 
 /// How large the server may grow a file in the test below: room for the
 /// log of a few dozen small commits (16 KiB pages).
@@ -51,7 +51,7 @@ async fn a_failed_log_write_rolls_back_and_writes_resume_when_room_is_made() {
 
     let mut acked = Vec::new();
     let failure = loop {
-        match client.add_user(user("", "Ann")).await {
+        match client.add_user(user("Ann")).await {
             Ok(reply) => acked.push(reply.into_inner().user.unwrap()),
             Err(status) => break status,
         }
@@ -62,7 +62,7 @@ async fn a_failed_log_write_rolls_back_and_writes_resume_when_room_is_made() {
     assert!(!acked.is_empty(), "the first writes fit under the limit");
     // A failed write is not a stuck server: the next one is tried (and
     // fails the same way while the limit stands), reads go on.
-    let again = client.add_user(user("", "Bob")).await.unwrap_err();
+    let again = client.add_user(user("Bob")).await.unwrap_err();
     assert_eq!(again.code(), Code::Internal, "{again:?}");
     let last = acked.last().unwrap().clone();
     let read = client
@@ -85,7 +85,7 @@ async fn a_failed_log_write_rolls_back_and_writes_resume_when_room_is_made() {
     let seq = next_seq(&mut client).await;
     assert_eq!(seq, acked.len() as u64 + 1);
     let added = client
-        .add_user(user("", "Cy"))
+        .add_user(user("Cy"))
         .await
         .unwrap()
         .into_inner()
@@ -115,7 +115,7 @@ async fn a_writer_that_dies_turns_health_to_not_serving() {
     let channel = server.channel().await;
     let mut client = UserServiceClient::new(channel.clone());
     let ann = client
-        .add_user(user("a", "Ann"))
+        .add_user(user_named("a", "Ann"))
         .await
         .unwrap()
         .into_inner()
@@ -153,7 +153,7 @@ async fn a_writer_that_dies_turns_health_to_not_serving() {
 
     wait_for_health(channel.clone(), SERVICE_NAME, ServingStatus::NotServing).await;
     wait_for_health(channel, "", ServingStatus::NotServing).await;
-    let failed = client.add_user(user("", "Bob")).await.unwrap_err();
+    let failed = client.add_user(user("Bob")).await.unwrap_err();
     assert_eq!(failed.code(), Code::Internal, "{failed:?}");
     assert_eq!(failed.message(), "internal storage error");
     let read = client

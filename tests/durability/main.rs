@@ -14,7 +14,7 @@ use std::{
     process::{Command, ExitStatus},
 };
 
-use test_support::{Client, PATIENCE, ServerProcess};
+use test_support::{Client, PATIENCE, ServerProcess, user_named};
 use tonic::transport::Channel;
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
@@ -74,7 +74,7 @@ async fn next_seq(client: &mut Client) -> u64 {
 /// Upserts the probe user, expecting it at `version`, and returns the Ack's
 /// seq.
 async fn next_seq_after(client: &mut Client, version: u64) -> u64 {
-    let request = upsert(1, user(PROBE_ID, "Probe"), version);
+    let request = upsert(1, user_named(PROBE_ID, "Probe"), version);
     let mut sync = client
         .sync_users(tokio_stream::iter([request]))
         .await
@@ -87,17 +87,6 @@ async fn next_seq_after(client: &mut Client, version: u64) -> u64 {
         }
     }
     panic!("no Ack")
-}
-
-fn user(id: &str, first_name: &str) -> proto::User {
-    proto::User {
-        id: id.into(),
-        first_name: first_name.into(),
-        last_name: "Doe".into(),
-        address: "1 Long Street".into(),
-        verified: false,
-        version: 0,
-    }
 }
 
 fn upsert(request_id: u64, user: proto::User, expected_version: u64) -> SyncRequest {

@@ -1,11 +1,12 @@
 //! What a restart finds: every write, and after a clean shutdown one
 //! complete file.
 
+use test_support::{user, user_named};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use user_service::proto::{self, sync_response::Event};
 
-use crate::{next_seq, start, upsert, user};
+use crate::{next_seq, start, upsert};
 
 #[tokio::test]
 async fn a_restart_keeps_what_was_written() {
@@ -25,7 +26,7 @@ async fn a_restart_keeps_what_was_written() {
     );
     let mut client = server.client().await;
     let added = client
-        .add_user(user("", "Ann"))
+        .add_user(user("Ann"))
         .await
         .unwrap()
         .into_inner()
@@ -38,7 +39,7 @@ async fn a_restart_keeps_what_was_written() {
         .unwrap()
         .into_inner();
     for (request_id, expected_version) in [(1, 0), (2, 1)] {
-        tx.send(upsert(request_id, user("b", "Bob"), expected_version))
+        tx.send(upsert(request_id, user_named("b", "Bob"), expected_version))
             .await
             .unwrap();
     }
@@ -84,14 +85,14 @@ async fn sigterm_leaves_every_user_in_the_database_file_alone() {
     let wal = dir.path().join("users.db-wal");
     let server = start(&db);
     let mut client = server.client().await;
-    let rows = (0..USERS).map(|i| user("", &format!("bulk {i}")));
+    let rows = (0..USERS).map(|i| user(&format!("bulk {i}")));
     let report = client
         .bulk_add_users(tokio_stream::iter(rows))
         .await
         .unwrap()
         .into_inner();
     assert_eq!(report.added, USERS);
-    client.add_user(user("", "Ann")).await.unwrap();
+    client.add_user(user("Ann")).await.unwrap();
     assert!(
         wal.exists(),
         "the log holds the writes while the server runs"

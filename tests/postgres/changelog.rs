@@ -7,9 +7,9 @@ use std::time::{Duration, Instant};
 
 use tonic::Code;
 
-use test_support::{PATIENCE, postgres::TestSchema};
+use test_support::{PATIENCE, postgres::TestSchema, user_named};
 
-use crate::replica::{Replica, Sync, assert_gapless, named};
+use crate::replica::{Replica, Sync, assert_gapless};
 
 /// Runs `query` (one bigint) until `done` says so, bounded.
 async fn until(schema: &TestSchema, query: &str, done: impl Fn(i64) -> bool) -> i64 {
@@ -39,7 +39,7 @@ async fn a_replica_whose_next_change_was_pruned_ends_its_streams_with_aborted() 
     let mut client = b.client().await;
     for i in 0..5 {
         client
-            .add_user(named(&format!("u{i:03}"), "U"))
+            .add_user(user_named(&format!("u{i:03}"), "U"))
             .await
             .unwrap();
     }
@@ -49,7 +49,7 @@ async fn a_replica_whose_next_change_was_pruned_ends_its_streams_with_aborted() 
     a.pause();
     for i in 5..60 {
         client
-            .add_user(named(&format!("u{i:03}"), "U"))
+            .add_user(user_named(&format!("u{i:03}"), "U"))
             .await
             .unwrap();
     }
@@ -65,7 +65,7 @@ async fn a_replica_whose_next_change_was_pruned_ends_its_streams_with_aborted() 
     // next change (after those A was still catching up with, if any),
     // with no gap.
     let mut again = Sync::open(&a).await;
-    client.add_user(named("after", "A")).await.unwrap();
+    client.add_user(user_named("after", "A")).await.unwrap();
     let changes = again.changes_through(61).await;
     assert_gapless(&changes, changes[0].seq);
     assert_eq!(changes.last().unwrap().user.as_ref().unwrap().id, "after");
@@ -80,12 +80,12 @@ async fn a_replica_away_for_less_than_the_changelog_keeps_catches_up_without_a_g
     let b = Replica::start(&schema.url, &["--changelog-prune-interval", "1"]).await;
     let mut on_a = Sync::open(&a).await;
     let mut client = b.client().await;
-    client.add_user(named("first", "F")).await.unwrap();
+    client.add_user(user_named("first", "F")).await.unwrap();
     assert_eq!(on_a.next_change().await.seq, 1);
     a.pause();
     for i in 0..200 {
         client
-            .add_user(named(&format!("u{i:03}"), "U"))
+            .add_user(user_named(&format!("u{i:03}"), "U"))
             .await
             .unwrap();
     }

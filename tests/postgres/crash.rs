@@ -10,9 +10,9 @@ use std::{
 use tonic::Code;
 use user_service::proto::{GetUserRequest, sync_response::Event};
 
-use test_support::{postgres::TestSchema, request_stream, within};
+use test_support::{postgres::TestSchema, request_stream, user_named, within};
 
-use crate::replica::{Replica, Sync, assert_gapless, named};
+use crate::replica::{Replica, Sync, assert_gapless};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_killed_replica_loses_no_acknowledged_write_and_the_others_go_on() {
@@ -28,7 +28,11 @@ async fn a_killed_replica_loses_no_acknowledged_write_and_the_others_go_on() {
     let import = tokio::spawn(async move { bulk_client.bulk_add_users(requests).await });
     let feeder = tokio::spawn(async move {
         for i in 0u64.. {
-            if rows.send(named(&format!("b{i:07}"), "B")).await.is_err() {
+            if rows
+                .send(user_named(&format!("b{i:07}"), "B"))
+                .await
+                .is_err()
+            {
                 break;
             }
         }
@@ -41,7 +45,9 @@ async fn a_killed_replica_loses_no_acknowledged_write_and_the_others_go_on() {
         let acked = acked.clone();
         async move {
             for i in 0u64.. {
-                writer.upsert(i, named(&format!("s{i:05}"), "S"), 0).await;
+                writer
+                    .upsert(i, user_named(&format!("s{i:05}"), "S"), 0)
+                    .await;
                 let ack = loop {
                     match writer.next().await {
                         Ok(Event::Ack(ack)) => break ack,
@@ -108,11 +114,11 @@ async fn a_killed_replica_loses_no_acknowledged_write_and_the_others_go_on() {
     assert_eq!((max_seq, counter), (changes, changes), "seqs 1..=n, no gap");
 
     // The survivor's stream goes on, with no gap, through new writes.
-    client.add_user(named("after", "A")).await.unwrap();
+    client.add_user(user_named("after", "A")).await.unwrap();
     let last = counter as u64 + 1;
     let mut changes = listener.changes_through(last).await;
     let mut fresh = Sync::open(&survivor).await;
-    fresh.upsert(1, named("later", "L"), 0).await;
+    fresh.upsert(1, user_named("later", "L"), 0).await;
     let (ack, _) = fresh.next_ack().await;
     assert_eq!(ack.seq, last + 1);
     changes.push(listener.next_change().await);

@@ -21,9 +21,12 @@ use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 use user_service::proto::GetUserRequest;
 
-use test_support::postgres::{Cluster, connect};
+use test_support::{
+    postgres::{Cluster, connect},
+    user_named,
+};
 
-use crate::replica::{Replica, Sync, assert_gapless, code_of, named, wait_for_health};
+use crate::replica::{Replica, Sync, assert_gapless, code_of, wait_for_health};
 
 /// The longest a call may take while the database is away: it must fail
 /// fast, well within a client's usual deadline (the server's own
@@ -59,7 +62,7 @@ impl Load {
                         }
                         let id = format!("w{r}-{w}-{i:06}");
                         let started = Instant::now();
-                        let call = client.add_user(named(&id, "L"));
+                        let call = client.add_user(user_named(&id, "L"));
                         let code = match tokio::time::timeout(CALL_BOUND * 3, call).await {
                             Ok(result) => code_of(&result),
                             Err(_) => Code::DeadlineExceeded,
@@ -222,7 +225,7 @@ async fn terminated_connections_under_load_lose_nothing_and_the_feed_resumes() {
     wait_for_health(&mut health, ServingStatus::NotServing, RECOVERY_BOUND).await;
     let mut client = a.client().await;
     let started = Instant::now();
-    let refused = client.add_user(named("while-away", "W")).await;
+    let refused = client.add_user(user_named("while-away", "W")).await;
     assert_eq!(code_of(&refused), Code::Unavailable);
     assert!(started.elapsed() < CALL_BOUND, "{:?}", started.elapsed());
     let read = client

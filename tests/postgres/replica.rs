@@ -1,9 +1,9 @@
 //! One replica: the `user-service` binary as a child process on a
-//! PostgreSQL store, and the clients the tests talk to it with.
+//! PostgreSQL store (a [`ServerProcess`]), and the clients the tests talk to
+//! it with.
 
 use std::{
-    net::SocketAddr,
-    process::{Child, Command, ExitStatus, Stdio},
+    process::{Command, ExitStatus},
     time::{Duration, Instant},
 };
 
@@ -14,19 +14,13 @@ use tonic_health::pb::{
 };
 use user_service::proto::{
     self, Ack, Change, SyncRequest, SyncResponse, sync_request::Op, sync_response::Event,
-    user_service_client::UserServiceClient,
 };
 
-use test_support::{PATIENCE, request_stream, within};
-
-pub type Client = UserServiceClient<Channel>;
+use test_support::{Client, ServerProcess, request_stream, run_to_exit, within};
 
 /// A running replica, killed when dropped.
 pub struct Replica {
-    child: Child,
-    pub addr: SocketAddr,
-    /// Its address file and log, deleted when dropped.
-    _dir: tempfile::TempDir,
+    server: ServerProcess,
 }
 
 impl Replica {
@@ -42,60 +36,30 @@ impl Replica {
         args: &[&str],
         env: &[(&str, &std::path::Path)],
     ) -> Replica {
-        let dir = tempfile::tempdir().unwrap();
-        let addr_file = dir.path().join("addr");
-        let mut child = command(url, args, &dir)
-            .envs(env.iter().copied())
-            .arg("--addr-file")
-            .arg(&addr_file)
-            .spawn()
-            .expect("spawn user-service");
-        let started = Instant::now();
-        let addr = loop {
-            if let Ok(text) = std::fs::read_to_string(&addr_file) {
-                break text.trim().parse().unwrap();
-            }
-            if let Ok(Some(status)) = child.try_wait() {
-                panic!("the replica exited ({status}): {}", log(&dir));
-            }
-            assert!(started.elapsed() < PATIENCE, "no address: {}", log(&dir));
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
-        Replica {
-            child,
-            addr,
-            _dir: dir,
-        }
+        let mut command = command(url, args);
+        command.envs(env.iter().copied());
+        // The wait for the address blocks: off the test's runtime.
+        let server = tokio::task::spawn_blocking(move || ServerProcess::spawn(command))
+            .await
+            .unwrap();
+        Replica { server }
     }
 
     /// Runs the binary on `url` until it exits by itself (bounded); its
     /// status and log.
     pub async fn run_to_exit(url: &str) -> (ExitStatus, String) {
-        let dir = tempfile::tempdir().unwrap();
-        let mut child = command(url, &[], &dir).spawn().expect("spawn user-service");
-        let started = Instant::now();
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                return (status, log(&dir));
-            }
-            if started.elapsed() > PATIENCE {
-                let _ = child.kill();
-                panic!("the binary did not exit: {}", log(&dir));
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let command = command(url, &[]);
+        tokio::task::spawn_blocking(move || run_to_exit(command))
+            .await
+            .unwrap()
     }
 
     pub async fn channel(&self) -> Channel {
-        Channel::from_shared(format!("http://{}", self.addr))
-            .unwrap()
-            .connect()
-            .await
-            .expect("connect")
+        self.server.channel().await
     }
 
     pub async fn client(&self) -> Client {
-        UserServiceClient::new(self.channel().await)
+        self.server.client().await
     }
 
     /// The server's health (`""`, the whole server), as a stream of changes.
@@ -110,9 +74,8 @@ impl Replica {
     }
 
     /// SIGKILL: no shutdown, nothing flushed or closed.
-    pub fn kill(mut self) {
-        self.child.kill().expect("kill");
-        self.child.wait().expect("wait");
+    pub fn kill(self) {
+        self.server.kill();
     }
 
     /// SIGSTOP: the process stops where it is, connections open.
@@ -126,35 +89,21 @@ impl Replica {
     }
 
     fn signal(&self, signal: libc::c_int) {
-        let pid = libc::pid_t::try_from(self.child.id()).unwrap();
+        let pid = libc::pid_t::try_from(self.server.pid()).unwrap();
         // SAFETY: a signal to our own child, not yet waited for.
         assert_eq!(unsafe { libc::kill(pid, signal) }, 0);
     }
 }
 
-impl Drop for Replica {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn command(url: &str, args: &[&str], dir: &tempfile::TempDir) -> Command {
+/// The binary on `url`, with debug logs of the store.
+fn command(url: &str, args: &[&str]) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_user-service"));
-    let log = std::fs::File::create(dir.path().join("log")).unwrap();
     command
         .args(["--addr", "127.0.0.1:0", "--store", url])
         .args(args)
         .env("RUST_LOG", "info,user_service=debug")
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log);
+        .env("NO_COLOR", "1");
     command
-}
-
-fn log(dir: &tempfile::TempDir) -> String {
-    std::fs::read_to_string(dir.path().join("log")).unwrap_or_default()
 }
 
 /// Waits (bounded) until the health stream reports `status`; returns how
@@ -257,18 +206,6 @@ impl Sync {
 pub fn assert_gapless(changes: &[Change], first: u64) {
     for (i, change) in changes.iter().enumerate() {
         assert_eq!(change.seq, first + i as u64, "gap or reorder at {i}");
-    }
-}
-
-/// A user with an id and a first name.
-pub fn named(id: &str, first_name: &str) -> proto::User {
-    proto::User {
-        id: id.into(),
-        first_name: first_name.into(),
-        last_name: "Doe".into(),
-        address: "1 Long Street".into(),
-        verified: false,
-        version: 0,
     }
 }
 

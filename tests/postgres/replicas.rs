@@ -12,9 +12,9 @@ use user_service::store::{
     postgres::{PostgresOptions, PostgresStore},
 };
 
-use test_support::postgres::TestSchema;
+use test_support::{postgres::TestSchema, user_named};
 
-use crate::replica::{Replica, Sync, assert_gapless, named};
+use crate::replica::{Replica, Sync, assert_gapless};
 
 /// Ops each SyncUsers writer sends.
 const OPS_PER_WRITER: u64 = 150;
@@ -97,7 +97,7 @@ async fn every_subscriber_sees_one_gapless_sequence(replicas: usize) {
 /// Returns the (seq, id) of each op committed.
 async fn sync_writer(mut sync: Sync, replica: usize) -> Vec<(u64, String)> {
     for i in 0..OPS_PER_WRITER {
-        sync.upsert(i, named(&format!("s{replica}-{i:04}"), "S"), 0)
+        sync.upsert(i, user_named(&format!("s{replica}-{i:04}"), "S"), 0)
             .await;
     }
     let mut committed = Vec::new();
@@ -128,11 +128,11 @@ async fn sync_writer(mut sync: Sync, replica: usize) -> Vec<(u64, String)> {
 }
 
 /// AddUser `ADDS_PER_WRITER` times; the id of each.
-async fn unary_writer(mut client: crate::replica::Client, replica: usize) -> Vec<String> {
+async fn unary_writer(mut client: test_support::Client, replica: usize) -> Vec<String> {
     let mut ids = Vec::new();
     for i in 0..ADDS_PER_WRITER {
         let reply = client
-            .add_user(named(&format!("a{replica}-{i:04}"), "A"))
+            .add_user(user_named(&format!("a{replica}-{i:04}"), "A"))
             .await
             .unwrap()
             .into_inner();
@@ -156,12 +156,12 @@ async fn one_of_concurrent_upserts_with_one_expected_version_wins() {
     for server in &servers {
         syncs.push(Sync::open(server).await);
     }
-    syncs[0].upsert(0, named("x", "v1"), 0).await;
+    syncs[0].upsert(0, user_named("x", "v1"), 0).await;
     let (ack, _) = syncs[0].next_ack().await;
     assert_eq!((ack.code, ack.user.unwrap().version), (0, 1));
     for round in 1..=ROUNDS {
         for (r, sync) in syncs.iter().enumerate() {
-            sync.upsert(round, named("x", &format!("r{round}-{r}")), round)
+            sync.upsert(round, user_named("x", &format!("r{round}-{r}")), round)
                 .await;
         }
         let mut codes = Vec::new();

@@ -6,9 +6,12 @@ use rcgen::{
     KeyPair,
 };
 
-use test_support::postgres::{Cluster, connect};
+use test_support::{
+    postgres::{Cluster, connect},
+    user_named,
+};
 
-use crate::replica::{Replica, named};
+use crate::replica::Replica;
 
 /// A CA, and a certificate for `localhost` signed by it: the CA's PEM, the
 /// certificate's and its key's.
@@ -52,7 +55,7 @@ async fn sslmode_require_connects_over_verified_tls() {
     // Trusting it: every connection of the server is TLS.
     let replica = Replica::start_with_env(&url, &[], &[("PGSSLROOTCERT", &ca_file)]).await;
     let mut client = replica.client().await;
-    client.add_user(named("over-tls", "T")).await.unwrap();
+    client.add_user(user_named("over-tls", "T")).await.unwrap();
     let admin = connect(&format!(
         "host={} port={} user=postgres dbname=postgres",
         cluster.socket_dir().display(),
