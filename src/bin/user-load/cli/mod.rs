@@ -223,10 +223,9 @@ pub struct UsersArgs {
     pub verify: bool,
 }
 
+/// How many unary calls, for how long, each with what deadline (add, get).
 #[derive(Debug, Clone, Args)]
-pub struct AddArgs {
-    #[command(flatten)]
-    pub target: TargetArgs,
+pub struct CallArgs {
     /// Workers, each with one call in flight.
     #[arg(short = 'c', long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
     pub concurrency: u32,
@@ -239,6 +238,14 @@ pub struct AddArgs {
     /// Deadline of each call.
     #[arg(short = 't', long, default_value = "20s", value_parser = parse_duration, value_name = "DURATION")]
     pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct AddArgs {
+    #[command(flatten)]
+    pub target: TargetArgs,
+    #[command(flatten)]
+    pub calls: CallArgs,
     #[command(flatten)]
     pub pace: PaceArgs,
     #[command(flatten)]
@@ -251,18 +258,8 @@ pub struct AddArgs {
 pub struct GetArgs {
     #[command(flatten)]
     pub target: TargetArgs,
-    /// Workers, each with one call in flight.
-    #[arg(short = 'c', long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
-    pub concurrency: u32,
-    /// Stop after this many calls.
-    #[arg(short = 'n', long, value_parser = clap::value_parser!(u64).range(1..))]
-    pub total: Option<u64>,
-    /// Stop starting calls after this long (after --warmup).
-    #[arg(short = 'z', long, value_parser = parse_duration, value_name = "DURATION")]
-    pub duration: Option<Duration>,
-    /// Deadline of each call.
-    #[arg(short = 't', long, default_value = "20s", value_parser = parse_duration, value_name = "DURATION")]
-    pub timeout: Duration,
+    #[command(flatten)]
+    pub calls: CallArgs,
     #[command(flatten)]
     pub pace: PaceArgs,
     /// Users imported first (not measured); the reads pick among them.

@@ -7,8 +7,8 @@ use std::{path::PathBuf, time::Duration};
 use clap::{CommandFactory, Parser, error::ErrorKind};
 
 use super::{
-    Cli, Command, DEFAULT_DURATION, GenArgs, OutputArgs, PaceArgs, ScheduleKind, SinkArgs,
-    TargetArgs,
+    CallArgs, Cli, Command, DEFAULT_DURATION, GenArgs, OutputArgs, PaceArgs, ScheduleKind,
+    SinkArgs, TargetArgs,
 };
 
 /// The load modes.
@@ -177,6 +177,12 @@ impl Cli {
             output,
             command_line: format!("user-load {command_line}"),
         };
+        let calls = |mode, target, output, calls: CallArgs| Plan {
+            concurrency: calls.concurrency as usize,
+            total: calls.total,
+            duration: calls.duration,
+            ..base(mode, target, output, calls.timeout)
+        };
         let plan = match cli.command {
             Command::Gen(args) => return Ok(Action::Gen(args)),
             Command::Sink(args) => return Ok(Action::Sink(args)),
@@ -191,22 +197,16 @@ impl Cli {
                 ..base(Mode::Bulk, a.target, a.output, a.timeout)
             },
             Command::Add(a) => Plan {
-                concurrency: a.concurrency as usize,
-                total: a.total,
-                duration: a.duration,
                 data: a.users.data,
                 seed: a.users.seed,
                 verify: a.users.verify,
-                ..pace(base(Mode::Add, a.target, a.output, a.timeout), &a.pace)?
+                ..pace(calls(Mode::Add, a.target, a.output, a.calls), &a.pace)?
             },
             Command::Get(a) => Plan {
-                concurrency: a.concurrency as usize,
-                total: a.total,
-                duration: a.duration,
                 prefill: a.prefill,
                 seed: a.seed,
                 verify: a.verify,
-                ..pace(base(Mode::Get, a.target, a.output, a.timeout), &a.pace)?
+                ..pace(calls(Mode::Get, a.target, a.output, a.calls), &a.pace)?
             },
             Command::List(a) => Plan {
                 concurrency: a.concurrency as usize,
