@@ -121,6 +121,17 @@ impl Load {
     }
 }
 
+/// Ends the load, then checks that every write it had acknowledged is stored
+/// (read through `replica`) and in every listener's feed, with no gap.
+async fn assert_nothing_lost(load: Load, replica: &Replica, url: &str, listeners: &mut [Sync]) {
+    let acked = load.finish().await;
+    assert_stored(replica, &acked).await;
+    let last = last_seq(url).await;
+    for listener in listeners {
+        assert_feed_complete(listener, last, &acked).await;
+    }
+}
+
 /// Reads `listener`'s changes through the store's last seq; checks they
 /// are gapless from 1 and hold every acknowledged id.
 async fn assert_feed_complete(listener: &mut Sync, last_seq: u64, acked: &[String]) {
@@ -178,13 +189,7 @@ async fn a_database_restart_under_load_loses_nothing_and_the_feed_resumes() {
     let back = wait_for_health(&mut health, ServingStatus::Serving, RECOVERY_BOUND).await;
     println!("serving again {back:?} after NOT_SERVING");
     load.until_more_succeed(100).await;
-    let acked = load.finish().await;
-
-    assert_stored(&b, &acked).await;
-    let last = last_seq(&url).await;
-    for listener in &mut listeners {
-        assert_feed_complete(listener, last, &acked).await;
-    }
+    assert_nothing_lost(load, &b, &url, &mut listeners).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -241,11 +246,5 @@ async fn terminated_connections_under_load_lose_nothing_and_the_feed_resumes() {
     let back = wait_for_health(&mut health, ServingStatus::Serving, RECOVERY_BOUND).await;
     println!("serving again {back:?} after connections were allowed");
     load.until_more_succeed(100).await;
-    let acked = load.finish().await;
-
-    assert_stored(&b, &acked).await;
-    let last = last_seq(&url).await;
-    for listener in &mut listeners {
-        assert_feed_complete(listener, last, &acked).await;
-    }
+    assert_nothing_lost(load, &b, &url, &mut listeners).await;
 }
