@@ -34,8 +34,9 @@
 //! - [`user`]: the domain types (users and changes).
 //! - [`proto`]: the generated wire types and conversions.
 //!
-//! [`allocator`] tunes mimalloc for the binaries. [`sample`] makes realistic
-//! users for the `user-load` load generator and the benchmarks.
+//! [`allocator`] tunes mimalloc for the binaries. The load generator,
+//! `user-load`, is a crate of its own in this workspace (`user-load/`), a
+//! client of this library.
 
 pub mod allocator;
 pub mod auth;
@@ -45,7 +46,6 @@ pub mod error;
 pub mod gauges;
 pub mod proto;
 pub mod reflection;
-pub mod sample;
 pub mod server;
 pub mod service;
 pub mod store;

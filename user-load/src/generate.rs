@@ -9,7 +9,7 @@ use std::{
     process::ExitCode,
 };
 
-use user_service::{proto, sample};
+use user_service::proto;
 
 use crate::{cli::GenArgs, source::JsonUser};
 
@@ -33,7 +33,7 @@ pub fn write(args: &GenArgs) -> ExitCode {
 fn write_to(args: &GenArgs, mut out: impl Write) -> io::Result<()> {
     let mut rng = fastrand::Rng::with_seed(args.seed);
     for n in 0..args.count {
-        let mut user = sample::user(&mut rng);
+        let mut user = sample_users::user(&mut rng);
         if let Some(prefix) = &args.id_prefix {
             user.id = format!("{prefix}{n:010}");
         }

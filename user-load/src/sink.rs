@@ -7,6 +7,7 @@
 use std::pin::Pin;
 
 use futures::{Stream, StreamExt};
+use sample_users::UserPool;
 use tonic::{Request, Response, Status, Streaming};
 use user_service::{
     proto::{
@@ -14,7 +15,6 @@ use user_service::{
         sync_response::Event,
         user_service_server::{UserService, UserServiceServer},
     },
-    sample::UserPool,
     server::{MAX_CONCURRENT_STREAMS, MAX_MESSAGE_SIZE},
     service::USER_SAVED,
 };

@@ -1,15 +1,19 @@
 //! The ceiling of bulk import: the work BulkAddUsers does for each row
 //! (decode, validate, insert in batches) with no network, on one thread.
 //!
-//! `cargo bench --bench ceiling` imports 1,000,000 realistic users and
-//! prints users/s for each stage added in turn, and the process's memory
-//! with the users stored. Under `cargo test` it runs a small import, so that
-//! it cannot rot.
+//! `cargo bench -p user-load --bench ceiling` imports 1,000,000 realistic
+//! users and prints users/s for each stage added in turn, and the process's
+//! memory with the users stored. Under `cargo test` it runs a small import,
+//! so that it cannot rot.
+//!
+//! What it measures is the service's own code; it lives beside the load
+//! generator because it imports the same users (`sample_users`).
 
 use std::time::{Duration, Instant};
 
 use prost::Message;
-use user_service::{MemoryStore, Store, proto, sample::UserPool, user::NewUser, validate};
+use sample_users::UserPool;
+use user_service::{MemoryStore, Store, proto, user::NewUser, validate};
 
 /// Users imported by the full benchmark: the size the server targets are
 /// stated for.

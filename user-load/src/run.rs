@@ -7,8 +7,9 @@ use std::{
     time::Instant,
 };
 
+use sample_users::UserPool;
 use tokio::task::JoinSet;
-use user_service::{proto, sample::UserPool};
+use user_service::proto;
 
 use crate::{
     budget::{self, Budget, Ticket},

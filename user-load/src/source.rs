@@ -14,7 +14,8 @@ use std::{
 };
 
 use futures::StreamExt;
-use user_service::{proto, sample::UserPool};
+use sample_users::UserPool;
+use user_service::proto;
 
 /// Generated users cycle through a pool of this many: enough variety that
 /// the server sees realistic rows, small enough to build in milliseconds.

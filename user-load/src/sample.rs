@@ -1,11 +1,12 @@
-//! Realistic sample users, for the load generator and the benchmarks.
+//! Realistic sample users, for the `user-load` load generator and the
+//! ceiling benchmark (`benches/ceiling.rs`).
 //!
 //! Names and an address of about 40 bytes, like the rows of a real import.
 //! Making a user costs a few string copies; callers that send millions build
 //! a [`UserPool`] once and cycle through it, so that generating load costs
 //! less than serving it.
 
-use crate::proto;
+use user_service::proto;
 
 const FIRST_NAMES: &[&str] = &[
     "Olivia",
@@ -158,7 +159,7 @@ impl UserPool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{user::NewUser, validate};
+    use user_service::{user::NewUser, validate};
 
     #[test]
     fn sample_users_are_valid_and_realistic() {

@@ -10,7 +10,9 @@
 //!   `Plan` (`plan.rs`); `threshold.rs` parses and checks `--fail-if`.
 //! - `connect.rs`: connections to every target, TLS, metadata, and the
 //!   first call that proves each connection works.
-//! - `source.rs`: the users sent (generated, or a `--data` file).
+//! - `source.rs`: the users sent: a `--data` file, or realistic users from
+//!   `sample.rs`, the package's small library (`sample_users`), which the
+//!   ceiling benchmark shares.
 //! - `budget.rs`: what bounds a run (total, duration, Ctrl-C) and the pacer
 //!   of open-loop runs.
 //! - `run.rs`: a run from start to report; one module per mode (`bulk.rs`,
@@ -20,19 +22,20 @@
 //!   `verify.rs` the check through ListUsers.
 //! - `report.rs`: the figures, the verdict and the exit status; `html.rs`
 //!   the `--html` page.
-//! - `samples.rs` (gen) and `sink.rs`: the two subcommands that are not load.
+//! - `generate.rs` (gen) and `sink.rs`: the two subcommands that are not
+//!   load.
 
 mod budget;
 mod bulk;
 mod cli;
 mod connect;
+mod generate;
 mod html;
 mod list;
 mod progress;
 mod record;
 mod report;
 mod run;
-mod samples;
 mod sink;
 mod source;
 mod stats;
@@ -71,7 +74,7 @@ fn main() -> ExitCode {
         }
     };
     match action {
-        Action::Gen(args) => samples::write(&args),
+        Action::Gen(args) => generate::write(&args),
         Action::Sink(args) => {
             match runtime.block_on(sink::serve(&args.addr, args.addr_file.as_deref())) {
                 Ok(()) => ExitCode::SUCCESS,

@@ -39,7 +39,7 @@ struct Server {
 
 impl Server {
     fn start(args: &[&str]) -> Server {
-        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_user-service"));
+        let mut command = std::process::Command::new(service_binary());
         command.args(["--store", "memory"]).args(args);
         let process = ServerProcess::spawn(command);
         let addr = process.addr.to_string();
@@ -48,6 +48,27 @@ impl Server {
             addr,
         }
     }
+}
+
+/// The `user-service` binary, where Cargo builds it: beside this test's own
+/// directory (`target/debug/deps`). It belongs to another package of the
+/// workspace, whose binaries Cargo neither names to this test
+/// (`CARGO_BIN_EXE_*`) nor builds for it: `cargo test --workspace` (as
+/// scripts/test.sh runs it) builds both, and `cargo test -p user-load`
+/// needs `cargo build -p user-service` first.
+fn service_binary() -> PathBuf {
+    let test = std::env::current_exe().expect("this test's path");
+    let binary = test
+        .parent()
+        .and_then(Path::parent)
+        .expect("the test is in target/PROFILE/deps")
+        .join("user-service");
+    assert!(
+        binary.exists(),
+        "no {}: run `cargo test --workspace`, or `cargo build -p user-service` first",
+        binary.display()
+    );
+    binary
 }
 
 /// What a finished `user-load` run left.
