@@ -20,7 +20,7 @@ USERS=${USERS:-1000000}
 ROUNDS=${ROUNDS:-2}
 FOR=${FOR:-5s}
 
-cargo build --release --locked --quiet --bin user-service --bin user-load
+cargo build --release --locked --quiet -p user-service -p user-load
 service=target/release/user-service
 load=target/release/user-load
 work=$(mktemp -d)

@@ -23,7 +23,7 @@ if [ -n "${QUICK:-}" ]; then
     USERS=200000 UNARY_FOR=2s SYNC_UPSERTS=20000 CAP=10s
 fi
 
-cargo build --release --locked --quiet --bin user-service --bin user-load
+cargo build --release --locked --quiet -p user-service -p user-load
 load=target/release/user-load
 out=bench/results/$(date -u +%Y%m%dT%H%M%SZ)
 mkdir -p "$out"

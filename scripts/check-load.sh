@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 # hanging it.
 STEP_TIMEOUT=60
 
-cargo build --locked --quiet --bin user-service --bin user-load
+cargo build --locked --quiet -p user-service -p user-load
 bin=target/debug
 work=$(mktemp -d)
 pids=()

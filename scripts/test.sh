@@ -31,7 +31,7 @@ start_test_database
 trap stop_test_database EXIT
 
 stage "lock check" scripts/check-lock.sh
-stage "cargo test" cargo test --all-targets --locked
+stage "cargo test" cargo test --workspace --all-targets --locked
 stage "examples against a live server" scripts/check-examples.sh
 stage "examples against the plain example server" scripts/check-examples.sh --plain-server
 stage "README grpcurl walkthrough" scripts/check-grpcurl.sh
