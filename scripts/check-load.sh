@@ -3,7 +3,7 @@
 # against the real user-service binary on a free loopback port. It checks
 # correctness only (counts, status codes, exit status, --verify), never
 # speed. The failing runs (refused connections, TLS mismatches, aborted
-# streams, thresholds) are tested in tests/user_load.rs.
+# streams, thresholds) are tested in user-load/tests/user_load.rs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

