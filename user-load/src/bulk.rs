@@ -26,9 +26,9 @@ use crate::{
     budget::Budget,
     connect::Client,
     record::{Live, Recorder, Timeline},
-    run::{Ctx, Outcome, Totals},
     source::Source,
     stats::Stats,
+    workers::{Ctx, Outcome, Totals},
 };
 
 /// Rows between updates of the shared progress counter and timeline, so

@@ -16,7 +16,7 @@ use user_service::proto;
 
 use crate::{
     connect::Transport,
-    run::{Ctx, Outcome, Totals},
+    workers::{Ctx, Outcome, Totals},
 };
 
 /// A listed user as the generator reads it: the id (to check the order)

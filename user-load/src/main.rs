@@ -16,7 +16,9 @@
 //! - `budget.rs`: what bounds a run (total, duration, Ctrl-C) and the pacer
 //!   of open-loop runs.
 //! - `run.rs`: a run from start to report; one module per mode (`bulk.rs`,
-//!   `unary.rs` for add and get, `list.rs`, `sync.rs`).
+//!   `unary.rs` for add and get, `list.rs`, `sync.rs`); `workers.rs` what
+//!   the modes share: the context their workers start from and the
+//!   outcomes they hand back, added up per target.
 //! - `record.rs`: what workers record while the run goes, second by second;
 //!   `stats.rs` the totals they add up to; `progress.rs` the progress bar;
 //!   `verify.rs` the check through ListUsers.
@@ -43,6 +45,7 @@ mod sync;
 mod threshold;
 mod unary;
 mod verify;
+mod workers;
 
 use std::process::ExitCode;
 

@@ -10,10 +10,10 @@ use crate::{
     budget::EXIT_INTERRUPTED,
     cli::{Mode, Plan},
     record::Point,
-    run::Totals,
     stats::{Bucket, ErrorKind, Latency, Stats, buckets},
     threshold::{Figures, Verdict},
     verify::VerifyReport,
+    workers::Totals,
 };
 
 /// Exit status of a run that could not do its work.

@@ -24,8 +24,8 @@ use crate::{
     budget,
     connect::Client,
     record::Recorder,
-    run::{Ctx, Outcome, Totals},
     stats::code_name,
+    workers::{Ctx, Outcome, Totals},
 };
 
 /// Send times are kept in a ring indexed by request id. It must be larger

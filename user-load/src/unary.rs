@@ -16,8 +16,8 @@ use crate::{
     budget,
     connect::Client,
     record::Recorder,
-    run::{Ctx, Outcome, Totals},
     source::Source,
+    workers::{Ctx, Outcome, Totals},
 };
 
 #[derive(Clone)]
