@@ -7,6 +7,9 @@
 # which scripts/install-test-tools.sh installs. A database is created there
 # for the run, USER_SERVICE_TEST_DATABASE_URL is pointed at it for the
 # tests, and stop_test_database drops it (and stops the throwaway cluster).
+# That variable set also makes the PostgreSQL tests required: where a plain
+# `cargo test` skips them for want of a server, here they fail (see
+# test-support/src/postgres.rs).
 
 test_db_admin=
 test_db_name=

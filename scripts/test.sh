@@ -3,7 +3,8 @@
 # real binaries from outside. Installs the test tools it needs (PyPI and
 # Debian packages, see scripts/install-test-tools.sh) when they are missing,
 # and gives the tests a fresh PostgreSQL database (see
-# scripts/test-database.sh).
+# scripts/test-database.sh), which also makes the PostgreSQL tests
+# required: none of them is skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -9,7 +9,8 @@
 //! - [`raw`]: HTTP/2 below the generated client, frame by frame, for what no
 //!   well-behaved client does, and a recording proxy.
 //! - [`postgres`]: a real PostgreSQL: a schema of its own per test in the
-//!   test database, or a throwaway cluster for tests that restart it.
+//!   test database, or a throwaway cluster for tests that restart it; and
+//!   whether the PostgreSQL tests run at all where none answers.
 //! - [`Pki`]: a CA and certificates made at test time.
 //! - [`within`]: every wait bounded, so that a broken server fails a test
 //!   instead of hanging it.
@@ -40,7 +41,8 @@ pub async fn within<F: Future>(what: &str, future: F) -> F::Output {
         .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
 }
 
-/// Runs each named `async fn(Backend)` test against every store backend.
+/// Runs each named `async fn(Backend)` test against every store backend
+/// (on PostgreSQL, unless [`postgres::skip_without_database`] skips it).
 #[macro_export]
 macro_rules! for_each_backend {
     ($($test:ident),* $(,)?) => {
@@ -64,6 +66,9 @@ macro_rules! for_each_backend {
             $(
                 #[tokio::test]
                 async fn $test() {
+                    if $crate::postgres::skip_without_database() {
+                        return;
+                    }
                     super::$test($crate::Backend::Postgres).await
                 }
             )*

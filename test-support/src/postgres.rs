@@ -1,29 +1,187 @@
 //! A real PostgreSQL for the tests, never a mock.
 //!
 //! The database is `USER_SERVICE_TEST_DATABASE_URL` (scripts/test.sh sets it
-//! to a fresh database it creates and drops), or the server on
-//! 127.0.0.1:5432. Each test works in a schema of its own, made empty and
-//! dropped when the test is done, so that tests running side by side never
-//! see each other's users or seqs.
+//! to a fresh database it creates and drops), or the local server on
+//! 127.0.0.1:5432 (`USER_SERVICE_TEST_LOCAL_PG` names another address, as
+//! for scripts/test-database.sh). Each test works in a schema of its own,
+//! made empty and dropped when the test is done, so that tests running side
+//! by side never see each other's users or seqs.
 //!
 //! A test that restarts the database, or cuts every connection to it, gets a
 //! throwaway cluster of its own ([`Cluster`]): initdb into a temporary
 //! directory, its own port, stopped when dropped. The machine's shared
 //! server is never restarted.
+//!
+//! Every PostgreSQL test starts by asking whether it can run
+//! ([`skip_without_database`], [`skip_without_server_programs`]). With
+//! `USER_SERVICE_TEST_DATABASE_URL` set, as in scripts/test.sh and so in CI,
+//! the answer is always yes: the tests are required, and one that cannot
+//! reach its database fails. Without it, as under a plain `cargo test`, a
+//! test that finds no local server (or no server programs) returns at once,
+//! and the test binary says at exit, once, which tests did not run and why.
 
 use std::{
+    collections::{BTreeMap, BTreeSet},
+    io::Write,
     net::TcpListener,
     path::{Path, PathBuf},
     process::Command,
-    sync::atomic::{AtomicU32, Ordering},
+    sync::{
+        Mutex, Once, OnceLock,
+        atomic::{AtomicU32, Ordering},
+    },
+    time::Duration,
 };
 
 use tokio_postgres::{Client, NoTls};
 
+/// The test database's URL. Set, it also makes the PostgreSQL tests
+/// required: none is skipped.
+const DATABASE_URL_VAR: &str = "USER_SERVICE_TEST_DATABASE_URL";
+
+/// The local server's `HOST:PORT`, when it is not on the default port.
+const LOCAL_PG_VAR: &str = "USER_SERVICE_TEST_LOCAL_PG";
+
+/// Why a test that needs a [`Cluster`] cannot have one.
+const NO_SERVER_PROGRAMS: &str = "no PostgreSQL server programs (initdb, pg_ctl) under \
+    /usr/lib/postgresql: install Debian's postgresql package (scripts/install-test-tools.sh \
+    does) or set USER_SERVICE_PG_BIN";
+
+/// How long the check for a local server waits for it to answer: a server
+/// that is there answers in milliseconds; an address that drops packets
+/// must not hold up every test.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// The database the tests use, unless a test makes its own cluster.
 pub fn database_url() -> String {
-    std::env::var("USER_SERVICE_TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+    std::env::var(DATABASE_URL_VAR).unwrap_or_else(|_| {
+        let local = std::env::var(LOCAL_PG_VAR).unwrap_or_else(|_| "127.0.0.1:5432".into());
+        format!("postgres://postgres@{local}/postgres")
+    })
+}
+
+/// Whether the PostgreSQL tests must run here (and fail rather than skip).
+fn required() -> bool {
+    std::env::var_os(DATABASE_URL_VAR).is_some()
+}
+
+/// True when the calling test is to return at once, skipped: no database
+/// was named and the local server does not answer. Never true when the
+/// PostgreSQL tests are required (see the module's doc).
+pub fn skip_without_database() -> bool {
+    if required() {
+        return false;
+    }
+    static LOCAL_SERVER: OnceLock<Result<(), String>> = OnceLock::new();
+    match LOCAL_SERVER.get_or_init(probe_local_server) {
+        Ok(()) => false,
+        Err(why) => {
+            skipped(why);
+            true
+        }
+    }
+}
+
+/// True when the calling test, which starts a [`Cluster`] of its own, is to
+/// return at once, skipped: the server programs are not installed. Never
+/// true when the PostgreSQL tests are required (see the module's doc).
+pub fn skip_without_server_programs() -> bool {
+    if required() || find_server_bin_dir().is_some() {
+        return false;
+    }
+    skipped(NO_SERVER_PROGRAMS);
+    true
+}
+
+/// Connects once to the local server, on a thread of its own: the caller
+/// may be inside a test's runtime, of either flavour.
+fn probe_local_server() -> Result<(), String> {
+    let url = database_url();
+    let probe = url.clone();
+    let answer = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        runtime
+            .block_on(answers(&probe))
+            .map_err(|err| with_causes(&err))
+    })
+    .join()
+    .unwrap_or_else(|_| Err("the check panicked".to_owned()));
+    answer.map_err(|err| {
+        format!(
+            "no PostgreSQL answers at {url} ({err}); set {DATABASE_URL_VAR} to a database, or \
+             run scripts/test.sh, which provides one"
+        )
+    })
+}
+
+/// Whether a PostgreSQL server answers a query at `url`.
+async fn answers(url: &str) -> Result<(), tokio_postgres::Error> {
+    let mut config: tokio_postgres::Config = url.parse()?;
+    config.connect_timeout(PROBE_TIMEOUT);
+    let (client, connection) = config.connect(NoTls).await?;
+    tokio::spawn(connection);
+    client.simple_query("SELECT 1").await.map(drop)
+}
+
+/// An error and its causes: "error connecting to server: Connection
+/// refused (os error 111)".
+fn with_causes(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut cause = err.source();
+    while let Some(err) = cause {
+        text.push_str(&format!(": {err}"));
+        cause = err.source();
+    }
+    text
+}
+
+/// The tests skipped so far, by reason.
+static SKIPPED: Mutex<BTreeMap<String, BTreeSet<String>>> = Mutex::new(BTreeMap::new());
+
+/// Notes that the running test is skipped for `why`; the list is printed
+/// when the test binary exits.
+fn skipped(why: &str) {
+    // The test harness runs each test on a thread named after it.
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("a test on an unnamed thread")
+        .to_owned();
+    SKIPPED
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .entry(why.to_owned())
+        .or_default()
+        .insert(test);
+    static AT_EXIT: Once = Once::new();
+    AT_EXIT.call_once(|| {
+        // SAFETY: registers a function that takes no argument and does not
+        // unwind (it ignores every error), as atexit(3) requires.
+        unsafe { libc::atexit(print_skipped) };
+    });
+}
+
+/// Prints the skipped tests once, after the harness's own summary: a
+/// skipped test is listed as passed there, and this says it did not run.
+extern "C" fn print_skipped() {
+    let skipped = SKIPPED
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let mut note = String::new();
+    for (why, tests) in skipped.iter() {
+        note.push_str(&format!(
+            "\nnote: {} PostgreSQL test(s) did not run: {why}\n",
+            tests.len()
+        ));
+        for test in tests {
+            note.push_str(&format!("    {test}\n"));
+        }
+    }
+    // Straight to the file descriptor: the harness captures the print
+    // macros, and nothing may panic here.
+    let _ = std::io::stderr().write_all(note.as_bytes());
 }
 
 /// `url` with its connections' `search_path` set to `schema`.
@@ -36,12 +194,7 @@ pub fn with_schema(url: &str, schema: &str) -> String {
 pub async fn connect(url: &str) -> Client {
     let (client, connection) = tokio_postgres::connect(url, NoTls)
         .await
-        .unwrap_or_else(|err| {
-            panic!(
-                "cannot reach the test database {url}: {err}; set \
-                 USER_SERVICE_TEST_DATABASE_URL or run scripts/test.sh, which provides one"
-            )
-        });
+        .unwrap_or_else(|err| panic!("cannot reach PostgreSQL at {url}: {}", with_causes(&err)));
     tokio::spawn(connection);
     client
 }
@@ -242,8 +395,12 @@ impl Drop for Cluster {
 /// Where the server programs are: `USER_SERVICE_PG_BIN`, or the newest of
 /// Debian's /usr/lib/postgresql/*/bin.
 fn server_bin_dir() -> PathBuf {
+    find_server_bin_dir().unwrap_or_else(|| panic!("{NO_SERVER_PROGRAMS}"))
+}
+
+fn find_server_bin_dir() -> Option<PathBuf> {
     if let Ok(dir) = std::env::var("USER_SERVICE_PG_BIN") {
-        return dir.into();
+        return Some(dir.into());
     }
     let mut found: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
         .into_iter()
@@ -256,13 +413,7 @@ fn server_bin_dir() -> PathBuf {
         })
         .collect();
     found.sort();
-    found.pop().map(|(_, bin)| bin).unwrap_or_else(|| {
-        panic!(
-            "no PostgreSQL server programs (initdb, pg_ctl) under /usr/lib/postgresql: \
-             install Debian's postgresql package (scripts/install-test-tools.sh does) or set \
-             USER_SERVICE_PG_BIN"
-        )
-    })
+    found.pop().map(|(_, bin)| bin)
 }
 
 fn is_root() -> bool {

@@ -241,6 +241,9 @@ async fn a_cancelled_sqlite_listing_stops_its_work() {
 
 #[tokio::test]
 async fn a_cancelled_postgres_listing_stops_its_work() {
+    if test_support::postgres::skip_without_database() {
+        return;
+    }
     let (store, _schema) = postgres_store(FEED_CAPACITY).await;
     cancelled_listing_stops_its_work(store).await;
 }

@@ -27,6 +27,9 @@ async fn until(schema: &TestSchema, query: &str, done: impl Fn(i64) -> bool) -> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_replica_whose_next_change_was_pruned_ends_its_streams_with_aborted() {
+    if test_support::postgres::skip_without_database() {
+        return;
+    }
     let schema = TestSchema::new().await;
     let a = Replica::start(&schema.url, &[]).await;
     let b = Replica::start(
@@ -75,6 +78,9 @@ async fn a_replica_whose_next_change_was_pruned_ends_its_streams_with_aborted() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_replica_away_for_less_than_the_changelog_keeps_catches_up_without_a_gap() {
+    if test_support::postgres::skip_without_database() {
+        return;
+    }
     let schema = TestSchema::new().await;
     let a = Replica::start(&schema.url, &[]).await;
     let b = Replica::start(&schema.url, &["--changelog-prune-interval", "1"]).await;

@@ -16,6 +16,9 @@ use crate::replica::{Replica, Sync, assert_gapless};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_killed_replica_loses_no_acknowledged_write_and_the_others_go_on() {
+    if test_support::postgres::skip_without_database() {
+        return;
+    }
     let schema = TestSchema::new().await;
     let doomed = Replica::start(&schema.url, &[]).await;
     let survivor = Replica::start(&schema.url, &[]).await;

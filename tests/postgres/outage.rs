@@ -169,6 +169,9 @@ async fn last_seq(url: &str) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_database_restart_under_load_loses_nothing_and_the_feed_resumes() {
+    if test_support::postgres::skip_without_server_programs() {
+        return;
+    }
     let cluster = tokio::task::spawn_blocking(Cluster::start).await.unwrap();
     let url = cluster.url();
     let a = Replica::start(&url, &[]).await;
@@ -194,6 +197,9 @@ async fn a_database_restart_under_load_loses_nothing_and_the_feed_resumes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn terminated_connections_under_load_lose_nothing_and_the_feed_resumes() {
+    if test_support::postgres::skip_without_server_programs() {
+        return;
+    }
     let cluster = tokio::task::spawn_blocking(Cluster::start).await.unwrap();
     let admin = connect(&cluster.url()).await;
     admin.batch_execute("CREATE DATABASE users").await.unwrap();

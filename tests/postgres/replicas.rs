@@ -24,11 +24,17 @@ const ADDS_PER_WRITER: u64 = 100;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_replicas_show_every_subscriber_one_gapless_sequence() {
+    if test_support::postgres::skip_without_database() {
+        return;
+    }
     every_subscriber_sees_one_gapless_sequence(2).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_replicas_show_every_subscriber_one_gapless_sequence() {
+    if test_support::postgres::skip_without_database() {
+        return;
+    }
     every_subscriber_sees_one_gapless_sequence(3).await;
 }
 
@@ -146,6 +152,9 @@ async fn unary_writer(mut client: test_support::Client, replica: usize) -> Vec<S
 /// FAILED_PRECONDITION, and the versions go up one a round.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn one_of_concurrent_upserts_with_one_expected_version_wins() {
+    if test_support::postgres::skip_without_database() {
+        return;
+    }
     const ROUNDS: u64 = 20;
     let schema = TestSchema::new().await;
     let mut servers = Vec::new();
@@ -211,6 +220,9 @@ fn scrape(store: &PostgresStore) -> String {
 /// closed, the store refuses every call.
 #[tokio::test]
 async fn metrics_count_every_replicas_writes_and_close_ends_the_store() {
+    if test_support::postgres::skip_without_database() {
+        return;
+    }
     use user_service::user::NewUser;
     let schema = TestSchema::new().await;
     let open = || PostgresStore::open(&schema.url, PostgresOptions::new(64));

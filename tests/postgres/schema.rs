@@ -40,6 +40,9 @@ async fn snapshot(schema: &TestSchema) -> (Vec<String>, Option<i32>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn replicas_starting_together_create_the_schema_once() {
+    if test_support::postgres::skip_without_database() {
+        return;
+    }
     let schema = TestSchema::new().await;
     let opening = (0..3).map(|_| {
         let url = schema.url.clone();
@@ -62,6 +65,9 @@ async fn replicas_starting_together_create_the_schema_once() {
 
 #[tokio::test]
 async fn a_newer_schema_is_refused_untouched() {
+    if test_support::postgres::skip_without_database() {
+        return;
+    }
     let schema = TestSchema::new().await;
     PostgresStore::open(&schema.url, PostgresOptions::new(16))
         .await
@@ -85,6 +91,9 @@ async fn a_newer_schema_is_refused_untouched() {
 
 #[tokio::test]
 async fn another_programs_users_table_is_refused_untouched() {
+    if test_support::postgres::skip_without_database() {
+        return;
+    }
     let schema = TestSchema::new().await;
     let db = schema.client().await;
     db.batch_execute("CREATE TABLE users (name text); INSERT INTO users VALUES ('theirs')")

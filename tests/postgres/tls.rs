@@ -31,6 +31,9 @@ fn certificates() -> (String, String, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sslmode_require_connects_over_verified_tls() {
+    if test_support::postgres::skip_without_server_programs() {
+        return;
+    }
     let (ca, cert, key) = certificates();
     let cluster = tokio::task::spawn_blocking(move || {
         let cluster = Cluster::start();
