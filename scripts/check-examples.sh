@@ -137,35 +137,62 @@ added 4, failed 0
 EOF
 
 # Good rows, an invalid row, a duplicate of a stored id and a duplicate
-# within the stream: the bad rows are reported by index, the rest stored.
-cat >"$WORK/users.jsonl" <<'EOF'
+# within the stream: the server reports the bad rows, by the file's line,
+# and stores the rest. The call did what it was asked: exit status 0.
+users=$WORK/users.jsonl
+cat >"$users" <<'EOF'
 {"id": "grace", "first_name": "Grace", "last_name": "Hopper", "address": "Arlington", "verified": true}
 {"id": "nameless", "first_name": "", "last_name": "Nobody"}
 {"id": "ada", "first_name": "Ada", "last_name": "Again"}
 {"id": "grace", "first_name": "Grace", "last_name": "Again"}
 {"id": "alan", "first_name": "Alan", "last_name": "Turing", "address": "Wilmslow"}
 EOF
-run bulk_add_users "$WORK/users.jsonl"
-expect_same "$WORK/out" <<'EOF'
+run bulk_add_users "$users"
+expect_same "$WORK/out" <<EOF
 added 2, failed 3
-row 1: code 3: first_name: must not be empty
-row 2: code 6: user "ada" already exists
-row 3: code 6: user "grace" already exists
+$users:2: code 3: first_name: must not be empty
+$users:3: code 6: user "ada" already exists
+$users:4: code 6: user "grace" already exists
 EOF
 
-# A line that is not JSON ends the upload; the rows before it are sent.
-printf '%s\n' '{"id": "edsger", "first_name": "Edsger"}' 'not json' '{"id": "never", "first_name": "Never"}' >"$WORK/broken.jsonl"
-run bulk_add_users "$WORK/broken.jsonl"
+# Lines as grpcurl prints a User (JSON names, the uint64 version as a
+# string) and a blank line: proto3 JSON, accepted as it is.
+printf '%s\n' '{"id": "edsger", "firstName": "Edsger", "lastName": "Dijkstra", "verified": true, "version": "3"}' '' \
+    '{"id": "barbara", "firstName": "Barbara", "last_name": "Liskov", "address": null}' >"$WORK/camel.jsonl"
+run bulk_add_users "$WORK/camel.jsonl"
 expect_same "$WORK/out" <<'EOF'
-added 1, failed 0
+added 2, failed 0
 EOF
-expect "$WORK/err" 'broken\.jsonl: .* at line 2 column [0-9]+; the rest is not sent$'
+expect_same "$WORK/err" </dev/null
+
+# Lines that are not users (not JSON, a misspelt field) are reported by
+# file and line and not sent; the lines around them are. The summary says
+# so, and the exit status is 1.
+broken=$WORK/broken.jsonl
+printf '%s\n' '{"id": "ken", "first_name": "Ken"}' 'not json' '{"id": "typo", "fristName": "Typo"}' \
+    '{"id": "ada", "first_name": "Ada", "last_name": "Again"}' '{"id": "dennis", "first_name": "Dennis"}' >"$broken"
+run_failing bulk_add_users "$broken"
+expect_same "$WORK/err" <<EOF
+$broken:2: not sent: expected ident (column 2)
+$broken:3: not sent: unrecognized field name 'fristName' (column 26)
+EOF
+expect_same "$WORK/out" <<EOF
+added 2, failed 1, not sent 2
+$broken:4: code 6: user "ada" already exists
+EOF
+
+# A file that is not there: named, and nothing is sent.
+run_failing bulk_add_users "$WORK/missing.jsonl"
+expect_same "$WORK/err" <<EOF
+cannot open $WORK/missing.jsonl: No such file or directory (os error 2)
+EOF
+expect_same "$WORK/out" </dev/null
 
 echo "== server streaming: list_users"
 # Stored so far: John, Ada, 4 generated users (2 and 4 verified), Grace,
-# Alan, Edsger.
+# Alan, Edsger (verified), Barbara, Ken, Dennis.
 run list_users
-expect "$WORK/out" '^listed 9 users$'
+expect "$WORK/out" '^listed 12 users$'
 ids "$WORK/out" >"$WORK/ids"
 LC_ALL=C sort -c "$WORK/ids" || fail "ListUsers ids are not in ascending order"
 checks=$((checks + 1))
@@ -174,7 +201,7 @@ expect "$WORK/out" 'first_name: "User 3", last_name: "Generated", address: "", v
 run list_users --verified true
 sed '$d' "$WORK/out" >"$WORK/users"
 expect_all "$WORK/users" 'verified: true'
-expect "$WORK/out" '^listed 4 users$'
+expect "$WORK/out" '^listed 5 users$'
 
 run list_users --verified false --limit 2
 expect "$WORK/out" '^listed 2 users$'
@@ -183,8 +210,11 @@ run list_users --after-id ada
 ids "$WORK/out" >"$WORK/after"
 expect_same "$WORK/after" <<'EOF'
 alan
+barbara
+dennis
 edsger
 grace
+ken
 EOF
 
 run_failing list_users --after-id "no spaces"
