@@ -85,7 +85,7 @@ async fn main() -> ExitCode {
             // `spawn_blocking`: if the call fails, the example exits without
             // waiting for it.)
             let (tx, rx) = mpsc::channel(64);
-            let reader = std::thread::spawn(move || send_lines(&path, file, &tx));
+            let reader = std::thread::spawn(move || send_lines(&path, file, tx));
             (ReceiverStream::new(rx).boxed(), Some(reader))
         }
     };
@@ -161,7 +161,7 @@ impl Skipped {
 
 /// Sends each line of `file` as a user, until the end of the file or of
 /// the call; reports the lines that are not users on stderr.
-fn send_lines(path: &Path, file: File, tx: &mpsc::Sender<proto::User>) -> Skipped {
+fn send_lines(path: &Path, file: File, tx: mpsc::Sender<proto::User>) -> Skipped {
     // A line is read as proto3 JSON reads a `User` (what grpcurl and every
     // protobuf library accept: field names in both styles, a uint64 as a
     // number or a string, an unknown field refused), from the descriptor
@@ -198,7 +198,7 @@ fn send_lines(path: &Path, file: File, tx: &mpsc::Sender<proto::User>) -> Skippe
             break; // the call is over
         }
     }
-    skipped // Dropping `tx` ends the stream: the client's side closes.
+    skipped // Returning drops `tx`, which ends the stream: the client's side closes.
 }
 
 /// One line of the file as a `User`.
