@@ -2,14 +2,19 @@
 //! one `Response`, or fails the call with a status. Either way the call is
 //! then over: one message each way.
 //!
-//!     cargo run --example add_user -- --first-name Ada --last-name Lovelace --verified
+//!     cargo run --release --example add_user -- --first-name Ada --last-name Lovelace --verified
 //!
 //! Without `--id` the server assigns a UUIDv7; an id that is already stored
-//! is refused with `ALREADY_EXISTS`.
+//! is refused with `ALREADY_EXISTS`. Exits 0 once the user is added, 1 with
+//! the status printed when the call fails (the rule of every example, in
+//! `common/mod.rs`).
 
-use anyhow::bail;
+mod common;
+
+use std::process::ExitCode;
+
 use clap::Parser;
-use user_service::proto::{self, user_service_client::UserServiceClient};
+use user_service::proto;
 
 #[derive(Parser)]
 struct Args {
@@ -30,9 +35,11 @@ struct Args {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> ExitCode {
     let args = Args::parse();
-    let mut client = UserServiceClient::connect(format!("http://{}", args.addr)).await?;
+    let Some(mut client) = common::connect(&args.addr).await else {
+        return ExitCode::FAILURE;
+    };
 
     let user = proto::User {
         first_name: args.first_name,
@@ -50,8 +57,8 @@ async fn main() -> anyhow::Result<()> {
             let reply = response.into_inner();
             println!("{} {}", reply.code, reply.message);
             println!("{:?}", reply.user.unwrap_or_default());
-            Ok(())
+            ExitCode::SUCCESS
         }
-        Err(status) => bail!("AddUser: {:?}: {}", status.code(), status.message()),
+        Err(status) => common::failed("AddUser", &status),
     }
 }

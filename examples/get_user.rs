@@ -2,13 +2,18 @@
 //! one `User`, or fails the call with a status: `NOT_FOUND` for an unknown
 //! id, `INVALID_ARGUMENT` for an empty or malformed one.
 //!
-//!     cargo run --example get_user -- ada
+//!     cargo run --release --example get_user -- ada
+//!
+//! Exits 0 with the user printed; 1 with the status printed when the call
+//! fails, e.g. `GetUser failed: NotFound: user "nobody" not found` (the rule
+//! of every example, in `common/mod.rs`).
 
-use std::time::Duration;
+mod common;
 
-use anyhow::bail;
+use std::{process::ExitCode, time::Duration};
+
 use clap::Parser;
-use user_service::proto::{self, user_service_client::UserServiceClient};
+use user_service::proto;
 
 #[derive(Parser)]
 struct Args {
@@ -20,9 +25,11 @@ struct Args {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> ExitCode {
     let args = Args::parse();
-    let mut client = UserServiceClient::connect(format!("http://{}", args.addr)).await?;
+    let Some(mut client) = common::connect(&args.addr).await else {
+        return ExitCode::FAILURE;
+    };
 
     // A deadline travels with the request, in the `grpc-timeout` header:
     // past it the server gives up on the call and answers
@@ -35,8 +42,9 @@ async fn main() -> anyhow::Result<()> {
     match client.get_user(request).await {
         Ok(response) => {
             println!("{:?}", response.into_inner());
-            Ok(())
+            ExitCode::SUCCESS
         }
-        Err(status) => bail!("GetUser: {:?}: {}", status.code(), status.message()),
+        // An error status is an answer too: print it, and exit 1.
+        Err(status) => common::failed("GetUser", &status),
     }
 }

@@ -2,13 +2,19 @@
 //! answers with any number of `User` messages, one at a time, then ends the
 //! call with a status: OK once the listing is complete, an error otherwise.
 //!
-//!     cargo run --example list_users -- --verified true --limit 10
+//!     cargo run --release --example list_users -- --verified true --limit 10
 //!
 //! Users come in ascending id order; `--after-id` resumes after a given id.
+//! Exits 0 once the listing is complete; 1 with the status printed when the
+//! call fails, before the first user or after some (the rule of every
+//! example, in `common/mod.rs`).
 
-use anyhow::bail;
+mod common;
+
+use std::process::ExitCode;
+
 use clap::Parser;
-use user_service::proto::{self, user_service_client::UserServiceClient};
+use user_service::proto;
 
 #[derive(Parser)]
 struct Args {
@@ -27,9 +33,11 @@ struct Args {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> ExitCode {
     let args = Args::parse();
-    let mut client = UserServiceClient::connect(format!("http://{}", args.addr)).await?;
+    let Some(mut client) = common::connect(&args.addr).await else {
+        return ExitCode::FAILURE;
+    };
 
     let request = proto::ListUsersRequest {
         verified: args.verified,
@@ -40,7 +48,7 @@ async fn main() -> anyhow::Result<()> {
     // here, before any user is sent.
     let mut users = match client.list_users(request).await {
         Ok(response) => response.into_inner(),
-        Err(status) => bail!("ListUsers: {:?}: {}", status.code(), status.message()),
+        Err(status) => return common::failed("ListUsers", &status),
     };
 
     // Each `message()` waits for the next user. The server reads the store
@@ -57,9 +65,11 @@ async fn main() -> anyhow::Result<()> {
                 println!("{user:?}");
             }
             Ok(None) => break,
-            Err(status) => bail!("cut short: {:?}: {}", status.code(), status.message()),
+            Err(status) => {
+                return common::failed(&format!("ListUsers, after {count} users,"), &status);
+            }
         }
     }
     println!("listed {count} users");
-    Ok(())
+    ExitCode::SUCCESS
 }

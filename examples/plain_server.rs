@@ -4,16 +4,19 @@
 //! written; `src/service/` is how the real server does the same, and
 //! `docs/patterns.md` says why it is built differently.
 //!
-//!     cargo run --example plain_server -- --addr 127.0.0.1:8080
+//!     cargo run --release --example plain_server -- --addr 127.0.0.1:8080
 //!
 //! It speaks the same contract as `user-service` (the same messages, codes
 //! and ordering), so every client example works against it. What it leaves
 //! out: durability, limits, deadlines over whole streams, reflection, health.
+//! Exits 0 on Ctrl-C; 1, saying why in one line, when it cannot listen (the
+//! port is taken: is `user-service` running on it?) or serve.
 
 use std::{
     collections::BTreeMap,
     path::PathBuf,
     pin::Pin,
+    process::ExitCode,
     sync::{Arc, Mutex},
 };
 
@@ -351,20 +354,33 @@ impl proto::user_service_server::UserService for Plain {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> ExitCode {
     let args = Args::parse();
     let (changes, _) = broadcast::channel(4096);
     let service = Plain {
         users: Arc::default(),
         changes,
     };
-    let listener = tokio::net::TcpListener::bind(&args.addr).await?;
-    let addr = listener.local_addr()?;
+    // Failures to start are printed as one line with what failed, and exit
+    // 1: not returned from `main`, which would print them with `{:?}`.
+    let listener = match tokio::net::TcpListener::bind(&args.addr).await {
+        Ok(listener) => listener,
+        Err(err) => {
+            eprintln!("cannot listen on {}: {err}", args.addr);
+            return ExitCode::FAILURE;
+        }
+    };
+    let addr = listener
+        .local_addr()
+        .expect("a bound socket has an address");
     eprintln!("plain_server listening on {addr}");
-    if let Some(path) = args.addr_file {
-        std::fs::write(&path, format!("{addr}\n"))?;
+    if let Some(path) = args.addr_file
+        && let Err(err) = std::fs::write(&path, format!("{addr}\n"))
+    {
+        eprintln!("cannot write {}: {err}", path.display());
+        return ExitCode::FAILURE;
     }
-    Server::builder()
+    let served = Server::builder()
         .add_service(UserServiceServer::new(service))
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::TcpListenerStream::new(listener),
@@ -372,6 +388,12 @@ async fn main() -> anyhow::Result<()> {
                 let _ = tokio::signal::ctrl_c().await;
             },
         )
-        .await?;
-    Ok(())
+        .await;
+    match served {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("plain_server stopped: {err}");
+            ExitCode::FAILURE
+        }
+    }
 }

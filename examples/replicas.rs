@@ -2,7 +2,7 @@
 //! several servers that share one PostgreSQL database, each call sent to
 //! one of them.
 //!
-//!     cargo run --example replicas -- --addr 127.0.0.1:8081,127.0.0.1:8082,127.0.0.1:8083
+//!     cargo run --release --example replicas -- --addr 127.0.0.1:8081,127.0.0.1:8082,127.0.0.1:8083
 //!
 //! gRPC runs many calls over one long-lived HTTP/2 connection, so a load
 //! balancer that spreads connections (layer 4) sends every call of a client
@@ -14,8 +14,15 @@
 //! is back. Any replica can answer any call: writes through one are seen by
 //! reads through another, and every SyncUsers stream, wherever it is open,
 //! sees every change in one order.
+//!
+//! Exits 0 once every user is added and read back; 1 with the status
+//! printed when a call fails (the rule of every example, in
+//! `common/mod.rs`).
 
-use anyhow::Context;
+mod common;
+
+use std::process::ExitCode;
+
 use clap::Parser;
 use tonic::transport::{Channel, Endpoint};
 use user_service::proto::{self, GetUserRequest, user_service_client::UserServiceClient};
@@ -31,14 +38,18 @@ struct Args {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> ExitCode {
     let args = Args::parse();
-    let endpoints = args
-        .addr
-        .split(',')
-        .map(|addr| Endpoint::from_shared(format!("http://{addr}")))
-        .collect::<Result<Vec<_>, _>>()
-        .context("an address")?;
+    let mut endpoints = Vec::new();
+    for addr in args.addr.split(',') {
+        match Endpoint::from_shared(format!("http://{addr}")) {
+            Ok(endpoint) => endpoints.push(endpoint),
+            Err(err) => {
+                eprintln!("not an address: {addr:?}: {}", common::chain(&err));
+                return ExitCode::FAILURE;
+            }
+        }
+    }
     let replicas = endpoints.len();
     // One channel over all of them; connections are made in the background,
     // and a call waits until one is ready.
@@ -51,19 +62,20 @@ async fn main() -> anyhow::Result<()> {
             first_name: format!("User {i}"),
             ..proto::User::default()
         };
-        let reply = client.add_user(user).await.context("AddUser")?.into_inner();
-        ids.push(reply.user.unwrap_or_default().id);
+        match client.add_user(user).await {
+            Ok(reply) => ids.push(reply.into_inner().user.unwrap_or_default().id),
+            Err(status) => return common::failed("AddUser", &status),
+        }
     }
     // Read back, through whichever replica each call goes to.
     for id in &ids {
-        client
-            .get_user(GetUserRequest { id: id.clone() })
-            .await
-            .context("GetUser")?;
+        if let Err(status) = client.get_user(GetUserRequest { id: id.clone() }).await {
+            return common::failed("GetUser", &status);
+        }
     }
     println!(
         "added and read back {} users through {replicas} replicas",
         ids.len()
     );
-    Ok(())
+    ExitCode::SUCCESS
 }

@@ -7,22 +7,24 @@
 //! Run it in two terminals, the second within a few seconds of the first;
 //! each prints the other's changes:
 //!
-//!     cargo run --example sync_users -- --name alice
-//!     cargo run --example sync_users -- --name bob
+//!     cargo run --release --example sync_users -- --name alice
+//!     cargo run --release --example sync_users -- --name bob
 //!
 //! It sends five requests, one per `--interval` seconds, listens `--listen`
 //! seconds more, then closes its side and exits when the server ends the call.
 //! Interrupting it (Ctrl-C) cancels the call instead: the stream is reset and
-//! the server drops this client's subscription.
+//! the server drops this client's subscription. Exits 0 when the server ends
+//! the call with OK (a refused op is an Ack, not a failure); 1 with the
+//! status printed when the call fails (the rule of every example, in
+//! `common/mod.rs`).
 
-use std::time::Duration;
+mod common;
 
-use anyhow::bail;
+use std::{process::ExitCode, time::Duration};
+
 use clap::Parser;
 use tokio_stream::wrappers::ReceiverStream;
-use user_service::proto::{
-    self, sync_request::Op, sync_response::Event, user_service_client::UserServiceClient,
-};
+use user_service::proto::{self, sync_request::Op, sync_response::Event};
 
 #[derive(Parser)]
 struct Args {
@@ -41,9 +43,11 @@ struct Args {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> ExitCode {
     let args = Args::parse();
-    let mut client = UserServiceClient::connect(format!("http://{}", args.addr)).await?;
+    let Some(mut client) = common::connect(&args.addr).await else {
+        return ExitCode::FAILURE;
+    };
 
     let name = args
         .name
@@ -88,15 +92,15 @@ async fn main() -> anyhow::Result<()> {
     // here. A failed op is an Ack with a non-zero code, not the end of the
     // call; the call itself fails only as a whole (a `Status`: `ABORTED` for a
     // reader too far behind the feed, `UNAVAILABLE` when the server stops).
-    let mut events = client
-        .sync_users(ReceiverStream::new(rx))
-        .await?
-        .into_inner();
+    let mut events = match client.sync_users(ReceiverStream::new(rx)).await {
+        Ok(response) => response.into_inner(),
+        Err(status) => return common::failed("SyncUsers", &status),
+    };
     loop {
         let event = match events.message().await {
             Ok(Some(response)) => response.event,
             Ok(None) => break, // the server ended the call with OK
-            Err(status) => bail!("call failed: {:?}: {}", status.code(), status.message()),
+            Err(status) => return common::failed("SyncUsers", &status),
         };
         match event {
             Some(Event::Ack(ack)) => match ack.user {
@@ -123,5 +127,5 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     println!("call ended: OK");
-    Ok(())
+    ExitCode::SUCCESS
 }

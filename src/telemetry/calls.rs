@@ -361,6 +361,15 @@ pub struct Recording<F> {
     span: Option<tracing::Span>,
 }
 
+/// Dropped before its head (the client went away, the server stopped): the
+/// call is recorded first, then `inner` goes, with the call's in-flight
+/// slot (see [`Counted`]'s drop).
+impl<F> Drop for Recording<F> {
+    fn drop(&mut self) {
+        drop(self.call.take());
+    }
+}
+
 impl<F, B, E> Future for Recording<F>
 where
     F: Future<Output = Result<http::Response<B>, E>> + Unpin,
@@ -403,6 +412,19 @@ pub struct Counted<B> {
     call: Option<Call>,
     /// The call's span, on a response body: the stream runs in it.
     span: Option<tracing::Span>,
+}
+
+/// A response body dropped before its status (the client reset the
+/// stream, the connection dropped) records its call as `Canceled` first,
+/// and only then lets the inner body go, with what it holds: the call's
+/// in-flight slot and, for SyncUsers, its feed subscription. So whoever
+/// sees those given back (a scrape of `user_service_calls_in_flight`, a
+/// test waiting on the gauges) finds the call counted as handled. Fields
+/// alone would drop the other way round, in declaration order.
+impl<B> Drop for Counted<B> {
+    fn drop(&mut self) {
+        drop(self.call.take());
+    }
 }
 
 impl<B> Body for Counted<B>
@@ -548,6 +570,50 @@ mod tests {
         // A message cut short is not counted.
         messages.count(&message(10)[..8]);
         assert_eq!(counter.get(), 5);
+    }
+
+    /// Reads the `Canceled` count of AddUser when dropped, as a gauge
+    /// watcher would once the in-flight slot it stands for is given back.
+    struct Slot {
+        cancelled: Counter,
+        seen: Arc<std::sync::atomic::AtomicU64>,
+    }
+
+    impl Drop for Slot {
+        fn drop(&mut self) {
+            self.seen
+                .store(self.cancelled.get(), std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn a_dropped_call_is_recorded_before_its_slot_is_given_back() {
+        let metrics = RpcMetrics::new(&mut Registry::default());
+        let add_user = method_of("/grpcUser.UserService/AddUser").unwrap();
+        let cancelled = metrics.methods[add_user].handled[Code::Cancelled as usize].clone();
+        let slot = |seen: &Arc<_>| Slot {
+            cancelled: cancelled.clone(),
+            seen: Arc::clone(seen),
+        };
+        let call = || Some(Call::start(Some(metrics.clone()), add_user, None));
+
+        // Before the response head...
+        let seen = Arc::default();
+        drop(Recording {
+            inner: slot(&seen),
+            call: call(),
+            span: None,
+        });
+        assert_eq!(seen.load(std::sync::atomic::Ordering::SeqCst), 1);
+        // ...and with the response body unfinished.
+        let seen = Arc::default();
+        drop(Counted {
+            inner: slot(&seen),
+            messages: None,
+            call: call(),
+            span: None,
+        });
+        assert_eq!(seen.load(std::sync::atomic::Ordering::SeqCst), 2);
     }
 
     #[test]

@@ -1,8 +1,12 @@
 //! A real server in the test's own process, on `127.0.0.1:0`.
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, sync::Arc};
 
-use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
+use tokio::{
+    net::TcpListener,
+    sync::{oneshot, watch},
+    task::JoinHandle,
+};
 use tonic::transport::{Channel, Endpoint};
 use user_service::{
     Config, MemoryStore, SqliteStore, Store,
@@ -213,25 +217,49 @@ impl Drop for TestServer {
 
 /// A store whose reads never complete: a stand-in for a stuck backend, so a
 /// call is still running when its deadline passes or the server shuts down.
-/// With an id, only GetUser of that id is stuck.
+/// With an id, only GetUser of that id is stuck. Clones share the count of
+/// stuck reads.
 #[derive(Clone)]
 pub struct StuckReads {
     store: MemoryStore,
     only: Option<&'static str>,
+    /// How many reads have got stuck so far.
+    stuck: Arc<watch::Sender<usize>>,
 }
 
 impl StuckReads {
     /// Every read is stuck.
     pub fn all(store: MemoryStore) -> Self {
-        StuckReads { store, only: None }
+        Self::new(store, None)
     }
 
     /// Only GetUser of `id` is stuck.
     pub fn get_of(store: MemoryStore, id: &'static str) -> Self {
+        Self::new(store, Some(id))
+    }
+
+    fn new(store: MemoryStore, only: Option<&'static str>) -> Self {
         StuckReads {
             store,
-            only: Some(id),
+            only,
+            stuck: Arc::new(watch::Sender::new(0)),
         }
+    }
+
+    /// Waits until `count` reads in all have got stuck: each of their calls
+    /// has received and decoded its request, and its handler has reached
+    /// the store.
+    pub async fn wait_until_stuck(&self, count: usize) {
+        self.stuck
+            .subscribe()
+            .wait_for(|&stuck| stuck >= count)
+            .await
+            .expect("the sender lives as long as self");
+    }
+
+    async fn stick(&self) -> ! {
+        self.stuck.send_modify(|stuck| *stuck += 1);
+        std::future::pending().await
     }
 }
 
@@ -251,7 +279,7 @@ impl Store for StuckReads {
     async fn get(&self, id: &str) -> Result<User, StoreError> {
         match self.only {
             Some(only) if only != id => self.store.get(id).await,
-            _ => std::future::pending().await,
+            _ => self.stick().await,
         }
     }
     async fn list_page(
@@ -262,7 +290,7 @@ impl Store for StuckReads {
     ) -> Result<Page, StoreError> {
         match self.only {
             Some(_) => self.store.list_page(filter, after, max).await,
-            None => std::future::pending().await,
+            None => self.stick().await,
         }
     }
     fn subscribe(&self) -> Subscription {

@@ -5,11 +5,12 @@ use std::{
     net::SocketAddr,
     path::Path,
     process::{Child, Command, ExitStatus, Stdio},
-    sync::{Arc, Mutex, mpsc},
+    sync::{Arc, mpsc},
     thread::JoinHandle,
     time::Duration,
 };
 
+use tokio::sync::watch;
 use tonic::transport::Channel;
 use user_service::proto::user_service_client::UserServiceClient;
 
@@ -17,11 +18,12 @@ use crate::{Client, PATIENCE};
 
 /// The server binary, running until stopped or dropped (then killed). Its
 /// address comes from the file it writes once listening (`--addr-file`);
-/// its log (stderr) is collected.
+/// its log (stderr) is collected, line by line, by a thread of its own.
 pub struct ServerProcess {
     child: Child,
     pub addr: SocketAddr,
-    log: Arc<Mutex<Vec<String>>>,
+    /// The lines collected so far; [`ServerProcess::log_line`] waits on it.
+    log: Arc<watch::Sender<Vec<String>>>,
     reader: Option<JoinHandle<()>>,
     _scratch: tempfile::TempDir,
 }
@@ -55,7 +57,7 @@ impl ServerProcess {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn the server");
-        let log = Arc::new(Mutex::new(Vec::new()));
+        let log = Arc::new(watch::Sender::new(Vec::new()));
         let stderr = child.stderr.take().expect("piped stderr");
         // Reads the log to its end, so that the child never blocks on a full
         // pipe.
@@ -63,7 +65,7 @@ impl ServerProcess {
             let log = log.clone();
             move || {
                 for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                    log.lock().unwrap().push(line);
+                    log.send_modify(|lines| lines.push(line));
                 }
             }
         });
@@ -120,9 +122,30 @@ impl ServerProcess {
         self.child.id()
     }
 
-    /// Its log so far.
+    /// Its log so far: what the reading thread has collected, which may
+    /// lag behind what the server has written. To wait for a line, use
+    /// [`ServerProcess::log_line`].
     pub fn log(&self) -> String {
-        self.log.lock().unwrap().join("\n")
+        self.log.borrow().join("\n")
+    }
+
+    /// Waits (bounded) until a line of its log contains `text`; returns
+    /// that line.
+    pub async fn log_line(&self, text: &str) -> String {
+        let mut log = self.log.subscribe();
+        let found = tokio::time::timeout(
+            PATIENCE,
+            log.wait_for(|lines| lines.iter().any(|line| line.contains(text))),
+        )
+        .await;
+        match found {
+            Ok(Ok(lines)) => lines
+                .iter()
+                .find(|line| line.contains(text))
+                .expect("the line waited for")
+                .clone(),
+            _ => panic!("no log line with {text:?}:\n{}", self.log()),
+        }
     }
 
     /// Its CPU time so far (user and system), from `/proc`.

@@ -13,12 +13,10 @@ async fn a_restart_keeps_what_was_written() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("users.db");
     let server = start(&db);
-    // The log names the store and its durability.
-    let log = server.log();
-    let listening = log
-        .lines()
-        .find(|line| line.contains("user-service listening"))
-        .unwrap_or_else(|| panic!("no listening line: {log}"));
+    // The log names the store and its durability. (The address file is
+    // written after this line, but the line may not have been collected
+    // yet.)
+    let listening = server.log_line("user-service listening").await;
     assert!(
         listening.contains(&format!("store=sqlite:{}", db.display()))
             && listening.contains("durability=full"),

@@ -237,8 +237,10 @@ async fn with_descriptors_exhausted_the_server_idles_then_accepts_again() {
     for _ in 0..2 * FILES {
         held.push(tokio::net::TcpStream::connect(server.addr).await.unwrap());
     }
-    // A measurement window, not a wait for an event: the accept loop would
-    // spin through it without the back-off.
+    // The server says when it runs out...
+    server.log_line("cannot accept connections").await;
+    // ...and from then on, a measurement window, not a wait for an event:
+    // the accept loop would spin through it without the back-off.
     let before = server.cpu_seconds();
     tokio::time::sleep(std::time::Duration::from_secs(2)).await;
     let cpu = server.cpu_seconds() - before;

@@ -77,7 +77,7 @@ async fn metrics_count_exactly_the_calls_made() {
         shutdown_grace: Duration::from_secs(600),
         ..Config::default()
     };
-    let mut server = TestServer::start_with_metrics(store, config).await;
+    let mut server = TestServer::start_with_metrics(store.clone(), config).await;
     let mut client = server.client().await;
 
     // Unary: 2 OK, 1 invalid, 1 duplicate; 1 OK, 1 unknown id.
@@ -230,9 +230,12 @@ async fn metrics_count_exactly_the_calls_made() {
             .get_user(GetUserRequest { id: "stuck".into() })
             .await
     });
+    // Its request counts as received once decoded, which is before its
+    // handler reaches the store; it counts as in flight from its head on,
+    // before its request is read.
     within(
-        "the stuck call to start",
-        server.gauges.wait_until(|g| g.in_flight_calls() == 2),
+        "the stuck call's request to reach the store",
+        store.wait_until_stuck(1),
     )
     .await;
     server.begin_shutdown();

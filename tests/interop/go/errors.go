@@ -20,7 +20,7 @@ import (
 	v1alpha "google.golang.org/grpc/reflection/grpc_reflection_v1alpha"
 	"google.golang.org/grpc/status"
 
-	pb "usergrpc"
+	pb "interop/usergrpc"
 )
 
 // ---- the checks

@@ -30,7 +30,7 @@ import (
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 
-	pb "usergrpc"
+	pb "interop/usergrpc"
 )
 
 var (

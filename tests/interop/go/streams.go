@@ -8,15 +8,15 @@ import (
 	"strings"
 	"time"
 
-	"github.com/golang/protobuf/proto"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	v1alpha "google.golang.org/grpc/reflection/grpc_reflection_v1alpha"
 	"google.golang.org/grpc/stats"
+	"google.golang.org/protobuf/proto"
 
-	v1 "reflectionv1"
-	pb "usergrpc"
+	v1 "interop/reflectionv1"
+	pb "interop/usergrpc"
 )
 
 func checkReflection() {

@@ -10,7 +10,7 @@ import (
 
 	"google.golang.org/grpc/codes"
 
-	pb "usergrpc"
+	pb "interop/usergrpc"
 )
 
 func checkVolume() {
