@@ -21,7 +21,7 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
-use super::{CallService, ConnectionStats, Http2Settings, ResponseBody, stream};
+use super::{CallService, ConnectionStats, Http2Config, ResponseBody, TransportConfig, stream};
 
 /// The HTTP/2 preface (24 bytes) and the header of the client's first frame
 /// (9 bytes), which h2 accepts only if it is SETTINGS: a client that has
@@ -35,7 +35,7 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 /// One connection to serve, and what it needs.
 pub struct Connection<'a, S> {
     pub service: S,
-    pub settings: &'a Http2Settings,
+    pub config: &'a TransportConfig,
     pub stats: &'a ConnectionStats,
     /// When the handshake (TLS, the preface, the client's SETTINGS) must
     /// be done by, or the connection is closed.
@@ -61,30 +61,30 @@ impl<S> Connection<'_, S> {
     {
         let Connection {
             service,
-            settings,
+            config,
             stats,
             handshake_deadline,
             stop,
         } = self;
         let (io, received) = CountReads::new(io);
-        let handshake = settings.builder().handshake(io);
+        let handshake = config.http2.builder().handshake(io);
         let Ok(conn) = tokio::time::timeout_at(handshake_deadline, handshake).await else {
             stats.count_handshake_timeout();
             tracing::debug!("no HTTP/2 preface in time; closing the connection");
             return Ok(());
         };
         let mut conn: h2::server::Connection<_, Bytes> = conn?;
-        let mut keepalive = Keepalive::new(settings, conn.ping_pong());
+        let mut keepalive = Keepalive::new(&config.http2, conn.ping_pong());
         let mut calls = JoinSet::new();
         // Until the client's SETTINGS are in, the handshake deadline holds.
         let mut greeted = false;
         let handshake_timer = tokio::time::sleep_until(handshake_deadline);
         // Reset whenever the last call ends.
         let idle_timer = tokio::time::sleep_until(deadline_after(
-            settings.max_connection_idle.unwrap_or(Duration::MAX),
+            config.max_connection_idle.unwrap_or(Duration::MAX),
         ));
         let age_timer = tokio::time::sleep_until(deadline_after(
-            settings.max_connection_age.map_or(Duration::MAX, jittered),
+            config.max_connection_age.map_or(Duration::MAX, jittered),
         ));
         tokio::pin!(handshake_timer, idle_timer, age_timer);
         // Set once the connection has been told to go away.
@@ -108,7 +108,7 @@ impl<S> Connection<'_, S> {
                 },
                 Some(_) = calls.join_next(), if !calls.is_empty() => {
                     if calls.is_empty()
-                        && let Some(idle) = settings.max_connection_idle
+                        && let Some(idle) = config.max_connection_idle
                     {
                         idle_timer.as_mut().reset(deadline_after(idle));
                     }
@@ -136,7 +136,7 @@ impl<S> Connection<'_, S> {
                     tracing::debug!("connection at its maximum age; sending GOAWAY");
                     closing = true;
                     conn.graceful_shutdown();
-                    grace_timer = settings
+                    grace_timer = config
                         .max_connection_age_grace
                         .map(|grace| Box::pin(tokio::time::sleep(grace)));
                 }
@@ -264,11 +264,11 @@ struct Keepalive {
 }
 
 impl Keepalive {
-    fn new(settings: &Http2Settings, ping_pong: Option<PingPong>) -> Self {
-        let interval = settings.keepalive_interval.unwrap_or(Duration::MAX);
+    fn new(config: &Http2Config, ping_pong: Option<PingPong>) -> Self {
+        let interval = config.keepalive_interval.unwrap_or(Duration::MAX);
         Keepalive {
-            ping_pong: ping_pong.filter(|_| settings.keepalive_interval.is_some()),
-            timeout: settings.keepalive_timeout,
+            ping_pong: ping_pong.filter(|_| config.keepalive_interval.is_some()),
+            timeout: config.keepalive_timeout,
             interval,
             timer: Box::pin(tokio::time::sleep_until(deadline_after(interval))),
             awaiting_pong: false,

@@ -6,7 +6,7 @@ use tokio::{net::TcpListener, task::JoinSet, time::Instant};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
-use super::{CallService, ConnectionStats, Http2Settings, ResponseBody, connection};
+use super::{CallService, ConnectionStats, ResponseBody, TransportConfig, connection};
 use crate::batched_io::BatchedWrites;
 
 /// First pause after an accept error that is not about one connection
@@ -27,7 +27,7 @@ const LOG_INTERVAL: Duration = Duration::from_secs(5);
 /// (each is told to go away, and its calls end as their handlers decide).
 /// Dropping the future instead closes every connection at once.
 ///
-/// Past `settings.max_connections` open connections, a new connection is
+/// Past `config.max_connections` open connections, a new connection is
 /// closed as soon as it is accepted: the cheapest answer during a flood,
 /// which is when the limit is reached, and one every gRPC client retries
 /// (it sees the connection closed, `UNAVAILABLE`).
@@ -35,7 +35,7 @@ pub async fn serve<S, B>(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
     service: S,
-    settings: Http2Settings,
+    config: TransportConfig,
     stats: ConnectionStats,
     stop: CancellationToken,
 ) where
@@ -71,11 +71,11 @@ pub async fn serve<S, B>(
                 continue;
             }
         };
-        if stats.open() >= settings.max_connections as u64 {
+        if stats.open() >= config.max_connections as u64 {
             stats.count_refused();
             if let Some(unlogged) = refusals.allow() {
                 tracing::warn!(
-                    max_connections = settings.max_connections,
+                    max_connections = config.max_connections,
                     refused_since_last_log = unlogged + 1,
                     "connection limit reached; closing new connections"
                 );
@@ -89,16 +89,16 @@ pub async fn serve<S, B>(
         let _ = tcp.set_nodelay(true);
         let io = BatchedWrites::new(tcp);
         let service = service.clone();
-        let settings = settings.clone();
+        let config = config.clone();
         let stats = stats.clone();
         let stop = stop.clone();
         let tls = tls.clone();
         connections.spawn(async move {
             let _open = open;
-            let handshake_deadline = Instant::now() + settings.handshake_timeout;
+            let handshake_deadline = Instant::now() + config.handshake_timeout;
             let connection = connection::Connection {
                 service,
-                settings: &settings,
+                config: &config,
                 stats: &stats,
                 handshake_deadline,
                 stop,
