@@ -218,7 +218,6 @@ pub async fn run<S: Store>(
         .await;
     let store_health = tokio::spawn(forward_store_health(store_health, health.clone()));
 
-    // Reflection needs the token like the service it describes.
     let reflection = reflection::Reflection::new();
     let reflection_v1 = InterceptedService::new(reflection.v1(), auth.clone());
     let reflection_v1alpha = InterceptedService::new(reflection.v1alpha(), auth);
@@ -255,22 +254,25 @@ pub async fn run<S: Store>(
         () = &mut serve => return Ok(()),
         () = shutdown => {}
     }
-    let stopped = shutting_down::<S>(serve, &config, &health, stop, store_health).await;
+    shutting_down::<S>(serve, &config, &health, stop, store_health).await;
     // Scraped until the end, so that the last figures can be seen.
     if let Some((_, endpoint)) = metrics {
         endpoint.abort();
     }
-    stopped
+    Ok(())
 }
 
-/// The graceful shutdown of `run`.
+/// The graceful shutdown of `run`: health turns `NOT_SERVING`, connections
+/// and streams are told to end, and `serve` has the grace period to finish.
+/// Nothing in it can fail; calls still open after the grace are dropped
+/// with `serve` when `run` returns.
 async fn shutting_down<S: Store>(
     serve: std::pin::Pin<&mut impl Future<Output = ()>>,
     config: &Config,
     health: &HealthReporter,
     stop: CancellationToken,
     store_health: tokio::task::JoinHandle<()>,
-) -> Result<(), ServeError> {
+) {
     tracing::info!(grace = ?config.shutdown_grace, "shutting down");
     // Stopped first, so that it cannot mark the service serving again.
     store_health.abort();
@@ -291,7 +293,6 @@ async fn shutting_down<S: Store>(
         tracing::warn!("grace period over, closing the calls still open");
     }
     tracing::info!("stopped");
-    Ok(())
 }
 
 /// Keeps the health of `grpcUser.UserService` and of the whole server ("")

@@ -34,10 +34,7 @@ use tower_service::Service;
 pub use body::GuardedBody;
 pub use grpc_timeout::grpc_timeout;
 
-use crate::gauges::Slots;
-
-/// Calls under this path prefix take an in-flight slot.
-const LIMITED_PREFIX: &str = "/grpcUser.UserService/";
+use crate::{gauges::Slots, proto::user_service_server::SERVICE_NAME};
 
 /// The tower layer that puts a [`CallGuard`] around every call.
 #[derive(Debug, Clone)]
@@ -99,7 +96,7 @@ where
         }
         // UserService calls take a slot; health checks keep answering
         // under load.
-        let slot = if request.uri().path().starts_with(LIMITED_PREFIX) {
+        let slot = if is_user_service(request.uri().path()) {
             match self.slots.try_take() {
                 Some(slot) => Some(slot),
                 None => {
@@ -132,6 +129,14 @@ where
     }
 }
 
+/// Whether `path` names a UserService method (`/grpcUser.UserService/...`):
+/// those calls take an in-flight slot.
+fn is_user_service(path: &str) -> bool {
+    path.strip_prefix('/')
+        .and_then(|path| path.strip_prefix(SERVICE_NAME))
+        .is_some_and(|method| method.starts_with('/'))
+}
+
 /// Whether the request says it is gRPC (`application/grpc`, optionally
 /// followed by `+proto` or `;` parameters).
 fn is_grpc(headers: &http::HeaderMap) -> bool {
@@ -154,6 +159,15 @@ mod tests {
 
     use super::*;
     use crate::gauges::Gauges;
+
+    #[test]
+    fn user_service_paths() {
+        assert!(is_user_service("/grpcUser.UserService/AddUser"));
+        assert!(!is_user_service("/grpcUser.UserServiceX/AddUser"));
+        assert!(!is_user_service("/grpc.health.v1.Health/Check"));
+        assert!(!is_user_service("grpcUser.UserService/AddUser"));
+        assert!(!is_user_service("/"));
+    }
 
     #[test]
     fn grpc_content_types() {
