@@ -21,7 +21,9 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
-use super::{CallService, ConnectionStats, Http2Config, ResponseBody, TransportConfig, stream};
+use super::{
+    CallService, ConnectInfo, ConnectionStats, Http2Config, ResponseBody, TransportConfig, stream,
+};
 
 /// The HTTP/2 preface (24 bytes) and the header of the client's first frame
 /// (9 bytes), which h2 accepts only if it is SETTINGS: a client that has
@@ -42,6 +44,8 @@ pub struct Connection<'a, S> {
     pub handshake_deadline: Instant,
     /// Cancelled when the server shuts down.
     pub stop: CancellationToken,
+    /// Given to every call, in its request's extensions.
+    pub connect_info: ConnectInfo,
 }
 
 impl<S> Connection<'_, S> {
@@ -65,6 +69,7 @@ impl<S> Connection<'_, S> {
             stats,
             handshake_deadline,
             stop,
+            connect_info,
         } = self;
         let (io, received) = CountReads::new(io);
         let handshake = config.http2.builder().handshake(io);
@@ -98,7 +103,8 @@ impl<S> Connection<'_, S> {
             tokio::select! {
                 // Accepting also drives the connection: every frame in and out.
                 accepted = conn.accept() => match accepted {
-                    Some(Ok((request, respond))) => {
+                    Some(Ok((mut request, respond))) => {
+                        connect_info.add_to(request.extensions_mut());
                         calls.spawn(stream::serve(request, respond, service.clone()));
                     }
                     Some(Err(err)) => break Err(err),

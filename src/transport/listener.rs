@@ -1,12 +1,19 @@
 //! The accept loop: a task per connection, until shutdown.
 
-use std::{io, time::Duration};
+use std::{io, net::SocketAddr, time::Duration};
 
-use tokio::{net::TcpListener, task::JoinSet, time::Instant};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    task::JoinSet,
+    time::Instant,
+};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
-use super::{CallService, ConnectionStats, ResponseBody, TransportConfig, connection};
+use super::{
+    CallService, ConnectInfo, ConnectionStats, ResponseBody, TransportConfig, connection,
+    stats::OpenConnection,
+};
 use crate::batched_io::BatchedWrites;
 
 /// First pause after an accept error that is not about one connection
@@ -52,10 +59,10 @@ pub async fn serve<S, B>(
             Some(_) = connections.join_next(), if !connections.is_empty() => continue,
             accepted = listener.accept() => accepted,
         };
-        let tcp = match accepted {
-            Ok((tcp, _)) => {
+        let (tcp, client) = match accepted {
+            Ok(accepted) => {
                 errors.recovered();
-                tcp
+                accepted
             }
             Err(err) => {
                 let pause = errors.failed(&err, &stats);
@@ -83,50 +90,108 @@ pub async fn serve<S, B>(
             drop(tcp);
             continue;
         }
-        let open = stats.opened();
+        let accepted = Accepted {
+            open: stats.opened(),
+            tcp,
+            client,
+            tls: tls.clone(),
+            service: service.clone(),
+            config: config.clone(),
+            stats: stats.clone(),
+            stop: stop.clone(),
+        };
+        connections.spawn(accepted.serve());
+    }
+    drop(listener);
+    while connections.join_next().await.is_some() {}
+}
+
+/// An accepted connection, and what serving it takes.
+struct Accepted<S> {
+    /// Counts the connection as open until it is dropped.
+    open: OpenConnection,
+    tcp: TcpStream,
+    client: SocketAddr,
+    tls: Option<TlsAcceptor>,
+    service: S,
+    config: TransportConfig,
+    stats: ConnectionStats,
+    stop: CancellationToken,
+}
+
+impl<S> Accepted<S> {
+    /// Serves the connection: its TLS handshake when the server speaks TLS,
+    /// then HTTP/2 until the connection ends. This is where a connection's
+    /// protocol is settled: HTTP/2 for every one, since gRPC is all the
+    /// port serves (a second protocol would be chosen here, by ALPN or by
+    /// the client's first bytes).
+    async fn serve<B>(self)
+    where
+        S: CallService<B>,
+        B: ResponseBody,
+    {
+        let Accepted {
+            open: _open,
+            tcp,
+            client,
+            tls,
+            service,
+            config,
+            stats,
+            stop,
+        } = self;
         // Replies are small and latency matters more than packet count;
         // BatchedWrites already coalesces what is ready together.
         let _ = tcp.set_nodelay(true);
         let io = BatchedWrites::new(tcp);
-        let service = service.clone();
-        let config = config.clone();
-        let stats = stats.clone();
-        let stop = stop.clone();
-        let tls = tls.clone();
-        connections.spawn(async move {
-            let _open = open;
-            let handshake_deadline = Instant::now() + config.handshake_timeout;
-            let connection = connection::Connection {
-                service,
-                config: &config,
-                stats: &stats,
-                handshake_deadline,
-                stop,
-            };
-            let result = match tls {
-                None => connection.serve(io).await,
-                Some(tls) => {
-                    match tokio::time::timeout_at(handshake_deadline, tls.accept(io)).await {
-                        Ok(Ok(io)) => connection.serve(io).await,
-                        Ok(Err(err)) => {
-                            tracing::debug!(%err, "TLS handshake failed");
-                            return;
-                        }
-                        Err(_) => {
-                            stats.count_handshake_timeout();
-                            tracing::debug!("TLS handshake not done in time; closing");
-                            return;
-                        }
-                    }
-                }
-            };
-            if let Err(err) = result {
-                tracing::debug!(%err, "connection ended with an error");
+        let handshake_deadline = Instant::now() + config.handshake_timeout;
+        let connection = |connect_info| connection::Connection {
+            service,
+            config: &config,
+            stats: &stats,
+            handshake_deadline,
+            stop,
+            connect_info,
+        };
+        let result = match tls {
+            None => {
+                let connect_info = ConnectInfo::plain(client, &io);
+                connection(connect_info).serve(io).await
             }
-        });
+            Some(tls) => match tokio::time::timeout_at(handshake_deadline, tls.accept(io)).await {
+                Ok(Ok(io)) => {
+                    let connect_info = ConnectInfo::tls(client, &io);
+                    connection(connect_info).serve(io).await
+                }
+                Ok(Err(err)) => {
+                    tracing::debug!(
+                        %err,
+                        client.address = %client.ip(),
+                        client.port = client.port(),
+                        "TLS handshake failed"
+                    );
+                    return;
+                }
+                Err(_) => {
+                    stats.count_handshake_timeout();
+                    tracing::debug!(
+                        client.address = %client.ip(),
+                        client.port = client.port(),
+                        "TLS handshake not done in time; closing"
+                    );
+                    return;
+                }
+            },
+        };
+        if let Err(err) = result {
+            tracing::debug!(
+                %err,
+                client.address = %client.ip(),
+                client.port = client.port(),
+                "connection ended with an error"
+            );
+        }
     }
-    drop(listener);
-    while connections.join_next().await.is_some() {}
 }
 
 /// Accept errors: which ones to pause after, and a log line for them at a

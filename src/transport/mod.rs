@@ -7,6 +7,8 @@
 //! tonic services as a plain `tower` service:
 //!
 //! - `listener`: the accept loop, TLS, and connection tasks until shutdown.
+//! - `connect_info`: the connection's addresses and client certificates,
+//!   in every request's extensions as tonic's server puts them.
 //! - `connection`: one HTTP/2 connection: settings, one task per call,
 //!   keepalive pings, graceful shutdown.
 //! - `stream`: one call: the request body under flow control, the reply,
@@ -15,6 +17,7 @@
 //! - `config`: the settings above, each with its flag and default.
 
 mod config;
+mod connect_info;
 mod connection;
 mod listener;
 mod stats;
@@ -32,6 +35,7 @@ pub use config::{
     MAX_CONNECTION_AGE, MAX_CONNECTION_AGE_GRACE, MAX_CONNECTION_IDLE, MAX_CONNECTIONS,
     MAX_HEADER_LIST_SIZE, MAX_LOCAL_ERROR_RESET_STREAMS, TransportConfig,
 };
+pub use connect_info::{ConnectInfo, client_addr};
 pub use listener::serve;
 pub use stats::ConnectionStats;
 pub use stream::{BoxError, RequestBody};
