@@ -71,11 +71,16 @@ impl<S> Connection<'_, S> {
             stop,
             connect_info,
         } = self;
+        let client = connect_info.client();
         let (io, received) = CountReads::new(io);
         let handshake = config.http2.builder().handshake(io);
         let Ok(conn) = tokio::time::timeout_at(handshake_deadline, handshake).await else {
             stats.count_handshake_timeout();
-            tracing::debug!("no HTTP/2 preface in time; closing the connection");
+            tracing::debug!(
+                client.address = %client.ip(),
+                client.port = client.port(),
+                "no HTTP/2 preface in time; closing the connection"
+            );
             return Ok(());
         };
         let mut conn: h2::server::Connection<_, Bytes> = conn?;
@@ -122,7 +127,11 @@ impl<S> Connection<'_, S> {
                 () = &mut handshake_timer, if !greeted => {
                     if received.get() < PREFACE_AND_SETTINGS {
                         stats.count_handshake_timeout();
-                        tracing::debug!("no SETTINGS from the client in time; closing the connection");
+                        tracing::debug!(
+                            client.address = %client.ip(),
+                            client.port = client.port(),
+                            "no SETTINGS from the client in time; closing the connection"
+                        );
                         break Ok(());
                     }
                     greeted = true;
@@ -133,13 +142,21 @@ impl<S> Connection<'_, S> {
                 }
                 () = &mut idle_timer, if !closing && calls.is_empty() => {
                     stats.count_idle_closed();
-                    tracing::debug!("connection idle; sending GOAWAY");
+                    tracing::debug!(
+                        client.address = %client.ip(),
+                        client.port = client.port(),
+                        "connection idle; sending GOAWAY"
+                    );
                     closing = true;
                     conn.graceful_shutdown();
                 }
                 () = &mut age_timer, if !closing => {
                     stats.count_aged_out();
-                    tracing::debug!("connection at its maximum age; sending GOAWAY");
+                    tracing::debug!(
+                        client.address = %client.ip(),
+                        client.port = client.port(),
+                        "connection at its maximum age; sending GOAWAY"
+                    );
                     closing = true;
                     conn.graceful_shutdown();
                     grace_timer = config
@@ -152,14 +169,23 @@ impl<S> Connection<'_, S> {
                     if forced {
                         break Ok(());
                     }
-                    tracing::debug!(calls = calls.len(), "age grace over; closing the connection");
+                    tracing::debug!(
+                        client.address = %client.ip(),
+                        client.port = client.port(),
+                        calls = calls.len(),
+                        "age grace over; closing the connection"
+                    );
                     // GOAWAY, and every stream still open is ended.
                     conn.abrupt_shutdown(h2::Reason::NO_ERROR);
                     forced = true;
                     grace_timer = Some(Box::pin(tokio::time::sleep(CLOSE_TIMEOUT)));
                 }
                 () = keepalive.expired() => {
-                    tracing::debug!("keepalive ping unanswered; closing the connection");
+                    tracing::debug!(
+                        client.address = %client.ip(),
+                        client.port = client.port(),
+                        "keepalive ping unanswered; closing the connection"
+                    );
                     break Ok(());
                 }
             }

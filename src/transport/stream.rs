@@ -21,6 +21,7 @@
 
 use std::{
     future::poll_fn,
+    net::SocketAddr,
     pin::{Pin, pin},
     task::{Context, Poll, ready},
     time::Duration,
@@ -63,6 +64,8 @@ pub async fn serve<S, B>(
     S: CallService<B>,
     B: ResponseBody,
 {
+    // For the log lines of the call.
+    let client = super::client_addr(request.extensions());
     let (parts, recv) = request.into_parts();
     let (body, mut returned) = RequestBody::new(recv);
     let request = http::Request::from_parts(parts, body);
@@ -102,7 +105,7 @@ pub async fn serve<S, B>(
         let Ok(mut send) = respond.send_response(head, false) else {
             return;
         };
-        if send_body(pin!(body), &mut send).await.is_err() {
+        if send_body(pin!(body), &mut send, client).await.is_err() {
             return;
         }
     }
@@ -125,6 +128,7 @@ struct Stopped;
 async fn send_body<B: ResponseBody>(
     mut body: Pin<&mut B>,
     send: &mut SendStream<Bytes>,
+    client: Option<SocketAddr>,
 ) -> Result<(), Stopped> {
     loop {
         let frame = poll_fn(|cx| {
@@ -140,7 +144,12 @@ async fn send_body<B: ResponseBody>(
             }
             Some(Err(err)) => {
                 let err: BoxError = err.into();
-                tracing::debug!(%err, "response body failed; resetting the stream");
+                tracing::debug!(
+                    %err,
+                    client.address = client.map(|client| tracing::field::display(client.ip())),
+                    client.port = client.map(|client| client.port()),
+                    "response body failed; resetting the stream"
+                );
                 send.send_reset(h2::Reason::INTERNAL_ERROR);
                 return Err(Stopped);
             }
