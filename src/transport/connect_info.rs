@@ -45,6 +45,20 @@ impl ConnectInfo {
         }
     }
 
+    /// The info of a connection from `client` that is not a socket (a
+    /// test's in-memory pipe).
+    #[cfg(test)]
+    pub(super) fn of(client: SocketAddr) -> Self {
+        ConnectInfo {
+            client,
+            tcp: TcpConnectInfo {
+                local_addr: None,
+                remote_addr: Some(client),
+            },
+            tls: None,
+        }
+    }
+
     /// The client's address, as `accept` gave it.
     pub fn client(&self) -> SocketAddr {
         self.client

@@ -1,28 +1,20 @@
 //! One HTTP/2 connection: the handshake, a task per call, keepalive pings,
 //! going away when idle, old or shut down.
 
-use std::{
-    future::poll_fn,
-    pin::Pin,
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
-    task::{Context, Poll},
-    time::Duration,
-};
+use std::{pin::Pin, time::Duration};
 
 use bytes::Bytes;
-use h2::{Ping, PingPong};
 use tokio::{
-    io::{AsyncRead, AsyncWrite, ReadBuf},
+    io::{AsyncRead, AsyncWrite},
     task::JoinSet,
     time::{Instant, Sleep},
 };
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    CallService, ConnectInfo, ConnectionStats, Http2Config, ResponseBody, TransportConfig, stream,
+    CallService, ConnectInfo, ConnectionStats, ResponseBody, TransportConfig,
+    keepalive::{CountReads, Keepalive, deadline_after},
+    stream,
 };
 
 /// The HTTP/2 preface (24 bytes) and the header of the client's first frame
@@ -30,8 +22,9 @@ use super::{
 /// sent this much has finished its side of the handshake.
 const PREFACE_AND_SETTINGS: u64 = 24 + 9;
 
-/// How long a connection closed abruptly (past its age grace) may take to
-/// send its GOAWAY before the socket is dropped anyway.
+/// How long a connection closed abruptly (past its age grace, or for an
+/// unanswered ping) may take to send its GOAWAY before the socket is
+/// dropped anyway.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// One connection to serve, and what it needs.
@@ -84,7 +77,7 @@ impl<S> Connection<'_, S> {
             return Ok(());
         };
         let mut conn: h2::server::Connection<_, Bytes> = conn?;
-        let mut keepalive = Keepalive::new(&config.http2, conn.ping_pong());
+        let mut keepalive = Keepalive::new(&config.http2, conn.ping_pong(), received.clone());
         let mut calls = JoinSet::new();
         // Until the client's SETTINGS are in, the handshake deadline holds.
         let mut greeted = false;
@@ -180,13 +173,19 @@ impl<S> Connection<'_, S> {
                     forced = true;
                     grace_timer = Some(Box::pin(tokio::time::sleep(CLOSE_TIMEOUT)));
                 }
-                () = keepalive.expired() => {
+                () = keepalive.expired(), if !forced => {
                     tracing::debug!(
                         client.address = %client.ip(),
                         client.port = client.port(),
                         "keepalive ping unanswered; closing the connection"
                     );
-                    break Ok(());
+                    // As hyper does: GOAWAY, every stream ended, and the
+                    // socket closed once that is out (or after a moment: a
+                    // peer that is gone may never take it).
+                    conn.abrupt_shutdown(h2::Reason::NO_ERROR);
+                    closing = true;
+                    forced = true;
+                    grace_timer = Some(Box::pin(tokio::time::sleep(CLOSE_TIMEOUT)));
                 }
             }
         };
@@ -206,153 +205,81 @@ fn jittered(duration: Duration) -> Duration {
     duration.mul_f64(fastrand::f64().mul_add(0.2, 0.9))
 }
 
-/// An I/O stream that counts the bytes read from it.
-struct CountReads<IO> {
-    inner: IO,
-    received: Received,
-}
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
 
-/// The count of a [`CountReads`], readable while h2 owns the stream.
-#[derive(Clone, Default)]
-struct Received(Arc<AtomicU64>);
+    use tokio::time::Instant;
 
-impl Received {
-    fn get(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
+    use super::super::{
+        TransportConfig,
+        testing::{self, ACK, GOAWAY, PING, RawPeer, ServiceFn, TestBody},
+    };
+    use super::*;
+
+    const INTERVAL: Duration = Duration::from_secs(10);
+    const TIMEOUT: Duration = Duration::from_secs(5);
+
+    fn with_keepalive() -> TransportConfig {
+        let mut config = TransportConfig::default();
+        config.http2.keepalive_interval = Some(INTERVAL);
+        config.http2.keepalive_timeout = TIMEOUT;
+        config
     }
-}
 
-impl<IO> CountReads<IO> {
-    fn new(inner: IO) -> (Self, Received) {
-        let received = Received::default();
-        (
-            CountReads {
-                inner,
-                received: received.clone(),
-            },
-            received,
-        )
+    /// A service for connections that make no call.
+    fn no_calls() -> impl CallService<TestBody> {
+        ServiceFn(|_| async { unreachable!("no call is made") })
     }
-}
 
-impl<IO: AsyncRead + Unpin> AsyncRead for CountReads<IO> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let result = Pin::new(&mut self.inner).poll_read(cx, buf);
-        let read = (buf.filled().len() - before) as u64;
-        if read > 0 {
-            self.received.0.fetch_add(read, Ordering::Relaxed);
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_connection_is_pinged_then_sent_goaway_when_it_does_not_answer() {
+        let mut served = testing::serve(no_calls(), with_keepalive());
+        let mut peer = RawPeer::handshake(served.io.take().unwrap()).await;
+        let silent_since = Instant::now();
+        let ping = peer.next().await.unwrap();
+        assert_eq!((ping.kind, ping.flags), (PING, 0));
+        let pinged_at = Instant::now();
+        let silence = pinged_at - silent_since;
+        assert!(
+            INTERVAL <= silence && silence <= 2 * INTERVAL,
+            "{silence:?}"
+        );
+
+        // Not answered: GOAWAY (no error, as hyper sends), then the end.
+        let goaway = peer.next().await.unwrap();
+        assert_eq!((goaway.kind, goaway.error_code()), (GOAWAY, 0));
+        assert_eq!(pinged_at.elapsed(), TIMEOUT);
+        assert_eq!(peer.read().await, None);
+        served.task.await.unwrap().unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_that_keeps_sending_is_pinged_only_once_it_goes_quiet() {
+        let mut served = testing::serve(no_calls(), with_keepalive());
+        let mut peer = RawPeer::handshake(served.io.take().unwrap()).await;
+        // Five intervals with a frame every half interval (pings of the
+        // client's own): the server answers each, and pings none.
+        for i in 0..10 {
+            tokio::time::sleep(INTERVAL / 2).await;
+            peer.send(PING, 0, 0, &[i; 8]).await;
+            let pong = peer.next().await.unwrap();
+            assert_eq!(
+                (pong.kind, pong.flags, pong.payload),
+                (PING, ACK, vec![i; 8])
+            );
         }
-        result
+        let quiet_since = Instant::now();
+        let ping = peer.next().await.unwrap();
+        assert_eq!((ping.kind, ping.flags), (PING, 0));
+        let quiet = quiet_since.elapsed();
+        assert!(INTERVAL <= quiet && quiet <= 2 * INTERVAL, "{quiet:?}");
+        // Answered: the connection stays, and is pinged again once quiet.
+        peer.send(PING, ACK, 0, &ping.payload).await;
+        let answered_at = Instant::now();
+        let again = peer.next().await.unwrap();
+        assert_eq!((again.kind, again.flags), (PING, 0));
+        assert!(answered_at.elapsed() >= INTERVAL);
+        assert_eq!(served.written.count(GOAWAY), 0);
     }
-}
-
-impl<IO: AsyncWrite + Unpin> AsyncWrite for CountReads<IO> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
-
-/// HTTP/2 pings on a connection, to find a peer that vanished without
-/// closing it (a half-open connection would otherwise hold its calls
-/// forever): a ping every `interval`, and the connection is given up when
-/// one goes unanswered for `timeout`.
-struct Keepalive {
-    /// `None` when pings are off (or h2 gave no handle).
-    ping_pong: Option<PingPong>,
-    timeout: Duration,
-    interval: Duration,
-    /// When to send the next ping or, while one is out, when to give up.
-    timer: Pin<Box<Sleep>>,
-    awaiting_pong: bool,
-}
-
-impl Keepalive {
-    fn new(config: &Http2Config, ping_pong: Option<PingPong>) -> Self {
-        let interval = config.keepalive_interval.unwrap_or(Duration::MAX);
-        Keepalive {
-            ping_pong: ping_pong.filter(|_| config.keepalive_interval.is_some()),
-            timeout: config.keepalive_timeout,
-            interval,
-            timer: Box::pin(tokio::time::sleep_until(deadline_after(interval))),
-            awaiting_pong: false,
-        }
-    }
-
-    /// Completes when a ping has gone unanswered for too long; meanwhile
-    /// sends the pings.
-    async fn expired(&mut self) {
-        poll_fn(|cx| self.poll_expired(cx)).await
-    }
-
-    fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        let Some(ping_pong) = &mut self.ping_pong else {
-            return Poll::Pending;
-        };
-        loop {
-            if self.awaiting_pong {
-                match ping_pong.poll_pong(cx) {
-                    Poll::Ready(Ok(_)) => {
-                        self.awaiting_pong = false;
-                        self.timer.as_mut().reset(deadline_after(self.interval));
-                    }
-                    // The connection is closing; its own end will come.
-                    Poll::Ready(Err(_)) => {
-                        self.ping_pong = None;
-                        return Poll::Pending;
-                    }
-                    Poll::Pending => {
-                        return match self.timer.as_mut().poll(cx) {
-                            Poll::Ready(()) => Poll::Ready(()),
-                            Poll::Pending => Poll::Pending,
-                        };
-                    }
-                }
-            }
-            if self.timer.as_mut().poll(cx).is_pending() {
-                return Poll::Pending;
-            }
-            if ping_pong.send_ping(Ping::opaque()).is_err() {
-                self.ping_pong = None;
-                return Poll::Pending;
-            }
-            self.awaiting_pong = true;
-            self.timer.as_mut().reset(deadline_after(self.timeout));
-        }
-    }
-}
-
-/// `now + duration`, saturating far in the future.
-fn deadline_after(duration: Duration) -> Instant {
-    let now = Instant::now();
-    now.checked_add(duration)
-        .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600))
 }

@@ -10,7 +10,9 @@
 //! - `connect_info`: the connection's addresses and client certificates,
 //!   in every request's extensions as tonic's server puts them.
 //! - `connection`: one HTTP/2 connection: settings, one task per call,
-//!   keepalive pings, graceful shutdown.
+//!   going away when idle, old or shut down.
+//! - `keepalive`: pings once the connection has read nothing for an
+//!   interval, and the count of what it reads.
 //! - `stream`: one call: the request body under flow control, the reply,
 //!   and the rest of the request read after the reply.
 //! - `tls`: rustls settings from PEM files.
@@ -19,9 +21,12 @@
 mod config;
 mod connect_info;
 mod connection;
+mod keepalive;
 mod listener;
 mod stats;
 mod stream;
+#[cfg(test)]
+mod testing;
 mod tls;
 
 use std::convert::Infallible;
