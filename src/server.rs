@@ -230,9 +230,8 @@ pub async fn run<S: Store>(
         .prepare();
     let service = tower_layer::Layer::layer(
         &CallGuardLayer::new(
-            config
-                .gauges
-                .in_flight_slots(config.limits.max_in_flight_calls),
+            &config.gauges,
+            config.limits.max_in_flight_calls,
             stop.clone(),
         ),
         routes,

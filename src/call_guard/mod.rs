@@ -14,17 +14,22 @@
 //! - ends the call at shutdown, by one rule for every service (see
 //!   [`GuardedBody`]);
 //! - holds the slot until the response body is finished or dropped, so a
-//!   client that disconnects mid-stream gives its slot back.
+//!   client that disconnects mid-stream gives its slot back;
+//! - ends a call whose handler or response stream panics with `INTERNAL`
+//!   ([`panic`]).
 
 mod body;
 mod grpc_timeout;
+mod panic;
 
 use std::{
     future::Future,
+    panic::AssertUnwindSafe,
     pin::Pin,
     task::{Context, Poll},
 };
 
+use futures::FutureExt as _;
 use http_body::Body;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -34,19 +39,30 @@ use tower_service::Service;
 pub use body::GuardedBody;
 pub use grpc_timeout::grpc_timeout;
 
-use crate::{gauges::Slots, proto::user_service_server::SERVICE_NAME};
+use self::panic::Caught;
+use crate::{
+    gauges::{Gauges, Slots},
+    proto::user_service_server::SERVICE_NAME,
+};
 
 /// The tower layer that puts a [`CallGuard`] around every call.
 #[derive(Debug, Clone)]
 pub struct CallGuardLayer {
+    gauges: Gauges,
     slots: Slots,
     shutdown: CancellationToken,
 }
 
 impl CallGuardLayer {
-    /// `shutdown` is cancelled when the server starts shutting down.
-    pub fn new(slots: Slots, shutdown: CancellationToken) -> Self {
-        CallGuardLayer { slots, shutdown }
+    /// At most `max_in_flight` UserService calls at once, counted in
+    /// `gauges` (as are refusals and panics); `shutdown` is cancelled when
+    /// the server starts shutting down.
+    pub fn new(gauges: &Gauges, max_in_flight: usize, shutdown: CancellationToken) -> Self {
+        CallGuardLayer {
+            gauges: gauges.clone(),
+            slots: gauges.in_flight_slots(max_in_flight),
+            shutdown,
+        }
     }
 }
 
@@ -56,6 +72,7 @@ impl<S> tower_layer::Layer<S> for CallGuardLayer {
     fn layer(&self, inner: S) -> CallGuard<S> {
         CallGuard {
             inner,
+            gauges: self.gauges.clone(),
             slots: self.slots.clone(),
             shutdown: self.shutdown.clone(),
         }
@@ -66,6 +83,7 @@ impl<S> tower_layer::Layer<S> for CallGuardLayer {
 #[derive(Debug, Clone)]
 pub struct CallGuard<S> {
     inner: S,
+    gauges: Gauges,
     slots: Slots,
     shutdown: CancellationToken,
 }
@@ -114,17 +132,29 @@ where
         // one, and the call ends with DEADLINE_EXCEEDED rather than tonic's
         // CANCELLED.
         let deadline = grpc_timeout(request.headers()).map(|timeout| Instant::now() + timeout);
-        let call = self.inner.call(request);
+        let caught = Caught::of(&request, &self.gauges);
+        // A handler may panic in `call` itself or in the future it returns.
+        let call = match std::panic::catch_unwind(AssertUnwindSafe(|| self.inner.call(request))) {
+            Ok(call) => AssertUnwindSafe(call).catch_unwind(),
+            Err(panic) => {
+                let status = caught.report(&*panic);
+                return Box::pin(std::future::ready(Ok(GuardedBody::status(status))));
+            }
+        };
         Box::pin(async move {
-            let response = match deadline {
-                None => call.await?,
+            let handled = match deadline {
+                None => call.await,
                 Some(deadline) => match tokio::time::timeout_at(deadline, call).await {
-                    Ok(response) => response?,
+                    Ok(handled) => handled,
                     Err(_) => return Ok(GuardedBody::status(deadline_exceeded())),
                 },
             };
+            let response = match handled {
+                Ok(response) => response?,
+                Err(panic) => return Ok(GuardedBody::status(caught.report(&*panic))),
+            };
             let deadline = deadline.map(|deadline| Box::pin(tokio::time::sleep_until(deadline)));
-            Ok(response.map(|body| GuardedBody::new(body, deadline, shutdown, slot)))
+            Ok(response.map(|body| GuardedBody::new(body, deadline, shutdown, slot, Some(caught))))
         })
     }
 }
@@ -256,7 +286,7 @@ mod tests {
     ) -> (CallGuard<Handler>, Gauges, CancellationToken) {
         let gauges = Gauges::default();
         let shutdown = CancellationToken::new();
-        let layer = CallGuardLayer::new(gauges.in_flight_slots(max_in_flight), shutdown.clone());
+        let layer = CallGuardLayer::new(&gauges, max_in_flight, shutdown.clone());
         let guard = tower_layer::Layer::layer(&layer, handler);
         (guard, gauges, shutdown)
     }
@@ -344,6 +374,7 @@ mod tests {
             Unary { sent: 0 },
             None,
             Box::pin(shutdown.cancelled_owned()),
+            None,
             None,
         );
         let data = next_frame(&mut body).await.unwrap().unwrap();

@@ -1,12 +1,14 @@
 //! One HTTP/2 connection: the handshake, a task per call, keepalive pings,
 //! going away when idle, old or shut down.
 
-use std::{pin::Pin, time::Duration};
+use std::{any::Any, net::SocketAddr, panic::AssertUnwindSafe, pin::Pin, time::Duration};
 
 use bytes::Bytes;
+use futures::FutureExt as _;
+use http::uri::PathAndQuery;
 use tokio::{
     io::{AsyncRead, AsyncWrite},
-    task::JoinSet,
+    task::{JoinError, JoinSet},
     time::{Instant, Sleep},
 };
 use tokio_util::sync::CancellationToken;
@@ -14,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use super::{
     CallService, ConnectInfo, ConnectionStats, ResponseBody, TransportConfig,
     keepalive::{CountReads, Keepalive, deadline_after},
-    stream,
+    panic_message, stream,
 };
 
 /// The HTTP/2 preface (24 bytes) and the header of the client's first frame
@@ -103,14 +105,19 @@ impl<S> Connection<'_, S> {
                 accepted = conn.accept() => match accepted {
                     Some(Ok((mut request, respond))) => {
                         connect_info.add_to(request.extensions_mut());
-                        calls.spawn(stream::serve(request, respond, service.clone()));
+                        // For the log line of a panic in the call's task.
+                        let path = request.uri().path_and_query().cloned();
+                        let call = stream::serve(request, respond, service.clone());
+                        let call = AssertUnwindSafe(call).catch_unwind();
+                        calls.spawn(async move { call.await.err().map(|panic| (path, panic)) });
                     }
                     Some(Err(err)) => break Err(err),
                     // Closed: by the client, or once told to go away and
                     // every call is done.
                     None => break Ok(()),
                 },
-                Some(_) = calls.join_next(), if !calls.is_empty() => {
+                Some(ended) = calls.join_next(), if !calls.is_empty() => {
+                    report_call_panic(ended, client, stats);
                     if calls.is_empty()
                         && let Some(idle) = config.max_connection_idle
                     {
@@ -191,11 +198,45 @@ impl<S> Connection<'_, S> {
         };
         // Calls still running find their stream broken and end as their
         // handlers decide (an import commits the rows it received): they
-        // are let go, not cancelled. (Dropping the connection's future
-        // instead, at the end of the shutdown grace, cancels them.)
-        calls.detach_all();
+        // are let go, not cancelled, to a task that only reports a panic
+        // among them. (Dropping the connection's future instead, at the end
+        // of the shutdown grace, cancels them.)
+        if !calls.is_empty() {
+            let stats = stats.clone();
+            tokio::spawn(async move {
+                while let Some(ended) = calls.join_next().await {
+                    report_call_panic(ended, client, &stats);
+                }
+            });
+        }
         ended
     }
+}
+
+/// How a call's task ends: `None`, or the panic it caught, with the path
+/// of the call's method.
+type CallPanic = Option<(Option<PathAndQuery>, Box<dyn Any + Send>)>;
+
+/// Logs and counts a call task that panicked. Its stream was reset when
+/// the task unwound; the connection and its other calls go on. (A service
+/// that catches its handlers' panics, as the call guard does, answers
+/// them with a status instead: this is for the transport's own code.)
+fn report_call_panic(
+    ended: Result<CallPanic, JoinError>,
+    client: SocketAddr,
+    stats: &ConnectionStats,
+) {
+    let Ok(Some((path, panic))) = ended else {
+        return;
+    };
+    stats.count_panicked_call();
+    tracing::error!(
+        client.address = %client.ip(),
+        client.port = client.port(),
+        method = path.as_ref().map_or("", PathAndQuery::path),
+        panic = panic_message(&*panic),
+        "a call's task panicked; its stream is reset, the connection goes on"
+    );
 }
 
 /// `duration` give or take a tenth, at random: connections opened
@@ -212,8 +253,8 @@ mod tests {
     use tokio::time::Instant;
 
     use super::super::{
-        TransportConfig,
-        testing::{self, ACK, GOAWAY, PING, RawPeer, ServiceFn, TestBody},
+        RequestBody, TransportConfig,
+        testing::{self, ACK, GOAWAY, PING, RawPeer, ServiceFn, TestBody, call},
     };
     use super::*;
 
@@ -281,5 +322,30 @@ mod tests {
         assert_eq!((again.kind, again.flags), (PING, 0));
         assert!(answered_at.elapsed() >= INTERVAL);
         assert_eq!(served.written.count(GOAWAY), 0);
+    }
+
+    #[tokio::test]
+    async fn a_call_task_that_panics_is_counted_and_the_connection_goes_on() {
+        let service = ServiceFn(|request: http::Request<RequestBody>| async move {
+            if request.uri().path() == "/panics" {
+                panic!("the service panics");
+            }
+            testing::head(Some("0"), testing::empty())
+        });
+        let mut served = testing::serve(service, TransportConfig::default());
+        let (client, connection) = h2::client::handshake(served.io.take().unwrap())
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        let mut client = client.ready().await.unwrap();
+        // Unwinding dropped the stream's handle: h2 reset it (a service
+        // that does not catch its panics gives no status).
+        let reset = call(&mut client, "/panics").await.unwrap_err();
+        assert_eq!(reset.reason(), Some(h2::Reason::CANCEL));
+        // Counted (and logged), and the connection goes on.
+        testing::until(|| served.stats.panicked_calls() > 0).await;
+        let response = call(&mut client, "/works").await.unwrap();
+        assert_eq!(response.headers()["grpc-status"], "0");
+        assert_eq!(served.stats.panicked_calls(), 1);
     }
 }

@@ -1,7 +1,8 @@
 //! The accept loop: a task per connection, until shutdown.
 
-use std::{io, net::SocketAddr, time::Duration};
+use std::{io, net::SocketAddr, panic::AssertUnwindSafe, time::Duration};
 
+use futures::FutureExt as _;
 use tokio::{
     net::{TcpListener, TcpStream},
     task::JoinSet,
@@ -12,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     CallService, ConnectInfo, ConnectionStats, ResponseBody, TransportConfig, connection,
-    stats::OpenConnection,
+    panic_message, stats::OpenConnection,
 };
 use crate::batched_io::BatchedWrites;
 
@@ -120,12 +121,31 @@ struct Accepted<S> {
 }
 
 impl<S> Accepted<S> {
+    /// Serves the connection (see [`Accepted::run`]); a panic in it is
+    /// logged and counted, and closes this connection only.
+    async fn serve<B>(self)
+    where
+        S: CallService<B>,
+        B: ResponseBody,
+    {
+        let (client, stats) = (self.client, self.stats.clone());
+        if let Err(panic) = AssertUnwindSafe(self.run()).catch_unwind().await {
+            stats.count_panicked_connection();
+            tracing::error!(
+                client.address = %client.ip(),
+                client.port = client.port(),
+                panic = panic_message(&*panic),
+                "a connection's task panicked; the connection is closed, the server goes on"
+            );
+        }
+    }
+
     /// Serves the connection: its TLS handshake when the server speaks TLS,
     /// then HTTP/2 until the connection ends. This is where a connection's
     /// protocol is settled: HTTP/2 for every one, since gRPC is all the
     /// port serves (a second protocol would be chosen here, by ALPN or by
     /// the client's first bytes).
-    async fn serve<B>(self)
+    async fn run<B>(self)
     where
         S: CallService<B>,
         B: ResponseBody,
@@ -263,7 +283,86 @@ impl LogLimiter {
 
 #[cfg(test)]
 mod tests {
+    use std::{
+        convert::Infallible,
+        sync::{
+            Arc,
+            atomic::{AtomicUsize, Ordering},
+        },
+        task::{Context, Poll},
+    };
+
+    use tower_service::Service;
+
+    use super::super::{
+        RequestBody,
+        testing::{self, TestBody, call},
+    };
     use super::*;
+
+    /// A service whose second clone panics: the listener clones it for a
+    /// connection, and the connection's task for each call.
+    #[derive(Default)]
+    struct SecondClonePanics {
+        clones: Arc<AtomicUsize>,
+    }
+
+    impl Clone for SecondClonePanics {
+        fn clone(&self) -> Self {
+            if self.clones.fetch_add(1, Ordering::SeqCst) == 1 {
+                panic!("the connection's task panics");
+            }
+            SecondClonePanics {
+                clones: self.clones.clone(),
+            }
+        }
+    }
+
+    impl Service<http::Request<RequestBody>> for SecondClonePanics {
+        type Response = http::Response<TestBody>;
+        type Error = Infallible;
+        type Future = std::future::Ready<Result<Self::Response, Infallible>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, _: http::Request<RequestBody>) -> Self::Future {
+            std::future::ready(Ok(testing::head(Some("0"), testing::empty())))
+        }
+    }
+
+    async fn h2_client(addr: SocketAddr) -> h2::client::SendRequest<bytes::Bytes> {
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+        tokio::spawn(connection);
+        client.ready().await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_connection_whose_task_panics_is_counted_and_closed_and_the_next_is_served() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stats = ConnectionStats::default();
+        let stop = CancellationToken::new();
+        tokio::spawn(serve(
+            listener,
+            None,
+            SecondClonePanics::default(),
+            TransportConfig::default(),
+            stats.clone(),
+            stop.clone(),
+        ));
+        let mut first = h2_client(addr).await;
+        assert!(call(&mut first, "/first").await.is_err());
+        testing::until(|| stats.panicked_connections() == 1).await;
+        let mut second = h2_client(addr).await;
+        let response = call(&mut second, "/second").await.unwrap();
+        assert_eq!(response.headers()["grpc-status"], "0");
+        assert_eq!(stats.panicked_connections(), 1);
+        assert_eq!(stats.accepted(), 2);
+        stop.cancel();
+    }
 
     #[tokio::test(start_paused = true)]
     async fn one_line_per_interval_with_the_count_of_the_others() {

@@ -29,7 +29,7 @@ mod stream;
 mod testing;
 mod tls;
 
-use std::convert::Infallible;
+use std::{any::Any, convert::Infallible};
 
 use bytes::Bytes;
 use http_body::Body;
@@ -78,6 +78,15 @@ pub trait ResponseBody: Body<Data = Bytes, Error: Into<BoxError> + Send> + Send 
 
 impl<B> ResponseBody for B where B: Body<Data = Bytes, Error: Into<BoxError> + Send> + Send + 'static
 {}
+
+/// The message of a caught panic, for its log line.
+pub fn panic_message(panic: &(dyn Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(a panic without a message)")
+}
 
 /// Bytes a client may send on one call before the handler reads them: the
 /// stream's initial flow-control window (hyper's default, which this server

@@ -13,7 +13,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt as _, Empty, combinators::BoxBody};
 use tokio::{
     io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, DuplexStream, ReadBuf},
     task::JoinHandle,
@@ -40,6 +40,27 @@ pub fn client() -> SocketAddr {
 
 /// A response body as the tests' services build them.
 pub type TestBody = BoxBody<Bytes, Infallible>;
+
+/// A body without data or trailers: a Trailers-Only reply's.
+pub fn empty() -> TestBody {
+    Empty::new().boxed()
+}
+
+/// A gRPC reply's head: HTTP 200, `application/grpc`, and `grpc_status`
+/// when it has one (a Trailers-Only reply).
+pub fn head(grpc_status: Option<&str>, body: TestBody) -> http::Response<TestBody> {
+    let mut response = http::Response::new(body);
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/grpc"),
+    );
+    if let Some(status) = grpc_status {
+        response
+            .headers_mut()
+            .insert("grpc-status", status.parse().unwrap());
+    }
+    response
+}
 
 /// A service that answers each call with what `F` makes of its request.
 #[derive(Clone)]
@@ -162,6 +183,7 @@ pub struct Served {
     /// The client's end of the pipe.
     pub io: Option<DuplexStream>,
     pub written: Written,
+    pub stats: ConnectionStats,
     pub task: JoinHandle<Result<(), h2::Error>>,
 }
 
@@ -181,6 +203,7 @@ where
     let stats = ConnectionStats::default();
     let stop = CancellationToken::new();
     let task = tokio::spawn({
+        let stats = stats.clone();
         async move {
             let connection = Connection {
                 service,
@@ -196,6 +219,7 @@ where
     Served {
         io: Some(client_end),
         written,
+        stats,
         task,
     }
 }
@@ -254,4 +278,27 @@ impl RawPeer {
             payload,
         })
     }
+}
+
+/// A call on `client`: POST `path`, no body.
+pub async fn call(
+    client: &mut h2::client::SendRequest<Bytes>,
+    path: &str,
+) -> Result<http::Response<h2::RecvStream>, h2::Error> {
+    let request = http::Request::post(path).body(()).unwrap();
+    let (response, _) = client.send_request(request, true)?;
+    response.await
+}
+
+/// Waits until `done` holds, letting the other tasks run in between (the
+/// tests run on one thread): for counts that move in a task of the
+/// server's after the client has seen the outcome. Fails the test after
+/// 30 s.
+pub async fn until(done: impl Fn() -> bool) {
+    let waited = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+        while !done() {
+            tokio::task::yield_now().await;
+        }
+    });
+    waited.await.expect("the condition to hold");
 }

@@ -1,7 +1,8 @@
-//! What the transport gives a handler, through a test service served by
-//! `transport::serve` behind the layers `run` puts around UserService: the
-//! connection's addresses and client certificates, as tonic's own server
-//! gives them.
+//! What the transport gives a handler, and what becomes of a handler that
+//! panics, through a test service served by `transport::serve` behind the
+//! layers `run` puts around UserService: the connection's addresses and
+//! client certificates, as tonic's own server gives them; a panic ends its
+//! call with `INTERNAL`, is counted, and the server goes on.
 
 use std::{
     future::Future,
@@ -15,7 +16,7 @@ use hyper_util::rt::TokioIo;
 use rustls_pki_types::{CertificateDer, pem::PemObject};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
-use tonic::{Request, Response, Status, Streaming, service::Routes, transport::Endpoint};
+use tonic::{Code, Request, Response, Status, Streaming, service::Routes, transport::Endpoint};
 use user_service::{
     MemoryStore,
     call_guard::CallGuardLayer,
@@ -41,7 +42,9 @@ struct Seen {
 }
 
 /// A UserService whose GetUser records what its request says of the
-/// connection. The other methods are not needed here.
+/// connection, or panics when asked for the id `panic`, and whose
+/// ListUsers sends one user then panics. The other methods are not needed
+/// here.
 #[derive(Clone, Default)]
 struct Probe {
     seen: Arc<Mutex<Vec<Seen>>>,
@@ -59,6 +62,9 @@ impl UserService for Probe {
         &self,
         request: Request<GetUserRequest>,
     ) -> Result<Response<proto::User>, Status> {
+        if request.get_ref().id == "panic" {
+            panic!("GetUser panics, as asked");
+        }
         self.seen.lock().unwrap().push(Seen {
             remote: request.remote_addr(),
             local: request.local_addr(),
@@ -76,7 +82,20 @@ impl UserService for Probe {
         &self,
         _: Request<ListUsersRequest>,
     ) -> Result<Response<Self::ListUsersStream>, Status> {
-        Err(Status::unimplemented("not probed"))
+        // The first user goes out in a frame of its own: the stream is not
+        // ready again until the task has yielded once.
+        let users = futures::stream::unfold(false, |sent| async move {
+            if sent {
+                tokio::task::yield_now().await;
+                panic!("ListUsers panics after its first user");
+            }
+            let first = proto::User {
+                id: "first".into(),
+                ..proto::User::default()
+            };
+            Some((Ok(first), true))
+        });
+        Ok(Response::new(Box::pin(users)))
     }
 
     async fn bulk_add_users(
@@ -101,6 +120,8 @@ impl UserService for Probe {
 /// UserService.
 struct Served {
     addr: SocketAddr,
+    gauges: Gauges,
+    metrics: Metrics,
     stop: CancellationToken,
 }
 
@@ -122,9 +143,15 @@ async fn serve(service: Probe, tls: Option<TlsConfig>) -> Served {
     });
     let stop = CancellationToken::new();
     let routes = Routes::new(UserServiceServer::new(service)).prepare();
-    let guard = CallGuardLayer::new(gauges.in_flight_slots(16), stop.clone());
+    let guard = CallGuardLayer::new(&gauges, 16, stop.clone());
     let service = tower_layer::Layer::layer(&guard, routes);
     let observe = ObserveCallsLayer::new(Some(metrics.rpc.clone()));
+    let served = Served {
+        addr,
+        gauges,
+        metrics,
+        stop: stop.clone(),
+    };
     let service = tower_layer::Layer::layer(&observe, service);
     let tls = tls.map(|tls| tls.acceptor().unwrap());
     tokio::spawn(transport::serve(
@@ -133,9 +160,9 @@ async fn serve(service: Probe, tls: Option<TlsConfig>) -> Served {
         service,
         TransportConfig::default(),
         connections,
-        stop.clone(),
+        stop,
     ));
-    Served { addr, stop }
+    served
 }
 
 /// Dials a server and remembers the address of the client's end of the
@@ -241,4 +268,64 @@ async fn a_tls_call_without_a_client_certificate_has_none() {
             peer_certs: None,
         }]
     );
+}
+
+#[tokio::test]
+async fn a_handler_that_panics_ends_its_call_with_internal_and_the_server_goes_on() {
+    let server = serve(Probe::default(), None).await;
+    let endpoint = Endpoint::from_shared(format!("http://{}", server.addr)).unwrap();
+    let mut client = UserServiceClient::new(within("connect", endpoint.connect()).await.unwrap());
+
+    // A unary handler that panics: a status, not a reset stream.
+    let request = GetUserRequest { id: "panic".into() };
+    let status = within("GetUser", client.get_user(request))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Internal, "{status:?}");
+    assert_eq!(status.message(), "internal server error");
+
+    // A stream that panics after its first message: the message, then the
+    // status.
+    let request = ListUsersRequest::default();
+    let mut users = within("ListUsers", client.list_users(request))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = within("a user", users.message()).await.unwrap().unwrap();
+    assert_eq!(first.id, "first");
+    let status = within("the end", users.message()).await.unwrap_err();
+    assert_eq!(status.code(), Code::Internal, "{status:?}");
+
+    // The same connection, and the server, go on.
+    let request = GetUserRequest { id: "ada".into() };
+    let reply = within("GetUser", client.get_user(request)).await.unwrap();
+    assert_eq!(reply.into_inner().id, "ada");
+
+    // Both are counted, and both calls recorded as ended with INTERNAL.
+    assert_eq!(server.gauges.panicked_calls(), 2);
+    let metrics = server.metrics.encode();
+    let has = |line: &str| metrics.lines().any(|l| l == line);
+    assert!(
+        has(r#"user_service_panics_total{site="handler"} 2"#),
+        "{metrics}"
+    );
+    assert!(
+        has(r#"user_service_panics_total{site="call"} 0"#),
+        "{metrics}"
+    );
+    assert!(
+        has(r#"user_service_panics_total{site="connection"} 0"#),
+        "{metrics}"
+    );
+    for method in ["GetUser", "ListUsers"] {
+        let handled = format!(
+            r#"grpc_server_handled_total{{grpc_type="{}",grpc_service="grpcUser.UserService",grpc_method="{method}",grpc_code="Internal"}} 1"#,
+            if method == "GetUser" {
+                "unary"
+            } else {
+                "server_stream"
+            },
+        );
+        assert!(has(&handled), "{handled} in {metrics}");
+    }
 }
