@@ -468,4 +468,68 @@ mod tests {
         assert_eq!(grpc_status(response.headers()), Some("13"));
         assert_eq!(gauges.in_flight_calls(), 0);
     }
+
+    /// A handler that panics where it is told to: in `call` itself, in the
+    /// future it returns (the handler proper), or in its response stream.
+    #[derive(Clone, Copy)]
+    enum PanicsIn {
+        Call,
+        Handler,
+        Stream,
+    }
+
+    /// A response stream that panics when polled.
+    #[derive(Default)]
+    struct PanickingStream;
+
+    impl Body for PanickingStream {
+        type Data = bytes::Bytes;
+        type Error = Status;
+
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<bytes::Bytes>, Status>>> {
+            panic!("the stream panics");
+        }
+    }
+
+    impl Service<http::Request<()>> for PanicsIn {
+        type Response = http::Response<PanickingStream>;
+        type Error = std::convert::Infallible;
+        type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, _: http::Request<()>) -> Self::Future {
+            let panics = *self;
+            assert!(!matches!(panics, PanicsIn::Call), "call panics");
+            Box::pin(async move {
+                assert!(!matches!(panics, PanicsIn::Handler), "the future panics");
+                Ok(http::Response::new(PanickingStream))
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_handler_that_panics_anywhere_ends_its_call_with_internal() {
+        let gauges = Gauges::default();
+        let layer = CallGuardLayer::new(&gauges, 8, CancellationToken::new());
+        for panics in [PanicsIn::Call, PanicsIn::Handler] {
+            let mut guard = tower_layer::Layer::layer(&layer, panics);
+            let response = guard.call(request(None, "application/grpc")).await.unwrap();
+            assert_eq!(grpc_status(response.headers()), Some("13"));
+        }
+        let mut guard = tower_layer::Layer::layer(&layer, PanicsIn::Stream);
+        let response = guard.call(request(None, "application/grpc")).await.unwrap();
+        assert_eq!(grpc_status(response.headers()), None);
+        let mut body = response.into_body();
+        let frame = next_frame(&mut body).await.unwrap().unwrap();
+        assert_eq!(grpc_status(frame.trailers_ref().unwrap()), Some("13"));
+        assert!(next_frame(&mut body).await.is_none());
+        assert_eq!(gauges.panicked_calls(), 3);
+        assert_eq!(gauges.in_flight_calls(), 0);
+    }
 }

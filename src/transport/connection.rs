@@ -253,7 +253,7 @@ mod tests {
     use tokio::time::Instant;
 
     use super::super::{
-        RequestBody, TransportConfig,
+        RequestBody, TransportConfig, client_addr,
         testing::{self, ACK, GOAWAY, PING, RawPeer, ServiceFn, TestBody, call},
     };
     use super::*;
@@ -347,5 +347,42 @@ mod tests {
         let response = call(&mut client, "/works").await.unwrap();
         assert_eq!(response.headers()["grpc-status"], "0");
         assert_eq!(served.stats.panicked_calls(), 1);
+    }
+
+    #[tokio::test]
+    async fn each_call_carries_its_connections_info() {
+        let (seen, mut clients) = tokio::sync::mpsc::unbounded_channel();
+        let service = ServiceFn(move |request: http::Request<RequestBody>| {
+            let _ = seen.send(client_addr(request.extensions()));
+            async { testing::head(Some("0"), testing::empty()) }
+        });
+        let mut served = testing::serve(service, TransportConfig::default());
+        let mut client = testing::h2_client(served.io.take().unwrap()).await;
+        for path in ["/first", "/second"] {
+            call(&mut client, path).await.unwrap();
+            assert_eq!(clients.recv().await, Some(Some(testing::client())));
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_sends_only_the_preface_is_closed_at_the_handshake_deadline() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+        let config = TransportConfig {
+            handshake_timeout: Duration::from_secs(5),
+            ..TransportConfig::default()
+        };
+        let mut served = testing::serve(no_calls(), config);
+        let mut io = served.io.take().unwrap();
+        io.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+            .await
+            .unwrap();
+        let started = Instant::now();
+        // The server's SETTINGS, then nothing: the connection is closed.
+        let mut sent = Vec::new();
+        io.read_to_end(&mut sent).await.unwrap();
+        assert_eq!(started.elapsed(), Duration::from_secs(5));
+        assert_eq!(served.stats.handshake_timeouts(), 1);
+        served.task.await.unwrap().unwrap();
     }
 }

@@ -13,7 +13,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use http_body_util::{BodyExt as _, Empty, combinators::BoxBody};
+use http_body_util::{BodyExt as _, Empty, StreamBody, combinators::BoxBody};
 use tokio::{
     io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, DuplexStream, ReadBuf},
     task::JoinHandle,
@@ -26,12 +26,17 @@ use super::{
     CallService, ConnectInfo, ConnectionStats, RequestBody, TransportConfig, connection::Connection,
 };
 
+pub const DATA: u8 = 0x0;
+pub const HEADERS: u8 = 0x1;
+pub const RST_STREAM: u8 = 0x3;
 pub const SETTINGS: u8 = 0x4;
 pub const PING: u8 = 0x6;
 pub const GOAWAY: u8 = 0x7;
 pub const WINDOW_UPDATE: u8 = 0x8;
 
 pub const ACK: u8 = 0x1;
+pub const END_STREAM: u8 = 0x1;
+pub const END_HEADERS: u8 = 0x4;
 
 /// The address the test connections come from (TEST-NET-1).
 pub fn client() -> SocketAddr {
@@ -44,6 +49,11 @@ pub type TestBody = BoxBody<Bytes, Infallible>;
 /// A body without data or trailers: a Trailers-Only reply's.
 pub fn empty() -> TestBody {
     Empty::new().boxed()
+}
+
+/// A body of `frames`, each ready at once.
+pub fn frames(frames: Vec<http_body::Frame<Bytes>>) -> TestBody {
+    StreamBody::new(futures::stream::iter(frames.into_iter().map(Ok))).boxed()
 }
 
 /// A gRPC reply's head: HTTP 200, `application/grpc`, and `grpc_status`
@@ -107,6 +117,22 @@ impl Frame {
 pub struct Written(Arc<Mutex<Vec<Frame>>>);
 
 impl Written {
+    /// The kinds and flags of the frames written on `stream`.
+    pub fn on(&self, stream: u32) -> Vec<(u8, u8)> {
+        let frames = self.0.lock().unwrap();
+        let on = frames.iter().filter(|f| f.stream == stream);
+        on.map(|f| (f.kind, f.flags)).collect()
+    }
+
+    /// The error codes of the RST_STREAM frames written on `stream`.
+    pub fn resets(&self, stream: u32) -> Vec<u32> {
+        let frames = self.0.lock().unwrap();
+        let on = frames.iter().filter(|f| f.stream == stream);
+        on.filter(|f| f.kind == RST_STREAM)
+            .map(Frame::error_code)
+            .collect()
+    }
+
     /// How many frames of `kind` were written.
     pub fn count(&self, kind: u8) -> usize {
         self.0
@@ -301,4 +327,11 @@ pub async fn until(done: impl Fn() -> bool) {
         }
     });
     waited.await.expect("the condition to hold");
+}
+
+/// An `h2` client on `io`, its connection driven by a task of its own.
+pub async fn h2_client(io: DuplexStream) -> h2::client::SendRequest<Bytes> {
+    let (client, connection) = h2::client::handshake(io).await.unwrap();
+    tokio::spawn(connection);
+    client.ready().await.unwrap()
 }
