@@ -42,16 +42,8 @@ const DEFAULT_FEED_CAPACITY: usize = 65_536;
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Args {
-    /// Address to listen on: HOST:PORT, where HOST is an IP address or a
-    /// name (`localhost:8080`); port 0 lets the system pick a free port.
-    #[arg(long, env = "USER_SERVICE_ADDR", default_value = "127.0.0.1:8080")]
-    addr: String,
-
-    /// Once listening, write the address the server bound (`IP:PORT` and a
-    /// newline) to this file, atomically: for scripts and tests that start
-    /// it on port 0.
-    #[arg(long, env = "USER_SERVICE_ADDR_FILE")]
-    addr_file: Option<PathBuf>,
+    #[command(flatten)]
+    listen: ListenArgs,
 
     #[command(flatten)]
     telemetry: TelemetryArgs,
@@ -66,14 +58,29 @@ struct Args {
     security: SecurityArgs,
 }
 
-/// What the server reports, and where.
+/// Where the server listens, and where it says so.
 #[derive(Debug, clap::Args)]
-struct TelemetryArgs {
+struct ListenArgs {
+    /// Address to listen on: HOST:PORT, where HOST is an IP address or a
+    /// name (`localhost:8080`); port 0 lets the system pick a free port.
+    #[arg(long, env = "USER_SERVICE_ADDR", default_value = "127.0.0.1:8080")]
+    addr: String,
+
     /// Serve Prometheus metrics at `http://HOST:PORT/metrics` (off by
     /// default; with it, every call is recorded).
     #[arg(long, env = "USER_SERVICE_METRICS_ADDR")]
     metrics_addr: Option<String>,
 
+    /// Once listening, write the address the server bound (`IP:PORT` and a
+    /// newline) to this file, atomically: for scripts and tests that start
+    /// it on port 0.
+    #[arg(long, env = "USER_SERVICE_ADDR_FILE")]
+    addr_file: Option<PathBuf>,
+}
+
+/// What the server reports besides its metrics, and how.
+#[derive(Debug, clap::Args)]
+struct TelemetryArgs {
     /// Export OpenTelemetry traces over OTLP/gRPC to this collector URL
     /// (`http://HOST:4317`); off by default. A call's span continues the
     /// client's trace when it sends a W3C `traceparent`.
@@ -319,22 +326,16 @@ fn raise_open_files_limit() {
 
 async fn serve(args: Args) -> Result<(), Failure> {
     let Args {
-        addr,
-        addr_file,
-        telemetry,
+        listen,
         store,
         server: mut config,
         security,
+        ..
     } = args;
     // Key material and the token are read before binding: a server that
     // cannot start securely never starts listening.
     config.auth_token = security.auth_token()?;
     config.tls = security.tls()?;
-    let listen = Listen {
-        addr,
-        addr_file,
-        metrics_addr: telemetry.metrics_addr,
-    };
     let feed_capacity = store.feed_capacity.max(1);
     match &store.store {
         StoreArg::Memory => {
@@ -414,13 +415,6 @@ impl SecurityArgs {
     }
 }
 
-/// Where the server listens, and where it says so.
-struct Listen {
-    addr: String,
-    addr_file: Option<PathBuf>,
-    metrics_addr: Option<String>,
-}
-
 /// How the startup log line names the store.
 struct Described {
     store: String,
@@ -431,7 +425,7 @@ struct Described {
 async fn listen_and_run<S: Store>(
     store: S,
     described: Described,
-    listen: &Listen,
+    listen: &ListenArgs,
     config: Config,
 ) -> Result<(), Failure> {
     let listen_failed = |addr: &str| {

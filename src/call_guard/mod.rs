@@ -16,7 +16,7 @@
 //! - holds the slot until the response body is finished or dropped, so a
 //!   client that disconnects mid-stream gives its slot back;
 //! - ends a call whose handler or response stream panics with `INTERNAL`
-//!   ([`panic`]).
+//!   (`panic.rs`).
 
 mod body;
 mod grpc_timeout;
