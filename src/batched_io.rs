@@ -149,6 +149,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for BatchedWrites<T> {
     }
 }
 
+/// The socket's addresses, for the transport's `ConnectInfo` (and, through
+/// tonic's impl for the TLS stream around it, a TLS connection's).
 impl<T: Connected> Connected for BatchedWrites<T> {
     type ConnectInfo = T::ConnectInfo;
 

@@ -1,6 +1,7 @@
 //! The gauges that count what the server holds open (calls in flight, SyncUsers
 //! subscribers), the bounded pools of slots they count (past a cap, work is
-//! refused at once, never queued), and the counts of work refused.
+//! refused at once, never queued), and the counts of work refused (and of
+//! calls whose handler panicked).
 
 use std::sync::{
     Arc,
@@ -26,6 +27,7 @@ struct GaugesInner {
     refused_subscribers: AtomicU64,
     refused_auth: AtomicU64,
     lagged: AtomicU64,
+    panicked_calls: AtomicU64,
 }
 
 /// A limit that refuses work.
@@ -83,6 +85,17 @@ impl Gauges {
     /// SyncUsers streams ended for falling too far behind the change feed.
     pub fn lagged(&self) -> u64 {
         self.inner.lagged.load(Ordering::Relaxed)
+    }
+
+    /// Calls whose handler (or response stream) panicked, and that ended
+    /// with `INTERNAL` instead.
+    pub fn panicked_calls(&self) -> u64 {
+        self.inner.panicked_calls.load(Ordering::Relaxed)
+    }
+
+    /// Counts a call whose handler panicked.
+    pub fn count_panicked_call(&self) {
+        self.inner.panicked_calls.fetch_add(1, Ordering::Relaxed);
     }
 
     fn refusals(&self, limit: Limit) -> &AtomicU64 {

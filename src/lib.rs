@@ -8,7 +8,8 @@
 //! - `main.rs` (the `user-service` binary): flags, logging, signals; calls
 //!   [`server::run`].
 //! - [`server`]: the services on the port (UserService, health,
-//!   [`reflection`]), their limits, and graceful shutdown.
+//!   [`reflection`]), their limits, and graceful shutdown; [`Config`], every
+//!   setting of the server, each a flag ([`flags`] reads them).
 //! - [`transport`]: connections and HTTP/2, on the `h2` crate: one task per
 //!   connection and per call, keepalive, TLS.
 //! - [`batched_io`]: fewer, larger socket writes under load.
@@ -43,6 +44,7 @@ pub mod auth;
 pub mod batched_io;
 pub mod call_guard;
 pub mod error;
+pub mod flags;
 pub mod gauges;
 pub mod proto;
 pub mod reflection;

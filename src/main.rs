@@ -42,6 +42,25 @@ const DEFAULT_FEED_CAPACITY: usize = 65_536;
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Args {
+    #[command(flatten)]
+    listen: ListenArgs,
+
+    #[command(flatten)]
+    telemetry: TelemetryArgs,
+
+    #[command(flatten)]
+    store: StoreArgs,
+
+    #[command(flatten)]
+    server: Config,
+
+    #[command(flatten)]
+    security: SecurityArgs,
+}
+
+/// Where the server listens, and where it says so.
+#[derive(Debug, clap::Args)]
+struct ListenArgs {
     /// Address to listen on: HOST:PORT, where HOST is an IP address or a
     /// name (`localhost:8080`); port 0 lets the system pick a free port.
     #[arg(long, env = "USER_SERVICE_ADDR", default_value = "127.0.0.1:8080")]
@@ -52,6 +71,16 @@ struct Args {
     #[arg(long, env = "USER_SERVICE_METRICS_ADDR")]
     metrics_addr: Option<String>,
 
+    /// Once listening, write the address the server bound (`IP:PORT` and a
+    /// newline) to this file, atomically: for scripts and tests that start
+    /// it on port 0.
+    #[arg(long, env = "USER_SERVICE_ADDR_FILE")]
+    addr_file: Option<PathBuf>,
+}
+
+/// What the server reports besides its metrics, and how.
+#[derive(Debug, clap::Args)]
+struct TelemetryArgs {
     /// Export OpenTelemetry traces over OTLP/gRPC to this collector URL
     /// (`http://HOST:4317`); off by default. A call's span continues the
     /// client's trace when it sends a W3C `traceparent`.
@@ -62,28 +91,27 @@ struct Args {
     /// for log shippers.
     #[arg(long, env = "USER_SERVICE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+}
 
-    /// Once listening, write the address the server bound (`IP:PORT` and a
-    /// newline) to this file, atomically: for scripts and tests that start
-    /// it on port 0.
-    #[arg(long, env = "USER_SERVICE_ADDR_FILE")]
-    addr_file: Option<PathBuf>,
-
-    /// How far a SyncUsers subscriber may lag, in changes, before its stream
-    /// is ended with ABORTED.
-    #[arg(long, env = "USER_SERVICE_FEED_CAPACITY", default_value_t = DEFAULT_FEED_CAPACITY)]
-    feed_capacity: usize,
-
-    /// Seconds shutdown waits for in-flight calls.
-    #[arg(long, env = "USER_SERVICE_SHUTDOWN_GRACE", default_value_t = 10)]
-    shutdown_grace: u64,
-
+/// Where users are kept, and how.
+#[derive(Debug, clap::Args)]
+struct StoreArgs {
     /// Where users are kept: `sqlite:PATH` (a file, kept across restarts),
     /// `postgres://USER@HOST:PORT/DB` (a PostgreSQL database that replicas
     /// of this server share; libpq-style, the `PG*` variables fill in what it
     /// leaves out) or `memory` (lost on exit).
     #[arg(long, env = "USER_SERVICE_STORE", default_value = "sqlite:users.db", value_parser = parse_store)]
     store: StoreArg,
+
+    /// How far a SyncUsers subscriber may lag, in changes, before its stream
+    /// is ended with ABORTED.
+    #[arg(long, env = "USER_SERVICE_FEED_CAPACITY", default_value_t = DEFAULT_FEED_CAPACITY)]
+    feed_capacity: usize,
+
+    /// SQLite only: `full` fsyncs every commit before acknowledging it
+    /// (survives power loss); `normal` does not (survives a process crash).
+    #[arg(long, env = "USER_SERVICE_SYNC", value_enum, default_value_t = SyncArg::Full)]
+    sync: SyncArg,
 
     /// PostgreSQL only: keep at most this many of the latest changes in the
     /// changelog that replicas' change feeds read.
@@ -110,74 +138,11 @@ struct Args {
     /// feed without it).
     #[arg(long, env = "USER_SERVICE_CHANGELOG_POLL_MS", default_value_t = postgres::DEFAULT_POLL_INTERVAL.as_millis() as u64)]
     changelog_poll_ms: u64,
+}
 
-    /// SQLite only: `full` fsyncs every commit before acknowledging it
-    /// (survives power loss); `normal` does not (survives a process crash).
-    #[arg(long, env = "USER_SERVICE_SYNC", value_enum, default_value_t = SyncArg::Full)]
-    sync: SyncArg,
-
-    /// Largest gRPC message received or sent, in bytes.
-    #[arg(long, env = "USER_SERVICE_MAX_MESSAGE_SIZE", default_value_t = server::MAX_MESSAGE_SIZE)]
-    max_message_size: usize,
-
-    /// Concurrent streams (calls) per HTTP/2 connection.
-    #[arg(long, env = "USER_SERVICE_MAX_CONCURRENT_STREAMS", default_value_t = server::MAX_CONCURRENT_STREAMS)]
-    max_concurrent_streams: u32,
-
-    /// Streams a client may make the server reset before it is disconnected.
-    #[arg(long, env = "USER_SERVICE_MAX_RESET_STREAMS", default_value_t = server::MAX_LOCAL_ERROR_RESET_STREAMS)]
-    max_reset_streams: usize,
-
-    /// Largest request header block, in bytes.
-    #[arg(long, env = "USER_SERVICE_MAX_HEADER_LIST_SIZE", default_value_t = server::MAX_HEADER_LIST_SIZE)]
-    max_header_list_size: u32,
-
-    /// Seconds between keepalive pings on each connection; 0 turns pings
-    /// off.
-    #[arg(long, env = "USER_SERVICE_KEEPALIVE_INTERVAL", default_value_t = server::KEEPALIVE_INTERVAL.as_secs())]
-    keepalive_interval: u64,
-
-    /// Seconds a keepalive ping may go unanswered before the connection is
-    /// closed.
-    #[arg(long, env = "USER_SERVICE_KEEPALIVE_TIMEOUT", default_value_t = server::KEEPALIVE_TIMEOUT.as_secs())]
-    keepalive_timeout: u64,
-
-    /// UserService calls in flight at once; more are refused with
-    /// RESOURCE_EXHAUSTED.
-    #[arg(long, env = "USER_SERVICE_MAX_IN_FLIGHT_CALLS", default_value_t = server::MAX_IN_FLIGHT_CALLS)]
-    max_in_flight_calls: usize,
-
-    /// SyncUsers streams open at once; more are refused with
-    /// RESOURCE_EXHAUSTED.
-    #[arg(long, env = "USER_SERVICE_MAX_SUBSCRIBERS", default_value_t = server::MAX_SUBSCRIBERS)]
-    max_subscribers: usize,
-
-    /// Connections open at once; more are closed as soon as they are
-    /// accepted.
-    #[arg(long, env = "USER_SERVICE_MAX_CONNECTIONS", default_value_t = server::MAX_CONNECTIONS)]
-    max_connections: usize,
-
-    /// Seconds a new connection has to finish its handshake (TLS, the
-    /// HTTP/2 preface and the client's SETTINGS) before it is closed.
-    #[arg(long, env = "USER_SERVICE_HANDSHAKE_TIMEOUT", default_value_t = server::HANDSHAKE_TIMEOUT.as_secs())]
-    handshake_timeout: u64,
-
-    /// Seconds without a call after which a connection is sent GOAWAY; 0:
-    /// never.
-    #[arg(long, env = "USER_SERVICE_MAX_CONNECTION_IDLE", default_value_t = server::MAX_CONNECTION_IDLE.as_secs())]
-    max_connection_idle: u64,
-
-    /// Seconds (give or take 10%) after which a connection is sent GOAWAY,
-    /// so that clients reconnect, perhaps to another replica; its calls go
-    /// on. 0: never.
-    #[arg(long, env = "USER_SERVICE_MAX_CONNECTION_AGE", default_value_t = server::MAX_CONNECTION_AGE.as_secs())]
-    max_connection_age: u64,
-
-    /// Seconds the calls of a connection past its age may go on before it
-    /// is closed; unset: until they end.
-    #[arg(long, env = "USER_SERVICE_MAX_CONNECTION_AGE_GRACE")]
-    max_connection_age_grace: Option<u64>,
-
+/// Who may call: the token and the TLS files, read before the server binds.
+#[derive(Debug, clap::Args)]
+struct SecurityArgs {
     /// File holding a bearer token that UserService and reflection calls
     /// must present (`authorization: Bearer <token>`).
     #[arg(long, env = "USER_SERVICE_AUTH_TOKEN_FILE")]
@@ -290,14 +255,14 @@ fn main() -> ExitCode {
         Err(err) => return fail_early(Failure::Runtime(err)),
     };
     // Started on the runtime, whose tasks send the spans.
-    let exporter = match &args.otlp_endpoint {
+    let exporter = match &args.telemetry.otlp_endpoint {
         Some(endpoint) => match runtime.block_on(async { Exporter::start(endpoint) }) {
             Ok(exporter) => Some(exporter),
             Err(err) => return fail_early(Failure::Traces(err)),
         },
         None => None,
     };
-    init_logging(args.log_format, exporter.as_ref());
+    init_logging(args.telemetry.log_format, exporter.as_ref());
     raise_open_files_limit();
     let result = runtime.block_on(serve(args));
     // The runtime still runs: the last spans can go out.
@@ -360,57 +325,29 @@ fn raise_open_files_limit() {
 }
 
 async fn serve(args: Args) -> Result<(), Failure> {
+    let Args {
+        listen,
+        store,
+        server: mut config,
+        security,
+        ..
+    } = args;
     // Key material and the token are read before binding: a server that
     // cannot start securely never starts listening.
-    let auth_token = match &args.auth_token_file {
-        Some(path) => Some(
-            AuthToken::new(&read_text(path)?).map_err(|source| Failure::Token {
-                path: path.clone(),
-                source,
-            })?,
-        ),
-        None => None,
-    };
-    let tls = match (&args.tls_cert, &args.tls_key) {
-        (Some(cert), Some(key)) => Some(TlsConfig {
-            cert_pem: read(cert)?,
-            key_pem: read(key)?,
-            client_ca_pem: args.tls_client_ca.as_deref().map(read).transpose()?,
-        }),
-        _ => None,
-    };
-    let config = Config {
-        shutdown_grace: Duration::from_secs(args.shutdown_grace),
-        max_message_size: args.max_message_size,
-        max_concurrent_streams: args.max_concurrent_streams,
-        max_local_error_reset_streams: args.max_reset_streams,
-        max_header_list_size: args.max_header_list_size,
-        keepalive_interval: (args.keepalive_interval > 0)
-            .then(|| Duration::from_secs(args.keepalive_interval)),
-        keepalive_timeout: Duration::from_secs(args.keepalive_timeout),
-        max_in_flight_calls: args.max_in_flight_calls,
-        max_subscribers: args.max_subscribers,
-        max_connections: args.max_connections,
-        handshake_timeout: Duration::from_secs(args.handshake_timeout),
-        max_connection_idle: seconds_or_never(args.max_connection_idle),
-        max_connection_age: seconds_or_never(args.max_connection_age),
-        max_connection_age_grace: args.max_connection_age_grace.map(Duration::from_secs),
-        auth_token,
-        tls,
-        ..Config::default()
-    };
-    let feed_capacity = args.feed_capacity.max(1);
-    match &args.store {
+    config.auth_token = security.auth_token()?;
+    config.tls = security.tls()?;
+    let feed_capacity = store.feed_capacity.max(1);
+    match &store.store {
         StoreArg::Memory => {
-            let store = MemoryStore::new(feed_capacity);
+            let memory = MemoryStore::new(feed_capacity);
             let described = Described {
                 store: "memory".into(),
                 durability: "none (users are lost on exit)".into(),
             };
-            listen_and_run(store, described, &args, config).await
+            listen_and_run(memory, described, &listen, config).await
         }
         StoreArg::Sqlite(path) => {
-            let durability = match args.sync {
+            let durability = match store.sync {
                 SyncArg::Full => Durability::Full,
                 SyncArg::Normal => Durability::Normal,
             };
@@ -420,39 +357,62 @@ async fn serve(args: Args) -> Result<(), Failure> {
             };
             // Opened before binding: a refused file stops the server before
             // it accepts anything.
-            let store = SqliteStore::open(path, options)?;
+            let sqlite = SqliteStore::open(path, options)?;
             let described = Described {
                 store: format!("sqlite:{}", path.display()),
                 durability: durability.to_string(),
             };
-            listen_and_run(store, described, &args, config).await
+            listen_and_run(sqlite, described, &listen, config).await
         }
         StoreArg::Postgres(url) => {
             let options = PostgresOptions {
                 retention: postgres::Retention {
-                    keep: args.changelog_keep,
-                    keep_for: Duration::from_secs(args.changelog_keep_minutes * 60),
-                    every: Duration::from_secs(args.changelog_prune_interval.max(1)),
+                    keep: store.changelog_keep,
+                    keep_for: Duration::from_secs(store.changelog_keep_minutes * 60),
+                    every: Duration::from_secs(store.changelog_prune_interval.max(1)),
                 },
-                notify: args.changelog_notify,
-                poll_interval: Duration::from_millis(args.changelog_poll_ms.max(1)),
+                notify: store.changelog_notify,
+                poll_interval: Duration::from_millis(store.changelog_poll_ms.max(1)),
                 ..PostgresOptions::new(feed_capacity)
             };
             // Opened before binding, as SQLite: a refused schema or an
             // unreachable database stops the server before it accepts.
-            let store = PostgresStore::open(url, options).await?;
+            let postgres = PostgresStore::open(url, options).await?;
             let described = Described {
-                store: store.target(),
+                store: postgres.target(),
                 durability: "as the database commits (synchronous_commit)".into(),
             };
-            listen_and_run(store, described, &args, config).await
+            listen_and_run(postgres, described, &listen, config).await
         }
     }
 }
 
-/// `seconds`, or `None` (never) for 0.
-fn seconds_or_never(seconds: u64) -> Option<Duration> {
-    (seconds > 0).then(|| Duration::from_secs(seconds))
+impl SecurityArgs {
+    /// The token of `--auth-token-file`, if given.
+    fn auth_token(&self) -> Result<Option<AuthToken>, Failure> {
+        let Some(path) = &self.auth_token_file else {
+            return Ok(None);
+        };
+        AuthToken::new(&read_text(path)?)
+            .map(Some)
+            .map_err(|source| Failure::Token {
+                path: path.clone(),
+                source,
+            })
+    }
+
+    /// The key material of `--tls-cert`, `--tls-key` and `--tls-client-ca`,
+    /// if given.
+    fn tls(&self) -> Result<Option<TlsConfig>, Failure> {
+        let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) else {
+            return Ok(None);
+        };
+        Ok(Some(TlsConfig {
+            cert_pem: read(cert)?,
+            key_pem: read(key)?,
+            client_ca_pem: self.tls_client_ca.as_deref().map(read).transpose()?,
+        }))
+    }
 }
 
 /// How the startup log line names the store.
@@ -465,18 +425,18 @@ struct Described {
 async fn listen_and_run<S: Store>(
     store: S,
     described: Described,
-    args: &Args,
+    listen: &ListenArgs,
     config: Config,
 ) -> Result<(), Failure> {
     let listen_failed = |addr: &str| {
         let addr = addr.to_owned();
         move |source| Failure::Listen { addr, source }
     };
-    let listener = TcpListener::bind(&args.addr)
+    let listener = TcpListener::bind(&listen.addr)
         .await
-        .map_err(listen_failed(&args.addr))?;
-    let addr = listener.local_addr().map_err(listen_failed(&args.addr))?;
-    let metrics = match &args.metrics_addr {
+        .map_err(listen_failed(&listen.addr))?;
+    let addr = listener.local_addr().map_err(listen_failed(&listen.addr))?;
+    let metrics = match &listen.metrics_addr {
         Some(metrics_addr) => {
             let failed = listen_failed(metrics_addr);
             let listener = TcpListener::bind(metrics_addr).await.map_err(failed)?;
@@ -493,7 +453,7 @@ async fn listen_and_run<S: Store>(
         "user-service listening"
     );
     log_security(&config);
-    if let Some(path) = &args.addr_file {
+    if let Some(path) = &listen.addr_file {
         write_addr_file(path, addr).map_err(|source| Failure::AddrFile {
             path: path.clone(),
             source,

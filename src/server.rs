@@ -1,4 +1,5 @@
-//! Serving: the transport settings, the services on the port, and shutdown.
+//! Serving: the server's settings ([`Config`]), the services on the port,
+//! and shutdown.
 
 use std::{future::Future, net::SocketAddr, pin::pin, time::Duration};
 
@@ -14,37 +15,20 @@ pub use crate::transport::TlsConfig;
 use crate::{
     auth::{AuthToken, Authenticate},
     call_guard::CallGuardLayer,
+    flags,
     gauges::Gauges,
     proto::{self, user_service_server::UserServiceServer},
     reflection,
     service::UserService,
     store::{Store, StoreHealth},
     telemetry::{Metrics, ObserveCallsLayer, ServiceCollector},
-    transport::{self, ConnectionStats, Http2Settings, TlsError},
+    transport::{self, ConnectionStats, TlsError, TransportConfig},
 };
 
 /// Largest gRPC message accepted or sent. tonic bounds decoding at 4 MiB but
 /// leaves encoding unbounded; both are set. A user is well under 1 KiB and
 /// the largest reply (a BulkAddUsers report, at most 100 errors) a few KiB.
 pub const MAX_MESSAGE_SIZE: usize = 4 * 1024 * 1024;
-
-/// Concurrent HTTP/2 streams (calls) per connection. tonic advertises no
-/// limit by default; this is far above what a load generator needs and far
-/// below what would exhaust memory.
-pub const MAX_CONCURRENT_STREAMS: u32 = 1024;
-
-/// Streams a peer may make the server reset before the connection is closed:
-/// h2's protection against reset floods, which tonic 0.14.3+ switches off
-/// unless set. 1024 is h2's own default.
-pub const MAX_LOCAL_ERROR_RESET_STREAMS: usize = 1024;
-
-/// Largest request header block. Metadata here is a few hundred bytes.
-pub const MAX_HEADER_LIST_SIZE: u32 = 16 * 1024;
-
-/// HTTP/2 pings on idle connections find peers that vanished without closing
-/// (a half-open connection would otherwise hold its streams forever).
-pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
-pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Calls in flight across all connections (UserService calls; a stream
 /// counts until it ends). A call holds at most a page of users or a batch of
@@ -57,106 +41,78 @@ pub const MAX_IN_FLIGHT_CALLS: usize = 4096;
 /// RESOURCE_EXHAUSTED.
 pub const MAX_SUBSCRIBERS: usize = 1024;
 
-/// Connections open at once; past it new connections are closed as soon as
-/// they are accepted. Each costs a descriptor and about 30 KB when idle (up
-/// to a flow-control window and its frame budget when a client fills it):
-/// far more than a fleet of clients and load balancers needs, and far
-/// fewer than the descriptors the server raises its limit to.
-pub const MAX_CONNECTIONS: usize = 10_000;
-
-/// How long a new connection has to finish its handshake (TLS, the HTTP/2
-/// preface and the client's SETTINGS). A real client does it in a round
-/// trip or two; a socket that connects and says nothing would otherwise
-/// hold a descriptor and memory for good.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// A connection with no call for this long is sent GOAWAY (gRPC's
-/// MAX_CONNECTION_IDLE). Clients reconnect on their next call without an
-/// error; a connection carrying a call, a SyncUsers stream say, is never
-/// idle.
-pub const MAX_CONNECTION_IDLE: Duration = Duration::from_secs(15 * 60);
-
-/// A connection this old (give or take 10%) is sent GOAWAY (gRPC's
-/// MAX_CONNECTION_AGE), so that clients spread over replicas added since
-/// they connected. Its calls in flight go on (see
-/// [`MAX_CONNECTION_AGE_GRACE`]): a long SyncUsers stream is not cut, only
-/// the client's next calls move.
-pub const MAX_CONNECTION_AGE: Duration = Duration::from_secs(30 * 60);
-
-/// How long the calls of a connection sent GOAWAY for its age may go on:
-/// unlimited by default, so that no stream is ended because of the age of
-/// its connection. Set it to bound how long an old connection can live.
-pub const MAX_CONNECTION_AGE_GRACE: Option<Duration> = None;
-
 /// How long shutdown waits for calls to finish before giving up on them.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
-/// How the server runs. `Config::default()` uses the constants above.
-#[derive(Debug, Clone)]
+/// How the server runs. Each setting is a flag of the `user-service`
+/// binary, declared here or in the groups nested below with its
+/// environment variable and its default (the constants above, and the
+/// transport's); `Config::default()` is every default. Tests and examples
+/// change the fields they need:
+///
+/// ```
+/// let mut config = user_service::Config::default();
+/// config.limits.max_subscribers = 1;
+/// ```
+#[derive(Debug, Clone, clap::Args)]
 pub struct Config {
-    /// How long shutdown waits for in-flight calls.
+    /// Seconds shutdown waits for in-flight calls.
+    #[arg(
+        long,
+        env = "USER_SERVICE_SHUTDOWN_GRACE",
+        default_value = flags::seconds(DEFAULT_SHUTDOWN_GRACE),
+        value_parser = flags::seconds_parser()
+    )]
     pub shutdown_grace: Duration,
-    /// Largest message decoded or encoded, in bytes.
-    pub max_message_size: usize,
-    /// Concurrent streams per HTTP/2 connection.
-    pub max_concurrent_streams: u32,
-    /// Streams a peer may make the server reset before it is disconnected.
-    pub max_local_error_reset_streams: usize,
-    /// Largest request header block, in bytes.
-    pub max_header_list_size: u32,
-    /// Time between keepalive pings; `None` turns pings off.
-    pub keepalive_interval: Option<Duration>,
-    /// How long a ping may go unanswered before the connection is closed.
-    pub keepalive_timeout: Duration,
-    /// UserService calls in flight at once.
-    pub max_in_flight_calls: usize,
-    /// Open SyncUsers streams at once.
-    pub max_subscribers: usize,
-    /// Connections open at once.
-    pub max_connections: usize,
-    /// How long a new connection has to finish its handshake.
-    pub handshake_timeout: Duration,
-    /// Connections without a call for this long are sent GOAWAY; `None`:
-    /// never.
-    pub max_connection_idle: Option<Duration>,
-    /// Connections this old are sent GOAWAY; `None`: never.
-    pub max_connection_age: Option<Duration>,
-    /// How long the calls of a connection past its age may go on; `None`:
-    /// until they end.
-    pub max_connection_age_grace: Option<Duration>,
+    // What one call, and all calls together, may take.
+    #[command(flatten)]
+    pub limits: Limits,
+    // Connections and HTTP/2.
+    #[command(flatten)]
+    pub transport: TransportConfig,
     /// When set, UserService and reflection calls must carry this bearer
     /// token.
+    #[arg(skip)]
     pub auth_token: Option<AuthToken>,
     /// When set, the server speaks TLS only.
+    #[arg(skip)]
     pub tls: Option<TlsConfig>,
     /// Where the server reports what it holds open.
+    #[arg(skip)]
     pub gauges: Gauges,
     /// Where the server counts its connections.
+    #[arg(skip)]
     pub connections: ConnectionStats,
 }
 
 impl Default for Config {
     fn default() -> Self {
-        Config {
-            shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
-            max_message_size: MAX_MESSAGE_SIZE,
-            max_concurrent_streams: MAX_CONCURRENT_STREAMS,
-            max_local_error_reset_streams: MAX_LOCAL_ERROR_RESET_STREAMS,
-            max_header_list_size: MAX_HEADER_LIST_SIZE,
-            keepalive_interval: Some(KEEPALIVE_INTERVAL),
-            keepalive_timeout: KEEPALIVE_TIMEOUT,
-            max_in_flight_calls: MAX_IN_FLIGHT_CALLS,
-            max_subscribers: MAX_SUBSCRIBERS,
-            max_connections: MAX_CONNECTIONS,
-            handshake_timeout: HANDSHAKE_TIMEOUT,
-            max_connection_idle: Some(MAX_CONNECTION_IDLE),
-            max_connection_age: Some(MAX_CONNECTION_AGE),
-            max_connection_age_grace: MAX_CONNECTION_AGE_GRACE,
-            auth_token: None,
-            tls: None,
-            gauges: Gauges::default(),
-            connections: ConnectionStats::default(),
-        }
+        flags::defaults()
+    }
+}
+
+/// What calls may take: the size of one message, and how many calls and
+/// SyncUsers streams are open at once. Every field is a flag.
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
+pub struct Limits {
+    /// Largest gRPC message received or sent, in bytes.
+    #[arg(long, env = "USER_SERVICE_MAX_MESSAGE_SIZE", default_value_t = MAX_MESSAGE_SIZE)]
+    pub max_message_size: usize,
+
+    /// UserService calls in flight at once; more are refused with
+    /// RESOURCE_EXHAUSTED.
+    #[arg(long, env = "USER_SERVICE_MAX_IN_FLIGHT_CALLS", default_value_t = MAX_IN_FLIGHT_CALLS)]
+    pub max_in_flight_calls: usize,
+
+    /// SyncUsers streams open at once; more are refused with
+    /// RESOURCE_EXHAUSTED.
+    #[arg(long, env = "USER_SERVICE_MAX_SUBSCRIBERS", default_value_t = MAX_SUBSCRIBERS)]
+    pub max_subscribers: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        flags::defaults()
     }
 }
 
@@ -240,11 +196,13 @@ pub async fn run<S: Store>(
     let service = UserService::new(
         store,
         stop.clone(),
-        config.gauges.subscriber_slots(config.max_subscribers),
+        config
+            .gauges
+            .subscriber_slots(config.limits.max_subscribers),
     );
     let users = UserServiceServer::new(service)
-        .max_decoding_message_size(config.max_message_size)
-        .max_encoding_message_size(config.max_message_size)
+        .max_decoding_message_size(config.limits.max_message_size)
+        .max_encoding_message_size(config.limits.max_message_size)
         .accept_compressed(CompressionEncoding::Gzip)
         .accept_compressed(CompressionEncoding::Zstd)
         .send_compressed(CompressionEncoding::Gzip)
@@ -260,7 +218,6 @@ pub async fn run<S: Store>(
         .await;
     let store_health = tokio::spawn(forward_store_health(store_health, health.clone()));
 
-    // Reflection needs the token like the service it describes.
     let reflection = reflection::Reflection::new();
     let reflection_v1 = InterceptedService::new(reflection.v1(), auth.clone());
     let reflection_v1alpha = InterceptedService::new(reflection.v1alpha(), auth);
@@ -273,7 +230,8 @@ pub async fn run<S: Store>(
         .prepare();
     let service = tower_layer::Layer::layer(
         &CallGuardLayer::new(
-            config.gauges.in_flight_slots(config.max_in_flight_calls),
+            &config.gauges,
+            config.limits.max_in_flight_calls,
             stop.clone(),
         ),
         routes,
@@ -282,23 +240,11 @@ pub async fn run<S: Store>(
         &ObserveCallsLayer::new(metrics.as_ref().map(|(metrics, _)| metrics.rpc.clone())),
         service,
     );
-    let settings = Http2Settings {
-        max_connections: config.max_connections,
-        handshake_timeout: config.handshake_timeout,
-        max_connection_idle: config.max_connection_idle,
-        max_connection_age: config.max_connection_age,
-        max_connection_age_grace: config.max_connection_age_grace,
-        max_concurrent_streams: config.max_concurrent_streams,
-        max_local_error_reset_streams: config.max_local_error_reset_streams,
-        max_header_list_size: config.max_header_list_size,
-        keepalive_interval: config.keepalive_interval,
-        keepalive_timeout: config.keepalive_timeout,
-    };
     let mut serve = pin!(transport::serve(
         listener,
         tls,
         service,
-        settings,
+        config.transport.clone(),
         config.connections.clone(),
         stop.clone()
     ));
@@ -307,22 +253,25 @@ pub async fn run<S: Store>(
         () = &mut serve => return Ok(()),
         () = shutdown => {}
     }
-    let stopped = shutting_down::<S>(serve, &config, &health, stop, store_health).await;
+    shutting_down::<S>(serve, &config, &health, stop, store_health).await;
     // Scraped until the end, so that the last figures can be seen.
     if let Some((_, endpoint)) = metrics {
         endpoint.abort();
     }
-    stopped
+    Ok(())
 }
 
-/// The graceful shutdown of `run`.
+/// The graceful shutdown of `run`: health turns `NOT_SERVING`, connections
+/// and streams are told to end, and `serve` has the grace period to finish.
+/// Nothing in it can fail; calls still open after the grace are dropped
+/// with `serve` when `run` returns.
 async fn shutting_down<S: Store>(
     serve: std::pin::Pin<&mut impl Future<Output = ()>>,
     config: &Config,
     health: &HealthReporter,
     stop: CancellationToken,
     store_health: tokio::task::JoinHandle<()>,
-) -> Result<(), ServeError> {
+) {
     tracing::info!(grace = ?config.shutdown_grace, "shutting down");
     // Stopped first, so that it cannot mark the service serving again.
     store_health.abort();
@@ -343,7 +292,6 @@ async fn shutting_down<S: Store>(
         tracing::warn!("grace period over, closing the calls still open");
     }
     tracing::info!("stopped");
-    Ok(())
 }
 
 /// Keeps the health of `grpcUser.UserService` and of the whole server ("")

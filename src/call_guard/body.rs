@@ -1,8 +1,9 @@
-//! The response body of a guarded call: it ends the call at its deadline
-//! or at shutdown, and holds the call's in-flight slot until the call is
-//! over.
+//! The response body of a guarded call: it ends the call at its deadline,
+//! at shutdown or when its stream panics, and holds the call's in-flight
+//! slot until the call is over.
 
 use std::{
+    panic::AssertUnwindSafe,
     pin::Pin,
     task::{Context, Poll},
 };
@@ -12,6 +13,7 @@ use tokio::time::Sleep;
 use tokio_util::sync::WaitForCancellationFutureOwned;
 use tonic::Status;
 
+use super::panic::Caught;
 use crate::gauges::Slot;
 
 /// A response body that ends its call with `DEADLINE_EXCEEDED` at the
@@ -40,6 +42,8 @@ pub struct GuardedBody<B> {
     deadline: Option<Pin<Box<Sleep>>>,
     shutdown: Shutdown,
     slot: Option<Slot>,
+    /// How a panic of `inner` is reported (`None`: never polled).
+    caught: Option<Caught>,
     ended: bool,
 }
 
@@ -62,6 +66,7 @@ impl<B: Default> GuardedBody<B> {
             deadline: None,
             shutdown: Shutdown::Armed(None),
             slot: None,
+            caught: None,
             ended: false,
         })
     }
@@ -73,12 +78,14 @@ impl<B> GuardedBody<B> {
         deadline: Option<Pin<Box<Sleep>>>,
         shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
         slot: Option<Slot>,
+        caught: Option<Caught>,
     ) -> Self {
         GuardedBody {
             inner,
             deadline,
             shutdown: Shutdown::Armed(Some(shutdown)),
             slot,
+            caught,
             ended: false,
         }
     }
@@ -134,7 +141,21 @@ where
             }
             Shutdown::Armed(None) | Shutdown::LastFrame | Shutdown::Ending => {}
         }
-        let frame = match Pin::new(&mut this.inner).poll_frame(cx) {
+        let polled = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            Pin::new(&mut this.inner).poll_frame(cx)
+        }));
+        let polled = match polled {
+            Ok(polled) => polled,
+            // The stream is not polled again: the call ends here.
+            Err(panic) => {
+                let status = match &this.caught {
+                    Some(caught) => caught.report(&*panic),
+                    None => super::panic::internal(),
+                };
+                return this.end_with(status);
+            }
+        };
+        let frame = match polled {
             Poll::Ready(Some(Ok(frame)))
                 if frame.is_data() && matches!(this.shutdown, Shutdown::Ending) =>
             {

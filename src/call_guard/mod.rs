@@ -14,17 +14,22 @@
 //! - ends the call at shutdown, by one rule for every service (see
 //!   [`GuardedBody`]);
 //! - holds the slot until the response body is finished or dropped, so a
-//!   client that disconnects mid-stream gives its slot back.
+//!   client that disconnects mid-stream gives its slot back;
+//! - ends a call whose handler or response stream panics with `INTERNAL`
+//!   (`panic.rs`).
 
 mod body;
 mod grpc_timeout;
+mod panic;
 
 use std::{
     future::Future,
+    panic::AssertUnwindSafe,
     pin::Pin,
     task::{Context, Poll},
 };
 
+use futures::FutureExt as _;
 use http_body::Body;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -34,22 +39,30 @@ use tower_service::Service;
 pub use body::GuardedBody;
 pub use grpc_timeout::grpc_timeout;
 
-use crate::gauges::Slots;
-
-/// Calls under this path prefix take an in-flight slot.
-const LIMITED_PREFIX: &str = "/grpcUser.UserService/";
+use self::panic::Caught;
+use crate::{
+    gauges::{Gauges, Slots},
+    proto::user_service_server::SERVICE_NAME,
+};
 
 /// The tower layer that puts a [`CallGuard`] around every call.
 #[derive(Debug, Clone)]
 pub struct CallGuardLayer {
+    gauges: Gauges,
     slots: Slots,
     shutdown: CancellationToken,
 }
 
 impl CallGuardLayer {
-    /// `shutdown` is cancelled when the server starts shutting down.
-    pub fn new(slots: Slots, shutdown: CancellationToken) -> Self {
-        CallGuardLayer { slots, shutdown }
+    /// At most `max_in_flight` UserService calls at once, counted in
+    /// `gauges` (as are refusals and panics); `shutdown` is cancelled when
+    /// the server starts shutting down.
+    pub fn new(gauges: &Gauges, max_in_flight: usize, shutdown: CancellationToken) -> Self {
+        CallGuardLayer {
+            gauges: gauges.clone(),
+            slots: gauges.in_flight_slots(max_in_flight),
+            shutdown,
+        }
     }
 }
 
@@ -59,6 +72,7 @@ impl<S> tower_layer::Layer<S> for CallGuardLayer {
     fn layer(&self, inner: S) -> CallGuard<S> {
         CallGuard {
             inner,
+            gauges: self.gauges.clone(),
             slots: self.slots.clone(),
             shutdown: self.shutdown.clone(),
         }
@@ -69,6 +83,7 @@ impl<S> tower_layer::Layer<S> for CallGuardLayer {
 #[derive(Debug, Clone)]
 pub struct CallGuard<S> {
     inner: S,
+    gauges: Gauges,
     slots: Slots,
     shutdown: CancellationToken,
 }
@@ -99,7 +114,7 @@ where
         }
         // UserService calls take a slot; health checks keep answering
         // under load.
-        let slot = if request.uri().path().starts_with(LIMITED_PREFIX) {
+        let slot = if is_user_service(request.uri().path()) {
             match self.slots.try_take() {
                 Some(slot) => Some(slot),
                 None => {
@@ -117,19 +132,39 @@ where
         // one, and the call ends with DEADLINE_EXCEEDED rather than tonic's
         // CANCELLED.
         let deadline = grpc_timeout(request.headers()).map(|timeout| Instant::now() + timeout);
-        let call = self.inner.call(request);
+        let caught = Caught::of(&request, &self.gauges);
+        // A handler may panic in `call` itself or in the future it returns.
+        let call = match std::panic::catch_unwind(AssertUnwindSafe(|| self.inner.call(request))) {
+            Ok(call) => AssertUnwindSafe(call).catch_unwind(),
+            Err(panic) => {
+                let status = caught.report(&*panic);
+                return Box::pin(std::future::ready(Ok(GuardedBody::status(status))));
+            }
+        };
         Box::pin(async move {
-            let response = match deadline {
-                None => call.await?,
+            let handled = match deadline {
+                None => call.await,
                 Some(deadline) => match tokio::time::timeout_at(deadline, call).await {
-                    Ok(response) => response?,
+                    Ok(handled) => handled,
                     Err(_) => return Ok(GuardedBody::status(deadline_exceeded())),
                 },
             };
+            let response = match handled {
+                Ok(response) => response?,
+                Err(panic) => return Ok(GuardedBody::status(caught.report(&*panic))),
+            };
             let deadline = deadline.map(|deadline| Box::pin(tokio::time::sleep_until(deadline)));
-            Ok(response.map(|body| GuardedBody::new(body, deadline, shutdown, slot)))
+            Ok(response.map(|body| GuardedBody::new(body, deadline, shutdown, slot, Some(caught))))
         })
     }
+}
+
+/// Whether `path` names a UserService method (`/grpcUser.UserService/...`):
+/// those calls take an in-flight slot.
+fn is_user_service(path: &str) -> bool {
+    path.strip_prefix('/')
+        .and_then(|path| path.strip_prefix(SERVICE_NAME))
+        .is_some_and(|method| method.starts_with('/'))
 }
 
 /// Whether the request says it is gRPC (`application/grpc`, optionally
@@ -154,6 +189,15 @@ mod tests {
 
     use super::*;
     use crate::gauges::Gauges;
+
+    #[test]
+    fn user_service_paths() {
+        assert!(is_user_service("/grpcUser.UserService/AddUser"));
+        assert!(!is_user_service("/grpcUser.UserServiceX/AddUser"));
+        assert!(!is_user_service("/grpc.health.v1.Health/Check"));
+        assert!(!is_user_service("grpcUser.UserService/AddUser"));
+        assert!(!is_user_service("/"));
+    }
 
     #[test]
     fn grpc_content_types() {
@@ -242,7 +286,7 @@ mod tests {
     ) -> (CallGuard<Handler>, Gauges, CancellationToken) {
         let gauges = Gauges::default();
         let shutdown = CancellationToken::new();
-        let layer = CallGuardLayer::new(gauges.in_flight_slots(max_in_flight), shutdown.clone());
+        let layer = CallGuardLayer::new(&gauges, max_in_flight, shutdown.clone());
         let guard = tower_layer::Layer::layer(&layer, handler);
         (guard, gauges, shutdown)
     }
@@ -330,6 +374,7 @@ mod tests {
             Unary { sent: 0 },
             None,
             Box::pin(shutdown.cancelled_owned()),
+            None,
             None,
         );
         let data = next_frame(&mut body).await.unwrap().unwrap();
@@ -421,6 +466,70 @@ mod tests {
         let response = guard.call(request(None, "text/plain")).await.unwrap();
         assert_eq!(response.status(), http::StatusCode::UNSUPPORTED_MEDIA_TYPE);
         assert_eq!(grpc_status(response.headers()), Some("13"));
+        assert_eq!(gauges.in_flight_calls(), 0);
+    }
+
+    /// A handler that panics where it is told to: in `call` itself, in the
+    /// future it returns (the handler proper), or in its response stream.
+    #[derive(Clone, Copy)]
+    enum PanicsIn {
+        Call,
+        Handler,
+        Stream,
+    }
+
+    /// A response stream that panics when polled.
+    #[derive(Default)]
+    struct PanickingStream;
+
+    impl Body for PanickingStream {
+        type Data = bytes::Bytes;
+        type Error = Status;
+
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<bytes::Bytes>, Status>>> {
+            panic!("the stream panics");
+        }
+    }
+
+    impl Service<http::Request<()>> for PanicsIn {
+        type Response = http::Response<PanickingStream>;
+        type Error = std::convert::Infallible;
+        type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, _: http::Request<()>) -> Self::Future {
+            let panics = *self;
+            assert!(!matches!(panics, PanicsIn::Call), "call panics");
+            Box::pin(async move {
+                assert!(!matches!(panics, PanicsIn::Handler), "the future panics");
+                Ok(http::Response::new(PanickingStream))
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_handler_that_panics_anywhere_ends_its_call_with_internal() {
+        let gauges = Gauges::default();
+        let layer = CallGuardLayer::new(&gauges, 8, CancellationToken::new());
+        for panics in [PanicsIn::Call, PanicsIn::Handler] {
+            let mut guard = tower_layer::Layer::layer(&layer, panics);
+            let response = guard.call(request(None, "application/grpc")).await.unwrap();
+            assert_eq!(grpc_status(response.headers()), Some("13"));
+        }
+        let mut guard = tower_layer::Layer::layer(&layer, PanicsIn::Stream);
+        let response = guard.call(request(None, "application/grpc")).await.unwrap();
+        assert_eq!(grpc_status(response.headers()), None);
+        let mut body = response.into_body();
+        let frame = next_frame(&mut body).await.unwrap().unwrap();
+        assert_eq!(grpc_status(frame.trailers_ref().unwrap()), Some("13"));
+        assert!(next_frame(&mut body).await.is_none());
+        assert_eq!(gauges.panicked_calls(), 3);
         assert_eq!(gauges.in_flight_calls(), 0);
     }
 }

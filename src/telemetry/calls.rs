@@ -8,10 +8,10 @@
 //! labelled `grpc_type`, `grpc_service` and `grpc_method`.
 //!
 //! **A span** per call when traces are exported (see [`super::trace`]),
-//! with OpenTelemetry's `rpc.*` attributes and the call's status, a child of
-//! the client's span when the request carries a W3C `traceparent`; the
-//! handler and the response stream run inside it, so store work shows as
-//! its children.
+//! with OpenTelemetry's `rpc.*` attributes, the client's address and the
+//! call's status, a child of the client's span when the request carries a
+//! W3C `traceparent`; the handler and the response stream run inside it,
+//! so store work shows as its children.
 //!
 //! [`ObserveCalls`] is a tower layer around the call guard. The status of a
 //! call is known only at its end: in the trailers, or in the head of a
@@ -38,6 +38,7 @@ use tonic::{Code, Status};
 use tower_service::Service;
 
 use super::trace;
+use crate::transport;
 
 /// What kind of call a method is, as the `grpc_type` label says it.
 #[derive(Debug, Clone, Copy)]
@@ -267,7 +268,10 @@ where
         let call = if self.metrics.is_some() || tracing {
             method_of(request.uri().path()).map(|method| {
                 let (service, name, _) = METHODS[method];
-                let span = tracing.then(|| trace::call_span(request.headers(), service, name));
+                let span = tracing.then(|| {
+                    let client = transport::client_addr(request.extensions());
+                    trace::call_span(request.headers(), service, name, client)
+                });
                 Call::start(self.metrics.clone(), method, span)
             })
         } else {

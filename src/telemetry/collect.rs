@@ -46,6 +46,11 @@ struct LimitLabel {
     limit: &'static str,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SiteLabel {
+    site: &'static str,
+}
+
 /// The service's own figures: what is open, what was refused, the feed's
 /// subscribers, and the store.
 pub struct ServiceCollector {
@@ -135,6 +140,19 @@ impl Collector for ServiceCollector {
             "Connections open",
             gauge(c.open()),
         )?;
+        let mut panics = encoder.encode_descriptor(
+            "user_service_panics",
+            "Panics caught, the server serving on: in a call's handler or response stream (site=handler; the call ends INTERNAL), in a call's task (site=call; its stream is reset) or in a connection's task (site=connection; the connection is closed)",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for (site, count) in [
+            ("handler", g.panicked_calls()),
+            ("call", c.panicked_calls()),
+            ("connection", c.panicked_connections()),
+        ] {
+            ConstCounter::new(count).encode(panics.encode_family(&SiteLabel { site })?)?;
+        }
 
         self.store.encode(&mut encoder)
     }

@@ -4,12 +4,16 @@
 //!
 //! When on, each call gets a span ([`call_span`], ended by [`end_call`])
 //! with OpenTelemetry's RPC attributes (`rpc.system`, `rpc.service`,
-//! `rpc.method`, `rpc.grpc.status_code`), continuing the client's trace
+//! `rpc.method`, `rpc.grpc.status_code`) and the client's address
+//! (`client.address`, `client.port`), continuing the client's trace
 //! when the request carries a W3C `traceparent`; the store's work for the
 //! call shows as child spans ([`store_span`]: the commit the call waited
 //! for, with its batch size).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::{
+    net::SocketAddr,
+    sync::atomic::{AtomicBool, Ordering},
+};
 
 use opentelemetry::{global, propagation::Extractor, trace::TracerProvider as _};
 use opentelemetry_otlp::WithExportConfig;
@@ -29,9 +33,14 @@ pub fn enabled() -> bool {
     ENABLED.load(Ordering::Relaxed)
 }
 
-/// The span of one call to `service`/`method`, a child of the client's span
-/// when `headers` carry one (`traceparent`).
-pub fn call_span(headers: &http::HeaderMap, service: &str, method: &str) -> tracing::Span {
+/// The span of one call to `service`/`method` from `client`, a child of
+/// the client's span when `headers` carry one (`traceparent`).
+pub fn call_span(
+    headers: &http::HeaderMap,
+    service: &str,
+    method: &str,
+    client: Option<SocketAddr>,
+) -> tracing::Span {
     let span = tracing::info_span!(
         target: TARGET,
         "grpc.server",
@@ -42,6 +51,9 @@ pub fn call_span(headers: &http::HeaderMap, service: &str, method: &str) -> trac
         rpc.service = service,
         rpc.method = method,
         rpc.grpc.status_code = tracing::field::Empty,
+        client.address = client.map(|client| tracing::field::display(client.ip())),
+        // As an i64: the exporter records unsigned integers as text.
+        client.port = client.map(|client| i64::from(client.port())),
     );
     let parent =
         global::get_text_map_propagator(|propagator| propagator.extract(&HeaderExtractor(headers)));

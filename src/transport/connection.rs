@@ -1,47 +1,46 @@
 //! One HTTP/2 connection: the handshake, a task per call, keepalive pings,
 //! going away when idle, old or shut down.
 
-use std::{
-    future::poll_fn,
-    pin::Pin,
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
-    task::{Context, Poll},
-    time::Duration,
-};
+use std::{any::Any, net::SocketAddr, panic::AssertUnwindSafe, pin::Pin, time::Duration};
 
 use bytes::Bytes;
-use h2::{Ping, PingPong};
+use futures::FutureExt as _;
+use http::uri::PathAndQuery;
 use tokio::{
-    io::{AsyncRead, AsyncWrite, ReadBuf},
-    task::JoinSet,
+    io::{AsyncRead, AsyncWrite},
+    task::{JoinError, JoinSet},
     time::{Instant, Sleep},
 };
 use tokio_util::sync::CancellationToken;
 
-use super::{CallService, ConnectionStats, Http2Settings, ResponseBody, stream};
+use super::{
+    CallService, ConnectInfo, ConnectionStats, ResponseBody, TransportConfig,
+    keepalive::{CountReads, Keepalive, deadline_after},
+    panic_message, stream,
+};
 
 /// The HTTP/2 preface (24 bytes) and the header of the client's first frame
 /// (9 bytes), which h2 accepts only if it is SETTINGS: a client that has
 /// sent this much has finished its side of the handshake.
 const PREFACE_AND_SETTINGS: u64 = 24 + 9;
 
-/// How long a connection closed abruptly (past its age grace) may take to
-/// send its GOAWAY before the socket is dropped anyway.
+/// How long a connection closed abruptly (past its age grace, or for an
+/// unanswered ping) may take to send its GOAWAY before the socket is
+/// dropped anyway.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// One connection to serve, and what it needs.
 pub struct Connection<'a, S> {
     pub service: S,
-    pub settings: &'a Http2Settings,
+    pub config: &'a TransportConfig,
     pub stats: &'a ConnectionStats,
     /// When the handshake (TLS, the preface, the client's SETTINGS) must
     /// be done by, or the connection is closed.
     pub handshake_deadline: Instant,
     /// Cancelled when the server shuts down.
     pub stop: CancellationToken,
+    /// Given to every call, in its request's extensions.
+    pub connect_info: ConnectInfo,
 }
 
 impl<S> Connection<'_, S> {
@@ -61,30 +60,36 @@ impl<S> Connection<'_, S> {
     {
         let Connection {
             service,
-            settings,
+            config,
             stats,
             handshake_deadline,
             stop,
+            connect_info,
         } = self;
+        let client = connect_info.client();
         let (io, received) = CountReads::new(io);
-        let handshake = settings.builder().handshake(io);
+        let handshake = config.http2.builder().handshake(io);
         let Ok(conn) = tokio::time::timeout_at(handshake_deadline, handshake).await else {
             stats.count_handshake_timeout();
-            tracing::debug!("no HTTP/2 preface in time; closing the connection");
+            tracing::debug!(
+                client.address = %client.ip(),
+                client.port = client.port(),
+                "no HTTP/2 preface in time; closing the connection"
+            );
             return Ok(());
         };
         let mut conn: h2::server::Connection<_, Bytes> = conn?;
-        let mut keepalive = Keepalive::new(settings, conn.ping_pong());
+        let mut keepalive = Keepalive::new(&config.http2, conn.ping_pong(), received.clone());
         let mut calls = JoinSet::new();
         // Until the client's SETTINGS are in, the handshake deadline holds.
         let mut greeted = false;
         let handshake_timer = tokio::time::sleep_until(handshake_deadline);
         // Reset whenever the last call ends.
         let idle_timer = tokio::time::sleep_until(deadline_after(
-            settings.max_connection_idle.unwrap_or(Duration::MAX),
+            config.max_connection_idle.unwrap_or(Duration::MAX),
         ));
         let age_timer = tokio::time::sleep_until(deadline_after(
-            settings.max_connection_age.map_or(Duration::MAX, jittered),
+            config.max_connection_age.map_or(Duration::MAX, jittered),
         ));
         tokio::pin!(handshake_timer, idle_timer, age_timer);
         // Set once the connection has been told to go away.
@@ -98,17 +103,23 @@ impl<S> Connection<'_, S> {
             tokio::select! {
                 // Accepting also drives the connection: every frame in and out.
                 accepted = conn.accept() => match accepted {
-                    Some(Ok((request, respond))) => {
-                        calls.spawn(stream::serve(request, respond, service.clone()));
+                    Some(Ok((mut request, respond))) => {
+                        connect_info.add_to(request.extensions_mut());
+                        // For the log line of a panic in the call's task.
+                        let path = request.uri().path_and_query().cloned();
+                        let call = stream::serve(request, respond, service.clone());
+                        let call = AssertUnwindSafe(call).catch_unwind();
+                        calls.spawn(async move { call.await.err().map(|panic| (path, panic)) });
                     }
                     Some(Err(err)) => break Err(err),
                     // Closed: by the client, or once told to go away and
                     // every call is done.
                     None => break Ok(()),
                 },
-                Some(_) = calls.join_next(), if !calls.is_empty() => {
+                Some(ended) = calls.join_next(), if !calls.is_empty() => {
+                    report_call_panic(ended, client, stats);
                     if calls.is_empty()
-                        && let Some(idle) = settings.max_connection_idle
+                        && let Some(idle) = config.max_connection_idle
                     {
                         idle_timer.as_mut().reset(deadline_after(idle));
                     }
@@ -116,7 +127,11 @@ impl<S> Connection<'_, S> {
                 () = &mut handshake_timer, if !greeted => {
                     if received.get() < PREFACE_AND_SETTINGS {
                         stats.count_handshake_timeout();
-                        tracing::debug!("no SETTINGS from the client in time; closing the connection");
+                        tracing::debug!(
+                            client.address = %client.ip(),
+                            client.port = client.port(),
+                            "no SETTINGS from the client in time; closing the connection"
+                        );
                         break Ok(());
                     }
                     greeted = true;
@@ -127,16 +142,24 @@ impl<S> Connection<'_, S> {
                 }
                 () = &mut idle_timer, if !closing && calls.is_empty() => {
                     stats.count_idle_closed();
-                    tracing::debug!("connection idle; sending GOAWAY");
+                    tracing::debug!(
+                        client.address = %client.ip(),
+                        client.port = client.port(),
+                        "connection idle; sending GOAWAY"
+                    );
                     closing = true;
                     conn.graceful_shutdown();
                 }
                 () = &mut age_timer, if !closing => {
                     stats.count_aged_out();
-                    tracing::debug!("connection at its maximum age; sending GOAWAY");
+                    tracing::debug!(
+                        client.address = %client.ip(),
+                        client.port = client.port(),
+                        "connection at its maximum age; sending GOAWAY"
+                    );
                     closing = true;
                     conn.graceful_shutdown();
-                    grace_timer = settings
+                    grace_timer = config
                         .max_connection_age_grace
                         .map(|grace| Box::pin(tokio::time::sleep(grace)));
                 }
@@ -146,25 +169,74 @@ impl<S> Connection<'_, S> {
                     if forced {
                         break Ok(());
                     }
-                    tracing::debug!(calls = calls.len(), "age grace over; closing the connection");
+                    tracing::debug!(
+                        client.address = %client.ip(),
+                        client.port = client.port(),
+                        calls = calls.len(),
+                        "age grace over; closing the connection"
+                    );
                     // GOAWAY, and every stream still open is ended.
                     conn.abrupt_shutdown(h2::Reason::NO_ERROR);
                     forced = true;
                     grace_timer = Some(Box::pin(tokio::time::sleep(CLOSE_TIMEOUT)));
                 }
-                () = keepalive.expired() => {
-                    tracing::debug!("keepalive ping unanswered; closing the connection");
-                    break Ok(());
+                () = keepalive.expired(), if !forced => {
+                    tracing::debug!(
+                        client.address = %client.ip(),
+                        client.port = client.port(),
+                        "keepalive ping unanswered; closing the connection"
+                    );
+                    // As hyper does: GOAWAY, every stream ended, and the
+                    // socket closed once that is out (or after a moment: a
+                    // peer that is gone may never take it).
+                    conn.abrupt_shutdown(h2::Reason::NO_ERROR);
+                    closing = true;
+                    forced = true;
+                    grace_timer = Some(Box::pin(tokio::time::sleep(CLOSE_TIMEOUT)));
                 }
             }
         };
         // Calls still running find their stream broken and end as their
         // handlers decide (an import commits the rows it received): they
-        // are let go, not cancelled. (Dropping the connection's future
-        // instead, at the end of the shutdown grace, cancels them.)
-        calls.detach_all();
+        // are let go, not cancelled, to a task that only reports a panic
+        // among them. (Dropping the connection's future instead, at the end
+        // of the shutdown grace, cancels them.)
+        if !calls.is_empty() {
+            let stats = stats.clone();
+            tokio::spawn(async move {
+                while let Some(ended) = calls.join_next().await {
+                    report_call_panic(ended, client, &stats);
+                }
+            });
+        }
         ended
     }
+}
+
+/// How a call's task ends: `None`, or the panic it caught, with the path
+/// of the call's method.
+type CallPanic = Option<(Option<PathAndQuery>, Box<dyn Any + Send>)>;
+
+/// Logs and counts a call task that panicked. Its stream was reset when
+/// the task unwound; the connection and its other calls go on. (A service
+/// that catches its handlers' panics, as the call guard does, answers
+/// them with a status instead: this is for the transport's own code.)
+fn report_call_panic(
+    ended: Result<CallPanic, JoinError>,
+    client: SocketAddr,
+    stats: &ConnectionStats,
+) {
+    let Ok(Some((path, panic))) = ended else {
+        return;
+    };
+    stats.count_panicked_call();
+    tracing::error!(
+        client.address = %client.ip(),
+        client.port = client.port(),
+        method = path.as_ref().map_or("", PathAndQuery::path),
+        panic = panic_message(&*panic),
+        "a call's task panicked; its stream is reset, the connection goes on"
+    );
 }
 
 /// `duration` give or take a tenth, at random: connections opened
@@ -174,153 +246,143 @@ fn jittered(duration: Duration) -> Duration {
     duration.mul_f64(fastrand::f64().mul_add(0.2, 0.9))
 }
 
-/// An I/O stream that counts the bytes read from it.
-struct CountReads<IO> {
-    inner: IO,
-    received: Received,
-}
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
 
-/// The count of a [`CountReads`], readable while h2 owns the stream.
-#[derive(Clone, Default)]
-struct Received(Arc<AtomicU64>);
+    use tokio::time::Instant;
 
-impl Received {
-    fn get(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
+    use super::super::{
+        RequestBody, TransportConfig, client_addr,
+        testing::{self, ACK, GOAWAY, PING, RawPeer, ServiceFn, TestBody, call},
+    };
+    use super::*;
+
+    const INTERVAL: Duration = Duration::from_secs(10);
+    const TIMEOUT: Duration = Duration::from_secs(5);
+
+    fn with_keepalive() -> TransportConfig {
+        let mut config = TransportConfig::default();
+        config.http2.keepalive_interval = Some(INTERVAL);
+        config.http2.keepalive_timeout = TIMEOUT;
+        config
     }
-}
 
-impl<IO> CountReads<IO> {
-    fn new(inner: IO) -> (Self, Received) {
-        let received = Received::default();
-        (
-            CountReads {
-                inner,
-                received: received.clone(),
-            },
-            received,
-        )
+    /// A service for connections that make no call.
+    fn no_calls() -> impl CallService<TestBody> {
+        ServiceFn(|_| async { unreachable!("no call is made") })
     }
-}
 
-impl<IO: AsyncRead + Unpin> AsyncRead for CountReads<IO> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let result = Pin::new(&mut self.inner).poll_read(cx, buf);
-        let read = (buf.filled().len() - before) as u64;
-        if read > 0 {
-            self.received.0.fetch_add(read, Ordering::Relaxed);
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_connection_is_pinged_then_sent_goaway_when_it_does_not_answer() {
+        let mut served = testing::serve(no_calls(), with_keepalive());
+        let mut peer = RawPeer::handshake(served.io.take().unwrap()).await;
+        let silent_since = Instant::now();
+        let ping = peer.next().await.unwrap();
+        assert_eq!((ping.kind, ping.flags), (PING, 0));
+        let pinged_at = Instant::now();
+        let silence = pinged_at - silent_since;
+        assert!(
+            INTERVAL <= silence && silence <= 2 * INTERVAL,
+            "{silence:?}"
+        );
+
+        // Not answered: GOAWAY (no error, as hyper sends), then the end.
+        let goaway = peer.next().await.unwrap();
+        assert_eq!((goaway.kind, goaway.error_code()), (GOAWAY, 0));
+        assert_eq!(pinged_at.elapsed(), TIMEOUT);
+        assert_eq!(peer.read().await, None);
+        served.task.await.unwrap().unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_that_keeps_sending_is_pinged_only_once_it_goes_quiet() {
+        let mut served = testing::serve(no_calls(), with_keepalive());
+        let mut peer = RawPeer::handshake(served.io.take().unwrap()).await;
+        // Five intervals with a frame every half interval (pings of the
+        // client's own): the server answers each, and pings none.
+        for i in 0..10 {
+            tokio::time::sleep(INTERVAL / 2).await;
+            peer.send(PING, 0, 0, &[i; 8]).await;
+            let pong = peer.next().await.unwrap();
+            assert_eq!(
+                (pong.kind, pong.flags, pong.payload),
+                (PING, ACK, vec![i; 8])
+            );
         }
-        result
-    }
-}
-
-impl<IO: AsyncWrite + Unpin> AsyncWrite for CountReads<IO> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let quiet_since = Instant::now();
+        let ping = peer.next().await.unwrap();
+        assert_eq!((ping.kind, ping.flags), (PING, 0));
+        let quiet = quiet_since.elapsed();
+        assert!(INTERVAL <= quiet && quiet <= 2 * INTERVAL, "{quiet:?}");
+        // Answered: the connection stays, and is pinged again once quiet.
+        peer.send(PING, ACK, 0, &ping.payload).await;
+        let answered_at = Instant::now();
+        let again = peer.next().await.unwrap();
+        assert_eq!((again.kind, again.flags), (PING, 0));
+        assert!(answered_at.elapsed() >= INTERVAL);
+        assert_eq!(served.written.count(GOAWAY), 0);
     }
 
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
+    #[tokio::test]
+    async fn a_call_task_that_panics_is_counted_and_the_connection_goes_on() {
+        let service = ServiceFn(|request: http::Request<RequestBody>| async move {
+            if request.uri().path() == "/panics" {
+                panic!("the service panics");
+            }
+            testing::head(Some("0"), testing::empty())
+        });
+        let mut served = testing::serve(service, TransportConfig::default());
+        let (client, connection) = h2::client::handshake(served.io.take().unwrap())
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        let mut client = client.ready().await.unwrap();
+        // Unwinding dropped the stream's handle: h2 reset it (a service
+        // that does not catch its panics gives no status).
+        let reset = call(&mut client, "/panics").await.unwrap_err();
+        assert_eq!(reset.reason(), Some(h2::Reason::CANCEL));
+        // Counted (and logged), and the connection goes on.
+        testing::until(|| served.stats.panicked_calls() > 0).await;
+        let response = call(&mut client, "/works").await.unwrap();
+        assert_eq!(response.headers()["grpc-status"], "0");
+        assert_eq!(served.stats.panicked_calls(), 1);
     }
 
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
-
-/// HTTP/2 pings on a connection, to find a peer that vanished without
-/// closing it (a half-open connection would otherwise hold its calls
-/// forever): a ping every `interval`, and the connection is given up when
-/// one goes unanswered for `timeout`.
-struct Keepalive {
-    /// `None` when pings are off (or h2 gave no handle).
-    ping_pong: Option<PingPong>,
-    timeout: Duration,
-    interval: Duration,
-    /// When to send the next ping or, while one is out, when to give up.
-    timer: Pin<Box<Sleep>>,
-    awaiting_pong: bool,
-}
-
-impl Keepalive {
-    fn new(settings: &Http2Settings, ping_pong: Option<PingPong>) -> Self {
-        let interval = settings.keepalive_interval.unwrap_or(Duration::MAX);
-        Keepalive {
-            ping_pong: ping_pong.filter(|_| settings.keepalive_interval.is_some()),
-            timeout: settings.keepalive_timeout,
-            interval,
-            timer: Box::pin(tokio::time::sleep_until(deadline_after(interval))),
-            awaiting_pong: false,
+    #[tokio::test]
+    async fn each_call_carries_its_connections_info() {
+        let (seen, mut clients) = tokio::sync::mpsc::unbounded_channel();
+        let service = ServiceFn(move |request: http::Request<RequestBody>| {
+            let _ = seen.send(client_addr(request.extensions()));
+            async { testing::head(Some("0"), testing::empty()) }
+        });
+        let mut served = testing::serve(service, TransportConfig::default());
+        let mut client = testing::h2_client(served.io.take().unwrap()).await;
+        for path in ["/first", "/second"] {
+            call(&mut client, path).await.unwrap();
+            assert_eq!(clients.recv().await, Some(Some(testing::client())));
         }
     }
 
-    /// Completes when a ping has gone unanswered for too long; meanwhile
-    /// sends the pings.
-    async fn expired(&mut self) {
-        poll_fn(|cx| self.poll_expired(cx)).await
-    }
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_sends_only_the_preface_is_closed_at_the_handshake_deadline() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
-    fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        let Some(ping_pong) = &mut self.ping_pong else {
-            return Poll::Pending;
+        let config = TransportConfig {
+            handshake_timeout: Duration::from_secs(5),
+            ..TransportConfig::default()
         };
-        loop {
-            if self.awaiting_pong {
-                match ping_pong.poll_pong(cx) {
-                    Poll::Ready(Ok(_)) => {
-                        self.awaiting_pong = false;
-                        self.timer.as_mut().reset(deadline_after(self.interval));
-                    }
-                    // The connection is closing; its own end will come.
-                    Poll::Ready(Err(_)) => {
-                        self.ping_pong = None;
-                        return Poll::Pending;
-                    }
-                    Poll::Pending => {
-                        return match self.timer.as_mut().poll(cx) {
-                            Poll::Ready(()) => Poll::Ready(()),
-                            Poll::Pending => Poll::Pending,
-                        };
-                    }
-                }
-            }
-            if self.timer.as_mut().poll(cx).is_pending() {
-                return Poll::Pending;
-            }
-            if ping_pong.send_ping(Ping::opaque()).is_err() {
-                self.ping_pong = None;
-                return Poll::Pending;
-            }
-            self.awaiting_pong = true;
-            self.timer.as_mut().reset(deadline_after(self.timeout));
-        }
+        let mut served = testing::serve(no_calls(), config);
+        let mut io = served.io.take().unwrap();
+        io.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+            .await
+            .unwrap();
+        let started = Instant::now();
+        // The server's SETTINGS, then nothing: the connection is closed.
+        let mut sent = Vec::new();
+        io.read_to_end(&mut sent).await.unwrap();
+        assert_eq!(started.elapsed(), Duration::from_secs(5));
+        assert_eq!(served.stats.handshake_timeouts(), 1);
+        served.task.await.unwrap().unwrap();
     }
-}
-
-/// `now + duration`, saturating far in the future.
-fn deadline_after(duration: Duration) -> Instant {
-    let now = Instant::now();
-    now.checked_add(duration)
-        .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600))
 }

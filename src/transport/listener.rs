@@ -1,12 +1,20 @@
 //! The accept loop: a task per connection, until shutdown.
 
-use std::{io, time::Duration};
+use std::{io, net::SocketAddr, panic::AssertUnwindSafe, time::Duration};
 
-use tokio::{net::TcpListener, task::JoinSet, time::Instant};
+use futures::FutureExt as _;
+use tokio::{
+    net::{TcpListener, TcpStream},
+    task::JoinSet,
+    time::Instant,
+};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
-use super::{CallService, ConnectionStats, Http2Settings, ResponseBody, connection};
+use super::{
+    CallService, ConnectInfo, ConnectionStats, ResponseBody, TransportConfig, connection,
+    panic_message, stats::OpenConnection,
+};
 use crate::batched_io::BatchedWrites;
 
 /// First pause after an accept error that is not about one connection
@@ -27,7 +35,7 @@ const LOG_INTERVAL: Duration = Duration::from_secs(5);
 /// (each is told to go away, and its calls end as their handlers decide).
 /// Dropping the future instead closes every connection at once.
 ///
-/// Past `settings.max_connections` open connections, a new connection is
+/// Past `config.max_connections` open connections, a new connection is
 /// closed as soon as it is accepted: the cheapest answer during a flood,
 /// which is when the limit is reached, and one every gRPC client retries
 /// (it sees the connection closed, `UNAVAILABLE`).
@@ -35,7 +43,7 @@ pub async fn serve<S, B>(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
     service: S,
-    settings: Http2Settings,
+    config: TransportConfig,
     stats: ConnectionStats,
     stop: CancellationToken,
 ) where
@@ -52,10 +60,10 @@ pub async fn serve<S, B>(
             Some(_) = connections.join_next(), if !connections.is_empty() => continue,
             accepted = listener.accept() => accepted,
         };
-        let tcp = match accepted {
-            Ok((tcp, _)) => {
+        let (tcp, client) = match accepted {
+            Ok(accepted) => {
                 errors.recovered();
-                tcp
+                accepted
             }
             Err(err) => {
                 let pause = errors.failed(&err, &stats);
@@ -71,11 +79,11 @@ pub async fn serve<S, B>(
                 continue;
             }
         };
-        if stats.open() >= settings.max_connections as u64 {
+        if stats.open() >= config.max_connections as u64 {
             stats.count_refused();
             if let Some(unlogged) = refusals.allow() {
                 tracing::warn!(
-                    max_connections = settings.max_connections,
+                    max_connections = config.max_connections,
                     refused_since_last_log = unlogged + 1,
                     "connection limit reached; closing new connections"
                 );
@@ -83,50 +91,127 @@ pub async fn serve<S, B>(
             drop(tcp);
             continue;
         }
-        let open = stats.opened();
+        let accepted = Accepted {
+            open: stats.opened(),
+            tcp,
+            client,
+            tls: tls.clone(),
+            service: service.clone(),
+            config: config.clone(),
+            stats: stats.clone(),
+            stop: stop.clone(),
+        };
+        connections.spawn(accepted.serve());
+    }
+    drop(listener);
+    while connections.join_next().await.is_some() {}
+}
+
+/// An accepted connection, and what serving it takes.
+struct Accepted<S> {
+    /// Counts the connection as open until it is dropped.
+    open: OpenConnection,
+    tcp: TcpStream,
+    client: SocketAddr,
+    tls: Option<TlsAcceptor>,
+    service: S,
+    config: TransportConfig,
+    stats: ConnectionStats,
+    stop: CancellationToken,
+}
+
+impl<S> Accepted<S> {
+    /// Serves the connection (see [`Accepted::run`]); a panic in it is
+    /// logged and counted, and closes this connection only.
+    async fn serve<B>(self)
+    where
+        S: CallService<B>,
+        B: ResponseBody,
+    {
+        let (client, stats) = (self.client, self.stats.clone());
+        if let Err(panic) = AssertUnwindSafe(self.run()).catch_unwind().await {
+            stats.count_panicked_connection();
+            tracing::error!(
+                client.address = %client.ip(),
+                client.port = client.port(),
+                panic = panic_message(&*panic),
+                "a connection's task panicked; the connection is closed, the server goes on"
+            );
+        }
+    }
+
+    /// Serves the connection: its TLS handshake when the server speaks TLS,
+    /// then HTTP/2 until the connection ends. This is where a connection's
+    /// protocol is settled: HTTP/2 for every one, since gRPC is all the
+    /// port serves (a second protocol would be chosen here, by ALPN or by
+    /// the client's first bytes).
+    async fn run<B>(self)
+    where
+        S: CallService<B>,
+        B: ResponseBody,
+    {
+        let Accepted {
+            open: _open,
+            tcp,
+            client,
+            tls,
+            service,
+            config,
+            stats,
+            stop,
+        } = self;
         // Replies are small and latency matters more than packet count;
         // BatchedWrites already coalesces what is ready together.
         let _ = tcp.set_nodelay(true);
         let io = BatchedWrites::new(tcp);
-        let service = service.clone();
-        let settings = settings.clone();
-        let stats = stats.clone();
-        let stop = stop.clone();
-        let tls = tls.clone();
-        connections.spawn(async move {
-            let _open = open;
-            let handshake_deadline = Instant::now() + settings.handshake_timeout;
-            let connection = connection::Connection {
-                service,
-                settings: &settings,
-                stats: &stats,
-                handshake_deadline,
-                stop,
-            };
-            let result = match tls {
-                None => connection.serve(io).await,
-                Some(tls) => {
-                    match tokio::time::timeout_at(handshake_deadline, tls.accept(io)).await {
-                        Ok(Ok(io)) => connection.serve(io).await,
-                        Ok(Err(err)) => {
-                            tracing::debug!(%err, "TLS handshake failed");
-                            return;
-                        }
-                        Err(_) => {
-                            stats.count_handshake_timeout();
-                            tracing::debug!("TLS handshake not done in time; closing");
-                            return;
-                        }
-                    }
-                }
-            };
-            if let Err(err) = result {
-                tracing::debug!(%err, "connection ended with an error");
+        let handshake_deadline = Instant::now() + config.handshake_timeout;
+        let connection = |connect_info| connection::Connection {
+            service,
+            config: &config,
+            stats: &stats,
+            handshake_deadline,
+            stop,
+            connect_info,
+        };
+        let result = match tls {
+            None => {
+                let connect_info = ConnectInfo::plain(client, &io);
+                connection(connect_info).serve(io).await
             }
-        });
+            Some(tls) => match tokio::time::timeout_at(handshake_deadline, tls.accept(io)).await {
+                Ok(Ok(io)) => {
+                    let connect_info = ConnectInfo::tls(client, &io);
+                    connection(connect_info).serve(io).await
+                }
+                Ok(Err(err)) => {
+                    tracing::debug!(
+                        %err,
+                        client.address = %client.ip(),
+                        client.port = client.port(),
+                        "TLS handshake failed"
+                    );
+                    return;
+                }
+                Err(_) => {
+                    stats.count_handshake_timeout();
+                    tracing::debug!(
+                        client.address = %client.ip(),
+                        client.port = client.port(),
+                        "TLS handshake not done in time; closing"
+                    );
+                    return;
+                }
+            },
+        };
+        if let Err(err) = result {
+            tracing::debug!(
+                %err,
+                client.address = %client.ip(),
+                client.port = client.port(),
+                "connection ended with an error"
+            );
+        }
     }
-    drop(listener);
-    while connections.join_next().await.is_some() {}
 }
 
 /// Accept errors: which ones to pause after, and a log line for them at a
@@ -198,7 +283,86 @@ impl LogLimiter {
 
 #[cfg(test)]
 mod tests {
+    use std::{
+        convert::Infallible,
+        sync::{
+            Arc,
+            atomic::{AtomicUsize, Ordering},
+        },
+        task::{Context, Poll},
+    };
+
+    use tower_service::Service;
+
+    use super::super::{
+        RequestBody,
+        testing::{self, TestBody, call},
+    };
     use super::*;
+
+    /// A service whose second clone panics: the listener clones it for a
+    /// connection, and the connection's task for each call.
+    #[derive(Default)]
+    struct SecondClonePanics {
+        clones: Arc<AtomicUsize>,
+    }
+
+    impl Clone for SecondClonePanics {
+        fn clone(&self) -> Self {
+            if self.clones.fetch_add(1, Ordering::SeqCst) == 1 {
+                panic!("the connection's task panics");
+            }
+            SecondClonePanics {
+                clones: self.clones.clone(),
+            }
+        }
+    }
+
+    impl Service<http::Request<RequestBody>> for SecondClonePanics {
+        type Response = http::Response<TestBody>;
+        type Error = Infallible;
+        type Future = std::future::Ready<Result<Self::Response, Infallible>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, _: http::Request<RequestBody>) -> Self::Future {
+            std::future::ready(Ok(testing::head(Some("0"), testing::empty())))
+        }
+    }
+
+    async fn h2_client(addr: SocketAddr) -> h2::client::SendRequest<bytes::Bytes> {
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+        tokio::spawn(connection);
+        client.ready().await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_connection_whose_task_panics_is_counted_and_closed_and_the_next_is_served() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stats = ConnectionStats::default();
+        let stop = CancellationToken::new();
+        tokio::spawn(serve(
+            listener,
+            None,
+            SecondClonePanics::default(),
+            TransportConfig::default(),
+            stats.clone(),
+            stop.clone(),
+        ));
+        let mut first = h2_client(addr).await;
+        assert!(call(&mut first, "/first").await.is_err());
+        testing::until(|| stats.panicked_connections() == 1).await;
+        let mut second = h2_client(addr).await;
+        let response = call(&mut second, "/second").await.unwrap();
+        assert_eq!(response.headers()["grpc-status"], "0");
+        assert_eq!(stats.panicked_connections(), 1);
+        assert_eq!(stats.accepted(), 2);
+        stop.cancel();
+    }
 
     #[tokio::test(start_paused = true)]
     async fn one_line_per_interval_with_the_count_of_the_others() {

@@ -7,24 +7,40 @@
 //! tonic services as a plain `tower` service:
 //!
 //! - `listener`: the accept loop, TLS, and connection tasks until shutdown.
+//! - `connect_info`: the connection's addresses and client certificates,
+//!   in every request's extensions as tonic's server puts them.
 //! - `connection`: one HTTP/2 connection: settings, one task per call,
-//!   keepalive pings, graceful shutdown.
+//!   going away when idle, old or shut down.
+//! - `keepalive`: pings once the connection has read nothing for an
+//!   interval, and the count of what it reads.
 //! - `stream`: one call: the request body under flow control, the reply,
 //!   and the rest of the request read after the reply.
 //! - `tls`: rustls settings from PEM files.
+//! - `config`: the settings above, each with its flag and default.
 
+mod config;
+mod connect_info;
 mod connection;
+mod keepalive;
 mod listener;
 mod stats;
 mod stream;
+#[cfg(test)]
+mod testing;
 mod tls;
 
-use std::{convert::Infallible, time::Duration};
+use std::{any::Any, convert::Infallible};
 
 use bytes::Bytes;
 use http_body::Body;
 use tower_service::Service;
 
+pub use config::{
+    HANDSHAKE_TIMEOUT, Http2Config, KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT, MAX_CONCURRENT_STREAMS,
+    MAX_CONNECTION_AGE, MAX_CONNECTION_AGE_GRACE, MAX_CONNECTION_IDLE, MAX_CONNECTIONS,
+    MAX_HEADER_LIST_SIZE, MAX_LOCAL_ERROR_RESET_STREAMS, TransportConfig,
+};
+pub use connect_info::{ConnectInfo, client_addr};
 pub use listener::serve;
 pub use stats::ConnectionStats;
 pub use stream::{BoxError, RequestBody};
@@ -63,6 +79,15 @@ pub trait ResponseBody: Body<Data = Bytes, Error: Into<BoxError> + Send> + Send 
 impl<B> ResponseBody for B where B: Body<Data = Bytes, Error: Into<BoxError> + Send> + Send + 'static
 {}
 
+/// The message of a caught panic, for its log line.
+pub fn panic_message(panic: &(dyn Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(a panic without a message)")
+}
+
 /// Bytes a client may send on one call before the handler reads them: the
 /// stream's initial flow-control window (hyper's default, which this server
 /// used before it drove HTTP/2 itself). A connection's throughput is at
@@ -100,50 +125,3 @@ pub const DATA_FRAME_BUDGET: usize =
 /// Response bytes h2 may buffer per stream beyond what the client's window
 /// lets out (hyper's default).
 pub const MAX_SEND_BUFFER: usize = 400 * 1024;
-
-/// How connections are accepted and each HTTP/2 connection is run.
-#[derive(Debug, Clone)]
-pub struct Http2Settings {
-    /// Connections open at once; more are closed as soon as they are
-    /// accepted.
-    pub max_connections: usize,
-    /// How long a new connection has to finish its handshake: TLS, the
-    /// HTTP/2 preface and the client's first SETTINGS frame.
-    pub handshake_timeout: Duration,
-    /// A connection without a call for this long is sent GOAWAY and
-    /// closed; `None`: never.
-    pub max_connection_idle: Option<Duration>,
-    /// A connection this old (give or take a tenth, so that clients do not
-    /// reconnect all at once) is sent GOAWAY: its calls go on, the client's
-    /// next ones go to a new connection, perhaps to another replica.
-    /// `None`: never.
-    pub max_connection_age: Option<Duration>,
-    /// How long the calls of a connection sent GOAWAY for its age may go on
-    /// before it is closed; `None`: as long as they like.
-    pub max_connection_age_grace: Option<Duration>,
-    /// Concurrent streams (calls) per connection.
-    pub max_concurrent_streams: u32,
-    /// Streams a peer may make the server reset before it is disconnected.
-    pub max_local_error_reset_streams: usize,
-    /// Largest request header block, in bytes.
-    pub max_header_list_size: u32,
-    /// Time between keepalive pings; `None` turns pings off.
-    pub keepalive_interval: Option<Duration>,
-    /// How long a ping may go unanswered before the connection is closed.
-    pub keepalive_timeout: Duration,
-}
-
-impl Http2Settings {
-    fn builder(&self) -> h2::server::Builder {
-        let mut builder = h2::server::Builder::new();
-        builder
-            .initial_window_size(STREAM_WINDOW)
-            .initial_connection_window_size(CONNECTION_WINDOW)
-            .data_frame_budget(DATA_FRAME_BUDGET)
-            .max_send_buffer_size(MAX_SEND_BUFFER)
-            .max_concurrent_streams(self.max_concurrent_streams)
-            .max_local_error_reset_streams(Some(self.max_local_error_reset_streams))
-            .max_header_list_size(self.max_header_list_size);
-        builder
-    }
-}

@@ -22,6 +22,8 @@ struct Counts {
     idle_closed: AtomicU64,
     aged_out: AtomicU64,
     accept_errors: AtomicU64,
+    panicked_calls: AtomicU64,
+    panicked_connections: AtomicU64,
 }
 
 impl ConnectionStats {
@@ -62,6 +64,19 @@ impl ConnectionStats {
         self.inner.accept_errors.load(Ordering::Relaxed)
     }
 
+    /// Call tasks that panicked (in the transport's own code, or in a
+    /// service that does not catch its handlers' panics): each stream was
+    /// reset, and the connection went on.
+    pub fn panicked_calls(&self) -> u64 {
+        self.inner.panicked_calls.load(Ordering::Relaxed)
+    }
+
+    /// Connection tasks that panicked: each connection was closed, and the
+    /// server went on.
+    pub fn panicked_connections(&self) -> u64 {
+        self.inner.panicked_connections.load(Ordering::Relaxed)
+    }
+
     /// Counts a connection as open until the returned guard is dropped.
     pub(super) fn opened(&self) -> OpenConnection {
         self.inner.accepted.fetch_add(1, Ordering::Relaxed);
@@ -91,6 +106,16 @@ impl ConnectionStats {
 
     pub(super) fn count_accept_error(&self) {
         self.inner.accept_errors.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(super) fn count_panicked_call(&self) {
+        self.inner.panicked_calls.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(super) fn count_panicked_connection(&self) {
+        self.inner
+            .panicked_connections
+            .fetch_add(1, Ordering::Relaxed);
     }
 }
 

@@ -21,6 +21,7 @@
 
 use std::{
     future::poll_fn,
+    net::SocketAddr,
     pin::{Pin, pin},
     task::{Context, Poll, ready},
     time::Duration,
@@ -63,6 +64,8 @@ pub async fn serve<S, B>(
     S: CallService<B>,
     B: ResponseBody,
 {
+    // For the log lines of the call.
+    let client = super::client_addr(request.extensions());
     let (parts, recv) = request.into_parts();
     let (body, mut returned) = RequestBody::new(recv);
     let request = http::Request::from_parts(parts, body);
@@ -102,7 +105,7 @@ pub async fn serve<S, B>(
         let Ok(mut send) = respond.send_response(head, false) else {
             return;
         };
-        if send_body(pin!(body), &mut send).await.is_err() {
+        if send_body(pin!(body), &mut send, client).await.is_err() {
             return;
         }
     }
@@ -125,6 +128,7 @@ struct Stopped;
 async fn send_body<B: ResponseBody>(
     mut body: Pin<&mut B>,
     send: &mut SendStream<Bytes>,
+    client: Option<SocketAddr>,
 ) -> Result<(), Stopped> {
     loop {
         let frame = poll_fn(|cx| {
@@ -140,7 +144,12 @@ async fn send_body<B: ResponseBody>(
             }
             Some(Err(err)) => {
                 let err: BoxError = err.into();
-                tracing::debug!(%err, "response body failed; resetting the stream");
+                tracing::debug!(
+                    %err,
+                    client.address = client.map(|client| tracing::field::display(client.ip())),
+                    client.port = client.map(|client| client.port()),
+                    "response body failed; resetting the stream"
+                );
                 send.send_reset(h2::Reason::INTERNAL_ERROR);
                 return Err(Stopped);
             }
@@ -318,5 +327,187 @@ impl Drop for RequestBody {
             // as it would have been anyway.
             let _ = returned.send(recv);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use http_body::Frame;
+    use http_body_util::BodyExt as _;
+    use tokio::sync::mpsc;
+
+    use super::super::{
+        TransportConfig,
+        testing::{
+            self, DATA, END_HEADERS, END_STREAM, HEADERS, ServiceFn, empty, frames, h2_client, head,
+        },
+    };
+    use super::*;
+
+    /// A connection that is sent GOAWAY one second after its last call
+    /// ends: the tests wait for it (in paused time) to know that every call
+    /// is over, the reading of what its client sent after the reply
+    /// included.
+    fn idle_after_a_second() -> TransportConfig {
+        TransportConfig {
+            max_connection_idle: Some(Duration::from_secs(1)),
+            ..TransportConfig::default()
+        }
+    }
+
+    /// Waits for the connection to be over: its calls over, then idle, then
+    /// closed (by the server's GOAWAY, or by the client seeing it: a write
+    /// may then fail, which is not what these tests look at).
+    async fn wait_for_the_end(task: tokio::task::JoinHandle<Result<(), h2::Error>>) {
+        let _ended = task.await.expect("the connection's task did not panic");
+    }
+
+    /// Opens a call on `path` whose client goes on sending.
+    async fn open(
+        client: &mut h2::client::SendRequest<Bytes>,
+        path: &str,
+    ) -> (h2::client::ResponseFuture, SendStream<Bytes>) {
+        let request = http::Request::post(path).body(()).unwrap();
+        client.send_request(request, false).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_reply_without_a_body_is_one_headers_frame_with_end_stream() {
+        let service = ServiceFn(|_| async { head(Some("5"), empty()) });
+        let mut served = testing::serve(service, TransportConfig::default());
+        let mut client = h2_client(served.io.take().unwrap()).await;
+        let response = testing::call(&mut client, "/missing").await.unwrap();
+        assert_eq!(response.headers()["grpc-status"], "5");
+        assert!(response.body().is_end_stream());
+        // Trailers-Only: grpc-go and grpcio read the status from this form.
+        assert_eq!(served.written.on(1), [(HEADERS, END_HEADERS | END_STREAM)]);
+    }
+
+    #[tokio::test]
+    async fn a_reply_with_a_body_is_headers_data_then_trailers() {
+        let service = ServiceFn(|_| async {
+            let mut trailers = http::HeaderMap::new();
+            trailers.insert("grpc-status", "0".parse().unwrap());
+            let body = frames(vec![
+                Frame::data(Bytes::from_static(b"reply")),
+                Frame::trailers(trailers),
+            ]);
+            head(None, body)
+        });
+        let mut served = testing::serve(service, TransportConfig::default());
+        let mut client = h2_client(served.io.take().unwrap()).await;
+        let response = testing::call(&mut client, "/found").await.unwrap();
+        let mut body = response.into_body();
+        assert_eq!(body.data().await.unwrap().unwrap(), "reply");
+        let trailers = body.trailers().await.unwrap().unwrap();
+        assert_eq!(trailers["grpc-status"], "0");
+        assert_eq!(
+            served.written.on(1),
+            [
+                (HEADERS, END_HEADERS),
+                (DATA, 0),
+                (HEADERS, END_HEADERS | END_STREAM)
+            ]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reply_before_the_request_ends_reads_the_rest_without_a_reset() {
+        // Refused before its body is read, as a call without the token is.
+        let service = ServiceFn(|_| async { head(Some("16"), empty()) });
+        let mut served = testing::serve(service, idle_after_a_second());
+        let mut client = h2_client(served.io.take().unwrap()).await;
+        let (response, mut send) = open(&mut client, "/refused").await;
+        let response = response.await.unwrap();
+        assert_eq!(response.headers()["grpc-status"], "16");
+        // The client, which had more on the way, sends it and ends.
+        for _ in 0..3 {
+            send.send_data(Bytes::from(vec![0; 16 * 1024]), false)
+                .unwrap();
+        }
+        send.send_data(Bytes::new(), true).unwrap();
+        // Every call over, the connection goes idle and is closed.
+        wait_for_the_end(served.task).await;
+        assert_eq!(served.written.on(1), [(HEADERS, END_HEADERS | END_STREAM)]);
+        assert!(served.written.resets(1).is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_keeps_sending_after_the_reply_is_reset_past_the_bound() {
+        let service = ServiceFn(|_| async { head(Some("16"), empty()) });
+        let mut served = testing::serve(service, idle_after_a_second());
+        let mut client = h2_client(served.io.take().unwrap()).await;
+        let (response, mut send) = open(&mut client, "/refused").await;
+        response.await.unwrap();
+        // More than the server reads after a reply, and no end.
+        let chunk = 16 * 1024;
+        for _ in 0..=DRAIN_MAX_BYTES / chunk {
+            send.send_data(Bytes::from(vec![0; chunk]), false).unwrap();
+        }
+        wait_for_the_end(served.task).await;
+        // NO_ERROR: the reply was complete (RFC 9113, section 8.1).
+        assert_eq!(served.written.resets(1), [0]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_stops_sending_after_the_reply_is_reset_at_the_drain_timeout() {
+        let service = ServiceFn(|_| async { head(Some("16"), empty()) });
+        let mut served = testing::serve(service, idle_after_a_second());
+        let mut client = h2_client(served.io.take().unwrap()).await;
+        let (response, _send) = open(&mut client, "/refused").await;
+        let replied_at = tokio::time::Instant::now();
+        response.await.unwrap();
+        wait_for_the_end(served.task).await;
+        // The call ended at the drain timeout, then the connection idled.
+        assert_eq!(replied_at.elapsed(), DRAIN_TIMEOUT + Duration::from_secs(1));
+        assert_eq!(served.written.resets(1), [0]);
+    }
+
+    #[tokio::test]
+    async fn a_call_reset_by_its_client_sees_its_request_body_fail_with_cancelled() {
+        let (codes, mut seen) = mpsc::unbounded_channel();
+        let service = ServiceFn(move |request: http::Request<RequestBody>| {
+            let codes = codes.clone();
+            async move {
+                let mut body = request.into_body();
+                assert_eq!(
+                    body.frame().await.unwrap().unwrap().into_data().unwrap(),
+                    "one"
+                );
+                let broken = body.frame().await.unwrap().unwrap_err();
+                codes.send(broken.code()).unwrap();
+                head(Some("1"), empty())
+            }
+        });
+        let mut served = testing::serve(service, TransportConfig::default());
+        let mut client = h2_client(served.io.take().unwrap()).await;
+        let (_response, mut send) = open(&mut client, "/reads").await;
+        send.send_data(Bytes::from_static(b"one"), false).unwrap();
+        send.send_reset(h2::Reason::CANCEL);
+        assert_eq!(seen.recv().await, Some(tonic::Code::Cancelled));
+    }
+
+    #[test]
+    fn a_broken_request_maps_to_the_status_grpc_gives_it() {
+        let code = |err: h2::Error| broken(&err).code();
+        assert_eq!(code(h2::Reason::CANCEL.into()), tonic::Code::Cancelled);
+        assert_eq!(
+            code(h2::Reason::REFUSED_STREAM.into()),
+            tonic::Code::Unavailable
+        );
+        assert_eq!(
+            code(h2::Reason::ENHANCE_YOUR_CALM.into()),
+            tonic::Code::ResourceExhausted
+        );
+        assert_eq!(
+            code(h2::Reason::INADEQUATE_SECURITY.into()),
+            tonic::Code::PermissionDenied
+        );
+        assert_eq!(
+            code(h2::Reason::PROTOCOL_ERROR.into()),
+            tonic::Code::Internal
+        );
     }
 }

@@ -38,11 +38,9 @@ async fn closed_by_server(mut tcp: TcpStream) {
 #[tokio::test]
 async fn silent_and_preface_only_connections_are_closed_after_the_handshake_timeout() {
     const EACH: usize = 100;
-    let server = start(Config {
-        handshake_timeout: Duration::from_millis(300),
-        ..Config::default()
-    })
-    .await;
+    let mut config = Config::default();
+    config.transport.handshake_timeout = Duration::from_millis(300);
+    let server = start(config).await;
     let mut held = Vec::new();
     for _ in 0..EACH {
         held.push(TcpStream::connect(server.addr).await.unwrap());
@@ -70,11 +68,9 @@ async fn silent_and_preface_only_connections_are_closed_after_the_handshake_time
 
 #[tokio::test]
 async fn connections_past_the_limit_are_closed_and_the_others_served() {
-    let server = start(Config {
-        max_connections: 2,
-        ..Config::default()
-    })
-    .await;
+    let mut config = Config::default();
+    config.transport.max_connections = 2;
+    let server = start(config).await;
     let mut first = server.client().await;
     let mut second = server.client().await;
     first.add_user(user("First")).await.unwrap();
@@ -155,12 +151,10 @@ fn delete_request(id: u64) -> Bytes {
 
 #[tokio::test]
 async fn an_old_connection_is_sent_goaway_its_stream_goes_on_and_new_calls_reconnect() {
-    let server = start(Config {
-        max_connection_age: Some(Duration::from_millis(300)),
-        max_connection_age_grace: None,
-        ..Config::default()
-    })
-    .await;
+    let mut config = Config::default();
+    config.transport.max_connection_age = Some(Duration::from_millis(300));
+    config.transport.max_connection_age_grace = None;
+    let server = start(config).await;
     let recorder = Recorder::start(server.addr).await;
     let (mut client, _driver) = h2_connect(recorder.addr).await;
     let (mut send, mut body) = open_sync(&mut client).await;
@@ -193,12 +187,10 @@ async fn an_old_connection_is_sent_goaway_its_stream_goes_on_and_new_calls_recon
 
 #[tokio::test]
 async fn past_the_age_grace_the_connection_is_closed_with_its_calls() {
-    let server = start(Config {
-        max_connection_age: Some(Duration::from_millis(200)),
-        max_connection_age_grace: Some(Duration::from_millis(200)),
-        ..Config::default()
-    })
-    .await;
+    let mut config = Config::default();
+    config.transport.max_connection_age = Some(Duration::from_millis(200));
+    config.transport.max_connection_age_grace = Some(Duration::from_millis(200));
+    let server = start(config).await;
     let recorder = Recorder::start(server.addr).await;
     let (mut client, driver) = h2_connect(recorder.addr).await;
     let (_send, mut body) = open_sync(&mut client).await;
@@ -223,11 +215,9 @@ async fn past_the_age_grace_the_connection_is_closed_with_its_calls() {
 
 #[tokio::test]
 async fn an_idle_connection_is_sent_goaway_and_the_client_reconnects() {
-    let server = start(Config {
-        max_connection_idle: Some(Duration::from_millis(200)),
-        ..Config::default()
-    })
-    .await;
+    let mut config = Config::default();
+    config.transport.max_connection_idle = Some(Duration::from_millis(200));
+    let server = start(config).await;
     let recorder = Recorder::start(server.addr).await;
     let channel = Endpoint::from_shared(format!("http://{}", recorder.addr))
         .unwrap()
@@ -245,11 +235,9 @@ async fn an_idle_connection_is_sent_goaway_and_the_client_reconnects() {
 
 #[tokio::test]
 async fn a_connection_with_a_call_open_is_not_idle() {
-    let server = start(Config {
-        max_connection_idle: Some(Duration::from_millis(100)),
-        ..Config::default()
-    })
-    .await;
+    let mut config = Config::default();
+    config.transport.max_connection_idle = Some(Duration::from_millis(100));
+    let server = start(config).await;
     let streaming = Recorder::start(server.addr).await;
     let channel = Endpoint::from_shared(format!("http://{}", streaming.addr))
         .unwrap()

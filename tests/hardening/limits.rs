@@ -27,11 +27,9 @@ async fn start(config: Config) -> TestServer {
 
 #[tokio::test]
 async fn messages_over_the_size_limit_are_refused_both_ways() {
-    let server = start(Config {
-        max_message_size: 1024,
-        ..Config::default()
-    })
-    .await;
+    let mut config = Config::default();
+    config.limits.max_message_size = 1024;
+    let server = start(config).await;
     let mut client = server.client().await;
 
     // Decoding: a request over the limit.
@@ -57,11 +55,9 @@ async fn messages_over_the_size_limit_are_refused_both_ways() {
 
 #[tokio::test]
 async fn streams_past_the_per_connection_limit_are_refused() {
-    let server = start(Config {
-        max_concurrent_streams: 4,
-        ..Config::default()
-    })
-    .await;
+    let mut config = Config::default();
+    config.transport.http2.max_concurrent_streams = 4;
+    let server = start(config).await;
 
     // Advertised to well-behaved clients...
     let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
@@ -110,11 +106,9 @@ async fn streams_past_the_per_connection_limit_are_refused() {
 #[tokio::test]
 async fn a_peer_that_makes_the_server_reset_streams_is_disconnected() {
     const LIMIT: usize = 8;
-    let server = start(Config {
-        max_local_error_reset_streams: LIMIT,
-        ..Config::default()
-    })
-    .await;
+    let mut config = Config::default();
+    config.transport.http2.max_local_error_reset_streams = LIMIT;
+    let server = start(config).await;
     let mut conn = RawConn::connect(server.addr).await;
     // A WINDOW_UPDATE that overflows a stream's window is a stream error:
     // the server resets the stream ("MadeYouReset"). Past the limit it sends
@@ -234,11 +228,9 @@ async fn a_rapid_reset_burst_does_not_stop_other_clients() {
 
 #[tokio::test]
 async fn oversized_headers_are_refused() {
-    let server = start(Config {
-        max_header_list_size: 4096,
-        ..Config::default()
-    })
-    .await;
+    let mut config = Config::default();
+    config.transport.http2.max_header_list_size = 4096;
+    let server = start(config).await;
 
     // Through the generated client: one large metadata value.
     let mut client = server.client().await;
@@ -283,13 +275,11 @@ async fn oversized_headers_are_refused() {
 
 #[tokio::test]
 async fn idle_connections_are_pinged_and_closed_when_silent() {
-    let server = start(Config {
-        keepalive_interval: Some(Duration::from_millis(100)),
-        // Long enough for a busy client to answer, short for the test.
-        keepalive_timeout: Duration::from_secs(1),
-        ..Config::default()
-    })
-    .await;
+    let mut config = Config::default();
+    config.transport.http2.keepalive_interval = Some(Duration::from_millis(100));
+    // Long enough for a busy client to answer, short for the test.
+    config.transport.http2.keepalive_timeout = Duration::from_secs(1);
+    let server = start(config).await;
     let mut conn = RawConn::connect(server.addr).await;
     let ping = conn
         .next_where(|f| f.kind == raw::PING)
@@ -314,11 +304,9 @@ async fn idle_connections_are_pinged_and_closed_when_silent() {
 
 #[tokio::test]
 async fn calls_past_the_in_flight_cap_are_refused_at_once() {
-    let server = start(Config {
-        max_in_flight_calls: 2,
-        ..Config::default()
-    })
-    .await;
+    let mut config = Config::default();
+    config.limits.max_in_flight_calls = 2;
+    let server = start(config).await;
     let mut client = server.client().await;
     let (a, requests_a) = request_stream::<SyncRequest>();
     let (_b, requests_b) = request_stream::<SyncRequest>();
@@ -352,11 +340,9 @@ async fn calls_past_the_in_flight_cap_are_refused_at_once() {
 
 #[tokio::test]
 async fn sync_streams_past_the_subscriber_cap_are_refused() {
-    let server = start(Config {
-        max_subscribers: 1,
-        ..Config::default()
-    })
-    .await;
+    let mut config = Config::default();
+    config.limits.max_subscribers = 1;
+    let server = start(config).await;
     let mut client = server.client().await;
     let (a, requests_a) = request_stream::<SyncRequest>();
     let first = client.sync_users(requests_a).await.unwrap().into_inner();

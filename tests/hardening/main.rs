@@ -10,4 +10,5 @@ mod deadlines;
 mod limits;
 mod malformed;
 mod security;
+mod transport;
 mod wire;

@@ -158,14 +158,9 @@ async fn refused_calls_are_one_headers_frame_on_every_method_kind() {
 
 #[tokio::test]
 async fn calls_refused_by_a_limit_are_one_headers_frame() {
-    let server = TestServer::start_with(
-        MemoryStore::new(FEED_CAPACITY),
-        Config {
-            max_subscribers: 0,
-            ..Config::default()
-        },
-    )
-    .await;
+    let mut config = Config::default();
+    config.limits.max_subscribers = 0;
+    let server = TestServer::start_with(MemoryStore::new(FEED_CAPACITY), config).await;
     for headers in DEADLINES {
         let (status, frames) =
             call(server.addr, "/grpcUser.UserService/SyncUsers", headers, &[]).await;
@@ -241,15 +236,12 @@ async fn a_reply_with_a_body_ends_with_trailers() {
 #[tokio::test]
 async fn rejected_calls_do_not_reset_streams_or_the_connection() {
     const CALLS: usize = 3000;
-    let server = TestServer::start_with(
-        MemoryStore::new(FEED_CAPACITY),
-        Config {
-            auth_token: Some(AuthToken::new("secret").unwrap()),
-            max_local_error_reset_streams: 64,
-            ..Config::default()
-        },
-    )
-    .await;
+    let mut config = Config {
+        auth_token: Some(AuthToken::new("secret").unwrap()),
+        ..Config::default()
+    };
+    config.transport.http2.max_local_error_reset_streams = 64;
+    let server = TestServer::start_with(MemoryStore::new(FEED_CAPACITY), config).await;
     let recorder = Recorder::start(server.addr).await;
     let tcp = TcpStream::connect(recorder.addr).await.unwrap();
     let (client, connection) = h2::client::handshake(tcp).await.unwrap();

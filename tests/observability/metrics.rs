@@ -378,11 +378,9 @@ async fn metrics_count_exactly_the_calls_made() {
 
 #[tokio::test]
 async fn refusals_and_lagging_subscribers_are_counted() {
-    let config = Config {
-        max_subscribers: 1,
-        auth_token: Some(user_service::auth::AuthToken::new("secret").unwrap()),
-        ..Config::default()
-    };
+    let mut config = Config::default();
+    config.limits.max_subscribers = 1;
+    config.auth_token = Some(user_service::auth::AuthToken::new("secret").unwrap());
     let server = TestServer::start_with_metrics(MemoryStore::new(8), config).await;
     let mut client = server.client().await;
     fn with_token<T>(message: T) -> Request<T> {

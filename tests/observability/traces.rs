@@ -101,6 +101,16 @@ async fn a_calls_span_continues_the_clients_trace_and_holds_its_commit() {
         attribute(&call, "rpc.grpc.status_code"),
         Some(Value::IntValue(0))
     );
+    // The client's address, as OpenTelemetry names it; its port is the
+    // client's own, whatever the system picked.
+    assert_eq!(
+        attribute(&call, "client.address"),
+        Some(Value::StringValue("127.0.0.1".into()))
+    );
+    assert!(
+        matches!(attribute(&call, "client.port"), Some(Value::IntValue(port)) if port > 0),
+        "{call:?}"
+    );
     // The commit the call waited for is its child, with its batch size.
     let commit = within("the commit's span", async {
         loop {

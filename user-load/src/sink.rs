@@ -15,8 +15,9 @@ use user_service::{
         sync_response::Event,
         user_service_server::{UserService, UserServiceServer},
     },
-    server::{MAX_CONCURRENT_STREAMS, MAX_MESSAGE_SIZE},
+    server::MAX_MESSAGE_SIZE,
     service::USER_SAVED,
+    transport::MAX_CONCURRENT_STREAMS,
 };
 
 use crate::cli::HostPort;
