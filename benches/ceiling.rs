@@ -9,7 +9,9 @@
 use std::time::{Duration, Instant};
 
 use prost::Message;
-use user_service::{MemoryStore, Store, proto, sample::UserPool, user::NewUser, validate};
+use user_service::{
+    MemoryStore, proto, sample::UserPool, store::StoreExt, user::NewUser, validate,
+};
 
 /// Users imported by the full benchmark: the size the server targets are
 /// stated for.

@@ -14,7 +14,7 @@ use crate::{
     error::Error,
     gauges::Slot,
     proto::{self, sync_request::Op, sync_response::Event},
-    store::{Changes, FeedError, Store, StoreError, WriteOp},
+    store::{Changes, FeedError, Store, StoreError, StoreExt, WriteOp},
     user::{Change, NewUser},
     validate::{self, ValidationError},
 };
@@ -30,7 +30,7 @@ const MAX_SYNC_BATCH: usize = 256;
 /// turn so that neither starves the other:
 /// - **ops**: read the requests that have arrived (at least one, at most
 ///   `MAX_SYNC_BATCH`), apply them to the store in the order they were sent,
-///   in one [`Store::apply_many`] call so that they can share a commit, then
+///   in one [`StoreExt::apply_many`] call so that they can share a commit, then
 ///   yield their Acks in the same order. The next requests are read only
 ///   once every Ack of the batch is out, so a client that does not read its
 ///   Acks stops being read (backpressure, no queue).

@@ -135,7 +135,7 @@ impl PageScan {
 pub(crate) mod tests {
     use super::*;
     use crate::{
-        store::{Store, tests::named},
+        store::{Store, StoreExt, tests::named},
         user::NewUser,
     };
 

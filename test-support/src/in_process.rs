@@ -10,12 +10,10 @@ use user_service::{
     proto::user_service_client::UserServiceClient,
     server::{Listeners, ServeError},
     store::{
-        ListFilter, Page, StoreError, Subscription,
         postgres::{PostgresOptions, PostgresStore},
         sqlite::{Durability, SqliteOptions},
     },
     transport::ConnectionStats,
-    user::{Change, NewUser, User},
 };
 
 use crate::{Client, PATIENCE, postgres::TestSchema};
@@ -208,70 +206,5 @@ impl Drop for TestServer {
         if let Some(task) = &self.task {
             task.abort();
         }
-    }
-}
-
-/// A store whose reads never complete: a stand-in for a stuck backend, so a
-/// call is still running when its deadline passes or the server shuts down.
-/// With an id, only GetUser of that id is stuck.
-#[derive(Clone)]
-pub struct StuckReads {
-    store: MemoryStore,
-    only: Option<&'static str>,
-}
-
-impl StuckReads {
-    /// Every read is stuck.
-    pub fn all(store: MemoryStore) -> Self {
-        StuckReads { store, only: None }
-    }
-
-    /// Only GetUser of `id` is stuck.
-    pub fn get_of(store: MemoryStore, id: &'static str) -> Self {
-        StuckReads {
-            store,
-            only: Some(id),
-        }
-    }
-}
-
-impl Store for StuckReads {
-    async fn create(&self, user: NewUser) -> Result<Change, StoreError> {
-        self.store.create(user).await
-    }
-    async fn create_many(&self, users: Vec<NewUser>) -> Vec<Result<Change, StoreError>> {
-        self.store.create_many(users).await
-    }
-    async fn upsert(&self, user: NewUser, expected: Option<u64>) -> Result<Change, StoreError> {
-        self.store.upsert(user, expected).await
-    }
-    async fn delete(&self, id: &str, expected: Option<u64>) -> Result<Change, StoreError> {
-        self.store.delete(id, expected).await
-    }
-    async fn get(&self, id: &str) -> Result<User, StoreError> {
-        match self.only {
-            Some(only) if only != id => self.store.get(id).await,
-            _ => std::future::pending().await,
-        }
-    }
-    async fn list_page(
-        &self,
-        filter: ListFilter,
-        after: Option<&str>,
-        max: usize,
-    ) -> Result<Page, StoreError> {
-        match self.only {
-            Some(_) => self.store.list_page(filter, after, max).await,
-            None => std::future::pending().await,
-        }
-    }
-    fn subscribe(&self) -> Subscription {
-        self.store.subscribe()
-    }
-    fn encode_metrics(
-        &self,
-        encoder: &mut prometheus_client::encoding::DescriptorEncoder,
-    ) -> Result<(), std::fmt::Error> {
-        self.store.encode_metrics(encoder)
     }
 }

@@ -38,7 +38,7 @@ use super::{
 use crate::{
     store::{
         PreparedOp, StoreError, check_version,
-        group_commit::{Batch, Results},
+        group_commit::{Batch, BatchResults},
     },
     user::{Change, ChangeKind, User},
 };
@@ -231,7 +231,7 @@ pub(super) async fn apply(
     statements: &Statements,
     announce: &Announce,
     batch: &Batch,
-) -> Result<Results, tokio_postgres::Error> {
+) -> Result<BatchResults, tokio_postgres::Error> {
     let creates: Option<Vec<&User>> = batch
         .ops()
         .map(|op| match op {
@@ -270,7 +270,7 @@ async fn create_only(
     statements: &Statements,
     announce: &Announce,
     users: &[&User],
-) -> Result<Results, tokio_postgres::Error> {
+) -> Result<BatchResults, tokio_postgres::Error> {
     let notify: Vec<&(dyn ToSql + Sync)> = match &announce.channel {
         Some(channel) => vec![channel, &announce.prefix],
         None => Vec::new(),
@@ -334,7 +334,7 @@ async fn apply_once(
     statements: &Statements,
     announce: &Announce,
     batch: &Batch,
-) -> Result<Results, tokio_postgres::Error> {
+) -> Result<BatchResults, tokio_postgres::Error> {
     let tx = client.transaction().await?;
     let mut changes = Changes::default();
     let mut outcomes: Vec<Result<usize, StoreError>> = Vec::with_capacity(batch.len());
@@ -592,7 +592,7 @@ impl Changes {
     }
 
     /// Each op's result, its change numbered from `base + 1`.
-    fn results(self, base: u64, outcomes: Vec<Result<usize, StoreError>>) -> Results {
+    fn results(self, base: u64, outcomes: Vec<Result<usize, StoreError>>) -> BatchResults {
         let mut changes: Vec<Option<(ChangeKind, User)>> =
             self.changes.into_iter().map(Some).collect();
         outcomes

@@ -66,12 +66,11 @@ use self::{
     writer::WriterTask,
 };
 use super::{
-    ChangeFeed, ListFilter, Page, PreparedOp, Store, StoreError, StoreHealth, Subscription,
-    WriteOp,
+    ChangeFeed, ListFilter, Ops, Page, Results, Store, StoreError, StoreHealth, Subscription,
     group_commit::{self, WriteStats, Writes},
     write_stats,
 };
-use crate::user::{Change, NewUser, User};
+use crate::user::User;
 
 /// How often the tailer reads the changelog when nothing woke it: the
 /// safety net under notifications, and the feed's latency where there are
@@ -306,10 +305,13 @@ impl PostgresStore {
     pub fn target(&self) -> String {
         self.shared.connector.to_string()
     }
+}
 
-    /// Sends `ops` to the writer, then waits until this replica's feed has
-    /// published what they committed (see [`FEED_WAIT`]).
-    async fn write(&self, ops: Vec<PreparedOp>) -> Vec<Result<Change, StoreError>> {
+impl Store for PostgresStore {
+    /// One command to the writer (the ops share its next commit), then a
+    /// wait until this replica's feed has published what they committed
+    /// (see [`FEED_WAIT`]).
+    async fn write(&self, ops: Ops) -> Results {
         let results = self.shared.writes.submit(ops).await;
         if let Some(seq) = results.iter().flatten().map(|c| c.seq).max() {
             let mut position = self.shared.position.clone();
@@ -319,47 +321,6 @@ impl PostgresStore {
             let _ = tokio::time::timeout(FEED_WAIT, published).await;
         }
         results
-    }
-
-    async fn write_one(&self, op: PreparedOp) -> Result<Change, StoreError> {
-        self.write(vec![op]).await.pop().expect("one result per op")
-    }
-}
-
-impl Store for PostgresStore {
-    async fn create(&self, user: NewUser) -> Result<Change, StoreError> {
-        self.write_one(PreparedOp::create(&user)).await
-    }
-
-    async fn create_many(&self, users: Vec<NewUser>) -> Vec<Result<Change, StoreError>> {
-        self.write(users.iter().map(PreparedOp::create).collect())
-            .await
-    }
-
-    async fn upsert(
-        &self,
-        user: NewUser,
-        expected_version: Option<u64>,
-    ) -> Result<Change, StoreError> {
-        self.write_one(PreparedOp::prepare(WriteOp::Upsert {
-            user,
-            expected_version,
-        }))
-        .await
-    }
-
-    async fn delete(&self, id: &str, expected_version: Option<u64>) -> Result<Change, StoreError> {
-        self.write_one(PreparedOp::Delete {
-            id: id.to_owned(),
-            expected_version,
-        })
-        .await
-    }
-
-    async fn apply_many(&self, ops: Vec<WriteOp>) -> Vec<Result<Change, StoreError>> {
-        // One command: the ops share the writer's next commit.
-        self.write(ops.into_iter().map(PreparedOp::prepare).collect())
-            .await
     }
 
     async fn get(&self, id: &str) -> Result<User, StoreError> {

@@ -31,7 +31,7 @@ use super::{
 };
 use crate::store::{
     StoreError,
-    group_commit::{Batch, Command, GroupCommit, Results, WriteStats},
+    group_commit::{Batch, BatchResults, Command, GroupCommit, WriteStats},
 };
 
 /// The running writer task, as the store holds it.
@@ -263,7 +263,7 @@ impl Writer {
         &self,
         session: &mut Session,
         batch: &Batch,
-    ) -> (Result<Results, StoreError>, bool) {
+    ) -> (Result<BatchResults, StoreError>, bool) {
         let applied = tokio::time::timeout(
             STATEMENT_TIMEOUT,
             apply(

@@ -15,7 +15,7 @@ use super::{
     read::{SELECT_USER, user_from_row},
 };
 use crate::{
-    store::{PreparedOp, StoreError, check_version, group_commit::Results},
+    store::{PreparedOp, StoreError, check_version, group_commit::BatchResults},
     user::{Change, ChangeKind, User},
 };
 
@@ -39,7 +39,7 @@ pub(super) enum BatchError {
 pub(super) fn apply<'a>(
     conn: &Connection,
     ops: impl Iterator<Item = &'a PreparedOp>,
-) -> Result<Results, BatchError> {
+) -> Result<BatchResults, BatchError> {
     run_cached(conn, "BEGIN IMMEDIATE").map_err(BatchError::RolledBack)?;
     let results = match apply_in(conn, ops) {
         Ok(results) => results,
@@ -63,7 +63,7 @@ pub(super) fn apply<'a>(
 fn apply_in<'a>(
     conn: &Connection,
     ops: impl Iterator<Item = &'a PreparedOp>,
-) -> rusqlite::Result<Results> {
+) -> rusqlite::Result<BatchResults> {
     // Read inside the write transaction, not cached in memory: the stored
     // seq is the truth even if another process wrote to the file.
     let first_seq = read_seq(conn)?;

@@ -38,11 +38,10 @@ pub use read::MAX_READERS;
 
 use self::{read::Readers, writer::WriterThread};
 use super::{
-    ChangeFeed, ListFilter, Page, PreparedOp, Store, StoreError, StoreHealth, Subscription,
-    WriteOp,
+    ChangeFeed, ListFilter, Ops, Page, Results, Store, StoreError, StoreHealth, Subscription,
     group_commit::{self, WriteStats, Writes},
 };
-use crate::user::{Change, NewUser, User};
+use crate::user::User;
 
 /// How to open a [`SqliteStore`].
 #[derive(Debug, Clone, Copy)]
@@ -133,41 +132,10 @@ impl SqliteStore {
 }
 
 impl Store for SqliteStore {
-    async fn create(&self, user: NewUser) -> Result<Change, StoreError> {
-        // Ids and users are built here, on the caller's thread, to keep the
-        // writer's work to the SQL.
-        let op = PreparedOp::create(&user);
-        self.shared.writes.submit_one(op).await
-    }
-
-    async fn create_many(&self, users: Vec<NewUser>) -> Vec<Result<Change, StoreError>> {
-        let ops = users.iter().map(PreparedOp::create).collect();
-        self.shared.writes.submit(ops).await
-    }
-
-    async fn upsert(
-        &self,
-        user: NewUser,
-        expected_version: Option<u64>,
-    ) -> Result<Change, StoreError> {
-        let op = PreparedOp::prepare(WriteOp::Upsert {
-            user,
-            expected_version,
-        });
-        self.shared.writes.submit_one(op).await
-    }
-
-    async fn delete(&self, id: &str, expected_version: Option<u64>) -> Result<Change, StoreError> {
-        let op = PreparedOp::Delete {
-            id: id.to_owned(),
-            expected_version,
-        };
-        self.shared.writes.submit_one(op).await
-    }
-
-    async fn apply_many(&self, ops: Vec<WriteOp>) -> Vec<Result<Change, StoreError>> {
-        // One command: the ops share the writer's next commit.
-        let ops = ops.into_iter().map(PreparedOp::prepare).collect();
+    /// One command to the writer: the ops (their users built on the
+    /// caller's thread, to keep the writer's work to the SQL) share its
+    /// next commit.
+    async fn write(&self, ops: Ops) -> Results {
         self.shared.writes.submit(ops).await
     }
 
@@ -219,7 +187,10 @@ pub(super) mod tests {
     use std::path::PathBuf;
 
     use super::*;
-    use crate::store::tests::{self, named};
+    use crate::store::{
+        StoreExt,
+        tests::{self, named},
+    };
 
     pub(crate) fn options() -> SqliteOptions {
         SqliteOptions {

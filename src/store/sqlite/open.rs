@@ -383,7 +383,7 @@ pub(super) fn read_seq(conn: &Connection) -> rusqlite::Result<u64> {
 mod tests {
     use super::*;
     use crate::store::{
-        SqliteStore, Store,
+        SqliteStore, Store, StoreExt,
         sqlite::tests::{open_new, options, wal},
         tests::named,
     };

@@ -185,7 +185,7 @@ mod tests {
     use super::*;
     use crate::{
         store::{
-            Store,
+            Store, StoreExt,
             page::{MAX_SCAN_PER_PAGE, tests::a_page_ends_exactly_at_the_end_of_the_table},
             sqlite::{BUSY_TIMEOUT, tests::open_new},
             tests::named,

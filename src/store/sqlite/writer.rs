@@ -42,7 +42,7 @@ use super::{
 };
 use crate::store::{
     ChangeFeed, StoreError, StoreHealth,
-    group_commit::{Batch, Command, GroupCommit, Results, WriteStats},
+    group_commit::{Batch, BatchResults, Command, GroupCommit, WriteStats},
 };
 
 /// The running writer thread, as the store holds it.
@@ -133,7 +133,7 @@ impl Writer {
 
     /// Applies and commits `batch`: one result per op, or the error every
     /// op gets. Logs a failure, once for the batch.
-    fn commit(&mut self, batch: &Batch) -> Result<Results, StoreError> {
+    fn commit(&mut self, batch: &Batch) -> Result<BatchResults, StoreError> {
         if let Some(reason) = &self.failed {
             return Err(StoreError::Internal(reason.clone()));
         }
@@ -188,7 +188,7 @@ mod tests {
 
     use super::*;
     use crate::store::{
-        PreparedOp, Store,
+        PreparedOp, Store, StoreExt,
         group_commit::{self, Writes},
         sqlite::{
             open::{Durability, open},
@@ -210,7 +210,7 @@ mod tests {
 
     /// Commits one batch of `ops` as the writer's loop would; returns the
     /// results.
-    fn commit(writer: &mut Writer, ops: Vec<PreparedOp>) -> Results {
+    fn commit(writer: &mut Writer, ops: Vec<PreparedOp>) -> BatchResults {
         let (command, mut replied) = Command::for_test(ops);
         let batch = writer.group.start(command, || None);
         let outcome = writer.commit(&batch);
