@@ -34,6 +34,8 @@ use tokio_postgres::{
 use super::{
     connect::Report,
     copy::{self, COPY_MIN_ROWS},
+    rows::{self, kind_code},
+    tailer::Announce,
 };
 use crate::{
     store::{
@@ -46,37 +48,6 @@ use crate::{
 /// How many times a batch that lost a deadlock (or a serialization
 /// conflict) is run again before its ops fail.
 const MAX_ATTEMPTS: usize = 3;
-
-/// The changelog's code for each kind of change.
-pub(super) fn kind_code(kind: ChangeKind) -> i16 {
-    match kind {
-        ChangeKind::Created => 1,
-        ChangeKind::Updated => 2,
-        ChangeKind::Deleted => 3,
-    }
-}
-
-/// The kind of change a changelog code stands for.
-pub(super) fn kind_of(code: i16) -> Option<ChangeKind> {
-    match code {
-        1 => Some(ChangeKind::Created),
-        2 => Some(ChangeKind::Updated),
-        3 => Some(ChangeKind::Deleted),
-        _ => None,
-    }
-}
-
-/// Where committed changes are announced: `pg_notify(channel, payload)`
-/// with the payload `SCHEMA:SEQ` (the last seq of the commit), so that a
-/// tailer of another schema on the same database, or one that has already
-/// read that far, need not read.
-#[derive(Debug, Clone)]
-pub(super) struct Announce {
-    /// `None`: no NOTIFY (an engine without it; tailers poll).
-    pub channel: Option<String>,
-    /// `SCHEMA:`.
-    pub prefix: String,
-}
 
 /// The writer's statements, prepared once per connection.
 pub(super) struct Statements {
@@ -486,31 +457,12 @@ async fn delete(
     let Some(row) = tx.query_opt(&statements.user_of, &[&id]).await? else {
         return Ok(Err(StoreError::NotFound(id.to_owned())));
     };
-    let user = user_from_row(&row)?;
+    let user = rows::user(&row)?;
     if let Err(err) = check_version(expected_version, user.version()) {
         return Ok(Err(err));
     }
     tx.execute(&statements.delete, &[&id]).await?;
     Ok(Ok(user))
-}
-
-/// Builds a user from `id, first_name, last_name, address, verified, version`
-/// (at `offset`), copying the text once, into the user.
-pub(super) fn user_from_columns(
-    row: &tokio_postgres::Row,
-    offset: usize,
-) -> Result<User, tokio_postgres::Error> {
-    let text = |index| row.try_get::<_, &str>(offset + index);
-    let version: i64 = row.try_get(offset + 5)?;
-    Ok(User::from_fields(
-        [text(0)?, text(1)?, text(2)?, text(3)?],
-        row.try_get(offset + 4)?,
-        version as u64,
-    ))
-}
-
-pub(super) fn user_from_row(row: &tokio_postgres::Row) -> Result<User, tokio_postgres::Error> {
-    user_from_columns(row, 0)
 }
 
 /// The changes a transaction makes, in order, waiting for their seqs.

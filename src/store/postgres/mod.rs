@@ -16,9 +16,12 @@
 //!   row and its changes appended to the changelog; `copy`: long runs of
 //!   creates through binary `COPY`;
 //! - `tailer`: the task that reads the changelog in seq order and feeds this
-//!   replica's change feed, every replica's writes this one's included;
+//!   replica's change feed, every replica's writes this one's included, and
+//!   how commits are announced to it;
 //! - `prune`: keeping the changelog bounded;
-//! - `read`: GetUser and listing pages on pooled connections.
+//! - `read`: GetUser and listing pages on pooled connections;
+//! - `rows`: decoding what the database holds (users, changes), for the
+//!   writer, the reader and the tailer.
 //!
 //! A write is answered once it has committed (as the database's
 //! `synchronous_commit` has it) and this replica's tailer has published it,
@@ -31,6 +34,7 @@ mod connect;
 mod copy;
 mod prune;
 mod read;
+mod rows;
 mod schema;
 mod tailer;
 mod writer;
@@ -61,8 +65,7 @@ pub use schema::{OpenError, SCHEMA_VERSION, VERSION_TABLE};
 pub use tailer::{CHANNEL, TAIL_BATCH};
 
 use self::{
-    apply::Announce,
-    tailer::{Contents, Position, TailerTask, Wakeups},
+    tailer::{Announce, Contents, Position, TailerTask, Tailing, Wakeups},
     writer::WriterTask,
 };
 use super::{
@@ -241,20 +244,20 @@ impl PostgresStore {
         let session = writer::Session::open(&connector, &announce)
             .await
             .map_err(|err| OpenError::postgres(&target, err))?;
-        let tailer = TailerTask::start(
-            connector.clone(),
-            feed.clone(),
-            position_sender,
-            wake.clone(),
-            Wakeups {
+        let tailer = TailerTask::start(Tailing {
+            connector: connector.clone(),
+            feed: feed.clone(),
+            position: position_sender,
+            wake: wake.clone(),
+            wakeups: Wakeups {
                 listen: options.notify,
                 prefix,
                 poll_interval: options.poll_interval,
             },
-            health_parts.clone(),
-            contents.clone(),
-            opened.seq,
-        )
+            health: health_parts.clone(),
+            contents: contents.clone(),
+            after: opened.seq,
+        })
         .await
         .map_err(|err| OpenError::postgres(&target, err))?;
         let writer = WriterTask::spawn(

@@ -37,8 +37,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     Health, Part,
-    apply::{kind_of, user_from_columns},
     connect::{Backoff, Connector, Driver, Report, STATEMENT_TIMEOUT},
+    rows::{kind_of, user_at},
 };
 use crate::{
     store::ChangeFeed,
@@ -51,8 +51,20 @@ use crate::{
 pub const TAIL_BATCH: i64 = 4096;
 
 /// The channel every replica's commits are announced on (with a payload
-/// that names the schema, see `apply::Announce`).
+/// that names the schema, see [`Announce`]).
 pub const CHANNEL: &str = "user_service_changes";
+
+/// Where committed changes are announced: `pg_notify(channel, payload)`
+/// with the payload `SCHEMA:SEQ` (the last seq of the commit), so that a
+/// tailer of another schema on the same database, or one that has already
+/// read that far, need not read.
+#[derive(Debug, Clone)]
+pub(super) struct Announce {
+    /// `None`: no NOTIFY (an engine without it; tailers poll).
+    pub channel: Option<String>,
+    /// `SCHEMA:`.
+    pub prefix: String,
+}
 
 /// Where the tailer is, as the store's writes wait for it (a write is
 /// answered once this replica's feed has published it).
@@ -102,6 +114,24 @@ pub(super) struct Wakeups {
     pub poll_interval: Duration,
 }
 
+/// What a tailer works with, as the store hands it over when it opens.
+pub(super) struct Tailing {
+    pub connector: Connector,
+    /// Where it publishes the changes it reads.
+    pub feed: ChangeFeed,
+    /// How far it has published, for the writes that wait for it.
+    pub position: watch::Sender<Position>,
+    /// Woken by this replica's writer after each commit.
+    pub wake: Arc<Notify>,
+    pub wakeups: Wakeups,
+    /// Where it says whether it is connected.
+    pub health: Arc<Health>,
+    /// Where it counts users and the last seq, for the metrics.
+    pub contents: Arc<Contents>,
+    /// The seq of the last change before those it is to publish.
+    pub after: u64,
+}
+
 /// The running tailer, as the store holds it.
 #[derive(Debug)]
 pub(super) struct TailerTask {
@@ -110,19 +140,19 @@ pub(super) struct TailerTask {
 }
 
 impl TailerTask {
-    /// Connects and starts reading after `start`. Connected before it
-    /// returns, so that the store's first writes find it reading.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) async fn start(
-        connector: Connector,
-        feed: ChangeFeed,
-        position: watch::Sender<Position>,
-        wake: Arc<Notify>,
-        wakeups: Wakeups,
-        health: Arc<Health>,
-        contents: Arc<Contents>,
-        start: u64,
-    ) -> Result<TailerTask, tokio_postgres::Error> {
+    /// Connects and starts reading after `tailing.after`. Connected before
+    /// it returns, so that the store's first writes find it reading.
+    pub(super) async fn start(tailing: Tailing) -> Result<TailerTask, tokio_postgres::Error> {
+        let Tailing {
+            connector,
+            feed,
+            position,
+            wake,
+            wakeups,
+            health,
+            contents,
+            after,
+        } = tailing;
         let closing = CancellationToken::new();
         let tailer = Tailer {
             connector,
@@ -132,8 +162,8 @@ impl TailerTask {
             wakeups,
             health,
             contents,
-            last: start,
-            counted_from: start,
+            last: after,
+            counted_from: after,
             closing: closing.clone(),
         };
         let connected = tailer.connect().await?;
@@ -313,7 +343,7 @@ impl Tailer {
                 self.last = seq;
                 continue;
             };
-            let user = user_from_columns(row, 2)?;
+            let user = user_at(row, 2)?;
             if seq > self.counted_from {
                 users += match kind {
                     ChangeKind::Created => 1,

@@ -26,8 +26,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     Health, Part,
-    apply::{Announce, Statements, apply},
+    apply::{Statements, apply},
     connect::{Backoff, Connector, Report, STATEMENT_TIMEOUT, is_connection_loss, store_error},
+    tailer::Announce,
 };
 use crate::store::{
     StoreError,
