@@ -5,9 +5,10 @@
 # with Debian's grpc-go and protoc (the grpc-go client suite), headless
 # Chromium (renders user-load's HTML report in tests/user_load.rs),
 # Prometheus with promtool (tests/observability/ scrapes and lints the
-# metrics with them), and PostgreSQL (the server programs for throwaway test
-# clusters, psql). The one place that names these packages; scripts/test.sh
-# runs it first.
+# metrics with them), PostgreSQL (the server programs for throwaway test
+# clusters, psql) and the sqlite3 shell (tests write rows with psql and
+# sqlite3 as an operator would). The one place that names these packages;
+# scripts/test.sh runs it first.
 set -euo pipefail
 
 pip_packages=(
@@ -16,7 +17,7 @@ pip_packages=(
     pytest
 )
 debian_packages=(
-    python3-pip openssl protobuf-compiler chromium prometheus postgresql postgresql-client
+    python3-pip openssl protobuf-compiler chromium prometheus postgresql postgresql-client sqlite3
     golang-go golang-google-grpc-dev golang-goprotobuf-dev golang-google-genproto-dev
 )
 gocode=/usr/share/gocode/src
@@ -25,6 +26,7 @@ have_debian_tools() {
     command -v openssl >/dev/null && command -v go >/dev/null && command -v protoc >/dev/null &&
         command -v chromium >/dev/null && command -v promtool >/dev/null &&
         command -v psql >/dev/null && command -v pg_isready >/dev/null &&
+        command -v sqlite3 >/dev/null &&
         ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 &&
         python3 -m pip --version >/dev/null 2>&1 &&
         [ -d "$gocode/google.golang.org/grpc" ] &&

@@ -188,6 +188,17 @@ impl<S: Store> SyncSession<S> {
                          deliver them; resubscribe and resync with ListUsers"
                     ))));
                 }
+                // This server read a change it cannot decode (a changelog
+                // row another program wrote): never skipped, the stream
+                // ends, and the server reports NOT_SERVING until it is
+                // fixed.
+                Some(Err(FeedError::Unreadable { seq })) => {
+                    self.done = true;
+                    return Poll::Ready(Err(Status::data_loss(format!(
+                        "change {seq} is damaged in the store and cannot be delivered; \
+                         this server's change feed stops there until it is repaired"
+                    ))));
+                }
                 // The feed only closes when the store is gone.
                 Some(Err(FeedError::Closed)) | None => {
                     self.done = true;

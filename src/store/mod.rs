@@ -9,10 +9,12 @@
 //! list of ops, reads, the feed, health, close and metrics; the writes the
 //! service calls (create, upsert, delete, their batches) are built once on
 //! top of it, in [`StoreExt`]. Callers validate input first (see
-//! `validate`); a store trusts that ids and fields follow the rules.
+//! `validate`); a store trusts that what it is handed follows the rules,
+//! but not what it reads back ([`stored`]).
 //!
 //! What backends share lives here too: [`PreparedOp`] (a write with its user
-//! built), the listing page rules ([`page`]), group commit
+//! built), the listing page rules ([`page`]), decoding stored rows
+//! ([`stored`]), group commit
 //! ([`group_commit`]): the queue, batching policy and reply path of a
 //! durable backend whose writes go through one writer, and what its commits
 //! add up to for the metrics ([`write_stats`]).
@@ -23,6 +25,7 @@ mod memory;
 pub mod page;
 pub mod postgres;
 pub mod sqlite;
+pub mod stored;
 pub mod write_stats;
 
 use std::future::Future;
@@ -66,6 +69,11 @@ pub enum StoreError {
     /// has logged the failure where it happened.
     #[error("storage failure: {0}")]
     Internal(String),
+    /// The stored user `id` cannot be read back: its row breaks the rules
+    /// every stored user follows (another program wrote it, see [`stored`]).
+    /// `detail` says how, for logs; the store has logged it.
+    #[error("stored user {id:?} cannot be read: {detail}")]
+    Unreadable { id: String, detail: String },
 }
 
 /// Whether a store can take writes, as health checks should report it.

@@ -457,7 +457,12 @@ async fn delete(
     let Some(row) = tx.query_opt(&statements.user_of, &[&id]).await? else {
         return Ok(Err(StoreError::NotFound(id.to_owned())));
     };
-    let user = rows::user(&row)?;
+    // Its change would carry the user as it was: a row that cannot be read
+    // is not deleted, and the other ops go on.
+    let user = match rows::user(&row) {
+        Ok(user) => user,
+        Err(unreadable) => return Ok(Err(unreadable)),
+    };
     if let Err(err) = check_version(expected_version, user.version()) {
         return Ok(Err(err));
     }

@@ -18,6 +18,13 @@
 //! database for longer than the changelog keeps changes), it publishes a gap:
 //! every current subscriber ends with ABORTED, never skipping a change, and
 //! the tailer goes on from the oldest change left.
+//!
+//! If it reads a change it cannot decode (a changelog row another program
+//! wrote, see `rows`), it publishes what came before, then ends every
+//! subscriber there (`DATA_LOSS`) rather than skip the change, and stops:
+//! health turns `NOT_SERVING` and writes stop waiting for it. It reads the
+//! same change again each time it is woken, ending whoever subscribed
+//! since, until the row is repaired; then it goes on from there.
 
 use std::{
     future::poll_fn,
@@ -38,12 +45,9 @@ use tokio_util::sync::CancellationToken;
 use super::{
     Health, Part,
     connect::{Backoff, Connector, Driver, Report, STATEMENT_TIMEOUT},
-    rows::{kind_of, user_at},
+    rows,
 };
-use crate::{
-    store::ChangeFeed,
-    user::{Change, ChangeKind},
-};
+use crate::{store::ChangeFeed, user::ChangeKind};
 
 /// Most changes read in one query: bounds the memory of a read while a
 /// replica catches up, and is large enough that a bulk import is read back
@@ -164,6 +168,7 @@ impl TailerTask {
             contents,
             last: after,
             counted_from: after,
+            stuck: None,
             closing: closing.clone(),
         };
         let connected = tailer.connect().await?;
@@ -195,6 +200,8 @@ struct Tailer {
     /// `contents.users` counts the users at this seq and the changes after
     /// it (a recount after a gap moves it).
     counted_from: u64,
+    /// The seq of the next change, while it cannot be decoded.
+    stuck: Option<u64>,
     closing: CancellationToken,
 }
 
@@ -224,11 +231,9 @@ impl Tailer {
                 Ok((client, driver, statement)) => {
                     backoff.reset();
                     logged = false;
-                    self.health.set(Part::Tailer, true);
-                    self.position.send_modify(|p| p.reading = true);
+                    self.set_reading(true);
                     let stop = self.read(&client, &statement, driver).await;
-                    self.position.send_modify(|p| p.reading = false);
-                    self.health.set(Part::Tailer, false);
+                    self.set_reading(false);
                     match stop {
                         Stop::Closing => break,
                         // A connection that worked is replaced at once.
@@ -259,6 +264,14 @@ impl Tailer {
             }
         }
         self.health.set(Part::Tailer, false);
+    }
+
+    /// Tells health and the writes that wait for the feed whether the
+    /// tailer is reading: while `connected` and not stuck.
+    fn set_reading(&self, connected: bool) {
+        let reading = connected && self.stuck.is_none();
+        self.health.set(Part::Tailer, reading);
+        self.position.send_modify(|p| p.reading = reading);
     }
 
     /// Connects, listens, prepares the read, and starts driving the
@@ -308,7 +321,8 @@ impl Tailer {
             if let Err(err) = self.publish(client, &rows).await {
                 return Stop::Lost(Report(&err).to_string());
             }
-            if full {
+            // Stuck, it reads again only when woken, as when idle.
+            if full && self.stuck.is_none() {
                 continue;
             }
             tokio::select! {
@@ -321,7 +335,8 @@ impl Tailer {
     }
 
     /// Publishes the changes read, in seq order; a gap before the first is
-    /// published as such.
+    /// published as such, and a change that cannot be decoded ends the
+    /// subscribers there (see the module doc).
     async fn publish(
         &mut self,
         client: &Client,
@@ -337,28 +352,54 @@ impl Tailer {
         let mut users = 0;
         for row in rows {
             let seq = row.try_get::<_, i64>(0)? as u64;
-            let code: i16 = row.try_get(1)?;
-            let Some(kind) = kind_of(code) else {
-                tracing::error!(seq, code, "unknown change kind in the changelog; skipped");
-                self.last = seq;
-                continue;
+            let change = match rows::change(row, seq) {
+                Ok(change) => change,
+                Err(detail) => {
+                    self.unreadable(seq, &detail);
+                    break;
+                }
             };
-            let user = user_at(row, 2)?;
             if seq > self.counted_from {
-                users += match kind {
+                users += match change.kind {
                     ChangeKind::Created => 1,
                     ChangeKind::Deleted => -1,
                     ChangeKind::Updated => 0,
                 };
             }
-            self.feed.publish(Change { seq, kind, user });
+            self.feed.publish(change);
             self.last = seq;
         }
         self.contents.users.fetch_add(users, Ordering::Relaxed);
         self.contents.last_seq.store(self.last, Ordering::Relaxed);
         let last = self.last;
         self.position.send_modify(|p| p.published = last);
+        if let Some(seq) = self.stuck.filter(|&seq| last >= seq) {
+            tracing::info!(
+                seq,
+                "the changelog's change {seq} reads again; the change feed goes on"
+            );
+            self.stuck = None;
+            self.set_reading(true);
+        }
         Ok(())
+    }
+
+    /// Change `seq`, next in line, cannot be decoded (`detail` says why):
+    /// every subscriber is ended when it gets there, nothing after it is
+    /// published, and the tailer reports itself stuck (once) until it reads.
+    fn unreadable(&mut self, seq: u64, detail: &str) {
+        if self.stuck != Some(seq) {
+            tracing::error!(
+                seq,
+                %detail,
+                "a change in the changelog cannot be read; this replica's SyncUsers streams \
+                 end there and its change feed stops until the row is repaired \
+                 (see the README's storage section)"
+            );
+            self.stuck = Some(seq);
+            self.set_reading(true);
+        }
+        self.feed.publish_unreadable(seq);
     }
 
     /// The changes after `self.last` and before `next` are gone (pruned):

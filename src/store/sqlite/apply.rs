@@ -140,9 +140,16 @@ impl Transaction<'_> {
             PreparedOp::Delete {
                 id,
                 expected_version,
-            } => match st.user_of.query_row([id], user_from_row).optional()? {
+            } => match st
+                .user_of
+                .query_row([id], |row| Ok(user_from_row(row)))
+                .optional()?
+            {
                 None => Err(StoreError::NotFound(id.clone())),
-                Some(user) => match check_version(*expected_version, user.version()) {
+                // Its change would carry the user as it was: a row that
+                // cannot be read is not deleted, and the others go on.
+                Some(Err(unreadable)) => Err(unreadable),
+                Some(Ok(user)) => match check_version(*expected_version, user.version()) {
                     Err(err) => Err(err),
                     Ok(()) => {
                         st.delete.execute([id])?;
