@@ -53,6 +53,30 @@ pub fn unreadable(id: &str, detail: impl Display) -> StoreError {
     }
 }
 
+/// Most rows a refusal to migrate names: enough to find and fix them with a
+/// shell, few enough for one log line; the count says how many in all.
+pub const MAX_NAMED_ROWS: usize = 10;
+
+/// The rows that keep a schema from taking its constraints, as a refusal
+/// names them: the keys of the first [`MAX_NAMED_ROWS`] (ids as `"a"`,
+/// seqs as `17`), and how many there are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RowNames {
+    pub first: Vec<String>,
+    pub total: u64,
+}
+
+impl std::fmt::Display for RowNames {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.first.join(", "))?;
+        let more = self.total.saturating_sub(self.first.len() as u64);
+        if more > 0 {
+            write!(f, " and {more} more")?;
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -97,6 +121,16 @@ mod tests {
                 format!("version: must be at least 1, got {version}")
             );
         }
+    }
+
+    #[test]
+    fn row_names_say_how_many_they_leave_out() {
+        let names = |first: &[&str], total| RowNames {
+            first: first.iter().map(|name| name.to_string()).collect(),
+            total,
+        };
+        assert_eq!(names(&["\"a\"", "\"b\""], 2).to_string(), "\"a\", \"b\"");
+        assert_eq!(names(&["17"], 12).to_string(), "17 and 11 more");
     }
 
     #[test]

@@ -32,7 +32,7 @@ fn sqlite3(db: &Path, sql: &str) -> Output {
 }
 
 /// [`sqlite3`], which must succeed.
-fn sqlite3_ok(db: &Path, sql: &str) {
+pub(crate) fn sqlite3_ok(db: &Path, sql: &str) {
     let output = sqlite3(db, sql);
     assert!(
         output.status.success(),
@@ -64,6 +64,59 @@ fn assert_damaged(status: &tonic::Status, id: &str) {
     assert_eq!(
         status.message(),
         format!("stored user {id:?} is damaged and cannot be read")
+    );
+}
+
+#[tokio::test]
+async fn the_shell_cannot_write_a_user_outside_the_limits() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("users.db");
+    let server = start(&db);
+    let mut client = server.client().await;
+    client.add_user(user_named("a", "Ann")).await.unwrap();
+    for (sql, rule) in [
+        (
+            "UPDATE users SET first_name = printf('%.*c', 70000, 'x') WHERE id = 'a'",
+            "first_name_rules",
+        ),
+        (
+            "UPDATE users SET first_name = char(12288, 9) WHERE id = 'a'",
+            "first_name_rules",
+        ),
+        (
+            "UPDATE users SET address = printf('%.*c', 129, 'é') WHERE id = 'a'",
+            "address_rules",
+        ),
+        (
+            "INSERT INTO users VALUES ('a b', 'Ann', '', '', 0, 1)",
+            "id_rules",
+        ),
+        (
+            "UPDATE users SET verified = 2 WHERE id = 'a'",
+            "verified_rules",
+        ),
+        (
+            "UPDATE users SET version = 0 WHERE id = 'a'",
+            "version_rules",
+        ),
+        ("UPDATE change_seq SET seq = -1", "seq_rules"),
+    ] {
+        let output = sqlite3(&db, sql);
+        assert!(!output.status.success(), "{sql}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            stderr.contains(&format!("CHECK constraint failed: {rule}")),
+            "{sql}: {stderr}"
+        );
+    }
+    let ann = client
+        .get_user(GetUserRequest { id: "a".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (ann.first_name.as_str(), ann.address.as_str()),
+        ("Ann", "1 Long Street, Springfield")
     );
 }
 

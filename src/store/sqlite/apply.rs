@@ -11,8 +11,8 @@
 use rusqlite::{CachedStatement, Connection, ErrorCode, OptionalExtension, params};
 
 use super::{
-    open::read_seq,
     read::{SELECT_USER, user_from_row},
+    schema::read_seq,
 };
 use crate::{
     store::{PreparedOp, StoreError, check_version, group_commit::BatchResults},

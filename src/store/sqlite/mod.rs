@@ -4,8 +4,9 @@
 //!
 //! - here, [`SqliteStore`]: opening, closing, and each [`Store`] method
 //!   handing its work to the writer or to the readers;
-//! - `open`: the file, inspected and refused if it is not ours, the
-//!   connections' settings, the schema and its migrations;
+//! - `open`: the file, inspected and refused if it is not ours, and the
+//!   connections' settings; `schema`: the tables, their constraints, and
+//!   the migrations;
 //! - `writer`: the one thread that owns the write connection and commits
 //!   every write by [`group_commit`], taking commands from its parking
 //!   `inbox`;
@@ -22,6 +23,7 @@ mod apply;
 mod inbox;
 mod open;
 mod read;
+mod schema;
 mod writer;
 
 use std::{path::Path, sync::Arc};
@@ -31,10 +33,11 @@ use prometheus_client::encoding::DescriptorEncoder;
 use tokio::sync::watch;
 
 pub use open::{
-    APPLICATION_ID, BUSY_TIMEOUT, Durability, OpenError, SCHEMA_VERSION, SQLITE_PAGE_BYTES,
+    APPLICATION_ID, BUSY_TIMEOUT, Durability, OpenError, SQLITE_PAGE_BYTES,
     WAL_AUTOCHECKPOINT_PAGES, WRITER_CACHE_KIB, open_writer,
 };
 pub use read::MAX_READERS;
+pub use schema::SCHEMA_VERSION;
 
 use self::{read::Readers, writer::WriterThread};
 use super::{

@@ -12,7 +12,7 @@ use parking_lot::Mutex;
 use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::Semaphore;
 
-use super::open::{open_reader, read_seq};
+use super::{open::open_reader, schema::read_seq};
 use crate::{
     store::{
         ListFilter, Page, StoreError,
