@@ -26,7 +26,9 @@ pub mod raw;
 
 use std::{future::Future, time::Duration};
 
-pub use calls::{Client, list_all, request_stream, user, user_named, user_with_id};
+pub use calls::{
+    Client, assert_damaged, list_after, list_all, request_stream, user, user_named, user_with_id,
+};
 pub use delegate::{Delegate, Hooks, StuckReads};
 pub use in_process::{Backend, FEED_CAPACITY, TestServer, postgres_store, sqlite_store};
 pub use pki::{Pki, PkiFiles, ca, leaf};

@@ -10,11 +10,11 @@ use std::{
     process::{Command, Output},
 };
 
-use test_support::{Client, user_named, within};
+use test_support::{assert_damaged, list_after, user_named, within};
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 use user_service::proto::{
-    GetUserRequest, ListUsersRequest, SyncRequest, sync_request::Op, sync_response::Event,
+    GetUserRequest, SyncRequest, sync_request::Op, sync_response::Event,
     user_service_client::UserServiceClient, user_service_server::SERVICE_NAME,
 };
 
@@ -38,32 +38,6 @@ pub(crate) fn sqlite3_ok(db: &Path, sql: &str) {
         output.status.success(),
         "sqlite3 {sql:?}: {}",
         String::from_utf8_lossy(&output.stderr)
-    );
-}
-
-/// The users a listing after `after` returns, and the status it ends with
-/// if it fails.
-async fn list_after(client: &mut Client, after: &str) -> (Vec<String>, Option<tonic::Status>) {
-    let request = ListUsersRequest {
-        after_id: after.into(),
-        ..Default::default()
-    };
-    let mut stream = client.list_users(request).await.unwrap().into_inner();
-    let mut ids = Vec::new();
-    loop {
-        match within("a listed user", stream.message()).await {
-            Ok(Some(user)) => ids.push(user.id),
-            Ok(None) => return (ids, None),
-            Err(status) => return (ids, Some(status)),
-        }
-    }
-}
-
-fn assert_damaged(status: &tonic::Status, id: &str) {
-    assert_eq!(status.code(), Code::DataLoss, "{status:?}");
-    assert_eq!(
-        status.message(),
-        format!("stored user {id:?} is damaged and cannot be read")
     );
 }
 

@@ -40,6 +40,15 @@ async fn snapshot(schema: &TestSchema) -> (Vec<String>, Option<i32>) {
     (tables, version)
 }
 
+/// Creates this build's schema in `schema`, as a store opening it does.
+async fn create(schema: &TestSchema) {
+    PostgresStore::open(&schema.url, PostgresOptions::new(16))
+        .await
+        .unwrap()
+        .close()
+        .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn replicas_starting_together_create_the_schema_once() {
     let schema = TestSchema::new().await;
@@ -65,11 +74,7 @@ async fn replicas_starting_together_create_the_schema_once() {
 #[tokio::test]
 async fn a_newer_schema_is_refused_untouched() {
     let schema = TestSchema::new().await;
-    PostgresStore::open(&schema.url, PostgresOptions::new(16))
-        .await
-        .unwrap()
-        .close()
-        .await;
+    create(&schema).await;
     let db = schema.client().await;
     db.execute(
         &format!("UPDATE {VERSION_TABLE} SET version = $1"),
@@ -136,11 +141,7 @@ async fn constraints(schema: &TestSchema) -> Vec<(String, String, bool)> {
 #[tokio::test]
 async fn users_outside_the_limits_refuse_the_migration_until_fixed() {
     let schema = TestSchema::new().await;
-    PostgresStore::open(&schema.url, PostgresOptions::new(16))
-        .await
-        .unwrap()
-        .close()
-        .await;
+    create(&schema).await;
     let limits = constraints(&schema).await;
     // Version 1 is version 2 without its constraints.
     let mut drop_limits = String::new();
@@ -192,11 +193,7 @@ async fn users_outside_the_limits_refuse_the_migration_until_fixed() {
 #[tokio::test]
 async fn the_schema_trims_what_validation_trims() {
     let schema = TestSchema::new().await;
-    PostgresStore::open(&schema.url, PostgresOptions::new(16))
-        .await
-        .unwrap()
-        .close()
-        .await;
+    create(&schema).await;
     let db = schema.client().await;
     for table in ["users", "user_changes"] {
         let rule: String = db

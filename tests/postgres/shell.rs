@@ -8,23 +8,15 @@
 
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
-use user_service::proto::{GetUserRequest, ListUsersRequest, SyncRequest, sync_request::Op};
+use user_service::proto::{GetUserRequest, SyncRequest, sync_request::Op};
 
 use test_support::{
-    Client, PATIENCE,
+    Client, PATIENCE, assert_damaged, list_after,
     postgres::{TestSchema, psql, psql_ok},
-    user_named, within,
+    user_named,
 };
 
 use crate::replica::{Replica, Sync, wait_for_health};
-
-fn assert_damaged(status: &tonic::Status, id: &str) {
-    assert_eq!(status.code(), Code::DataLoss, "{status:?}");
-    assert_eq!(
-        status.message(),
-        format!("stored user {id:?} is damaged and cannot be read")
-    );
-}
 
 async fn get(client: &mut Client, id: &str) -> Result<user_service::proto::User, tonic::Status> {
     let request = GetUserRequest { id: id.into() };
@@ -32,24 +24,6 @@ async fn get(client: &mut Client, id: &str) -> Result<user_service::proto::User,
         .get_user(request)
         .await
         .map(|reply| reply.into_inner())
-}
-
-/// The users a listing after `after` returns, and the status it ends with
-/// if it fails.
-async fn list_after(client: &mut Client, after: &str) -> (Vec<String>, Option<tonic::Status>) {
-    let request = ListUsersRequest {
-        after_id: after.into(),
-        ..Default::default()
-    };
-    let mut stream = client.list_users(request).await.unwrap().into_inner();
-    let mut ids = Vec::new();
-    loop {
-        match within("a listed user", stream.message()).await {
-            Ok(Some(user)) => ids.push(user.id),
-            Ok(None) => return (ids, None),
-            Err(status) => return (ids, Some(status)),
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
