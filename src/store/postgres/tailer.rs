@@ -55,7 +55,7 @@ use crate::{store::ChangeFeed, user::ChangeKind};
 pub const TAIL_BATCH: i64 = 4096;
 
 /// The channel every replica's commits are announced on (with a payload
-/// that names the schema, see [`Announce`]).
+/// that names the schema, see `Announce`).
 pub const CHANNEL: &str = "user_service_changes";
 
 /// Where committed changes are announced: `pg_notify(channel, payload)`
