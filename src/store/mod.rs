@@ -247,7 +247,8 @@ pub trait Store: Clone + Send + Sync + Unpin + 'static {
 
 /// The writes the service makes, built once for every [`Store`] on its one
 /// [`Store::write`]: each builds its ops on the caller's thread and hands
-/// them over in one call. Implemented for every store, and only here.
+/// them over in one call. Implemented for every store by the one blanket
+/// impl below, so no store can override a method and change what it means.
 pub trait StoreExt: Store {
     /// Stores a new user with version 1, assigning a UUIDv7 when `user.id` is
     /// empty. An id already stored is [`StoreError::AlreadyExists`].
