@@ -6,8 +6,10 @@
 # grpc-go client suite, scripts/interop-go.sh), headless Chromium (renders
 # user-load's HTML report in user-load/tests/user_load.rs), Prometheus with
 # promtool (tests/observability/ scrapes and lints the metrics with them),
-# and PostgreSQL (the server programs for throwaway test clusters, psql). The
-# one place that names these packages; scripts/test.sh runs it first.
+# PostgreSQL (the server programs for throwaway test clusters, psql) and the
+# sqlite3 shell (tests write rows with psql and sqlite3 as an operator
+# would). The one place that names these packages; scripts/test.sh runs it
+# first.
 set -euo pipefail
 
 pip_packages=(
@@ -27,7 +29,7 @@ go_packages=(
     golang-google-grpc-dev golang-google-genproto-dev
 )
 debian_packages=(
-    python3-pip openssl chromium prometheus postgresql postgresql-client
+    python3-pip openssl chromium prometheus postgresql postgresql-client sqlite3
     "${go_packages[@]}"
 )
 
@@ -42,6 +44,7 @@ have_debian_tools() {
     command -v openssl >/dev/null && command -v chromium >/dev/null &&
         command -v promtool >/dev/null &&
         command -v psql >/dev/null && command -v pg_isready >/dev/null &&
+        command -v sqlite3 >/dev/null &&
         ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 &&
         python3 -m pip --version >/dev/null 2>&1 &&
         have_go_packages

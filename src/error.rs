@@ -3,9 +3,11 @@
 //! Each variant maps to one gRPC code. Validation errors carry a
 //! `google.rpc.BadRequest` detail naming the field; storage failures reach
 //! the client only as a generic `INTERNAL` (or `RESOURCE_EXHAUSTED` for a
-//! full disk, `UNAVAILABLE` for a database out of reach). They are not logged here: the store logs each failure once,
-//! where it knows what failed (a batch of a thousand rows that did not
-//! commit is one log line, not a thousand).
+//! full disk, `UNAVAILABLE` for a database out of reach), and a stored user
+//! that cannot be read as `DATA_LOSS` naming its id and nothing more. They
+//! are not logged here: the store logs each failure once, where it knows
+//! what failed (a batch of a thousand rows that did not commit is one log
+//! line, not a thousand).
 
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
@@ -33,6 +35,9 @@ impl Error {
             Error::Store(StoreError::Full(_)) => Code::ResourceExhausted,
             Error::Store(StoreError::Unavailable(_)) => Code::Unavailable,
             Error::Store(StoreError::Internal(_)) => Code::Internal,
+            // Not INTERNAL: the server works, the stored data is damaged,
+            // and asking again will not help until the row is fixed.
+            Error::Store(StoreError::Unreadable { .. }) => Code::DataLoss,
         }
     }
 
@@ -44,6 +49,11 @@ impl Error {
                 "storage unavailable; retry with backoff".to_owned()
             }
             Error::Store(StoreError::Internal(_)) => "internal storage error".to_owned(),
+            // The id is the client's to know (it asked for it, or lists
+            // ids); what is wrong with the row is for the logs.
+            Error::Store(StoreError::Unreadable { id, .. }) => {
+                format!("stored user {id:?} is damaged and cannot be read")
+            }
             other => other.to_string(),
         }
     }
@@ -93,6 +103,13 @@ mod tests {
             (StoreError::Full("disk".into()), Code::ResourceExhausted),
             (StoreError::Unavailable("db".into()), Code::Unavailable),
             (StoreError::Internal("disk".into()), Code::Internal),
+            (
+                StoreError::Unreadable {
+                    id: "a".into(),
+                    detail: "first_name: too long".into(),
+                },
+                Code::DataLoss,
+            ),
         ];
         for (err, code) in cases {
             assert_eq!(Status::from(err).code(), code);
@@ -112,5 +129,15 @@ mod tests {
             "/var/db/users.db: database or disk is full".into(),
         ));
         assert_eq!(status.message(), "storage full");
+        let status = Status::from(StoreError::Unreadable {
+            id: "u-1".into(),
+            detail: "first_name: not valid UTF-8 (invalid utf-8 sequence of 1 bytes from index 0)"
+                .into(),
+        });
+        assert_eq!(status.code(), Code::DataLoss);
+        assert_eq!(
+            status.message(),
+            "stored user \"u-1\" is damaged and cannot be read"
+        );
     }
 }

@@ -26,12 +26,13 @@
 //! - [`validate`]: the input rules, apart from gRPC.
 //! - [`error`]: the one place where errors become gRPC statuses.
 //! - [`store`]: the [`store::Store`] trait and its health signal, the
-//!   in-memory, SQLite and PostgreSQL backends (the last shared by replicas
-//!   of the server, with one change feed across them), what backends share
-//!   (listing pages in [`store::page`], group commit for a durable
-//!   backend's writer in [`store::group_commit`], its figures in
-//!   [`store::write_stats`]) and the change feed that SyncUsers streams
-//!   subscribe to.
+//!   writes built once on it ([`store::StoreExt`]), the in-memory, SQLite
+//!   and PostgreSQL backends (the last shared by replicas of the server,
+//!   with one change feed across them), what backends share (listing pages
+//!   in [`store::page`], decoding what they read back in
+//!   [`store::stored`], group commit for a durable backend's writer in
+//!   [`store::group_commit`], its figures in [`store::write_stats`]) and the
+//!   change feed that SyncUsers streams subscribe to.
 //! - [`user`]: the domain types (users and changes).
 //! - [`proto`]: the generated wire types and conversions.
 //!

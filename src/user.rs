@@ -46,30 +46,42 @@ struct Meta {
 /// before it is copied into the user's allocation.
 const MAX_VALID_TEXT: usize = validate::MAX_ID_LEN + 3 * validate::MAX_TEXT_LEN;
 
+/// Fields a [`User`] cannot hold: `id`, `first_name` and `last_name` take
+/// this many bytes together, past where a `u16` can say a field ends.
+/// Validated fields take at most 576.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "id, first_name and last_name take {0} bytes together, more than a user holds ({max})",
+    max = u16::MAX
+)]
+pub struct TooLong(pub usize);
+
 impl User {
     /// Builds a user from validated parts.
     ///
     /// # Panics
     /// If `id`, `first_name` and `last_name` together exceed 64 KiB, which
-    /// validation rules out.
+    /// validation rules out (see [`TooLong`]).
     pub fn new(id: &str, user: &NewUser, version: u64) -> Self {
         Self::from_fields(
             [id, &user.first_name, &user.last_name, &user.address],
             user.verified,
             version,
         )
+        .expect("validated fields fit in a user")
     }
 
     /// Builds a user from its four text fields (`id`, `first_name`,
     /// `last_name`, `address`) as borrowed strings, copied once into the
     /// user's allocation: what a store reading rows needs, with no
-    /// intermediate `String`s. Panics as [`User::new`] does.
-    pub fn from_fields(parts: [&str; 4], verified: bool, version: u64) -> Self {
+    /// intermediate `String`s. Fails, rather than panics, on fields too long
+    /// for a user: a row read back may have been written by another program.
+    pub fn from_fields(parts: [&str; 4], verified: bool, version: u64) -> Result<Self, TooLong> {
         let mut ends = [0u16; 3];
         let mut end = 0;
         for (slot, part) in ends.iter_mut().zip(parts) {
             end += part.len();
-            *slot = u16::try_from(end).expect("validated field lengths fit in u16");
+            *slot = u16::try_from(end).map_err(|_| TooLong(end))?;
         }
         let meta = Meta {
             version,
@@ -93,7 +105,7 @@ impl User {
             concat(&mut buf);
             ThinArc::from_header_and_slice(meta, &buf)
         };
-        User(text)
+        Ok(User(text))
     }
 
     /// The same user at another version: changed in place when this is the
@@ -117,6 +129,7 @@ impl User {
                 self.verified(),
                 version,
             )
+            .expect("a user's own fields fit in a user")
         }
     }
 
@@ -264,6 +277,18 @@ mod tests {
         assert_eq!(again.0.as_ptr(), at);
         assert_eq!(again.version(), 3);
         assert_eq!(fields(&again), fields(&shared));
+    }
+
+    #[test]
+    fn fields_too_long_for_a_user_are_an_error_not_a_panic() {
+        let long = "a".repeat(70_000);
+        assert_eq!(
+            User::from_fields(["id", &long, "", ""], false, 1),
+            Err(TooLong(70_002))
+        );
+        // The address is not counted: only where the first three end is.
+        let user = User::from_fields(["id", "Ann", "", &long], false, 1).unwrap();
+        assert_eq!(user.address().len(), 70_000);
     }
 
     #[test]

@@ -37,12 +37,26 @@ pub fn new_user(user: &NewUser) -> Result<(), ValidationError> {
     if !user.id.is_empty() {
         id("id", &user.id)?;
     }
-    if user.first_name.trim().is_empty() {
+    fields(&user.first_name, &user.last_name, &user.address)
+}
+
+/// Checks a user read back from the store, whose row another program may
+/// have written: the rules of [`new_user`], with the id required. `parts`
+/// are `id`, `first_name`, `last_name` and `address`.
+pub fn stored_user(parts: [&str; 4]) -> Result<(), ValidationError> {
+    let [stored_id, first_name, last_name, address] = parts;
+    id("id", stored_id)?;
+    fields(first_name, last_name, address)
+}
+
+/// The rules of a user's text fields.
+fn fields(first_name: &str, last_name: &str, address: &str) -> Result<(), ValidationError> {
+    if first_name.trim().is_empty() {
         return Err(ValidationError::new("first_name", "must not be empty"));
     }
-    text("first_name", &user.first_name)?;
-    text("last_name", &user.last_name)?;
-    text("address", &user.address)?;
+    text("first_name", first_name)?;
+    text("last_name", last_name)?;
+    text("address", address)?;
     Ok(())
 }
 
@@ -140,6 +154,21 @@ mod tests {
             u.id = bad;
             assert_eq!(field_of(new_user(&u)), "id");
         }
+    }
+
+    #[test]
+    fn stored_users_follow_the_same_rules_with_an_id() {
+        let long = "a".repeat(MAX_TEXT_LEN + 1);
+        assert_eq!(stored_user(["a", "Ann", "", ""]), Ok(()));
+        assert_eq!(field_of(stored_user(["", "Ann", "", ""])), "id");
+        assert_eq!(field_of(stored_user(["a b", "Ann", "", ""])), "id");
+        assert_eq!(
+            field_of(stored_user(["a", "\u{3000}", "", ""])),
+            "first_name"
+        );
+        assert_eq!(field_of(stored_user(["a", &long, "", ""])), "first_name");
+        assert_eq!(field_of(stored_user(["a", "Ann", &long, ""])), "last_name");
+        assert_eq!(field_of(stored_user(["a", "Ann", "", &long])), "address");
     }
 
     #[test]

@@ -12,7 +12,7 @@ use tonic::{Status, Streaming};
 use crate::{
     error::Error,
     proto,
-    store::{Store, StoreError},
+    store::{Store, StoreError, StoreExt},
     user::{Change, NewUser},
     validate,
 };

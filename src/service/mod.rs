@@ -13,7 +13,13 @@ use tonic::{Request, Response, Status, Streaming};
 pub use list::UserListing;
 pub use sync::SyncSession;
 
-use crate::{gauges::Slots, proto, store::Store, user::NewUser, validate};
+use crate::{
+    gauges::Slots,
+    proto,
+    store::{Store, StoreExt},
+    user::NewUser,
+    validate,
+};
 
 /// The reply text of a successful AddUser.
 pub const USER_SAVED: &str = "user saved successfully";

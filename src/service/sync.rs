@@ -14,7 +14,7 @@ use crate::{
     error::Error,
     gauges::Slot,
     proto::{self, sync_request::Op, sync_response::Event},
-    store::{Changes, FeedError, Store, StoreError, WriteOp},
+    store::{Changes, FeedError, Store, StoreError, StoreExt, WriteOp},
     user::{Change, NewUser},
     validate::{self, ValidationError},
 };
@@ -30,7 +30,7 @@ const MAX_SYNC_BATCH: usize = 256;
 /// turn so that neither starves the other:
 /// - **ops**: read the requests that have arrived (at least one, at most
 ///   `MAX_SYNC_BATCH`), apply them to the store in the order they were sent,
-///   in one [`Store::apply_many`] call so that they can share a commit, then
+///   in one [`StoreExt::apply_many`] call so that they can share a commit, then
 ///   yield their Acks in the same order. The next requests are read only
 ///   once every Ack of the batch is out, so a client that does not read its
 ///   Acks stops being read (backpressure, no queue).
@@ -186,6 +186,17 @@ impl<S: Store> SyncSession<S> {
                     return Poll::Ready(Err(Status::aborted(format!(
                         "changes {first} to {last} were pruned before this server could \
                          deliver them; resubscribe and resync with ListUsers"
+                    ))));
+                }
+                // This server read a change it cannot decode (a changelog
+                // row another program wrote): never skipped, the stream
+                // ends, and the server reports NOT_SERVING until it is
+                // fixed.
+                Some(Err(FeedError::Unreadable { seq })) => {
+                    self.done = true;
+                    return Poll::Ready(Err(Status::data_loss(format!(
+                        "change {seq} is damaged in the store and cannot be delivered; \
+                         this server's change feed stops there until it is repaired"
                     ))));
                 }
                 // The feed only closes when the store is gone.

@@ -14,6 +14,9 @@
 //! read them). It then publishes a gap ([`ChangeFeed::publish_gap`]): every
 //! subscriber reaches it in order, after the changes before it, and is
 //! ended the way a lagging one is; a subscriber made after it never sees it.
+//! Likewise for a change it read but cannot decode (a changelog row another
+//! program wrote): [`ChangeFeed::publish_unreadable`] ends every subscriber
+//! there, rather than skip it.
 
 use std::{
     pin::Pin,
@@ -36,6 +39,11 @@ enum Event {
         first: u64,
         last: u64,
     },
+    /// Change `seq` was read but cannot be decoded; nothing after it is
+    /// published until it can be.
+    Unreadable {
+        seq: u64,
+    },
 }
 
 /// Why a subscription delivers no more changes.
@@ -49,6 +57,10 @@ pub enum FeedError {
     /// pruned, so no subscriber got them.
     #[error("changes {first} to {last} were pruned before this server read them")]
     Missed { first: u64, last: u64 },
+    /// The store read change `seq` but cannot decode it (the store has
+    /// logged why), so no subscriber gets it or anything after it.
+    #[error("change {seq} cannot be read from the store")]
+    Unreadable { seq: u64 },
     /// The feed is gone (the store was dropped).
     #[error("the change feed closed")]
     Closed,
@@ -80,6 +92,13 @@ impl ChangeFeed {
     /// [`FeedError::Missed`] when it gets there.
     pub fn publish_gap(&self, first: u64, last: u64) {
         let _ = self.sender.send(Event::Gap { first, last });
+    }
+
+    /// Tells every current subscriber, after the changes already published,
+    /// that change `seq` cannot be read: each is ended with
+    /// [`FeedError::Unreadable`] when it gets there.
+    pub fn publish_unreadable(&self, seq: u64) {
+        let _ = self.sender.send(Event::Unreadable { seq });
     }
 
     /// Every change published from now on.
@@ -141,6 +160,7 @@ impl Event {
         match self {
             Event::Change(change) => Ok(change),
             Event::Gap { first, last } => Err(FeedError::Missed { first, last }),
+            Event::Unreadable { seq } => Err(FeedError::Unreadable { seq }),
         }
     }
 }
@@ -196,6 +216,19 @@ mod tests {
         // A subscriber made after the gap goes on.
         assert_eq!(after.try_recv().unwrap().seq, 6);
         assert_eq!(after.try_recv(), Err(TryRecvError::Empty));
+    }
+
+    #[test]
+    fn an_unreadable_change_ends_subscribers_after_the_changes_before_it() {
+        let feed = ChangeFeed::new(16);
+        let mut before = feed.subscribe();
+        feed.publish(change(1));
+        feed.publish_unreadable(2);
+        assert_eq!(before.try_recv().unwrap().seq, 1);
+        assert_eq!(
+            before.try_recv(),
+            Err(FeedError::Unreadable { seq: 2 }.into())
+        );
     }
 
     #[tokio::test]

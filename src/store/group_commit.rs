@@ -55,7 +55,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument;
 
 pub use super::write_stats::WriteStats;
-use super::{ChangeFeed, PreparedOp, StoreError};
+use super::{ChangeFeed, Ops, PreparedOp, Results, StoreError};
 use crate::telemetry::trace;
 use crate::user::Change;
 
@@ -84,18 +84,19 @@ pub const COMMIT_DELAY_DIVISOR: u32 = 2;
 /// latency stays bounded.
 pub const MAX_COMMIT_DELAY: Duration = Duration::from_millis(2);
 
-/// What a command gets back: one result per op, in order.
-pub type Results = Vec<Result<Change, StoreError>>;
+/// What a backend's commit of a whole batch returns: one result per op of
+/// the batch, in order.
+pub type BatchResults = Vec<Result<Change, StoreError>>;
 
 /// Ops for the writer, applied in order, and where their results go.
 #[derive(Debug)]
 pub struct Command {
-    ops: Vec<PreparedOp>,
+    ops: Ops,
     reply: oneshot::Sender<Reply>,
 }
 
-/// What the writer answers a command: its results, and how many ops the
-/// commit carried (for traces).
+/// What the writer answers a command: its results (one per op, in order),
+/// and how many ops the commit carried (for traces).
 #[derive(Debug)]
 struct Reply {
     results: Results,
@@ -123,13 +124,13 @@ impl Writes {
     /// Sends `ops` to the writer as one command and waits for their results,
     /// one per op. If the writer has stopped, or stops before it answers,
     /// every op fails with [`StoreError::Internal`].
-    pub async fn submit(&self, ops: Vec<PreparedOp>) -> Results {
+    pub async fn submit(&self, ops: Ops) -> Results {
         let count = ops.len();
         let span = trace::store_span("store.commit", count);
         let (reply, replied) = oneshot::channel();
         let submitted = async {
             if self.sender.send(Command { ops, reply }).await.is_err() {
-                return vec![Err(writer_stopped()); count];
+                return failed(writer_stopped(), count);
             }
             match replied.await {
                 Ok(reply) => {
@@ -138,7 +139,7 @@ impl Writes {
                     }
                     reply.results
                 }
-                Err(_) => vec![Err(write_dropped()); count],
+                Err(_) => failed(write_dropped(), count),
             }
         };
         match &span {
@@ -146,12 +147,11 @@ impl Writes {
             None => submitted.await,
         }
     }
+}
 
-    /// [`Writes::submit`] for a single op.
-    pub async fn submit_one(&self, op: PreparedOp) -> Result<Change, StoreError> {
-        let mut results = self.submit(vec![op]).await;
-        results.pop().expect("one result per op")
-    }
+/// `count` results, each `err`.
+fn failed(err: StoreError, count: usize) -> Results {
+    std::iter::repeat_n(Err(err), count).collect()
 }
 
 /// A write sent after the writer stopped (the store was closed, or the
@@ -169,6 +169,7 @@ impl Command {
     #[cfg(test)]
     pub(crate) fn for_test(ops: Vec<PreparedOp>) -> (Command, ReplyForTest) {
         let (reply, replied) = oneshot::channel();
+        let ops = Ops::from_vec(ops);
         (Command { ops, reply }, ReplyForTest(replied))
     }
 }
@@ -179,8 +180,8 @@ pub(crate) struct ReplyForTest(oneshot::Receiver<Reply>);
 
 #[cfg(test)]
 impl ReplyForTest {
-    pub(crate) fn try_recv(&mut self) -> Result<Results, oneshot::error::TryRecvError> {
-        self.0.try_recv().map(|reply| reply.results)
+    pub(crate) fn try_recv(&mut self) -> Result<BatchResults, oneshot::error::TryRecvError> {
+        self.0.try_recv().map(|reply| reply.results.into_vec())
     }
 }
 
@@ -243,7 +244,12 @@ impl GroupCommit {
     ///
     /// # Panics
     /// If `outcome` does not hold one result per op: a bug in the backend.
-    pub fn finish(&mut self, batch: Batch, took: Duration, outcome: Result<Results, StoreError>) {
+    pub fn finish(
+        &mut self,
+        batch: Batch,
+        took: Duration,
+        outcome: Result<BatchResults, StoreError>,
+    ) {
         self.expected = batch.ops;
         self.last_commit = took;
         let results = match outcome {
@@ -254,7 +260,7 @@ impl GroupCommit {
                     // A send fails only when the caller has gone away (its
                     // call was cancelled).
                     let _ = command.reply.send(Reply {
-                        results: vec![Err(err.clone()); command.ops.len()],
+                        results: failed(err.clone(), command.ops.len()),
                         batch_ops: batch.ops,
                     });
                 }
@@ -271,6 +277,7 @@ impl GroupCommit {
         }
         let mut results = results.into_iter();
         for command in batch.commands {
+            // Inline for a command of one op: no allocation for its reply.
             let own = results.by_ref().take(command.ops.len()).collect();
             // As above: the write stays committed all the same.
             let _ = command.reply.send(Reply {
@@ -466,14 +473,19 @@ mod tests {
     async fn submit_fails_every_op_once_the_writer_is_gone() {
         let (writes, receiver) = queue();
         drop(receiver);
-        let results = writes.submit(vec![delete("a"), delete("b")]).await;
-        assert_eq!(results, [Err(writer_stopped()), Err(writer_stopped())]);
+        let results = writes
+            .submit(smallvec::smallvec![delete("a"), delete("b")])
+            .await;
+        assert_eq!(
+            results.as_slice(),
+            [Err(writer_stopped()), Err(writer_stopped())]
+        );
 
         // Taken, then dropped unanswered.
         let (writes, mut receiver) = queue();
         let taken = tokio::spawn(async move { drop(receiver.recv().await) });
-        let result = writes.submit_one(delete("a")).await;
-        assert_eq!(result, Err(write_dropped()));
+        let results = writes.submit(smallvec::smallvec![delete("a")]).await;
+        assert_eq!(results.as_slice(), [Err(write_dropped())]);
         taken.await.unwrap();
     }
 }

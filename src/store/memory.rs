@@ -2,7 +2,7 @@
 //!
 //! Every write builds its user ([`PreparedOp`]) before it takes the lock,
 //! then applies and publishes under one hold of it; a batch of writes
-//! (`create_many`, `apply_many`) takes it once. A listing page looks at no
+//! (`create_many`, `apply_many`: one [`Store::write`]) takes it once. A listing page looks at no
 //! more than [`MAX_SCAN_PER_PAGE`](super::page::MAX_SCAN_PER_PAGE) users under one read hold, so that a
 //! filter that matches few users does not scan the whole store while
 //! writers wait.
@@ -14,12 +14,13 @@ use std::{
 
 use parking_lot::RwLock;
 use prometheus_client::encoding::DescriptorEncoder;
+use tokio::sync::watch;
 
 use super::{
-    ChangeFeed, ListFilter, Page, PreparedOp, Store, StoreError, Subscription, WriteOp,
-    check_version, page::PageScan,
+    ChangeFeed, ListFilter, Ops, Page, PreparedOp, Results, Store, StoreError, StoreHealth,
+    Subscription, check_version, page::PageScan,
 };
-use crate::user::{Change, ChangeKind, NewUser, User};
+use crate::user::{Change, ChangeKind, User};
 
 /// Users in memory, lost when the process exits.
 ///
@@ -217,20 +218,6 @@ impl MemoryStore {
     pub fn last_seq(&self) -> u64 {
         self.shared.state.read().seq
     }
-
-    /// Applies `op`, built outside the lock, under one hold of it.
-    fn apply(&self, op: PreparedOp) -> Result<Change, StoreError> {
-        self.shared.state.write().apply(&self.shared.feed, op)
-    }
-
-    /// Applies every op in order under one hold of the lock, instead of one
-    /// hold per op.
-    fn apply_all(&self, ops: Vec<PreparedOp>) -> Vec<Result<Change, StoreError>> {
-        let mut state = self.shared.state.write();
-        ops.into_iter()
-            .map(|op| state.apply(&self.shared.feed, op))
-            .collect()
-    }
 }
 
 impl State {
@@ -317,34 +304,13 @@ impl State {
 }
 
 impl Store for MemoryStore {
-    async fn create(&self, user: NewUser) -> Result<Change, StoreError> {
-        self.apply(PreparedOp::create(&user))
-    }
-
-    async fn create_many(&self, users: Vec<NewUser>) -> Vec<Result<Change, StoreError>> {
-        self.apply_all(users.iter().map(PreparedOp::create).collect())
-    }
-
-    async fn upsert(
-        &self,
-        user: NewUser,
-        expected_version: Option<u64>,
-    ) -> Result<Change, StoreError> {
-        self.apply(PreparedOp::prepare(WriteOp::Upsert {
-            user,
-            expected_version,
-        }))
-    }
-
-    async fn delete(&self, id: &str, expected_version: Option<u64>) -> Result<Change, StoreError> {
-        self.apply(PreparedOp::Delete {
-            id: id.to_owned(),
-            expected_version,
-        })
-    }
-
-    async fn apply_many(&self, ops: Vec<WriteOp>) -> Vec<Result<Change, StoreError>> {
-        self.apply_all(ops.into_iter().map(PreparedOp::prepare).collect())
+    /// Applies every op, built outside the lock, in order under one hold of
+    /// it.
+    async fn write(&self, ops: Ops) -> Results {
+        let mut state = self.shared.state.write();
+        ops.into_iter()
+            .map(|op| state.apply(&self.shared.feed, op))
+            .collect()
     }
 
     async fn get(&self, id: &str) -> Result<User, StoreError> {
@@ -383,6 +349,15 @@ impl Store for MemoryStore {
         self.shared.feed.subscribe()
     }
 
+    /// Always serving: nothing in memory can stop taking writes. The sender
+    /// goes at once, so the value stays and no change ever comes.
+    fn health(&self) -> watch::Receiver<StoreHealth> {
+        watch::channel(StoreHealth::Serving).1
+    }
+
+    /// Nothing to finish or release: the users live as long as the handles.
+    async fn close(&self) {}
+
     fn encode_metrics(&self, encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let (users, last_seq) = {
             let state = self.shared.state.read();
@@ -395,9 +370,13 @@ impl Store for MemoryStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{
-        page::{MAX_SCAN_PER_PAGE, tests::a_page_ends_exactly_at_the_end_of_the_table},
-        tests::{self, named},
+    use crate::{
+        store::{
+            StoreExt,
+            page::{MAX_SCAN_PER_PAGE, tests::a_page_ends_exactly_at_the_end_of_the_table},
+            tests::{self, named},
+        },
+        user::NewUser,
     };
 
     fn store() -> MemoryStore {

@@ -5,11 +5,16 @@
 //! number of replicas of the server).
 //!
 //! The RPC code only sees this trait, so a backend can be swapped without
-//! touching it. Callers validate input first (see `validate`); a store trusts
-//! that ids and fields follow the rules.
+//! touching it. The trait is what backends do differently: one write of a
+//! list of ops, reads, the feed, health, close and metrics; the writes the
+//! service calls (create, upsert, delete, their batches) are built once on
+//! top of it, in [`StoreExt`]. Callers validate input first (see
+//! `validate`); a store trusts that what it is handed follows the rules,
+//! but not what it reads back ([`stored`]).
 //!
 //! What backends share lives here too: [`PreparedOp`] (a write with its user
-//! built), the listing page rules ([`page`]), group commit
+//! built), the listing page rules ([`page`]), decoding stored rows
+//! ([`stored`]), group commit
 //! ([`group_commit`]): the queue, batching policy and reply path of a
 //! durable backend whose writes go through one writer, and what its commits
 //! add up to for the metrics ([`write_stats`]).
@@ -20,11 +25,13 @@ mod memory;
 pub mod page;
 pub mod postgres;
 pub mod sqlite;
+pub mod stored;
 pub mod write_stats;
 
 use std::future::Future;
 
 use prometheus_client::encoding::DescriptorEncoder;
+use smallvec::{SmallVec, smallvec};
 use tokio::sync::watch;
 use uuid::Uuid;
 
@@ -62,6 +69,11 @@ pub enum StoreError {
     /// has logged the failure where it happened.
     #[error("storage failure: {0}")]
     Internal(String),
+    /// The stored user `id` cannot be read back: its row breaks the rules
+    /// every stored user follows (another program wrote it, see [`stored`]).
+    /// `detail` says how, for logs; the store has logged it.
+    #[error("stored user {id:?} cannot be read: {detail}")]
+    Unreadable { id: String, detail: String },
 }
 
 /// Whether a store can take writes, as health checks should report it.
@@ -100,15 +112,15 @@ pub(crate) fn check_version(expected: Option<u64>, actual: u64) -> Result<(), St
     }
 }
 
-/// One write of a sequence given to [`Store::apply_many`].
+/// One write of a sequence given to [`StoreExt::apply_many`].
 #[derive(Debug, Clone, PartialEq)]
 pub enum WriteOp {
-    /// As [`Store::upsert`].
+    /// As [`StoreExt::upsert`].
     Upsert {
         user: NewUser,
         expected_version: Option<u64>,
     },
-    /// As [`Store::delete`].
+    /// As [`StoreExt::delete`].
     Delete {
         id: String,
         expected_version: Option<u64>,
@@ -162,68 +174,39 @@ impl PreparedOp {
     }
 }
 
-/// A user store shared by every call.
+/// The ops of one [`Store::write`]. Most writes are a single op (AddUser, a
+/// lone upsert or delete): it is held inline, so that such a write reaches
+/// the store, and a durable backend's writer, without a heap allocation for
+/// its list. A batch spills to the heap as a `Vec` would.
+pub type Ops = SmallVec<[PreparedOp; 1]>;
+
+/// What one [`Store::write`] did: one result per op, in order (inline for a
+/// single op, as [`Ops`]).
+pub type Results = SmallVec<[Result<Change, StoreError>; 1]>;
+
+/// A user store shared by every call: what a backend implements.
 ///
-/// Every write is atomic: it commits completely, with the next seq, and is
-/// published to the change feed in commit order, or it fails and commits
-/// nothing. Implementations are cheap-to-clone handles.
+/// The trait holds only what backends really do differently; the write
+/// calls the service makes (create, upsert, delete, and their batches) are
+/// built once on [`Store::write`], in [`StoreExt`]. Every method is
+/// required, none has a default: a wrapper around a store (a test's fault
+/// injection) that forgot one would otherwise silently change what the
+/// store does (report a failed store as serving, skip its close, drop its
+/// metrics, or write op by op past its group commit).
+///
+/// Implementations are cheap-to-clone handles.
 pub trait Store: Clone + Send + Sync + Unpin + 'static {
-    /// Stores a new user with version 1, assigning a UUIDv7 when `user.id` is
-    /// empty. An id already stored is [`StoreError::AlreadyExists`].
-    fn create(&self, user: NewUser) -> impl Future<Output = Result<Change, StoreError>> + Send;
-
-    /// Creates each user in order, as [`Store::create`] would one by one, and
-    /// returns one result per user. Backends commit the batch together where
-    /// they can, which is what makes bulk import fast.
-    fn create_many(
-        &self,
-        users: Vec<NewUser>,
-    ) -> impl Future<Output = Vec<Result<Change, StoreError>>> + Send;
-
-    /// Creates or replaces a user. Replacing bumps the version; an empty id
-    /// creates a user with a new id. With `expected_version` set, the stored
-    /// version (0 when there is none) must equal it.
-    fn upsert(
-        &self,
-        user: NewUser,
-        expected_version: Option<u64>,
-    ) -> impl Future<Output = Result<Change, StoreError>> + Send;
-
-    /// Deletes a user. With `expected_version` set, the stored version must
-    /// equal it.
-    fn delete(
-        &self,
-        id: &str,
-        expected_version: Option<u64>,
-    ) -> impl Future<Output = Result<Change, StoreError>> + Send;
-
-    /// Applies each op in order, as [`Store::upsert`] and [`Store::delete`]
-    /// would one after the other, and returns one result per op. Backends
-    /// override it to share work between the ops: the memory store takes its
-    /// lock once, the SQLite store sends them to its writer as one command,
-    /// committed in one transaction (SyncUsers hands over the requests of a
-    /// stream that arrived together this way).
-    fn apply_many(
-        &self,
-        ops: Vec<WriteOp>,
-    ) -> impl Future<Output = Vec<Result<Change, StoreError>>> + Send {
-        async move {
-            let mut results = Vec::with_capacity(ops.len());
-            for op in ops {
-                results.push(match op {
-                    WriteOp::Upsert {
-                        user,
-                        expected_version,
-                    } => self.upsert(user, expected_version).await,
-                    WriteOp::Delete {
-                        id,
-                        expected_version,
-                    } => self.delete(&id, expected_version).await,
-                });
-            }
-            results
-        }
-    }
+    /// Applies `ops` in order and returns one result per op, in order.
+    ///
+    /// Every op is atomic: it commits completely, with the next seq, and is
+    /// published to the change feed in commit order, or it fails and
+    /// commits nothing, using no seq; an op that fails does not stop the
+    /// ops after it. The ops of one call share the work where the backend
+    /// can: the memory store takes its lock once, a durable backend sends
+    /// them to its writer as one command, committed in one transaction.
+    /// That is what makes bulk import fast, and how SyncUsers lets the
+    /// requests of a stream that arrived together share a commit.
+    fn write(&self, ops: Ops) -> impl Future<Output = Results> + Send;
 
     /// Reads one user.
     fn get(&self, id: &str) -> impl Future<Output = Result<User, StoreError>> + Send;
@@ -245,33 +228,101 @@ pub trait Store: Clone + Send + Sync + Unpin + 'static {
     fn subscribe(&self) -> Subscription;
 
     /// Whether the store can take writes, now and as it changes. A store
-    /// that cannot fail on its own (the memory store) is always serving.
-    fn health(&self) -> watch::Receiver<StoreHealth> {
-        // The sender goes at once: the value stays, and no change comes.
-        watch::channel(StoreHealth::Serving).1
-    }
+    /// that cannot fail on its own (the memory store) returns a receiver
+    /// that stays [`StoreHealth::Serving`].
+    fn health(&self) -> watch::Receiver<StoreHealth>;
 
     /// Finishes the writes already handed over, then releases what the store
     /// holds (threads, connections, files), so that what it wrote is complete
     /// on its own. Calls on any handle after it fail with
-    /// [`StoreError::Internal`]. Nothing to do for a store without such
-    /// resources.
-    fn close(&self) -> impl Future<Output = ()> + Send {
-        std::future::ready(())
-    }
+    /// [`StoreError::Internal`] (the memory store holds nothing to release
+    /// and goes on).
+    fn close(&self) -> impl Future<Output = ()> + Send;
 
     /// Encodes what the store reports of itself at a metrics scrape: users
     /// stored, the last seq, and for a store with a writer its commits.
     /// Called at each scrape, never on the path of a call.
-    fn encode_metrics(&self, encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let _ = encoder;
-        Ok(())
+    fn encode_metrics(&self, encoder: &mut DescriptorEncoder) -> Result<(), std::fmt::Error>;
+}
+
+/// The writes the service makes, built once for every [`Store`] on its one
+/// [`Store::write`]: each builds its ops on the caller's thread and hands
+/// them over in one call. Implemented for every store by the one blanket
+/// impl below, so no store can override a method and change what it means.
+pub trait StoreExt: Store {
+    /// Stores a new user with version 1, assigning a UUIDv7 when `user.id` is
+    /// empty. An id already stored is [`StoreError::AlreadyExists`].
+    fn create(&self, user: NewUser) -> impl Future<Output = Result<Change, StoreError>> + Send {
+        self.write_one(PreparedOp::create(&user))
+    }
+
+    /// Creates each user in order, as [`StoreExt::create`] would one by one,
+    /// and returns one result per user; one [`Store::write`], so that the
+    /// batch commits together.
+    fn create_many(
+        &self,
+        users: Vec<NewUser>,
+    ) -> impl Future<Output = Vec<Result<Change, StoreError>>> + Send {
+        let ops = users.iter().map(PreparedOp::create).collect();
+        async move { self.write(ops).await.into_vec() }
+    }
+
+    /// Creates or replaces a user. Replacing bumps the version; an empty id
+    /// creates a user with a new id. With `expected_version` set, the stored
+    /// version (0 when there is none) must equal it.
+    fn upsert(
+        &self,
+        user: NewUser,
+        expected_version: Option<u64>,
+    ) -> impl Future<Output = Result<Change, StoreError>> + Send {
+        self.write_one(PreparedOp::prepare(WriteOp::Upsert {
+            user,
+            expected_version,
+        }))
+    }
+
+    /// Deletes a user. With `expected_version` set, the stored version must
+    /// equal it.
+    fn delete(
+        &self,
+        id: &str,
+        expected_version: Option<u64>,
+    ) -> impl Future<Output = Result<Change, StoreError>> + Send {
+        self.write_one(PreparedOp::Delete {
+            id: id.to_owned(),
+            expected_version,
+        })
+    }
+
+    /// Applies each op in order, as [`StoreExt::upsert`] and
+    /// [`StoreExt::delete`] would one after the other, and returns one
+    /// result per op; one [`Store::write`], so that the ops share a commit.
+    fn apply_many(
+        &self,
+        ops: Vec<WriteOp>,
+    ) -> impl Future<Output = Vec<Result<Change, StoreError>>> + Send {
+        let ops = ops.into_iter().map(PreparedOp::prepare).collect();
+        async move { self.write(ops).await.into_vec() }
+    }
+
+    /// [`Store::write`] of one op, held inline: no allocation for the list.
+    fn write_one(&self, op: PreparedOp) -> impl Future<Output = Result<Change, StoreError>> + Send {
+        let ops: Ops = smallvec![op];
+        async move {
+            self.write(ops).await.into_iter().next().unwrap_or_else(|| {
+                Err(StoreError::Internal(
+                    "the store returned no result for a write".into(),
+                ))
+            })
+        }
     }
 }
 
+impl<S: Store> StoreExt for S {}
+
 #[cfg(test)]
 pub(crate) mod tests {
-    use super::{ListFilter, Store, StoreError, WriteOp};
+    use super::{ListFilter, Store, StoreError, StoreExt, WriteOp};
     use crate::user::{ChangeKind, NewUser};
 
     /// A user with an id (empty: assigned by the store) and a first name.
@@ -283,7 +334,7 @@ pub(crate) mod tests {
         }
     }
 
-    /// What `apply_many` must do in every backend: each op in order, one result
+    /// What `write` (through `apply_many`) must do in every backend: each op in order, one result
     /// per op, failed ops using no seq, the changes published in order.
     pub(crate) async fn apply_many_applies_each_op_in_order(store: impl Store) {
         let mut feed = store.subscribe();

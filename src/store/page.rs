@@ -12,7 +12,12 @@
 //! - [`Page::next_after`] is the last id looked at when more users follow,
 //!   and `None` exactly when the table ends within the page, so that a
 //!   listing never needs one more, empty, page to learn that it is over.
-//!   The backend reads one user more than the page may look at to tell.
+//!   The backend reads one user more than the page may look at to tell;
+//! - before a stored user that cannot be read (see [`super::stored`]): the
+//!   users before it make the page, and the next page, which starts with
+//!   it, fails with its error. A listing then returns every user before
+//!   the damaged one, and ends with an error that names it, after which a
+//!   client can go on after its id.
 
 use crate::user::User;
 
@@ -65,6 +70,8 @@ pub struct PageScan {
     last_id: String,
     /// Whether a user was offered past the page's end.
     more: bool,
+    /// Whether the page ended before a user that could not be built.
+    cut: bool,
 }
 
 impl PageScan {
@@ -84,6 +91,7 @@ impl PageScan {
             users: Vec::with_capacity(max),
             last_id: String::new(),
             more: false,
+            cut: false,
         }
     }
 
@@ -97,6 +105,10 @@ impl PageScan {
     /// (only called when it matches). Returns `false` when the page was
     /// already complete: the user offered is the first of the next page, and
     /// the backend stops reading.
+    ///
+    /// When `user` fails (a row that cannot be read), the page ends before
+    /// it if it holds users already (`false`: the backend stops reading);
+    /// a page that would start with it fails with the error.
     pub fn offer<E>(
         &mut self,
         id: &str,
@@ -107,10 +119,17 @@ impl PageScan {
             self.more = true;
             return Ok(false);
         }
-        self.scanned += 1;
         if self.filter.matches_verified(verified) {
-            self.users.push(user()?);
+            match user() {
+                Ok(user) => self.users.push(user),
+                Err(_) if !self.users.is_empty() => {
+                    self.cut = true;
+                    return Ok(false);
+                }
+                Err(err) => return Err(err),
+            }
         }
+        self.scanned += 1;
         if self.is_complete() {
             self.last_id.push_str(id);
         }
@@ -124,9 +143,15 @@ impl PageScan {
     /// The page, once the backend has stopped offering (the scan said so, or
     /// the table ended).
     pub fn finish(self) -> Page {
+        let next_after = match self.cut {
+            // Resumes after the last user returned: the users the filter
+            // skipped since are looked at again, the damaged one first.
+            true => self.users.last().map(|user| user.id().to_owned()),
+            false => (self.more && self.scanned > 0).then_some(self.last_id),
+        };
         Page {
             users: self.users,
-            next_after: (self.more && self.scanned > 0).then_some(self.last_id),
+            next_after,
         }
     }
 }
@@ -135,7 +160,7 @@ impl PageScan {
 pub(crate) mod tests {
     use super::*;
     use crate::{
-        store::{Store, tests::named},
+        store::{Store, StoreExt, tests::named},
         user::NewUser,
     };
 
@@ -188,6 +213,26 @@ pub(crate) mod tests {
         let page = store.list_page(all, Some("v"), 10).await.unwrap();
         assert!(page.users.is_empty());
         assert_eq!(page.next_after, None);
+    }
+
+    #[test]
+    fn a_page_ends_before_a_user_that_cannot_be_built() {
+        let user = |id: &str| Ok::<_, &str>(User::new(id, &NewUser::default(), 1));
+        let verified = ListFilter {
+            verified: Some(true),
+        };
+        let mut scan = PageScan::new(verified, 10);
+        assert_eq!(scan.offer("a", true, || user("a")), Ok(true));
+        assert_eq!(scan.offer("b", false, || user("b")), Ok(true));
+        assert_eq!(scan.offer("c", true, || Err("damaged")), Ok(false));
+        let page = scan.finish();
+        assert_eq!(ids(&page), ["a"]);
+        assert_eq!(page.next_after.as_deref(), Some("a"), "resumes before it");
+        // The next page starts with it (after the one the filter skips), and
+        // fails with its error.
+        let mut scan = PageScan::new(verified, 10);
+        assert_eq!(scan.offer("b", false, || user("b")), Ok(true));
+        assert_eq!(scan.offer("c", true, || Err("damaged")), Err("damaged"));
     }
 
     #[test]

@@ -34,6 +34,38 @@ pub fn user_named(id: &str, first_name: &str) -> proto::User {
     }
 }
 
+/// The ids a listing after `after` (`""`: from the start) returns, and the
+/// status it ends with if it fails.
+pub async fn list_after(client: &mut Client, after: &str) -> (Vec<String>, Option<tonic::Status>) {
+    let request = proto::ListUsersRequest {
+        after_id: after.into(),
+        ..Default::default()
+    };
+    let mut stream = client
+        .list_users(request)
+        .await
+        .expect("list_users")
+        .into_inner();
+    let mut ids = Vec::new();
+    loop {
+        match within("a listed user", stream.message()).await {
+            Ok(Some(user)) => ids.push(user.id),
+            Ok(None) => return (ids, None),
+            Err(status) => return (ids, Some(status)),
+        }
+    }
+}
+
+/// Asserts that `status` is what a client gets for the stored user `id`
+/// when its row cannot be read back.
+pub fn assert_damaged(status: &tonic::Status, id: &str) {
+    assert_eq!(status.code(), tonic::Code::DataLoss, "{status:?}");
+    assert_eq!(
+        status.message(),
+        format!("stored user {id:?} is damaged and cannot be read")
+    );
+}
+
 /// A request stream the test feeds by hand, for the client-streaming and
 /// bidirectional calls. Dropping the sender closes the client's side.
 pub fn request_stream<T>() -> (tokio::sync::mpsc::Sender<T>, ReceiverStream<T>) {

@@ -1,12 +1,8 @@
 //! A real server in the test's own process, on `127.0.0.1:0`.
 
-use std::{net::SocketAddr, sync::Arc};
+use std::net::SocketAddr;
 
-use tokio::{
-    net::TcpListener,
-    sync::{oneshot, watch},
-    task::JoinHandle,
-};
+use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
 use tonic::transport::{Channel, Endpoint};
 use user_service::{
     Config, MemoryStore, SqliteStore, Store,
@@ -14,12 +10,10 @@ use user_service::{
     proto::user_service_client::UserServiceClient,
     server::{Listeners, ServeError},
     store::{
-        ListFilter, Page, StoreError, Subscription,
         postgres::{PostgresOptions, PostgresStore},
         sqlite::{Durability, SqliteOptions},
     },
     transport::ConnectionStats,
-    user::{Change, NewUser, User},
 };
 
 use crate::{Client, PATIENCE, postgres::TestSchema};
@@ -212,94 +206,5 @@ impl Drop for TestServer {
         if let Some(task) = &self.task {
             task.abort();
         }
-    }
-}
-
-/// A store whose reads never complete: a stand-in for a stuck backend, so a
-/// call is still running when its deadline passes or the server shuts down.
-/// With an id, only GetUser of that id is stuck. Clones share the count of
-/// stuck reads.
-#[derive(Clone)]
-pub struct StuckReads {
-    store: MemoryStore,
-    only: Option<&'static str>,
-    /// How many reads have got stuck so far.
-    stuck: Arc<watch::Sender<usize>>,
-}
-
-impl StuckReads {
-    /// Every read is stuck.
-    pub fn all(store: MemoryStore) -> Self {
-        Self::new(store, None)
-    }
-
-    /// Only GetUser of `id` is stuck.
-    pub fn get_of(store: MemoryStore, id: &'static str) -> Self {
-        Self::new(store, Some(id))
-    }
-
-    fn new(store: MemoryStore, only: Option<&'static str>) -> Self {
-        StuckReads {
-            store,
-            only,
-            stuck: Arc::new(watch::Sender::new(0)),
-        }
-    }
-
-    /// Waits until `count` reads in all have got stuck: each of their calls
-    /// has received and decoded its request, and its handler has reached
-    /// the store.
-    pub async fn wait_until_stuck(&self, count: usize) {
-        self.stuck
-            .subscribe()
-            .wait_for(|&stuck| stuck >= count)
-            .await
-            .expect("the sender lives as long as self");
-    }
-
-    async fn stick(&self) -> ! {
-        self.stuck.send_modify(|stuck| *stuck += 1);
-        std::future::pending().await
-    }
-}
-
-impl Store for StuckReads {
-    async fn create(&self, user: NewUser) -> Result<Change, StoreError> {
-        self.store.create(user).await
-    }
-    async fn create_many(&self, users: Vec<NewUser>) -> Vec<Result<Change, StoreError>> {
-        self.store.create_many(users).await
-    }
-    async fn upsert(&self, user: NewUser, expected: Option<u64>) -> Result<Change, StoreError> {
-        self.store.upsert(user, expected).await
-    }
-    async fn delete(&self, id: &str, expected: Option<u64>) -> Result<Change, StoreError> {
-        self.store.delete(id, expected).await
-    }
-    async fn get(&self, id: &str) -> Result<User, StoreError> {
-        match self.only {
-            Some(only) if only != id => self.store.get(id).await,
-            _ => self.stick().await,
-        }
-    }
-    async fn list_page(
-        &self,
-        filter: ListFilter,
-        after: Option<&str>,
-        max: usize,
-    ) -> Result<Page, StoreError> {
-        match self.only {
-            Some(_) => self.store.list_page(filter, after, max).await,
-            None => self.stick().await,
-        }
-    }
-    fn subscribe(&self) -> Subscription {
-        self.store.subscribe()
-    }
-    fn encode_metrics(
-        &self,
-        encoder: &mut prometheus_client::encoding::DescriptorEncoder,
-    ) -> Result<(), std::fmt::Error> {
-        self.store.encode_metrics(encoder)
     }
 }

@@ -3,7 +3,9 @@
 //!
 //! - [`TestServer`]: a server in the test's own process on `127.0.0.1:0`,
 //!   over any store; [`Backend`] and [`for_each_backend!`] run one test body
-//!   once per store backend. [`StuckReads`] is a store whose reads never end.
+//!   once per store backend.
+//! - [`Delegate`]: a store that forwards every call to another except those
+//!   a test's [`Hooks`] change; [`StuckReads`] is one whose reads never end.
 //! - [`ServerProcess`]: the server binary as a child process, its address
 //!   read from the file it writes once listening (`--addr-file`).
 //! - [`raw`]: HTTP/2 below the generated client, frame by frame, for what no
@@ -16,6 +18,7 @@
 //!   instead of hanging it.
 
 mod calls;
+mod delegate;
 mod in_process;
 mod pki;
 pub mod postgres;
@@ -24,10 +27,11 @@ pub mod raw;
 
 use std::{future::Future, time::Duration};
 
-pub use calls::{Client, list_all, request_stream, user, user_named, user_with_id};
-pub use in_process::{
-    Backend, FEED_CAPACITY, StuckReads, TestServer, postgres_store, sqlite_store,
+pub use calls::{
+    Client, assert_damaged, list_after, list_all, request_stream, user, user_named, user_with_id,
 };
+pub use delegate::{Delegate, Hooks, StuckReads};
+pub use in_process::{Backend, FEED_CAPACITY, TestServer, postgres_store, sqlite_store};
 pub use pki::{Pki, PkiFiles, ca, leaf};
 pub use process::{ServerProcess, cpu_seconds, rss_bytes, run_to_exit};
 

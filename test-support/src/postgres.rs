@@ -199,6 +199,29 @@ pub async fn connect(url: &str) -> Client {
     client
 }
 
+/// Runs `sql` with the `psql` shell on `url`, as an operator would: its exit
+/// status, stdout and stderr. Stops at the first error.
+pub fn psql(url: &str, sql: &str) -> std::process::Output {
+    Command::new("psql")
+        .args(["--no-psqlrc", "--quiet", "--set", "ON_ERROR_STOP=1"])
+        .arg("--dbname")
+        .arg(url)
+        .arg("--command")
+        .arg(sql)
+        .output()
+        .expect("psql (Debian's postgresql-client; scripts/install-test-tools.sh)")
+}
+
+/// [`psql`], which must succeed.
+pub fn psql_ok(url: &str, sql: &str) {
+    let output = psql(url, sql);
+    assert!(
+        output.status.success(),
+        "psql {sql:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
 /// An empty schema of its own in the test database, dropped (with
 /// everything in it) when this is dropped.
 pub struct TestSchema {

@@ -1,8 +1,11 @@
 //! ListUsers.
 
-use std::sync::{
-    Arc,
-    atomic::{AtomicUsize, Ordering},
+use std::{
+    future::Future,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
 };
 
 use tokio::sync::Notify;
@@ -10,13 +13,12 @@ use tonic::Code;
 use user_service::{
     Config, MemoryStore, Store,
     proto::{self, ListUsersRequest},
-    store::{ListFilter, Page, StoreError, Subscription},
-    user::{Change, NewUser, User},
+    store::{ListFilter, Page, StoreError},
 };
 
 use test_support::{
-    Backend, Client, FEED_CAPACITY, TestServer, list_all, postgres_store, sqlite_store, user,
-    user_with_id, within,
+    Backend, Client, Delegate, FEED_CAPACITY, Hooks, TestServer, list_all, postgres_store,
+    sqlite_store, user, user_with_id, within,
 };
 
 test_support::for_each_backend!(
@@ -158,10 +160,9 @@ async fn rejects_a_malformed_after_id(backend: Backend) {
     );
 }
 
-/// A store that counts its listing pages and its live handles, to see what a
-/// listing does after its client goes away.
-struct Tracked<S> {
-    inner: S,
+/// Hooks that count a store's listing pages and its live handles, to see
+/// what a listing does after its client goes away.
+struct Tracked {
     probe: Arc<Probe>,
 }
 
@@ -172,57 +173,39 @@ struct Probe {
     dropped: Notify,
 }
 
-impl<S> Tracked<S> {
-    fn new(inner: S) -> Self {
+impl Tracked {
+    fn new<S: Store>(inner: S) -> Delegate<S, Tracked> {
         let probe = Arc::new(Probe::default());
         probe.handles.store(1, Ordering::SeqCst);
-        Tracked { inner, probe }
+        Delegate::new(inner, Tracked { probe })
     }
 }
 
-impl<S> Drop for Tracked<S> {
+impl Drop for Tracked {
     fn drop(&mut self) {
         self.probe.handles.fetch_sub(1, Ordering::SeqCst);
         self.probe.dropped.notify_waiters();
     }
 }
 
-impl<S: Store> Store for Tracked<S> {
-    async fn create(&self, user: NewUser) -> Result<Change, StoreError> {
-        self.inner.create(user).await
-    }
-    async fn create_many(&self, users: Vec<NewUser>) -> Vec<Result<Change, StoreError>> {
-        self.inner.create_many(users).await
-    }
-    async fn upsert(&self, user: NewUser, expected: Option<u64>) -> Result<Change, StoreError> {
-        self.inner.upsert(user, expected).await
-    }
-    async fn delete(&self, id: &str, expected: Option<u64>) -> Result<Change, StoreError> {
-        self.inner.delete(id, expected).await
-    }
-    async fn get(&self, id: &str) -> Result<User, StoreError> {
-        self.inner.get(id).await
-    }
-    async fn list_page(
+impl<S: Store> Hooks<S> for Tracked {
+    fn list_page(
         &self,
+        store: &S,
         filter: ListFilter,
         after: Option<&str>,
         max: usize,
-    ) -> Result<Page, StoreError> {
+    ) -> impl Future<Output = Result<Page, StoreError>> + Send {
         self.probe.pages.fetch_add(1, Ordering::SeqCst);
-        self.inner.list_page(filter, after, max).await
-    }
-    fn subscribe(&self) -> Subscription {
-        self.inner.subscribe()
+        store.list_page(filter, after, max)
     }
 }
 
 // Cloning is how the service hands the store to a listing: count it.
-impl<S: Clone> Clone for Tracked<S> {
+impl Clone for Tracked {
     fn clone(&self) -> Self {
         self.probe.handles.fetch_add(1, Ordering::SeqCst);
         Tracked {
-            inner: self.inner.clone(),
             probe: self.probe.clone(),
         }
     }
@@ -250,7 +233,7 @@ async fn a_cancelled_postgres_listing_stops_its_work() {
 
 async fn cancelled_listing_stops_its_work<S: Store>(inner: S) {
     let store = Tracked::new(inner);
-    let probe = store.probe.clone();
+    let probe = store.hooks.probe.clone();
     let server = TestServer::start_with(store.clone(), Config::default()).await;
     let mut client = server.client().await;
     let rows: Vec<proto::User> = (0..20_000).map(|i| user(&format!("u{i}"))).collect();

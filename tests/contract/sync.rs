@@ -9,12 +9,12 @@ use user_service::proto::{
 
 use user_service::{
     Config, MemoryStore, Store,
-    store::{ChangeFeed, ListFilter, Page, StoreError, Subscription, WriteOp},
-    user::{Change as UserChange, NewUser, User},
+    store::{ChangeFeed, Subscription},
 };
 
 use test_support::{
-    Backend, Client, FEED_CAPACITY, TestServer, request_stream, user, user_with_id, within,
+    Backend, Client, Delegate, FEED_CAPACITY, Hooks, TestServer, request_stream, user,
+    user_with_id, within,
 };
 
 test_support::for_each_backend!(
@@ -436,12 +436,11 @@ async fn pipelined_ops_keep_their_order_beside_another_writer(backend: Backend) 
 /// write has been answered, if the tailer is slow).
 #[derive(Clone)]
 struct LateFeed {
-    inner: MemoryStore,
     feed: ChangeFeed,
 }
 
 impl LateFeed {
-    fn new() -> Self {
+    fn new() -> Delegate<MemoryStore, LateFeed> {
         let inner = MemoryStore::new(FEED_CAPACITY);
         let feed = ChangeFeed::new(FEED_CAPACITY);
         let mut committed = inner.subscribe();
@@ -453,38 +452,12 @@ impl LateFeed {
                 late.publish(change);
             }
         });
-        LateFeed { inner, feed }
+        Delegate::new(inner, LateFeed { feed })
     }
 }
 
-impl Store for LateFeed {
-    async fn create(&self, user: NewUser) -> Result<UserChange, StoreError> {
-        self.inner.create(user).await
-    }
-    async fn create_many(&self, users: Vec<NewUser>) -> Vec<Result<UserChange, StoreError>> {
-        self.inner.create_many(users).await
-    }
-    async fn upsert(&self, user: NewUser, expected: Option<u64>) -> Result<UserChange, StoreError> {
-        self.inner.upsert(user, expected).await
-    }
-    async fn delete(&self, id: &str, expected: Option<u64>) -> Result<UserChange, StoreError> {
-        self.inner.delete(id, expected).await
-    }
-    async fn apply_many(&self, ops: Vec<WriteOp>) -> Vec<Result<UserChange, StoreError>> {
-        self.inner.apply_many(ops).await
-    }
-    async fn get(&self, id: &str) -> Result<User, StoreError> {
-        self.inner.get(id).await
-    }
-    async fn list_page(
-        &self,
-        filter: ListFilter,
-        after: Option<&str>,
-        max: usize,
-    ) -> Result<Page, StoreError> {
-        self.inner.list_page(filter, after, max).await
-    }
-    fn subscribe(&self) -> Subscription {
+impl Hooks<MemoryStore> for LateFeed {
+    fn subscribe(&self, _: &MemoryStore) -> Subscription {
         self.feed.subscribe()
     }
 }

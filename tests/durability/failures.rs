@@ -1,17 +1,13 @@
-//! Writes that fail: for want of room, or because the writer died.
+//! Writes that fail for want of room.
 
 use std::{io, os::unix::process::CommandExt};
 
 use rlimit::Resource;
-use test_support::{ServerProcess, list_all, user, user_named};
+use test_support::{ServerProcess, list_all, user};
 use tonic::Code;
-use tonic_health::pb::health_check_response::ServingStatus;
-use user_service::proto::{
-    self, SyncRequest, sync_request::Op, sync_response::Event,
-    user_service_client::UserServiceClient, user_service_server::SERVICE_NAME,
-};
+use user_service::proto;
 
-use crate::{PROBE_ID, next_seq, next_seq_after, server_command, start, wait_for_health};
+use crate::{PROBE_ID, next_seq, next_seq_after, server_command, start};
 
 /// How large the server may grow a file in the test below: room for the
 /// log of a few dozen small commits (16 KiB pages).
@@ -101,65 +97,4 @@ async fn a_failed_log_write_rolls_back_and_writes_resume_when_room_is_made() {
     stored.retain(|user| user.id != PROBE_ID);
     assert_eq!(stored, acked);
     assert_eq!(next_seq_after(&mut client, 1).await, seq + 2);
-}
-
-/// A writer thread that dies (here it panics on a row written by another
-/// program, with fields longer than a user can hold) makes the server say
-/// so: health turns NOT_SERVING, and every write fails with INTERNAL at once
-/// instead of hanging, while reads go on.
-#[tokio::test]
-async fn a_writer_that_dies_turns_health_to_not_serving() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("users.db");
-    let server = start(&db);
-    let channel = server.channel().await;
-    let mut client = UserServiceClient::new(channel.clone());
-    let ann = client
-        .add_user(user_named("a", "Ann"))
-        .await
-        .unwrap()
-        .into_inner()
-        .user
-        .unwrap();
-    wait_for_health(channel.clone(), SERVICE_NAME, ServingStatus::Serving).await;
-    rusqlite::Connection::open(&db)
-        .unwrap()
-        .execute(
-            "INSERT INTO users VALUES ('huge', ?1, '', '', 0, 1)",
-            ["x".repeat(70_000)],
-        )
-        .unwrap();
-
-    // Deleting the row makes the writer read it, and die.
-    let delete = SyncRequest {
-        request_id: 1,
-        op: Some(Op::DeleteId("huge".into())),
-        expected_version: 0,
-    };
-    let mut sync = client
-        .sync_users(tokio_stream::iter([delete]))
-        .await
-        .unwrap()
-        .into_inner();
-    let ack = loop {
-        match sync.message().await.unwrap().and_then(|r| r.event) {
-            Some(Event::Ack(ack)) => break ack,
-            Some(_) => {}
-            None => panic!("no Ack"),
-        }
-    };
-    assert_eq!(ack.code, Code::Internal as i32, "{ack:?}");
-    assert_eq!(ack.message, "internal storage error");
-
-    wait_for_health(channel.clone(), SERVICE_NAME, ServingStatus::NotServing).await;
-    wait_for_health(channel, "", ServingStatus::NotServing).await;
-    let failed = client.add_user(user("Bob")).await.unwrap_err();
-    assert_eq!(failed.code(), Code::Internal, "{failed:?}");
-    assert_eq!(failed.message(), "internal storage error");
-    let read = client
-        .get_user(proto::GetUserRequest { id: "a".into() })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(read, ann);
 }

@@ -1,12 +1,14 @@
 //! The SQLite store through the real `user-service` binary, as a child
 //! process: refused files at startup (`startup`), a restart on the same
 //! file and a `SIGTERM` that leaves the file complete on its own
-//! (`restart`), writes that fail for want of room and a writer that dies
-//! (`failures`), and a `SIGKILL` in the middle of a write load (`crash`).
+//! (`restart`), writes that fail for want of room (`failures`), rows
+//! written with the sqlite3 shell (`shell`), and a `SIGKILL` in the middle
+//! of a write load (`crash`).
 
 mod crash;
 mod failures;
 mod restart;
+mod shell;
 mod startup;
 
 use std::{

@@ -2,9 +2,12 @@
 
 use std::path::Path;
 
-use user_service::store::sqlite::{APPLICATION_ID, SCHEMA_VERSION};
+use user_service::{
+    proto::GetUserRequest,
+    store::sqlite::{APPLICATION_ID, SCHEMA_VERSION},
+};
 
-use crate::run_to_exit;
+use crate::{run_to_exit, shell::sqlite3_ok, start};
 
 /// The exit code for a refused store file (see `src/main.rs`).
 const EXIT_STORE_REFUSED: i32 = 65;
@@ -47,4 +50,62 @@ fn refuses_a_corrupted_foreign_or_newer_file_at_startup() {
     .unwrap();
     drop(conn);
     assert_refused(&newer, "is newer than this build supports");
+}
+
+/// A store file as schema version 2 left it (no constraints), written with
+/// the sqlite3 shell: users that break the API's limits make the migration
+/// refuse the file, naming them; fixed with the shell, it migrates keeping
+/// every user.
+#[tokio::test]
+async fn users_outside_the_limits_refuse_the_migration_until_fixed() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("users.db");
+    sqlite3_ok(
+        &db,
+        &format!(
+            "PRAGMA application_id = {APPLICATION_ID};
+             PRAGMA journal_mode = WAL;
+             CREATE TABLE schema_version (version INTEGER NOT NULL) STRICT;
+             INSERT INTO schema_version (version) VALUES (2);
+             CREATE TABLE users (
+                 id TEXT PRIMARY KEY NOT NULL,
+                 first_name TEXT NOT NULL,
+                 last_name TEXT NOT NULL,
+                 address TEXT NOT NULL,
+                 verified INTEGER NOT NULL,
+                 version INTEGER NOT NULL
+             ) STRICT, WITHOUT ROWID;
+             CREATE TABLE change_seq (seq INTEGER NOT NULL) STRICT;
+             INSERT INTO change_seq (seq) VALUES (3);
+             INSERT INTO users VALUES ('a', 'Ann', '', '', 1, 1);
+             INSERT INTO users VALUES ('big', printf('%.*c', 70000, 'x'), '', '', 0, 1);
+             INSERT INTO users VALUES ('no id', 'Bob', '', '', 0, 1);"
+        ),
+    );
+    assert_refused(
+        &db,
+        r#"the stored users with ids "big", "no id" break the limits"#,
+    );
+
+    sqlite3_ok(
+        &db,
+        "UPDATE users SET first_name = 'Big' WHERE id = 'big';
+         DELETE FROM users WHERE id = 'no id';",
+    );
+    let server = start(&db);
+    let mut client = server.client().await;
+    for (id, name) in [("a", "Ann"), ("big", "Big")] {
+        let user = client
+            .get_user(GetUserRequest { id: id.into() })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(user.first_name, name);
+    }
+    let (status, log) = server.stop().await;
+    assert!(status.success(), "{log}");
+    assert!(
+        log.contains(&format!("from=2 to={SCHEMA_VERSION}")),
+        "{log}"
+    );
 }

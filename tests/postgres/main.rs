@@ -2,7 +2,7 @@
 //! time on one database, as replicas behind a load balancer would run:
 //! one gapless change feed across them, a replica killed in the middle of
 //! its writes, the database restarted or its connections cut, the changelog
-//! pruned, and schemas the binary must refuse.
+//! pruned, rows written with psql, and schemas the binary must refuse.
 //!
 //! Each test works in a schema of its own in the test database (see
 //! `test_support::postgres`); those that restart the database or cut it off get a
@@ -14,4 +14,5 @@ mod outage;
 mod replica;
 mod replicas;
 mod schema;
+mod shell;
 mod tls;

@@ -62,6 +62,11 @@ impl Replica {
         self.server.client().await
     }
 
+    /// Its log so far.
+    pub fn log(&self) -> String {
+        self.server.log()
+    }
+
     /// The server's health (`""`, the whole server), as a stream of changes.
     pub async fn health(&self) -> Streaming<tonic_health::pb::HealthCheckResponse> {
         HealthClient::new(self.channel().await)

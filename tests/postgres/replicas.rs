@@ -8,7 +8,7 @@ use prometheus_client::{collector::Collector, encoding::DescriptorEncoder, regis
 use tonic::Code;
 use user_service::proto::{Change, sync_response::Event};
 use user_service::store::{
-    Store, StoreError,
+    Store, StoreError, StoreExt,
     postgres::{PostgresOptions, PostgresStore},
 };
 

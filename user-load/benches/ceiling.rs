@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use prost::Message;
 use sample_users::UserPool;
-use user_service::{MemoryStore, Store, proto, user::NewUser, validate};
+use user_service::{MemoryStore, proto, store::StoreExt, user::NewUser, validate};
 
 /// Users imported by the full benchmark: the size the server targets are
 /// stated for.

@@ -34,11 +34,13 @@ use tokio_postgres::{
 use super::{
     connect::Report,
     copy::{self, COPY_MIN_ROWS},
+    rows::{self, kind_code},
+    tailer::Announce,
 };
 use crate::{
     store::{
         PreparedOp, StoreError, check_version,
-        group_commit::{Batch, Results},
+        group_commit::{Batch, BatchResults},
     },
     user::{Change, ChangeKind, User},
 };
@@ -46,37 +48,6 @@ use crate::{
 /// How many times a batch that lost a deadlock (or a serialization
 /// conflict) is run again before its ops fail.
 const MAX_ATTEMPTS: usize = 3;
-
-/// The changelog's code for each kind of change.
-pub(super) fn kind_code(kind: ChangeKind) -> i16 {
-    match kind {
-        ChangeKind::Created => 1,
-        ChangeKind::Updated => 2,
-        ChangeKind::Deleted => 3,
-    }
-}
-
-/// The kind of change a changelog code stands for.
-pub(super) fn kind_of(code: i16) -> Option<ChangeKind> {
-    match code {
-        1 => Some(ChangeKind::Created),
-        2 => Some(ChangeKind::Updated),
-        3 => Some(ChangeKind::Deleted),
-        _ => None,
-    }
-}
-
-/// Where committed changes are announced: `pg_notify(channel, payload)`
-/// with the payload `SCHEMA:SEQ` (the last seq of the commit), so that a
-/// tailer of another schema on the same database, or one that has already
-/// read that far, need not read.
-#[derive(Debug, Clone)]
-pub(super) struct Announce {
-    /// `None`: no NOTIFY (an engine without it; tailers poll).
-    pub channel: Option<String>,
-    /// `SCHEMA:`.
-    pub prefix: String,
-}
 
 /// The writer's statements, prepared once per connection.
 pub(super) struct Statements {
@@ -231,7 +202,7 @@ pub(super) async fn apply(
     statements: &Statements,
     announce: &Announce,
     batch: &Batch,
-) -> Result<Results, tokio_postgres::Error> {
+) -> Result<BatchResults, tokio_postgres::Error> {
     let creates: Option<Vec<&User>> = batch
         .ops()
         .map(|op| match op {
@@ -270,7 +241,7 @@ async fn create_only(
     statements: &Statements,
     announce: &Announce,
     users: &[&User],
-) -> Result<Results, tokio_postgres::Error> {
+) -> Result<BatchResults, tokio_postgres::Error> {
     let notify: Vec<&(dyn ToSql + Sync)> = match &announce.channel {
         Some(channel) => vec![channel, &announce.prefix],
         None => Vec::new(),
@@ -334,7 +305,7 @@ async fn apply_once(
     statements: &Statements,
     announce: &Announce,
     batch: &Batch,
-) -> Result<Results, tokio_postgres::Error> {
+) -> Result<BatchResults, tokio_postgres::Error> {
     let tx = client.transaction().await?;
     let mut changes = Changes::default();
     let mut outcomes: Vec<Result<usize, StoreError>> = Vec::with_capacity(batch.len());
@@ -486,31 +457,17 @@ async fn delete(
     let Some(row) = tx.query_opt(&statements.user_of, &[&id]).await? else {
         return Ok(Err(StoreError::NotFound(id.to_owned())));
     };
-    let user = user_from_row(&row)?;
+    // Its change would carry the user as it was: a row that cannot be read
+    // is not deleted, and the other ops go on.
+    let user = match rows::user(&row) {
+        Ok(user) => user,
+        Err(unreadable) => return Ok(Err(unreadable)),
+    };
     if let Err(err) = check_version(expected_version, user.version()) {
         return Ok(Err(err));
     }
     tx.execute(&statements.delete, &[&id]).await?;
     Ok(Ok(user))
-}
-
-/// Builds a user from `id, first_name, last_name, address, verified, version`
-/// (at `offset`), copying the text once, into the user.
-pub(super) fn user_from_columns(
-    row: &tokio_postgres::Row,
-    offset: usize,
-) -> Result<User, tokio_postgres::Error> {
-    let text = |index| row.try_get::<_, &str>(offset + index);
-    let version: i64 = row.try_get(offset + 5)?;
-    Ok(User::from_fields(
-        [text(0)?, text(1)?, text(2)?, text(3)?],
-        row.try_get(offset + 4)?,
-        version as u64,
-    ))
-}
-
-pub(super) fn user_from_row(row: &tokio_postgres::Row) -> Result<User, tokio_postgres::Error> {
-    user_from_columns(row, 0)
 }
 
 /// The changes a transaction makes, in order, waiting for their seqs.
@@ -592,7 +549,7 @@ impl Changes {
     }
 
     /// Each op's result, its change numbered from `base + 1`.
-    fn results(self, base: u64, outcomes: Vec<Result<usize, StoreError>>) -> Results {
+    fn results(self, base: u64, outcomes: Vec<Result<usize, StoreError>>) -> BatchResults {
         let mut changes: Vec<Option<(ChangeKind, User)>> =
             self.changes.into_iter().map(Some).collect();
         outcomes

@@ -25,7 +25,7 @@ use tokio_postgres::{
     types::{ToSql, Type},
 };
 
-use super::apply::{Announce, kind_code};
+use super::{rows::kind_code, tailer::Announce};
 use crate::user::{ChangeKind, User};
 
 /// Batches of at least this many creates go through `COPY`; smaller ones

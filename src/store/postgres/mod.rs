@@ -16,9 +16,12 @@
 //!   row and its changes appended to the changelog; `copy`: long runs of
 //!   creates through binary `COPY`;
 //! - `tailer`: the task that reads the changelog in seq order and feeds this
-//!   replica's change feed, every replica's writes this one's included;
+//!   replica's change feed, every replica's writes this one's included, and
+//!   how commits are announced to it;
 //! - `prune`: keeping the changelog bounded;
-//! - `read`: GetUser and listing pages on pooled connections.
+//! - `read`: GetUser and listing pages on pooled connections;
+//! - `rows`: decoding what the database holds (users, changes), for the
+//!   writer, the reader and the tailer.
 //!
 //! A write is answered once it has committed (as the database's
 //! `synchronous_commit` has it) and this replica's tailer has published it,
@@ -31,6 +34,7 @@ mod connect;
 mod copy;
 mod prune;
 mod read;
+mod rows;
 mod schema;
 mod tailer;
 mod writer;
@@ -61,17 +65,15 @@ pub use schema::{OpenError, SCHEMA_VERSION, VERSION_TABLE};
 pub use tailer::{CHANNEL, TAIL_BATCH};
 
 use self::{
-    apply::Announce,
-    tailer::{Contents, Position, TailerTask, Wakeups},
+    tailer::{Announce, Contents, Position, TailerTask, Tailing, Wakeups},
     writer::WriterTask,
 };
 use super::{
-    ChangeFeed, ListFilter, Page, PreparedOp, Store, StoreError, StoreHealth, Subscription,
-    WriteOp,
+    ChangeFeed, ListFilter, Ops, Page, Results, Store, StoreError, StoreHealth, Subscription,
     group_commit::{self, WriteStats, Writes},
     write_stats,
 };
-use crate::user::{Change, NewUser, User};
+use crate::user::User;
 
 /// How often the tailer reads the changelog when nothing woke it: the
 /// safety net under notifications, and the feed's latency where there are
@@ -242,20 +244,20 @@ impl PostgresStore {
         let session = writer::Session::open(&connector, &announce)
             .await
             .map_err(|err| OpenError::postgres(&target, err))?;
-        let tailer = TailerTask::start(
-            connector.clone(),
-            feed.clone(),
-            position_sender,
-            wake.clone(),
-            Wakeups {
+        let tailer = TailerTask::start(Tailing {
+            connector: connector.clone(),
+            feed: feed.clone(),
+            position: position_sender,
+            wake: wake.clone(),
+            wakeups: Wakeups {
                 listen: options.notify,
                 prefix,
                 poll_interval: options.poll_interval,
             },
-            health_parts.clone(),
-            contents.clone(),
-            opened.seq,
-        )
+            health: health_parts.clone(),
+            contents: contents.clone(),
+            after: opened.seq,
+        })
         .await
         .map_err(|err| OpenError::postgres(&target, err))?;
         let writer = WriterTask::spawn(
@@ -306,10 +308,13 @@ impl PostgresStore {
     pub fn target(&self) -> String {
         self.shared.connector.to_string()
     }
+}
 
-    /// Sends `ops` to the writer, then waits until this replica's feed has
-    /// published what they committed (see [`FEED_WAIT`]).
-    async fn write(&self, ops: Vec<PreparedOp>) -> Vec<Result<Change, StoreError>> {
+impl Store for PostgresStore {
+    /// One command to the writer (the ops share its next commit), then a
+    /// wait until this replica's feed has published what they committed
+    /// (see [`FEED_WAIT`]).
+    async fn write(&self, ops: Ops) -> Results {
         let results = self.shared.writes.submit(ops).await;
         if let Some(seq) = results.iter().flatten().map(|c| c.seq).max() {
             let mut position = self.shared.position.clone();
@@ -319,47 +324,6 @@ impl PostgresStore {
             let _ = tokio::time::timeout(FEED_WAIT, published).await;
         }
         results
-    }
-
-    async fn write_one(&self, op: PreparedOp) -> Result<Change, StoreError> {
-        self.write(vec![op]).await.pop().expect("one result per op")
-    }
-}
-
-impl Store for PostgresStore {
-    async fn create(&self, user: NewUser) -> Result<Change, StoreError> {
-        self.write_one(PreparedOp::create(&user)).await
-    }
-
-    async fn create_many(&self, users: Vec<NewUser>) -> Vec<Result<Change, StoreError>> {
-        self.write(users.iter().map(PreparedOp::create).collect())
-            .await
-    }
-
-    async fn upsert(
-        &self,
-        user: NewUser,
-        expected_version: Option<u64>,
-    ) -> Result<Change, StoreError> {
-        self.write_one(PreparedOp::prepare(WriteOp::Upsert {
-            user,
-            expected_version,
-        }))
-        .await
-    }
-
-    async fn delete(&self, id: &str, expected_version: Option<u64>) -> Result<Change, StoreError> {
-        self.write_one(PreparedOp::Delete {
-            id: id.to_owned(),
-            expected_version,
-        })
-        .await
-    }
-
-    async fn apply_many(&self, ops: Vec<WriteOp>) -> Vec<Result<Change, StoreError>> {
-        // One command: the ops share the writer's next commit.
-        self.write(ops.into_iter().map(PreparedOp::prepare).collect())
-            .await
     }
 
     async fn get(&self, id: &str) -> Result<User, StoreError> {

@@ -10,8 +10,8 @@
 use deadpool_postgres::Pool;
 
 use super::{
-    apply::user_from_row,
     connect::{Report, STATEMENT_TIMEOUT, is_connection_loss, pool_error, store_error},
+    rows,
 };
 use crate::{
     store::{ListFilter, Page, StoreError, page::PageScan},
@@ -37,7 +37,7 @@ pub(super) async fn get(pool: &Pool, id: &str) -> Result<User, StoreError> {
             continue;
         };
         return match row {
-            Some(row) => user_from_row(&row).map_err(|err| store_error(WHAT, &err)),
+            Some(row) => rows::user(&row),
             None => Err(StoreError::NotFound(id.to_owned())),
         };
     }
@@ -72,10 +72,7 @@ pub(super) async fn list_page(
         for row in &rows {
             let id: &str = row.try_get(0).map_err(failed)?;
             let verified: bool = row.try_get(4).map_err(failed)?;
-            if !scan
-                .offer(id, verified, || user_from_row(row))
-                .map_err(failed)?
-            {
+            if !scan.offer(id, verified, || rows::user(row))? {
                 break;
             }
         }

@@ -20,14 +20,26 @@
 //! - `user_changes`: the changelog, one row per committed change with the
 //!   user as the change left it, written in the same transaction; what every
 //!   replica's tailer reads. Pruned (see `prune`).
+//!
+//! Since version 2, CHECK constraints hold `users` and `user_changes` to
+//! the limits the API holds a new user to (`validate`), so that a row
+//! written with psql that breaks them is refused by PostgreSQL itself. A
+//! migration adds its constraints `NOT VALID` (no scan), then
+//! [`validate_constraints`] looks for rows that break them: any there
+//! refuse the database, named, for an operator to fix or delete, rather
+//! than be dropped or changed, and the transaction is rolled back;
+//! otherwise the constraints are validated. Both scan the tables once,
+//! holding the lock the constraints took: writes from other replicas wait
+//! for the migration, once.
 
-use tokio_postgres::Client;
+use tokio_postgres::{Client, Transaction};
 
 use super::connect::{ConfigError, Report, is_connection_loss};
+use crate::store::stored::{MAX_NAMED_ROWS, RowNames};
 
 /// The schema version this build writes. An older database is migrated; a
 /// newer one is refused, since this build cannot know what it means.
-pub const SCHEMA_VERSION: i32 = 1;
+pub const SCHEMA_VERSION: i32 = 2;
 
 /// The table that records the schema version.
 pub const VERSION_TABLE: &str = "user_service_schema";
@@ -40,9 +52,18 @@ const OUR_TABLES: [&str; 3] = ["users", "user_change_seq", "user_changes"];
 /// schema (the second is the current schema's name, hashed).
 const MIGRATION_LOCK: i32 = 0x5553_5256; // "USRV"
 
+/// Our tables, each with the column that names a row of it in a refusal.
+const KEYED_TABLES: [(&str, &str); 3] = [
+    ("users", "id"),
+    ("user_changes", "seq"),
+    ("user_change_seq", "seq"),
+];
+
 /// `MIGRATIONS[v]` takes the schema from version `v` to `v + 1`. Each runs in
 /// the transaction that also records the new version.
-const MIGRATIONS: &[&str] = &["CREATE TABLE users (
+const MIGRATIONS: &[&str] = &[
+    // 0 -> 1: the tables.
+    "CREATE TABLE users (
          id text COLLATE \"C\" PRIMARY KEY,
          first_name text NOT NULL,
          last_name text NOT NULL,
@@ -67,7 +88,44 @@ const MIGRATIONS: &[&str] = &["CREATE TABLE users (
          verified boolean NOT NULL,
          version bigint NOT NULL,
          committed_at timestamptz NOT NULL DEFAULT now()
-     );"];
+     );",
+    // 1 -> 2: the API's limits as constraints, on users and on the users
+    // the changelog carries: an id of 1 to 64 bytes, none outside
+    // [A-Za-z0-9_-] (the column's "C" collation makes the ranges ASCII); a
+    // first name with a character that is not white space as Rust's
+    // `char::is_whitespace` has it, which is what `validate`'s `trim`
+    // leaves; each text field at most 256 bytes; versions from 1, seqs from
+    // 0 (the counter) or 1 (a change), known kinds of change.
+    //
+    // Each rule is one cheap pass that stops early where it can: a regex
+    // with a bounded repetition (`^[...]{1,64}$`) made every insert several
+    // times slower, and a blank first name is found by its first character
+    // that is not white space rather than by trimming.
+    r#"ALTER TABLE users
+         ADD CONSTRAINT id_rules
+             CHECK (octet_length(id) BETWEEN 1 AND 64 AND id !~ '[^A-Za-z0-9_-]') NOT VALID,
+         ADD CONSTRAINT first_name_rules
+             CHECK (octet_length(first_name) <= 256 AND first_name
+                 ~ U&'[^\0009-\000D\0020\0085\00A0\1680\2000-\200A\2028\2029\202F\205F\3000]')
+             NOT VALID,
+         ADD CONSTRAINT last_name_rules CHECK (octet_length(last_name) <= 256) NOT VALID,
+         ADD CONSTRAINT address_rules CHECK (octet_length(address) <= 256) NOT VALID,
+         ADD CONSTRAINT version_rules CHECK (version >= 1) NOT VALID;
+     ALTER TABLE user_changes
+         ADD CONSTRAINT seq_rules CHECK (seq >= 1) NOT VALID,
+         ADD CONSTRAINT kind_rules CHECK (kind BETWEEN 1 AND 3) NOT VALID,
+         ADD CONSTRAINT id_rules
+             CHECK (octet_length(id) BETWEEN 1 AND 64 AND id !~ '[^A-Za-z0-9_-]') NOT VALID,
+         ADD CONSTRAINT first_name_rules
+             CHECK (octet_length(first_name) <= 256 AND first_name
+                 ~ U&'[^\0009-\000D\0020\0085\00A0\1680\2000-\200A\2028\2029\202F\205F\3000]')
+             NOT VALID,
+         ADD CONSTRAINT last_name_rules CHECK (octet_length(last_name) <= 256) NOT VALID,
+         ADD CONSTRAINT address_rules CHECK (octet_length(address) <= 256) NOT VALID,
+         ADD CONSTRAINT version_rules CHECK (version >= 1) NOT VALID;
+     ALTER TABLE user_change_seq
+         ADD CONSTRAINT seq_rules CHECK (seq >= 0) NOT VALID;"#,
+];
 
 /// Why the store could not be opened. Every refusal leaves the database as
 /// it was.
@@ -98,6 +156,20 @@ pub enum OpenError {
     },
     #[error("{target}: no schema to create tables in (the search_path names none that exists)")]
     NoSchema { target: String },
+    #[error(
+        "{target} schema {schema:?}: the rows of {table} with {key} {rows} break the limits \
+         every user is held to (README: The PostgreSQL store); refusing to migrate to schema \
+         version {SCHEMA_VERSION} (database left untouched): fix or delete them with psql, \
+         then start again"
+    )]
+    OutsideLimits {
+        target: String,
+        schema: String,
+        table: &'static str,
+        /// What names the rows: `ids` or `seqs`.
+        key: &'static str,
+        rows: RowNames,
+    },
     #[error("{target}: {detail}")]
     Postgres { target: String, detail: String },
 }
@@ -108,7 +180,10 @@ impl OpenError {
     pub fn is_refusal(&self) -> bool {
         matches!(
             self,
-            OpenError::NewerSchema { .. } | OpenError::Foreign { .. } | OpenError::NoSchema { .. }
+            OpenError::NewerSchema { .. }
+                | OpenError::Foreign { .. }
+                | OpenError::NoSchema { .. }
+                | OpenError::OutsideLimits { .. }
         )
     }
 
@@ -208,6 +283,8 @@ pub(super) async fn migrate(client: &mut Client, target: &str) -> Result<Opened,
         tracing::info!(%schema, from = version, to = version + 1, "migrating schema");
         tx.batch_execute(sql).await.map_err(pg)?;
     }
+    // A refusal drops the transaction: nothing is written.
+    validate_constraints(&tx, target, &schema).await?;
     if from < SCHEMA_VERSION {
         tx.execute(
             &format!("UPDATE {VERSION_TABLE} SET version = $1"),
@@ -231,4 +308,75 @@ pub(super) async fn migrate(client: &mut Client, target: &str) -> Result<Opened,
         seq: seq as u64,
         users: users as u64,
     })
+}
+
+/// Validates the CHECK constraints of our tables that a migration added
+/// `NOT VALID`, or refuses the database, naming the first rows that break
+/// them (by `KEYED_TABLES`' column), when there are any.
+async fn validate_constraints(
+    tx: &Transaction<'_>,
+    target: &str,
+    schema: &str,
+) -> Result<(), OpenError> {
+    let pg = |err| OpenError::postgres(target, err);
+    for (table, key) in KEYED_TABLES {
+        // The constraints' own expressions, as PostgreSQL keeps them: the
+        // rows that break them are found by the very rules that will hold.
+        let pending: Vec<(String, String)> = tx
+            .query(
+                "SELECT conname::text, pg_get_expr(conbin, conrelid) FROM pg_constraint
+                 WHERE conrelid = $1::text::regclass AND contype = 'c' AND NOT convalidated
+                 ORDER BY conname",
+                &[&table],
+            )
+            .await
+            .map_err(pg)?
+            .iter()
+            .map(|row| (row.get(0), row.get(1)))
+            .collect();
+        if pending.is_empty() {
+            continue;
+        }
+        let rules: Vec<String> = pending
+            .iter()
+            .map(|(_, expr)| format!("({expr})"))
+            .collect();
+        let breaking = format!("FROM {table} WHERE NOT ({})", rules.join(" AND "));
+        let total: i64 = tx
+            .query_one(&format!("SELECT count(*) {breaking}"), &[])
+            .await
+            .map_err(pg)?
+            .get(0);
+        if total > 0 {
+            let first = tx
+                .query(
+                    &format!("SELECT {key}::text {breaking} ORDER BY {key} LIMIT {MAX_NAMED_ROWS}"),
+                    &[],
+                )
+                .await
+                .map_err(pg)?
+                .iter()
+                .map(|row| match key {
+                    "id" => format!("{:?}", row.get::<_, &str>(0)),
+                    _ => row.get::<_, String>(0),
+                })
+                .collect();
+            return Err(OpenError::OutsideLimits {
+                target: target.to_owned(),
+                schema: schema.to_owned(),
+                table,
+                key: if key == "id" { "ids" } else { "seqs" },
+                rows: RowNames {
+                    first,
+                    total: total.unsigned_abs(),
+                },
+            });
+        }
+        for (name, _) in &pending {
+            tx.batch_execute(&format!("ALTER TABLE {table} VALIDATE CONSTRAINT {name}"))
+                .await
+                .map_err(pg)?;
+        }
+    }
+    Ok(())
 }

@@ -18,6 +18,13 @@
 //! database for longer than the changelog keeps changes), it publishes a gap:
 //! every current subscriber ends with ABORTED, never skipping a change, and
 //! the tailer goes on from the oldest change left.
+//!
+//! If it reads a change it cannot decode (a changelog row another program
+//! wrote, see `rows`), it publishes what came before, then ends every
+//! subscriber there (`DATA_LOSS`) rather than skip the change, and stops:
+//! health turns `NOT_SERVING` and writes stop waiting for it. It reads the
+//! same change again each time it is woken, ending whoever subscribed
+//! since, until the row is repaired; then it goes on from there.
 
 use std::{
     future::poll_fn,
@@ -37,13 +44,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     Health, Part,
-    apply::{kind_of, user_from_columns},
     connect::{Backoff, Connector, Driver, Report, STATEMENT_TIMEOUT},
+    rows,
 };
-use crate::{
-    store::ChangeFeed,
-    user::{Change, ChangeKind},
-};
+use crate::{store::ChangeFeed, user::ChangeKind};
 
 /// Most changes read in one query: bounds the memory of a read while a
 /// replica catches up, and is large enough that a bulk import is read back
@@ -51,8 +55,20 @@ use crate::{
 pub const TAIL_BATCH: i64 = 4096;
 
 /// The channel every replica's commits are announced on (with a payload
-/// that names the schema, see `apply::Announce`).
+/// that names the schema, see `Announce`).
 pub const CHANNEL: &str = "user_service_changes";
+
+/// Where committed changes are announced: `pg_notify(channel, payload)`
+/// with the payload `SCHEMA:SEQ` (the last seq of the commit), so that a
+/// tailer of another schema on the same database, or one that has already
+/// read that far, need not read.
+#[derive(Debug, Clone)]
+pub(super) struct Announce {
+    /// `None`: no NOTIFY (an engine without it; tailers poll).
+    pub channel: Option<String>,
+    /// `SCHEMA:`.
+    pub prefix: String,
+}
 
 /// Where the tailer is, as the store's writes wait for it (a write is
 /// answered once this replica's feed has published it).
@@ -102,6 +118,24 @@ pub(super) struct Wakeups {
     pub poll_interval: Duration,
 }
 
+/// What a tailer works with, as the store hands it over when it opens.
+pub(super) struct Tailing {
+    pub connector: Connector,
+    /// Where it publishes the changes it reads.
+    pub feed: ChangeFeed,
+    /// How far it has published, for the writes that wait for it.
+    pub position: watch::Sender<Position>,
+    /// Woken by this replica's writer after each commit.
+    pub wake: Arc<Notify>,
+    pub wakeups: Wakeups,
+    /// Where it says whether it is connected.
+    pub health: Arc<Health>,
+    /// Where it counts users and the last seq, for the metrics.
+    pub contents: Arc<Contents>,
+    /// The seq of the last change before those it is to publish.
+    pub after: u64,
+}
+
 /// The running tailer, as the store holds it.
 #[derive(Debug)]
 pub(super) struct TailerTask {
@@ -110,19 +144,19 @@ pub(super) struct TailerTask {
 }
 
 impl TailerTask {
-    /// Connects and starts reading after `start`. Connected before it
-    /// returns, so that the store's first writes find it reading.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) async fn start(
-        connector: Connector,
-        feed: ChangeFeed,
-        position: watch::Sender<Position>,
-        wake: Arc<Notify>,
-        wakeups: Wakeups,
-        health: Arc<Health>,
-        contents: Arc<Contents>,
-        start: u64,
-    ) -> Result<TailerTask, tokio_postgres::Error> {
+    /// Connects and starts reading after `tailing.after`. Connected before
+    /// it returns, so that the store's first writes find it reading.
+    pub(super) async fn start(tailing: Tailing) -> Result<TailerTask, tokio_postgres::Error> {
+        let Tailing {
+            connector,
+            feed,
+            position,
+            wake,
+            wakeups,
+            health,
+            contents,
+            after,
+        } = tailing;
         let closing = CancellationToken::new();
         let tailer = Tailer {
             connector,
@@ -132,8 +166,9 @@ impl TailerTask {
             wakeups,
             health,
             contents,
-            last: start,
-            counted_from: start,
+            last: after,
+            counted_from: after,
+            stuck: None,
             closing: closing.clone(),
         };
         let connected = tailer.connect().await?;
@@ -165,6 +200,8 @@ struct Tailer {
     /// `contents.users` counts the users at this seq and the changes after
     /// it (a recount after a gap moves it).
     counted_from: u64,
+    /// The seq of the next change, while it cannot be decoded.
+    stuck: Option<u64>,
     closing: CancellationToken,
 }
 
@@ -194,11 +231,9 @@ impl Tailer {
                 Ok((client, driver, statement)) => {
                     backoff.reset();
                     logged = false;
-                    self.health.set(Part::Tailer, true);
-                    self.position.send_modify(|p| p.reading = true);
+                    self.set_reading(true);
                     let stop = self.read(&client, &statement, driver).await;
-                    self.position.send_modify(|p| p.reading = false);
-                    self.health.set(Part::Tailer, false);
+                    self.set_reading(false);
                     match stop {
                         Stop::Closing => break,
                         // A connection that worked is replaced at once.
@@ -229,6 +264,14 @@ impl Tailer {
             }
         }
         self.health.set(Part::Tailer, false);
+    }
+
+    /// Tells health and the writes that wait for the feed whether the
+    /// tailer is reading: while `connected` and not stuck.
+    fn set_reading(&self, connected: bool) {
+        let reading = connected && self.stuck.is_none();
+        self.health.set(Part::Tailer, reading);
+        self.position.send_modify(|p| p.reading = reading);
     }
 
     /// Connects, listens, prepares the read, and starts driving the
@@ -278,7 +321,8 @@ impl Tailer {
             if let Err(err) = self.publish(client, &rows).await {
                 return Stop::Lost(Report(&err).to_string());
             }
-            if full {
+            // Stuck, it reads again only when woken, as when idle.
+            if full && self.stuck.is_none() {
                 continue;
             }
             tokio::select! {
@@ -291,7 +335,8 @@ impl Tailer {
     }
 
     /// Publishes the changes read, in seq order; a gap before the first is
-    /// published as such.
+    /// published as such, and a change that cannot be decoded ends the
+    /// subscribers there (see the module doc).
     async fn publish(
         &mut self,
         client: &Client,
@@ -307,28 +352,54 @@ impl Tailer {
         let mut users = 0;
         for row in rows {
             let seq = row.try_get::<_, i64>(0)? as u64;
-            let code: i16 = row.try_get(1)?;
-            let Some(kind) = kind_of(code) else {
-                tracing::error!(seq, code, "unknown change kind in the changelog; skipped");
-                self.last = seq;
-                continue;
+            let change = match rows::change(row, seq) {
+                Ok(change) => change,
+                Err(detail) => {
+                    self.unreadable(seq, &detail);
+                    break;
+                }
             };
-            let user = user_from_columns(row, 2)?;
             if seq > self.counted_from {
-                users += match kind {
+                users += match change.kind {
                     ChangeKind::Created => 1,
                     ChangeKind::Deleted => -1,
                     ChangeKind::Updated => 0,
                 };
             }
-            self.feed.publish(Change { seq, kind, user });
+            self.feed.publish(change);
             self.last = seq;
         }
         self.contents.users.fetch_add(users, Ordering::Relaxed);
         self.contents.last_seq.store(self.last, Ordering::Relaxed);
         let last = self.last;
         self.position.send_modify(|p| p.published = last);
+        if let Some(seq) = self.stuck.filter(|&seq| last >= seq) {
+            tracing::info!(
+                seq,
+                "the changelog's change {seq} reads again; the change feed goes on"
+            );
+            self.stuck = None;
+            self.set_reading(true);
+        }
         Ok(())
+    }
+
+    /// Change `seq`, next in line, cannot be decoded (`detail` says why):
+    /// every subscriber is ended when it gets there, nothing after it is
+    /// published, and the tailer reports itself stuck (once) until it reads.
+    fn unreadable(&mut self, seq: u64, detail: &str) {
+        if self.stuck != Some(seq) {
+            tracing::error!(
+                seq,
+                %detail,
+                "a change in the changelog cannot be read; this replica's SyncUsers streams \
+                 end there and its change feed stops until the row is repaired \
+                 (see the README's storage section)"
+            );
+            self.stuck = Some(seq);
+            self.set_reading(true);
+        }
+        self.feed.publish_unreadable(seq);
     }
 
     /// The changes after `self.last` and before `next` are gone (pruned):

@@ -26,12 +26,13 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     Health, Part,
-    apply::{Announce, Statements, apply},
+    apply::{Statements, apply},
     connect::{Backoff, Connector, Report, STATEMENT_TIMEOUT, is_connection_loss, store_error},
+    tailer::Announce,
 };
 use crate::store::{
     StoreError,
-    group_commit::{Batch, Command, GroupCommit, Results, WriteStats},
+    group_commit::{Batch, BatchResults, Command, GroupCommit, WriteStats},
 };
 
 /// The running writer task, as the store holds it.
@@ -263,7 +264,7 @@ impl Writer {
         &self,
         session: &mut Session,
         batch: &Batch,
-    ) -> (Result<Results, StoreError>, bool) {
+    ) -> (Result<BatchResults, StoreError>, bool) {
         let applied = tokio::time::timeout(
             STATEMENT_TIMEOUT,
             apply(

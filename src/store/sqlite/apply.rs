@@ -11,11 +11,11 @@
 use rusqlite::{CachedStatement, Connection, ErrorCode, OptionalExtension, params};
 
 use super::{
-    open::read_seq,
     read::{SELECT_USER, user_from_row},
+    schema::read_seq,
 };
 use crate::{
-    store::{PreparedOp, StoreError, check_version, group_commit::Results},
+    store::{PreparedOp, StoreError, check_version, group_commit::BatchResults},
     user::{Change, ChangeKind, User},
 };
 
@@ -39,7 +39,7 @@ pub(super) enum BatchError {
 pub(super) fn apply<'a>(
     conn: &Connection,
     ops: impl Iterator<Item = &'a PreparedOp>,
-) -> Result<Results, BatchError> {
+) -> Result<BatchResults, BatchError> {
     run_cached(conn, "BEGIN IMMEDIATE").map_err(BatchError::RolledBack)?;
     let results = match apply_in(conn, ops) {
         Ok(results) => results,
@@ -63,7 +63,7 @@ pub(super) fn apply<'a>(
 fn apply_in<'a>(
     conn: &Connection,
     ops: impl Iterator<Item = &'a PreparedOp>,
-) -> rusqlite::Result<Results> {
+) -> rusqlite::Result<BatchResults> {
     // Read inside the write transaction, not cached in memory: the stored
     // seq is the truth even if another process wrote to the file.
     let first_seq = read_seq(conn)?;
@@ -140,9 +140,16 @@ impl Transaction<'_> {
             PreparedOp::Delete {
                 id,
                 expected_version,
-            } => match st.user_of.query_row([id], user_from_row).optional()? {
+            } => match st
+                .user_of
+                .query_row([id], |row| Ok(user_from_row(row)))
+                .optional()?
+            {
                 None => Err(StoreError::NotFound(id.clone())),
-                Some(user) => match check_version(*expected_version, user.version()) {
+                // Its change would carry the user as it was: a row that
+                // cannot be read is not deleted, and the others go on.
+                Some(Err(unreadable)) => Err(unreadable),
+                Some(Ok(user)) => match check_version(*expected_version, user.version()) {
                     Err(err) => Err(err),
                     Ok(()) => {
                         st.delete.execute([id])?;

@@ -4,8 +4,9 @@
 //!
 //! - here, [`SqliteStore`]: opening, closing, and each [`Store`] method
 //!   handing its work to the writer or to the readers;
-//! - `open`: the file, inspected and refused if it is not ours, the
-//!   connections' settings, the schema and its migrations;
+//! - `open`: the file, inspected and refused if it is not ours, and the
+//!   connections' settings; `schema`: the tables, their constraints, and
+//!   the migrations;
 //! - `writer`: the one thread that owns the write connection and commits
 //!   every write by [`group_commit`], taking commands from its parking
 //!   `inbox`;
@@ -22,6 +23,7 @@ mod apply;
 mod inbox;
 mod open;
 mod read;
+mod schema;
 mod writer;
 
 use std::{path::Path, sync::Arc};
@@ -31,18 +33,18 @@ use prometheus_client::encoding::DescriptorEncoder;
 use tokio::sync::watch;
 
 pub use open::{
-    APPLICATION_ID, BUSY_TIMEOUT, Durability, OpenError, SCHEMA_VERSION, SQLITE_PAGE_BYTES,
+    APPLICATION_ID, BUSY_TIMEOUT, Durability, OpenError, SQLITE_PAGE_BYTES,
     WAL_AUTOCHECKPOINT_PAGES, WRITER_CACHE_KIB, open_writer,
 };
 pub use read::MAX_READERS;
+pub use schema::SCHEMA_VERSION;
 
 use self::{read::Readers, writer::WriterThread};
 use super::{
-    ChangeFeed, ListFilter, Page, PreparedOp, Store, StoreError, StoreHealth, Subscription,
-    WriteOp,
+    ChangeFeed, ListFilter, Ops, Page, Results, Store, StoreError, StoreHealth, Subscription,
     group_commit::{self, WriteStats, Writes},
 };
-use crate::user::{Change, NewUser, User};
+use crate::user::User;
 
 /// How to open a [`SqliteStore`].
 #[derive(Debug, Clone, Copy)]
@@ -133,41 +135,10 @@ impl SqliteStore {
 }
 
 impl Store for SqliteStore {
-    async fn create(&self, user: NewUser) -> Result<Change, StoreError> {
-        // Ids and users are built here, on the caller's thread, to keep the
-        // writer's work to the SQL.
-        let op = PreparedOp::create(&user);
-        self.shared.writes.submit_one(op).await
-    }
-
-    async fn create_many(&self, users: Vec<NewUser>) -> Vec<Result<Change, StoreError>> {
-        let ops = users.iter().map(PreparedOp::create).collect();
-        self.shared.writes.submit(ops).await
-    }
-
-    async fn upsert(
-        &self,
-        user: NewUser,
-        expected_version: Option<u64>,
-    ) -> Result<Change, StoreError> {
-        let op = PreparedOp::prepare(WriteOp::Upsert {
-            user,
-            expected_version,
-        });
-        self.shared.writes.submit_one(op).await
-    }
-
-    async fn delete(&self, id: &str, expected_version: Option<u64>) -> Result<Change, StoreError> {
-        let op = PreparedOp::Delete {
-            id: id.to_owned(),
-            expected_version,
-        };
-        self.shared.writes.submit_one(op).await
-    }
-
-    async fn apply_many(&self, ops: Vec<WriteOp>) -> Vec<Result<Change, StoreError>> {
-        // One command: the ops share the writer's next commit.
-        let ops = ops.into_iter().map(PreparedOp::prepare).collect();
+    /// One command to the writer: the ops (their users built on the
+    /// caller's thread, to keep the writer's work to the SQL) share its
+    /// next commit.
+    async fn write(&self, ops: Ops) -> Results {
         self.shared.writes.submit(ops).await
     }
 
@@ -219,7 +190,10 @@ pub(super) mod tests {
     use std::path::PathBuf;
 
     use super::*;
-    use crate::store::tests::{self, named};
+    use crate::store::{
+        StoreExt,
+        tests::{self, named},
+    };
 
     pub(crate) fn options() -> SqliteOptions {
         SqliteOptions {

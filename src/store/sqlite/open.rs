@@ -5,9 +5,9 @@
 //! Before anything writes to an existing file it is inspected read-only: a
 //! file that is not SQLite, is another program's database, is corrupted, or
 //! has a newer schema than this build knows is refused with an
-//! [`OpenError`] and left as it was. The schema is recorded in a
-//! `schema_version` table, and the SQLite header's application id marks the
-//! file as this service's.
+//! [`OpenError`] and left as it was. The schema (see `schema`) is recorded
+//! in a `schema_version` table, and the SQLite header's application id
+//! marks the file as this service's.
 
 use std::{
     fmt,
@@ -17,45 +17,15 @@ use std::{
     time::Duration,
 };
 
-use rusqlite::{Connection, ErrorCode, OpenFlags, TransactionBehavior};
+use rusqlite::{Connection, ErrorCode, OpenFlags};
+
+use super::schema::{SCHEMA_VERSION, migrate};
+use crate::store::stored::RowNames;
 
 /// Marks a database file as this service's, in the SQLite header
 /// (`PRAGMA application_id`): the bytes "USRV". A database with another id
 /// belongs to another program and is never written to.
 pub const APPLICATION_ID: i32 = 0x5553_5256;
-
-/// The schema version this build writes. An older file is migrated on open;
-/// a newer one is refused, since this build cannot know what it means.
-pub const SCHEMA_VERSION: i64 = 2;
-
-/// `MIGRATIONS[v]` takes a file from schema version `v` to `v + 1`. Each runs
-/// in the transaction that also records the new version.
-pub(super) const MIGRATIONS: &[&str] = &[
-    // 0 -> 1: users keyed by id, and the seq of the last change.
-    //
-    // `WITHOUT ROWID` stores each user in the id-ordered B-tree itself: one
-    // tree, listed in id order without a lookup, and server-assigned UUIDv7
-    // ids append at its right edge. TEXT's default BINARY collation compares
-    // bytes, which is the order the contract promises. STRICT makes SQLite
-    // enforce the column types.
-    "CREATE TABLE users (
-         id TEXT PRIMARY KEY NOT NULL,
-         first_name TEXT NOT NULL,
-         last_name TEXT NOT NULL,
-         address TEXT NOT NULL,
-         verified INTEGER NOT NULL,
-         version INTEGER NOT NULL
-     ) STRICT, WITHOUT ROWID;
-     CREATE INDEX users_by_verified ON users (verified, id);
-     CREATE TABLE change_seq (seq INTEGER NOT NULL) STRICT;
-     INSERT INTO change_seq (seq) VALUES (0);",
-    // 1 -> 2: no index on `verified`. It made every insert write a second
-    // B-tree, which cost bulk imports about a third of their rate, to serve
-    // a filter on a boolean: a listing page now scans the id order and skips
-    // non-matching users, at most `MAX_SCAN_PER_PAGE` rows per page (see
-    // `store::page`).
-    "DROP INDEX users_by_verified;",
-];
 
 /// The writer's page cache, in KiB (SQLite's default is 2 MiB). Inserts at
 /// random places in the id tree (client-supplied random ids) touch a page
@@ -139,6 +109,13 @@ pub enum OpenError {
     },
     #[error("{}: the database is corrupted ({detail}); refusing to use it (file left untouched)", path.display())]
     Corrupt { path: PathBuf, detail: String },
+    #[error(
+        "{}: the stored users with ids {ids} break the limits every user is held to \
+         (README: Storage); refusing to migrate the file to schema version {SCHEMA_VERSION} \
+         (file left untouched): fix or delete them with the sqlite3 shell, then start again",
+        path.display()
+    )]
+    OutsideLimits { path: PathBuf, ids: RowNames },
     #[error("{}: cannot switch to WAL mode (journal mode stays {mode})", path.display())]
     NoWal { path: PathBuf, mode: String },
     #[error("{}: {source}", path.display())]
@@ -160,10 +137,11 @@ impl OpenError {
                 | OpenError::Foreign { .. }
                 | OpenError::NewerSchema { .. }
                 | OpenError::Corrupt { .. }
+                | OpenError::OutsideLimits { .. }
         )
     }
 
-    fn sqlite(path: &Path, source: rusqlite::Error) -> OpenError {
+    pub(super) fn sqlite(path: &Path, source: rusqlite::Error) -> OpenError {
         let path = path.to_owned();
         match source.sqlite_error_code() {
             Some(ErrorCode::NotADatabase) => OpenError::NotSqlite { path },
@@ -194,7 +172,7 @@ const SQLITE_HEADER_LEN: u64 = 100;
 
 /// What an existing file holds.
 #[derive(Debug, PartialEq, Eq)]
-enum Existing {
+pub(super) enum Existing {
     /// No file, an empty one, or a database with nothing in it.
     New,
     /// This service's store at a schema version this build can open.
@@ -250,7 +228,7 @@ fn inspect(path: &Path) -> Result<Existing, OpenError> {
 }
 
 /// Decides what a database holds, from its application id and schema.
-fn classify(conn: &Connection, path: &Path) -> Result<Existing, OpenError> {
+pub(super) fn classify(conn: &Connection, path: &Path) -> Result<Existing, OpenError> {
     let sqlite = |err| OpenError::sqlite(path, err);
     let application_id: i32 = conn
         .query_row("PRAGMA application_id", [], |row| row.get(0))
@@ -314,9 +292,16 @@ pub fn open_writer(path: &Path, durability: Durability) -> Result<Connection, Op
             mode,
         });
     }
+    // The schema's CHECK constraints (see `schema`) hold other programs to
+    // the API's limits; this connection's rows were validated by the same
+    // rules before they were queued. Checked again here, the constraints
+    // took more than half a bulk import's time in the writer (an id is
+    // matched character by character, twice, per row). Migrations turn
+    // them back on.
     conn.execute_batch(&format!(
         "PRAGMA synchronous = {}; PRAGMA cache_size = -{WRITER_CACHE_KIB};
-         PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES};",
+         PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES};
+         PRAGMA ignore_check_constraints = ON;",
         durability.pragma()
     ))
     .map_err(sqlite)?;
@@ -334,56 +319,11 @@ pub(super) fn open_reader(path: &Path) -> rusqlite::Result<Connection> {
     Ok(conn)
 }
 
-/// Creates or migrates the schema in one transaction; returns the last seq.
-fn migrate(conn: &mut Connection, path: &Path) -> Result<u64, OpenError> {
-    let sqlite = |err| OpenError::sqlite(path, err);
-    let tx = conn
-        .transaction_with_behavior(TransactionBehavior::Immediate)
-        .map_err(sqlite)?;
-    // Again, under the write lock: the file may have changed since it was
-    // inspected.
-    let from = match classify(&tx, path)? {
-        Existing::New => {
-            tx.execute_batch(&format!(
-                "PRAGMA application_id = {APPLICATION_ID};
-                 CREATE TABLE schema_version (version INTEGER NOT NULL) STRICT;
-                 INSERT INTO schema_version (version) VALUES (0);"
-            ))
-            .map_err(sqlite)?;
-            0
-        }
-        Existing::Ours { version } => version,
-    };
-    for (version, sql) in MIGRATIONS.iter().enumerate().skip(from as usize) {
-        tracing::info!(
-            path = %path.display(),
-            from = version,
-            to = version + 1,
-            "migrating schema"
-        );
-        tx.execute_batch(sql).map_err(sqlite)?;
-    }
-    if from < SCHEMA_VERSION {
-        tx.execute("UPDATE schema_version SET version = ?1", [SCHEMA_VERSION])
-            .map_err(sqlite)?;
-    }
-    let seq = read_seq(&tx).map_err(sqlite)?;
-    tx.commit().map_err(sqlite)?;
-    Ok(seq)
-}
-
-/// The seq of the last committed change, as stored.
-pub(super) fn read_seq(conn: &Connection) -> rusqlite::Result<u64> {
-    conn.prepare_cached("SELECT seq FROM change_seq")?
-        .query_row([], |row| row.get::<_, i64>(0))
-        .map(|seq| seq as u64)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::store::{
-        SqliteStore, Store,
+        SqliteStore, Store, StoreExt,
         sqlite::tests::{open_new, options, wal},
         tests::named,
     };
@@ -398,43 +338,6 @@ mod tests {
             .query_row("PRAGMA page_size", [], |row| row.get(0))
             .unwrap();
         assert_eq!(size, SQLITE_PAGE_BYTES);
-    }
-
-    #[tokio::test]
-    async fn a_version_1_file_is_migrated_keeping_its_users() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("users.db");
-        {
-            // A file as the version 1 schema left it, with one user.
-            let conn = Connection::open(&path).unwrap();
-            conn.execute_batch(&format!(
-                "PRAGMA application_id = {APPLICATION_ID};
-                 CREATE TABLE schema_version (version INTEGER NOT NULL) STRICT;
-                 INSERT INTO schema_version (version) VALUES (1);
-                 {}
-                 INSERT INTO users VALUES ('a', 'Ann', '', '', 1, 3);
-                 UPDATE change_seq SET seq = 5;",
-                MIGRATIONS[0]
-            ))
-            .unwrap();
-        }
-        let store = SqliteStore::open(&path, options()).unwrap();
-        assert_eq!(store.get("a").await.unwrap().version(), 3);
-        assert_eq!(store.last_seq().await.unwrap(), 5);
-        store.close().await;
-        let conn = open_reader(&path).unwrap();
-        let version: i64 = conn
-            .query_row("SELECT version FROM schema_version", [], |row| row.get(0))
-            .unwrap();
-        assert_eq!(version, SCHEMA_VERSION);
-        let indexes: i64 = conn
-            .query_row(
-                "SELECT count(*) FROM sqlite_schema WHERE name = 'users_by_verified'",
-                [],
-                |row| row.get(0),
-            )
-            .unwrap();
-        assert_eq!(indexes, 0);
     }
 
     fn assert_refused(path: &Path, expect: fn(&OpenError) -> bool) {

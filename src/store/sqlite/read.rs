@@ -12,9 +12,13 @@ use parking_lot::Mutex;
 use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::Semaphore;
 
-use super::open::{open_reader, read_seq};
+use super::{open::open_reader, schema::read_seq};
 use crate::{
-    store::{ListFilter, Page, StoreError, page::PageScan},
+    store::{
+        ListFilter, Page, StoreError,
+        page::PageScan,
+        stored::{self, Columns},
+    },
     user::User,
 };
 
@@ -59,11 +63,11 @@ impl Readers {
         let user = self
             .run(move |conn| {
                 conn.prepare_cached(SELECT_USER)?
-                    .query_row([&key], user_from_row)
+                    .query_row([&key], |row| Ok(user_from_row(row)))
                     .optional()
             })
             .await?;
-        user.ok_or_else(|| StoreError::NotFound(id.to_owned()))
+        user.unwrap_or_else(|| Err(StoreError::NotFound(id.to_owned())))
     }
 
     pub(super) async fn list_page(
@@ -75,7 +79,7 @@ impl Readers {
         // Every id is non-empty, so "after the empty string" is the start.
         let after = after.unwrap_or("").to_owned();
         self.run(move |conn| list_page(conn, filter, &after, max))
-            .await
+            .await?
     }
 
     pub(super) async fn last_seq(&self) -> Result<u64, StoreError> {
@@ -145,12 +149,15 @@ impl Readers {
 /// Reads users in id order after `after`, at most what the page may look
 /// at and one more (see [`PageScan`]), and builds only the users that
 /// match.
+///
+/// The outer error is SQLite's (the read failed); the inner one is the
+/// page's, for a row that cannot be read (see [`PageScan::offer`]).
 fn list_page(
     conn: &Connection,
     filter: ListFilter,
     after: &str,
     max: usize,
-) -> rusqlite::Result<Page> {
+) -> rusqlite::Result<Result<Page, StoreError>> {
     let mut scan = PageScan::new(filter, max);
     let mut statement = conn.prepare_cached(
         "SELECT id, first_name, last_name, address, verified, version
@@ -158,26 +165,46 @@ fn list_page(
     )?;
     let mut rows = statement.query(params![after, scan.read_limit() as i64])?;
     while let Some(row) = rows.next()? {
-        if !scan.offer(row.get_ref(0)?.as_str()?, row.get(4)?, || {
-            user_from_row(row)
-        })? {
-            break;
+        let id = String::from_utf8_lossy(row.get_ref(0)?.as_bytes()?);
+        let offered = scan.offer(&id, row.get(4)?, || user_from_row(row));
+        match offered {
+            Ok(true) => {}
+            Ok(false) => break,
+            Err(err) => return Ok(Err(err)),
         }
     }
-    Ok(scan.finish())
+    Ok(Ok(scan.finish()))
 }
 
-/// Builds a user from `id, first_name, last_name, address, verified, version`.
+/// Builds a user from `id, first_name, last_name, address, verified,
+/// version`, or says why the row holds none (see [`stored`]): the text is
+/// read in place and copied once, into the user.
 ///
-/// The text is read in place and copied once, into the user.
-pub(super) fn user_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<User> {
-    let text = |index| row.get_ref(index)?.as_str().map_err(rusqlite::Error::from);
-    let version: i64 = row.get(5)?;
-    Ok(User::from_fields(
-        [text(0)?, text(1)?, text(2)?, text(3)?],
-        row.get(4)?,
-        version as u64,
-    ))
+/// The TEXT columns' constraints bound their length, but SQLite stores any
+/// bytes as TEXT: a shell can write text that is not UTF-8, which only
+/// shows here.
+pub(super) fn user_from_row(row: &rusqlite::Row<'_>) -> Result<User, StoreError> {
+    const NAMES: [&str; 4] = ["id", "first_name", "last_name", "address"];
+    let bytes = |index: usize| -> Result<&[u8], String> {
+        row.get_ref(index)
+            .and_then(|value| Ok(value.as_bytes()?))
+            .map_err(|err| format!("{}: {err}", NAMES[index]))
+    };
+    let text = |index: usize| -> Result<&str, String> {
+        std::str::from_utf8(bytes(index)?)
+            .map_err(|err| format!("{}: not valid UTF-8 ({err})", NAMES[index]))
+    };
+    let columns = || -> Result<Columns<'_>, String> {
+        Ok(Columns {
+            text: [text(0)?, text(1)?, text(2)?, text(3)?],
+            verified: row.get(4).map_err(|err| format!("verified: {err}"))?,
+            version: row.get(5).map_err(|err| format!("version: {err}"))?,
+        })
+    };
+    columns().and_then(stored::user).map_err(|detail| {
+        let id = bytes(0).map(String::from_utf8_lossy).unwrap_or_default();
+        stored::unreadable(&id, detail)
+    })
 }
 
 #[cfg(test)]
@@ -185,7 +212,7 @@ mod tests {
     use super::*;
     use crate::{
         store::{
-            Store,
+            Store, StoreExt,
             page::{MAX_SCAN_PER_PAGE, tests::a_page_ends_exactly_at_the_end_of_the_table},
             sqlite::{BUSY_TIMEOUT, tests::open_new},
             tests::named,

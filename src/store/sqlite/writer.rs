@@ -42,7 +42,7 @@ use super::{
 };
 use crate::store::{
     ChangeFeed, StoreError, StoreHealth,
-    group_commit::{Batch, Command, GroupCommit, Results, WriteStats},
+    group_commit::{Batch, BatchResults, Command, GroupCommit, WriteStats},
 };
 
 /// The running writer thread, as the store holds it.
@@ -62,6 +62,19 @@ impl WriterThread {
         stats: WriteStats,
         health: watch::Sender<StoreHealth>,
     ) -> io::Result<WriterThread> {
+        Self::spawn_running(conn, receiver, feed, stats, health, Writer::run)
+    }
+
+    /// [`WriterThread::spawn`], the thread running `run` (the writer's
+    /// loop, or a test's stand-in for it) and catching its panic.
+    fn spawn_running(
+        conn: Connection,
+        receiver: mpsc::Receiver<Command>,
+        feed: ChangeFeed,
+        stats: WriteStats,
+        health: watch::Sender<StoreHealth>,
+        run: fn(&mut Writer),
+    ) -> io::Result<WriterThread> {
         let closing = Arc::new(AtomicBool::new(false));
         let inbox_closing = closing.clone();
         let thread = thread::Builder::new()
@@ -70,7 +83,7 @@ impl WriterThread {
                 let inbox = Inbox::new(receiver, inbox_closing);
                 let mut writer =
                     Writer::new(conn, inbox, GroupCommit::new(Some(feed), stats), health);
-                let ran = panic::catch_unwind(AssertUnwindSafe(|| writer.run()));
+                let ran = panic::catch_unwind(AssertUnwindSafe(|| run(&mut writer)));
                 writer.stop(ran.err());
             })?;
         Ok(WriterThread { thread, closing })
@@ -133,7 +146,7 @@ impl Writer {
 
     /// Applies and commits `batch`: one result per op, or the error every
     /// op gets. Logs a failure, once for the batch.
-    fn commit(&mut self, batch: &Batch) -> Result<Results, StoreError> {
+    fn commit(&mut self, batch: &Batch) -> Result<BatchResults, StoreError> {
         if let Some(reason) = &self.failed {
             return Err(StoreError::Internal(reason.clone()));
         }
@@ -188,12 +201,9 @@ mod tests {
 
     use super::*;
     use crate::store::{
-        PreparedOp, Store,
+        PreparedOp,
         group_commit::{self, Writes},
-        sqlite::{
-            open::{Durability, open},
-            tests::open_new,
-        },
+        sqlite::open::{Durability, open},
         tests::named,
     };
 
@@ -210,7 +220,7 @@ mod tests {
 
     /// Commits one batch of `ops` as the writer's loop would; returns the
     /// results.
-    fn commit(writer: &mut Writer, ops: Vec<PreparedOp>) -> Results {
+    fn commit(writer: &mut Writer, ops: Vec<PreparedOp>) -> BatchResults {
         let (command, mut replied) = Command::for_test(ops);
         let batch = writer.group.start(command, || None);
         let outcome = writer.commit(&batch);
@@ -265,26 +275,38 @@ mod tests {
         assert_eq!(published.try_recv().unwrap().seq, 1);
     }
 
-    /// A writer that dies, here on a row it cannot read (fields longer than
-    /// a user can hold, written by another program), turns health to not
-    /// serving, and every write after it fails with an internal error
-    /// instead of waiting.
+    /// A writer thread that dies (a panic: a bug, since nothing it reads
+    /// can make it panic) turns health to not serving: the write it took
+    /// fails, and every write after it fails with an internal error instead
+    /// of waiting.
     #[tokio::test]
     async fn a_writer_that_dies_turns_health_to_not_serving() {
-        let (store, path, _dir) = open_new();
-        let mut health = store.health();
-        store.create(named("a", "Ann")).await.unwrap();
-        rusqlite::Connection::open(&path)
-            .unwrap()
-            .execute(
-                "INSERT INTO users VALUES ('huge', ?1, '', '', 0, 1)",
-                ["x".repeat(70_000)],
-            )
-            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let (conn, _) = open(&dir.path().join("users.db"), Durability::Full).unwrap();
+        let (writes, receiver) = group_commit::queue();
+        let (health_sender, mut health) = watch::channel(StoreHealth::Serving);
+        let thread = WriterThread::spawn_running(
+            conn,
+            receiver,
+            ChangeFeed::new(16),
+            WriteStats::default(),
+            health_sender,
+            |writer| {
+                let _taken = writer.inbox.recv();
+                panic!("a bug in the writer");
+            },
+        )
+        .unwrap();
         assert_eq!(*health.borrow_and_update(), StoreHealth::Serving);
-        // Deleting it reads it back: the writer panics.
-        let died = store.delete("huge", None).await.unwrap_err();
-        assert!(matches!(died, StoreError::Internal(_)), "{died:?}");
+        let delete = || PreparedOp::Delete {
+            id: "a".into(),
+            expected_version: None,
+        };
+        let died = writes.submit(smallvec::smallvec![delete()]).await;
+        assert!(
+            matches!(died.as_slice(), [Err(StoreError::Internal(_))]),
+            "{died:?}"
+        );
         tokio::time::timeout(
             Duration::from_secs(10),
             health.wait_for(|h| *h == StoreHealth::NotServing),
@@ -292,10 +314,13 @@ mod tests {
         .await
         .expect("health changes")
         .unwrap();
-        let err = store.create(named("b", "Bob")).await.unwrap_err();
-        assert!(matches!(err, StoreError::Internal(_)), "{err:?}");
-        // Reads go on; the failed delete wrote nothing.
-        assert_eq!(store.count().await.unwrap(), 2);
-        store.close().await;
+        let after = writes.submit(smallvec::smallvec![delete()]).await;
+        assert!(
+            matches!(after.as_slice(), [Err(StoreError::Internal(_))]),
+            "{after:?}"
+        );
+        tokio::task::spawn_blocking(move || thread.close())
+            .await
+            .unwrap();
     }
 }
