@@ -1,6 +1,7 @@
 //! `user-load`: a load generator for `grpcUser.UserService`, one subcommand
-//! per call pattern, plus `gen` (sample users for `--data`) and `sink` (a
-//! server that discards everything, to measure the generator alone).
+//! per call pattern, plus `gen` (sample users for `--data`), `sink` (a
+//! server that discards everything, to measure the generator alone) and
+//! `merge` (one report of the runs of several generators).
 //!
 //! Every run is bounded (`--total` or `--duration`, 10 s by default), and
 //! its exit status says whether it did its work (see `report.rs`).
@@ -32,16 +33,21 @@ mod bulk;
 mod cli;
 mod connect;
 mod generate;
+mod hdr;
 mod html;
 mod list;
+mod merge;
+mod pacer;
 mod progress;
 mod record;
 mod report;
 mod run;
+mod series;
 mod sink;
 mod source;
 mod stats;
 mod sync;
+mod targets;
 mod threshold;
 mod unary;
 mod verify;
@@ -49,7 +55,7 @@ mod workers;
 
 use std::process::ExitCode;
 
-use cli::{Action, Cli};
+use cli::{Action, Cli, OutputArgs};
 use connect::SetupError;
 
 /// The generator shares the machine with the server it measures: mimalloc
@@ -90,27 +96,7 @@ fn main() -> ExitCode {
         Action::Load(plan) => {
             let output = plan.output.clone();
             match runtime.block_on(run::run(*plan)) {
-                Ok(report) => {
-                    if output.json {
-                        match serde_json::to_string(&report) {
-                            Ok(json) => println!("{json}"),
-                            Err(err) => eprintln!("user-load: {err}"),
-                        }
-                    } else {
-                        print!("{}", report.render());
-                    }
-                    if let Some(path) = &output.html
-                        && let Err(err) = html::write(&report, path)
-                    {
-                        eprintln!("user-load: --html {}: {err}", path.display());
-                        return ExitCode::from(EXIT_USAGE);
-                    }
-                    // The reasons on stderr too, for a report sent to a file.
-                    if report.exit_code != 0 {
-                        eprintln!("user-load: {}", report.result());
-                    }
-                    ExitCode::from(report.exit_code)
-                }
+                Ok(report) => print(&report, &output),
                 Err(err) => {
                     eprintln!("user-load: {err}");
                     ExitCode::from(match err {
@@ -120,5 +106,38 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Action::Merge(args) => {
+            let command = std::env::args().collect::<Vec<_>>().join(" ");
+            match merge::merge(&args.files, command, &args.output.fail_if) {
+                Ok(report) => print(&report, &args.output),
+                Err(err) => {
+                    eprintln!("user-load: merge: {err}");
+                    ExitCode::from(EXIT_USAGE)
+                }
+            }
+        }
     }
+}
+
+/// Prints `report` as `output` asks, and exits as it says.
+fn print(report: &report::Report, output: &OutputArgs) -> ExitCode {
+    if output.json {
+        match serde_json::to_string(report) {
+            Ok(json) => println!("{json}"),
+            Err(err) => eprintln!("user-load: {err}"),
+        }
+    } else {
+        print!("{}", report.render());
+    }
+    if let Some(path) = &output.html
+        && let Err(err) = html::write(report, path)
+    {
+        eprintln!("user-load: --html {}: {err}", path.display());
+        return ExitCode::from(EXIT_USAGE);
+    }
+    // The reasons on stderr too, for a report sent to a file.
+    if report.exit_code != 0 {
+        eprintln!("user-load: {}", report.result());
+    }
+    ExitCode::from(report.exit_code)
 }
