@@ -44,6 +44,8 @@ fn target<'a>(report: &'a Value, addr: &str) -> &'a Value {
 async fn a_dead_target_is_backed_off_reported_and_loaded_again_once_back() {
     let (live, dying) = (Server::start(&[]), Server::start(&[]));
     let dying_addr = dying.addr.clone();
+    let dir = tempfile::TempDir::new().unwrap();
+    let page = dir.path().join("outage.html");
     // Four workers over two targets: two send to the one that dies.
     let child = spawn_load(&[
         "add",
@@ -54,6 +56,8 @@ async fn a_dead_target_is_backed_off_reported_and_loaded_again_once_back() {
         "--duration",
         "120s",
         "--json",
+        "--html",
+        &page.display().to_string(),
     ]);
     dying.watch().await.change().await;
     dying.kill();
@@ -100,6 +104,15 @@ async fn a_dead_target_is_backed_off_reported_and_loaded_again_once_back() {
         "{failures}"
     );
     assert!(failures.contains("back at"), "{failures}");
+
+    // The page says it too.
+    let (dom, console) = render(&page, dir.path(), &["--dump-dom"]);
+    assert!(console.is_empty(), "console: {console:?}");
+    let targets = section(&dom, "<table id=\"targets\">", "</table>");
+    assert!(
+        targets.contains(&format!("{dying_addr} down at ")) && targets.contains("back at"),
+        "{targets}"
+    );
 }
 
 #[tokio::test]

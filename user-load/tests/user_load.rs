@@ -341,6 +341,10 @@ fn the_html_report_renders_with_its_totals_and_no_console_error() {
     ] {
         assert!(dom.contains(chart), "no {chart} chart");
     }
+    // Open loop: how late the upserts started, apart from the latency.
+    let lateness = section(&dom, "<h2>Lateness</h2>", "</table>");
+    let count = format!("<td class=\"n\">{}</td>", report["lateness"]["count"]);
+    assert!(lateness.contains(&count), "{count} not in {lateness}");
 
     let screenshot = dir.path().join("report.png");
     let (_, console) = render(
