@@ -215,10 +215,11 @@ pub fn merge(
         .map(|(_, r)| r.span.end_unix_us)
         .max()
         .unwrap_or(start);
+    // Measuring starts with the first run to measure.
     let warmup_end = runs
         .iter()
         .map(|(_, r)| r.span.start_unix_us + r.span.warmup_us)
-        .max()
+        .min()
         .unwrap_or(start);
     let step = runs.iter().map(|(_, r)| r.slots.step_ms).max().unwrap_or(1);
     let mut merged = Measured {

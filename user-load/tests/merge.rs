@@ -80,6 +80,8 @@ async fn two_generators_started_together_merge_into_the_servers_own_counts() {
     assert_eq!(merged["concurrency"], 8);
     let first = a["start_unix_us"].as_u64().min(b["start_unix_us"].as_u64());
     assert_eq!(merged["start_unix_us"].as_u64(), first);
+    // Neither warmed up: the merged run measures from its first start.
+    assert_eq!(merged["warmup_s"].as_f64(), Some(0.0));
 
     // The percentiles are those of the two histograms added up.
     let mut sum = histogram(&a, "latency");
