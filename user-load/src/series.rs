@@ -107,15 +107,20 @@ impl Slot {
     }
 
     pub fn record_latency(&mut self, latency: Duration) {
-        self.latency
-            .get_or_insert_with(slot_histogram)
-            .saturating_record(micros(latency));
+        record(&mut self.latency, latency);
     }
 
     pub fn record_propagation(&mut self, latency: Duration) {
-        self.propagation
-            .get_or_insert_with(slot_histogram)
-            .saturating_record(micros(latency));
+        record(&mut self.propagation, latency);
+    }
+}
+
+/// Records `latency` into the histogram in `slot`, which grows to hold it
+/// (`saturating_record` would clamp it to the histogram's current range).
+fn record(slot: &mut Option<Histogram<u32>>, latency: Duration) {
+    let h = slot.get_or_insert_with(slot_histogram);
+    if h.record(micros(latency)).is_err() {
+        h.saturating_record(micros(latency));
     }
 }
 
@@ -370,6 +375,26 @@ mod tests {
         for pair in STEPS_MS.windows(2) {
             assert_eq!(pair[1] % pair[0], 0, "{pair:?}");
         }
+    }
+
+    #[test]
+    fn slot_latencies_keep_their_values() {
+        let mut slots = Slots::new(10);
+        let mut slot = Slot::default();
+        for ms in [1, 2, 3, 250, 60_000] {
+            slot.record_latency(Duration::from_millis(ms));
+        }
+        slots.add(1_000_000, &slot);
+        let span = Span {
+            start_unix_us: 1_000_000_000,
+            warmup_us: 0,
+            end_unix_us: 1_000_010_000,
+        };
+        let (_, points) = span.points(&slots);
+        let p50 = points[0].p50_ms.unwrap();
+        let p99 = points[0].p99_ms.unwrap();
+        assert!((p50 - 3.0).abs() < 0.03, "{p50}");
+        assert!((p99 - 60_000.0).abs() < 600.0, "{p99}");
     }
 
     #[test]

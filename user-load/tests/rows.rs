@@ -186,6 +186,12 @@ fn a_short_bulk_run_is_measured_per_batch_in_steps_under_a_second() {
     let series = report["series"].as_array().unwrap();
     let sent: u64 = series.iter().map(|p| p["users"].as_u64().unwrap()).sum();
     assert_eq!(sent, 20000);
+    // Each step keeps its batches' times: the step of the slowest batch
+    // has it as its p99 (to the 1% of a step's histogram).
+    let max = report["latency"]["max_ms"].as_f64().unwrap();
+    let p99s: Vec<f64> = series.iter().filter_map(|p| p["p99_ms"].as_f64()).collect();
+    assert!(p99s.iter().all(|&p99| p99 <= max * 1.01), "{p99s:?} {max}");
+    assert!(p99s.iter().any(|&p99| p99 >= max * 0.99), "{p99s:?} {max}");
     // Every step starts on a multiple of its length on the wall clock.
     let step_ms = (step * 1000.0).round() as u64;
     assert!(
