@@ -10,21 +10,25 @@
 //! - `cli/`: the subcommands and their flags (`mod.rs`), checked into one
 //!   `Plan` (`plan.rs`); `threshold.rs` parses and checks `--fail-if`.
 //! - `connect.rs`: connections to every target, TLS, metadata, and the
-//!   first call that proves each connection works.
+//!   health Check that proves each connection works.
 //! - `source.rs`: the users sent: a `--data` file, or realistic users from
 //!   `sample.rs`, the package's small library (`sample_users`), which the
 //!   ceiling benchmark shares.
-//! - `budget.rs`: what bounds a run (total, duration, Ctrl-C) and the pacer
-//!   of open-loop runs.
-//! - `run.rs`: a run from start to report; one module per mode (`bulk.rs`,
-//!   `unary.rs` for add and get, `list.rs`, `sync.rs`); `workers.rs` what
-//!   the modes share: the context their workers start from and the
-//!   outcomes they hand back, added up per target.
-//! - `record.rs`: what workers record while the run goes, second by second;
-//!   `stats.rs` the totals they add up to; `progress.rs` the progress bar;
-//!   `verify.rs` the check through ListUsers.
-//! - `report.rs`: the figures, the verdict and the exit status; `html.rs`
-//!   the `--html` page.
+//! - `budget.rs`: what bounds a run (total, duration, Ctrl-C); `pacer.rs`
+//!   the thread that starts open-loop calls when they are due.
+//! - `run.rs`: a run from start to report (waiting for `--start-at`); one
+//!   module per mode (`bulk.rs`, `unary.rs` for add and get, `list.rs`,
+//!   `sync.rs`); `workers.rs` what the modes share: the context their
+//!   workers start from and the outcomes they hand back, added up per
+//!   target; `targets.rs` which targets are up, reconnecting to those
+//!   that are not.
+//! - `record.rs`: what workers record while the run goes; `series.rs` the
+//!   run in slots of wall-clock time; `stats.rs` the totals they add up
+//!   to; `progress.rs` the progress bar; `verify.rs` the check through
+//!   ListUsers.
+//! - `report/`: the figures, the verdict and the exit status (`mod.rs`),
+//!   as text (`text.rs`); `html.rs` the `--html` page; `hdr.rs` the
+//!   histograms in `--json`; `merge.rs` one report of several runs'.
 //! - `generate.rs` (gen) and `sink.rs`: the two subcommands that are not
 //!   load.
 
