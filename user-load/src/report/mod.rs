@@ -46,6 +46,10 @@ const LATENESS_SHARE: f64 = 0.10;
 /// BENCHMARKS.md).
 const LATENESS_FLOOR_MS: f64 = 0.05;
 
+/// Calls a p99 must rest on to be judged: under 1000, the p99 is one of
+/// the ten slowest calls, as much chance as measure.
+const LATENESS_P99_SAMPLES: u64 = 1000;
+
 /// What a run was, and what it measured: all a report is made from.
 #[derive(Debug, Clone)]
 pub struct Measured {
@@ -551,17 +555,18 @@ impl Report {
 /// latency it is included in (see [`LATENESS_SHARE`]).
 fn lateness_warning(lateness: Option<&Latency>, latency: Option<&Latency>) -> Option<String> {
     let (late, latency) = (lateness?, latency?);
-    let distorted = [
-        ("p50", late.p50_ms, latency.p50_ms),
-        ("p99", late.p99_ms, latency.p99_ms),
-    ]
-    .into_iter()
-    .find(|(_, late, of)| *late > LATENESS_FLOOR_MS && *late > LATENESS_SHARE * of)?;
-    let (name, late_ms, of_ms) = distorted;
+    let mut judged = vec![("p50", late.p50_ms, latency.p50_ms)];
+    if late.count >= LATENESS_P99_SAMPLES {
+        judged.push(("p99", late.p99_ms, latency.p99_ms));
+    }
+    let (name, late_ms, of_ms) = judged
+        .into_iter()
+        .find(|(_, late, of)| *late > LATENESS_FLOOR_MS && *late > LATENESS_SHARE * of)?;
     Some(format!(
         "calls started late: lateness {name} {late_ms:.3} ms is {:.0}% of the latency {name} \
-         ({of_ms:.3} ms), which includes it: these figures describe the generator too. Give \
-         it more workers (--concurrency), fewer calls a second, or a machine of its own",
+         ({of_ms:.3} ms), which includes it: that figure describes the generator too. Give \
+         it more workers (--concurrency) or fewer calls a second, or a machine of its own or \
+         less busy",
         100.0 * late_ms / of_ms.max(1e-9)
     ))
 }
@@ -592,7 +597,7 @@ mod tests {
 
     fn latency(p50_ms: f64, p99_ms: f64) -> Latency {
         Latency {
-            count: 100,
+            count: 5000,
             mean_ms: p50_ms,
             p50_ms,
             p90_ms: p99_ms,
@@ -620,11 +625,15 @@ mod tests {
             warning.starts_with("calls started late: lateness p50 0.100 ms is 50%"),
             "{warning}"
         );
-        let warning = lateness_warning(Some(&latency(0.01, 0.2)), Some(&of)).unwrap();
+        let late = latency(0.01, 0.2);
+        let warning = lateness_warning(Some(&late), Some(&of)).unwrap();
         assert!(
             warning.contains("lateness p99 0.200 ms is 40%"),
             "{warning}"
         );
+        // A p99 of a few hundred calls is too few to judge.
+        let few = Latency { count: 500, ..late };
+        assert_eq!(lateness_warning(Some(&few), Some(&of)), None);
         assert_eq!(lateness_warning(None, Some(&of)), None);
     }
 
