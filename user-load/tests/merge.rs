@@ -27,8 +27,9 @@ fn histogram(report: &Value, name: &str) -> Histogram<u64> {
 async fn two_generators_started_together_merge_into_the_servers_own_counts() {
     let server = Server::with_metrics(&[]);
     let dir = TempDir::new().unwrap();
-    // Far enough ahead for both to connect first.
-    let start = SystemTime::now() + Duration::from_secs(3);
+    // Far enough ahead for both to start and connect first, on a busy
+    // machine too.
+    let start = SystemTime::now() + Duration::from_secs(5);
     let start_us = start.duration_since(UNIX_EPOCH).unwrap().as_micros() as u64;
     let start_at = format!("{:.6}", start_us as f64 / 1e6);
     let common = [
