@@ -176,16 +176,22 @@ pub async fn stored(written: Vec<Written>, prefix: Option<&str>) -> VerifyReport
                 report.detail = name(report.detail);
                 report
             }
-            (Some(Err((true, cause))), None) => VerifyReport {
-                ok: false,
-                expected,
-                unchecked: expected,
-                detail: name(format!(
-                    "{expected} users could not be checked: the target is down ({cause}) and \
-                     no live target lists any of them (it has a store of its own)"
-                )),
-                ..VerifyReport::default()
-            },
+            (Some(Err((true, cause))), None) => {
+                let mut shown: Vec<&String> = stored.iter().flat_map(|s| &s.ids).collect();
+                shown.sort();
+                shown.truncate(MAX_MISSING_SHOWN);
+                VerifyReport {
+                    ok: false,
+                    expected,
+                    unchecked: expected,
+                    detail: name(format!(
+                        "{expected} users could not be checked, e.g. {shown:?}: the target is \
+                         down ({cause}) and no live target lists any of them (it has a store \
+                         of its own)"
+                    )),
+                    ..VerifyReport::default()
+                }
+            }
             (Some(Err((_, cause))), _) => VerifyReport {
                 ok: false,
                 expected,

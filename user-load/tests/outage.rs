@@ -116,6 +116,53 @@ async fn a_dead_target_is_backed_off_reported_and_loaded_again_once_back() {
 }
 
 #[tokio::test]
+async fn bulk_streams_wait_for_a_dead_target_instead_of_failing_again() {
+    let (live, dying) = (Server::start(&[]), Server::start(&[]));
+    let dying_addr = dying.addr.clone();
+    // Short streams, two of them to the target that dies.
+    let child = spawn_load(&[
+        "bulk",
+        "--addr",
+        &format!("{},{}", live.addr, dying.addr),
+        "--concurrency",
+        "4",
+        "--per-stream",
+        "200",
+        "--duration",
+        "120s",
+        "--json",
+    ]);
+    dying.watch().await.change().await;
+    dying.kill();
+    live.watch().await.change().await;
+    interrupt(&child);
+    let run = finish_async(child).await;
+    assert_eq!(run.code, EXIT_INTERRUPTED, "{run:?}");
+    let report = run.json();
+    // Each of its two streams failed once at most: no stream is opened to
+    // a refused port again and again.
+    let aborted: u64 = report["streams_aborted"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|n| n.as_u64().unwrap())
+        .sum();
+    assert!((1..=2).contains(&aborted), "{report}");
+    // Their rows got no answer: unconfirmed, apart from the rows' codes.
+    let unconfirmed = report["rows_unconfirmed"].as_u64().unwrap();
+    assert!(unconfirmed >= 1, "{report}");
+    assert_eq!(report["connection_failures"].as_u64(), Some(unconfirmed));
+    assert_eq!(
+        target(&report, &dying_addr)["outages"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    assert_eq!(report["calls"], report["rows_added"]);
+}
+
+#[tokio::test]
 async fn a_run_whose_every_target_is_down_ends_by_itself() {
     let server = Server::start(&[]);
     let child = spawn_load(&[
@@ -207,7 +254,7 @@ async fn verify_says_which_users_it_could_not_check() {
     let detail = verify["detail"].as_str().unwrap();
     assert!(
         detail.contains(&format!(
-            "{dying_addr}: {dead_ok} users could not be checked"
+            "{dying_addr}: {dead_ok} users could not be checked, e.g. [\"ld"
         )),
         "{detail}"
     );
