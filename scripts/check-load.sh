@@ -116,28 +116,37 @@ check sync-open-loop 'r["calls"] > 0 and ok() and r["propagation"]["count"] == 2
 
 # Users from a file: 1000 rows with ids, of which 10 are invalid, and one
 # line that is not JSON.
-python3 - "$work/users.jsonl" <<'EOF'
+users_file() {
+    python3 - "$1" "$2" <<'EOF'
 import json, sys
 with open(sys.argv[1], "w") as f:
     for i in range(1000):
         first = "" if i % 100 == 7 else f"Name{i}"
-        f.write(json.dumps({"id": f"smoke-{i:04}", "first_name": first, "last_name": "Doe",
+        f.write(json.dumps({"id": f"{sys.argv[2]}-{i:04}", "first_name": first, "last_name": "Doe",
                             "address": f"{i} Main Street, Springfield", "verified": i % 2 == 0}) + "\n")
         if i == 500:
             f.write("not json\n")
 EOF
-check data 'r["rows_added"] == 990 and r["rows_failed"] == 10 and ok() and verified() and any("unreadable data line" in e for e in r["errors"])' \
-    -- bulk --data "$work/users.jsonl" --concurrency 2 --verify
+}
+users_file "$work/users.jsonl" smoke
+users_file "$work/users-2.jsonl" smoke2
+# Rows are bulk's unit: the 10 invalid ones fail the run, unless --fail-if
+# says how many may fail.
+rows_ok='r["rows_added"] == 990 and r["rows_failed"] == 10 and r["calls"] == 1000 and r["ok_calls"] == 990 and r["codes"] == {"OK": 990, "INVALID_ARGUMENT": 10} and any("unreadable data line" in e for e in r["errors"])'
+check data "$rows_ok"' and not r["failures"] and verified()' \
+    -- bulk --data "$work/users.jsonl" --concurrency 2 --verify --fail-if 'errors>1%'
+check data-failed-rows 1 "$rows_ok"' and any(f.startswith("10 of 1000 rows failed (10× INVALID_ARGUMENT: ") for f in r["failures"]) and verified()' \
+    -- bulk --data "$work/users-2.jsonl" --concurrency 2 --verify
 # Every row refused: the run could not do its work.
-check data-again 1 'r["rows_added"] == 0 and r["rows_failed"] == 1000 and any("row code 6" in e for e in r["errors"]) and r["failures"]' \
+check data-again 1 'r["rows_added"] == 0 and r["rows_failed"] == 1000 and any(e.startswith("ALREADY_EXISTS: ") for e in r["errors"]) and r["failures"]' \
     -- bulk --data "$work/users.jsonl" --concurrency 2
 check data-add 1 'r["calls"] == 1000 and r["codes"] == {"ALREADY_EXISTS": 990, "INVALID_ARGUMENT": 10} and any(k["count"] == 990 for k in r["error_kinds"])' \
     -- add --data "$work/users.jsonl" --concurrency 4
 
 # Sample users from `user-load gen`, a tenth of them invalid.
 "$bin/user-load" gen --count 2000 --invalid 10 --id-prefix gen- --seed 5 >"$work/gen.jsonl"
-check gen-bulk 'r["rows_added"] + r["rows_failed"] == 2000 and 100 < r["rows_failed"] < 300 and ok() and verified()' \
-    -- bulk --data "$work/gen.jsonl" --verify
+check gen-bulk 'r["rows_added"] + r["rows_failed"] == 2000 and 100 < r["rows_failed"] < 300 and r["calls"] == 2000 and verified()' \
+    -- bulk --data "$work/gen.jsonl" --verify --fail-if 'errors>20%'
 
 # Two targets: the connections are spread over both, each reports its part.
 start second "$bin/user-service" --addr 127.0.0.1:0 --store memory

@@ -1,6 +1,5 @@
-//! What bounds a run: the budget of work units, the timers that end it
-//! (`--duration`, Ctrl-C), and the pacer that starts calls on a schedule in
-//! open-loop runs.
+//! What bounds a run: the budget of work units and the timers that end it
+//! (`--duration`, Ctrl-C); `pacer.rs` hands out the units of open-loop runs.
 
 use std::{
     sync::{
@@ -12,7 +11,7 @@ use std::{
 
 use tokio_util::sync::CancellationToken;
 
-use crate::cli::Schedule;
+use crate::pacer::Tickets;
 
 /// Exit status of a run ended by Ctrl-C (128 + SIGINT, as shells report it).
 pub const EXIT_INTERRUPTED: u8 = 130;
@@ -106,46 +105,11 @@ pub type Ticket = (u64, Instant);
 /// A worker's next unit of work: from the pacer's `tickets` when the run
 /// is paced (open loop), else claimed from `budget`, due now (closed loop).
 /// `None`: the run is over.
-pub async fn next_ticket(
-    tickets: Option<&async_channel::Receiver<Ticket>>,
-    budget: &Budget,
-) -> Option<Ticket> {
+pub async fn next_ticket(tickets: Option<&Tickets>, budget: &Budget) -> Option<Ticket> {
     match tickets {
-        Some(tickets) => tickets.recv().await.ok(),
+        Some(tickets) => tickets.next().await,
         None => budget.claim().map(|n| (n, Instant::now())),
     }
-}
-
-/// Open loop: hands out tickets at the rate `schedule` gives for each
-/// moment since `start`, whatever the latency. The queue is `depth` deep;
-/// when it is full (every worker busy) the pacer waits and the tickets' due
-/// times fall behind: that lateness counts as latency, so a slow server
-/// cannot hide its queueing.
-pub fn pace(
-    schedule: Schedule,
-    budget: Arc<Budget>,
-    depth: usize,
-    start: Instant,
-) -> async_channel::Receiver<Ticket> {
-    let (tx, rx) = async_channel::bounded::<Ticket>(depth);
-    tokio::spawn(async move {
-        let start = tokio::time::Instant::from_std(start);
-        let mut at = Duration::ZERO;
-        loop {
-            let due = start + at;
-            tokio::select! {
-                () = tokio::time::sleep_until(due) => {}
-                () = budget.done() => break,
-            }
-            let Some(n) = budget.claim() else { break };
-            if tx.send((n, due.into_std())).await.is_err() {
-                break;
-            }
-            // Rates are at least 1/s (checked by the command line).
-            at += Duration::from_secs_f64(1.0 / schedule.rate_at(at).max(1.0));
-        }
-    });
-    rx
 }
 
 #[cfg(test)]
@@ -160,28 +124,5 @@ mod tests {
             [Some(0), Some(1), Some(2), None, None]
         );
         assert!(budget.is_done());
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn the_pacer_follows_the_schedule() {
-        let budget = Budget::new(None);
-        let start = tokio::time::Instant::now().into_std();
-        let schedule = Schedule::Step {
-            from: 10,
-            to: 20,
-            step: 10,
-            every: Duration::from_secs(1),
-        };
-        let tickets = pace(schedule, budget.clone(), 1000, start);
-        let mut due = Vec::new();
-        while due.len() < 30 {
-            let (_, at) = tickets.recv().await.unwrap();
-            due.push(at.duration_since(start));
-        }
-        budget.end();
-        // 10 calls in the first second, then 20 a second.
-        assert!(due[9] < Duration::from_secs(1), "{due:?}");
-        assert!(due[10] >= Duration::from_secs(1), "{due:?}");
-        assert!(due[29] < Duration::from_secs(2), "{due:?}");
     }
 }

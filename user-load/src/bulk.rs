@@ -1,11 +1,17 @@
 //! bulk: concurrent BulkAddUsers streams, each sending rows as fast as the
 //! server takes them (HTTP/2 flow control paces it).
 //!
+//! Rows are the unit of work: each ends added, failed (as the stream's
+//! reply says), or unconfirmed when its stream ends without a reply.
+//!
 //! A stream has one reply, at its end, so no row has a latency of its own.
-//! What is measured: rows sent per second over the run (the rate the
-//! server takes them in), each stream from open to reply, and each
-//! stream's reply wait, from its end of input to its reply: the time the
-//! server needs to commit the last rows it received.
+//! What is measured: each batch of [`BATCH_ROWS`] rows of a stream, from
+//! handing its first row to gRPC to handing the first of the next (HTTP/2
+//! flow control lets rows out only as fast as the server takes them, once
+//! its window is full: this is the time the server takes to import a
+//! batch); rows sent per slot of time; each stream from open to reply, and
+//! its reply wait, from its end of input to its reply: the time the server
+//! needs to commit the last rows it received.
 
 use std::{
     pin::Pin,
@@ -25,15 +31,21 @@ use user_service::proto;
 use crate::{
     budget::Budget,
     connect::Client,
-    record::{Live, Recorder, Timeline},
+    record::{Live, Recorder, RowError},
+    series::Timeline,
     source::Source,
-    stats::Stats,
-    workers::{Ctx, Outcome, Totals},
+    targets::Targets,
+    workers::{Ctx, Outcome, Stored, Totals},
 };
 
 /// Rows between updates of the shared progress counter and timeline, so
 /// that streams do not contend on them for every row.
 const REPORT_EVERY: u64 = 256;
+
+/// Rows of a batch, the sample bulk's latency is taken on: as many as the
+/// server commits together at most (1024), rounded for rates that read
+/// well. A 1-second run at 150,000 rows/s gives 150 of them.
+pub const BATCH_ROWS: u64 = 1000;
 
 pub async fn run(ctx: &Ctx, totals: &mut Totals) {
     let mut workers = JoinSet::new();
@@ -48,6 +60,8 @@ pub async fn run(ctx: &Ctx, totals: &mut Totals) {
             id_prefix: ctx.id_prefix.clone(),
             timeout: ctx.plan.timeout,
             recorder: ctx.recorder(),
+            target: ctx.target(i),
+            targets: ctx.targets.clone(),
         };
         let target = ctx.target(i);
         workers.spawn(async move { (target, worker.run().await) });
@@ -65,14 +79,18 @@ struct Worker {
     id_prefix: Option<String>,
     timeout: Duration,
     recorder: Recorder,
+    target: usize,
+    targets: Arc<Targets>,
 }
 
 impl Worker {
-    /// Opens streams one after another until the budget is spent. A stream
-    /// is opened only once its first row is at hand: no empty streams.
+    /// Opens streams one after another until the budget is spent, while
+    /// its target is up. A stream is opened only once its first row is at
+    /// hand: no empty streams.
     async fn run(mut self) -> Outcome {
         let mut outcome = Outcome::default();
-        while let Some(n) = self.budget.claim() {
+        while self.targets.wait_up(self.target).await {
+            let Some(n) = self.budget.claim() else { break };
             let Some(first) = self.source.next(n).await else {
                 break;
             };
@@ -89,6 +107,7 @@ impl Worker {
                 live: self.live.clone(),
                 timeline: self.timeline.clone(),
                 bytes: 0,
+                batch_start: None,
             };
             let start = Instant::now();
             let call = self.client.bulk_add_users(rows);
@@ -107,24 +126,46 @@ impl Worker {
             let latency = start.elapsed();
             let rows_sent = sent.rows.load(Ordering::Relaxed);
             let recorder = &mut self.recorder;
+            if let Ok(mut batches) = sent.batches.lock() {
+                for took in batches.drain(..) {
+                    recorder.batch(took);
+                }
+            }
+            if recorder.measuring() {
+                recorder.stats.users += rows_sent;
+                recorder.stats.bytes += sent.bytes.load(Ordering::Relaxed);
+            }
             match result {
                 Ok(reply) => {
                     let reply = reply.into_inner();
-                    recorder.call(latency, tonic::Code::Ok);
+                    recorder.stream(latency, tonic::Code::Ok);
                     if let Some(ended) = sent.ended() {
                         recorder.secondary(|s| &mut s.reply_wait, ended.elapsed());
                     }
-                    let stats = &mut recorder.stats;
-                    stats.users += reply.added + reply.failed;
-                    stats.bytes += sent.bytes.load(Ordering::Relaxed);
-                    stats.rows_added += reply.added;
-                    stats.rows_failed += reply.failed;
-                    check_reply(stats, rows_sent, &reply);
+                    let errors: Vec<RowError<'_>> = reply
+                        .errors
+                        .iter()
+                        .map(|e| RowError {
+                            code: tonic::Code::from_i32(e.code),
+                            message: &e.message,
+                        })
+                        .collect();
+                    recorder.rows(reply.added, reply.failed, &errors);
+                    if reply.added + reply.failed != rows_sent {
+                        recorder.error(format!(
+                            "a stream sent {rows_sent} rows, its reply counts {}",
+                            reply.added + reply.failed
+                        ));
+                    }
                     if self.id_prefix.is_some() {
-                        collect_stored(&mut outcome, &sent, &reply);
+                        outcome.stored.push(stored(&sent, &reply));
                     }
                 }
-                Err(status) => recorder.stream_failed(latency, &status),
+                Err(status) => {
+                    recorder.stream(latency, status.code());
+                    recorder.rows_lost(rows_sent, &status);
+                    self.targets.failed(self.target, &status);
+                }
             }
         }
         outcome.stats = self.recorder.finish();
@@ -132,38 +173,23 @@ impl Worker {
     }
 }
 
-/// Checks that a reply accounts for every row sent, and keeps its row
-/// errors.
-fn check_reply(stats: &mut Stats, rows_sent: u64, reply: &proto::BulkAddUsersResponse) {
-    if reply.added + reply.failed != rows_sent {
-        stats.error(format!(
-            "a stream sent {rows_sent} rows, its reply counts {}",
-            reply.added + reply.failed
-        ));
-    }
-    for error in &reply.errors {
-        stats.error(format!("row code {}: {}", error.code, error.message));
-    }
-    // Rows failed beyond the ones the reply lists (at most 100).
-    let unlisted = reply.failed.saturating_sub(reply.errors.len() as u64);
-    if unlisted > 0 {
-        stats.errors.add(
-            "rows failed without being listed in the reply".into(),
-            unlisted,
-        );
-    }
-}
-
-/// The ids of a stream's rows that its reply does not list as failed.
-fn collect_stored(outcome: &mut Outcome, sent: &Sent, reply: &proto::BulkAddUsersResponse) {
-    let Ok(ids) = sent.ids.lock() else { return };
+/// The rows of a stream its reply does not list as failed: every one
+/// stored when the reply lists every failure, else `added` of them.
+fn stored(sent: &Sent, reply: &proto::BulkAddUsersResponse) -> Stored {
+    let Ok(ids) = sent.ids.lock() else {
+        return Stored::default();
+    };
     let mut failed: Vec<u64> = reply.errors.iter().map(|e| e.index).collect();
     failed.sort_unstable();
-    outcome.unlisted_failures += reply.failed.saturating_sub(reply.errors.len() as u64);
-    for (index, id) in ids.iter().enumerate() {
-        if failed.binary_search(&(index as u64)).is_err() {
-            outcome.stored_ids.push(id.clone());
-        }
+    let ids = ids
+        .iter()
+        .enumerate()
+        .filter(|(index, _)| failed.binary_search(&(*index as u64)).is_err())
+        .map(|(_, id)| id.clone())
+        .collect();
+    Stored {
+        ids,
+        added: reply.added,
     }
 }
 
@@ -174,6 +200,8 @@ struct Sent {
     bytes: AtomicU64,
     /// When the stream ended its input.
     ended: Mutex<Option<Instant>>,
+    /// How long each full batch of rows took to go out.
+    batches: Mutex<Vec<Duration>>,
     /// Row ids in stream order (only with `--verify`).
     ids: Mutex<Vec<String>>,
 }
@@ -201,6 +229,8 @@ struct Rows {
     live: Arc<Live>,
     timeline: Arc<Timeline>,
     bytes: u64,
+    /// When the current batch's first row was handed over.
+    batch_start: Option<Instant>,
 }
 
 impl Rows {
@@ -262,7 +292,17 @@ impl Stream for Rows {
         }
         this.left -= 1;
         this.bytes += user.encoded_len() as u64;
-        this.sent.rows.fetch_add(1, Ordering::Relaxed);
+        let index = this.sent.rows.fetch_add(1, Ordering::Relaxed);
+        if index.is_multiple_of(BATCH_ROWS) {
+            let now = Instant::now();
+            if let Some(start) = this.batch_start.replace(now) {
+                let took = now - start;
+                this.timeline.add_latency_at(now, took);
+                if let Ok(mut batches) = this.sent.batches.lock() {
+                    batches.push(took);
+                }
+            }
+        }
         this.unreported += 1;
         if this.unreported == REPORT_EVERY {
             this.flush();

@@ -1,6 +1,6 @@
 //! Connection setup: the HTTP/2 connections to every target, TLS, the
-//! metadata sent with every call, and a first call on each connection that
-//! proves the server answers before any load is sent.
+//! metadata sent with every call, and a health Check on each connection
+//! that proves the server answers before any load is sent.
 //!
 //! TLS is done here (rustls) rather than by tonic, for two reasons: tonic
 //! cannot skip certificate verification (`--skipTLS`), and a failed
@@ -45,10 +45,9 @@ use tonic::{
     service::{Interceptor, interceptor::InterceptedService},
     transport::{Channel, Endpoint},
 };
+use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 use user_service::{
-    auth::AuthToken,
-    batched_io::BatchedWrites,
-    proto::{self, user_service_client::UserServiceClient},
+    auth::AuthToken, batched_io::BatchedWrites, proto::user_service_client::UserServiceClient,
     server::MAX_MESSAGE_SIZE,
 };
 
@@ -69,11 +68,7 @@ const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 
 /// How long to wait for a TCP connection and its TLS handshake.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// The id the first call of each connection asks for: any answer from the
-/// server, NOT_FOUND included, proves the connection works.
-const PROBE_ID: &str = "user-load-probe";
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Why a run could not start.
 #[derive(Debug, thiserror::Error)]
@@ -150,9 +145,12 @@ pub async fn connect(
     Ok(connections)
 }
 
-/// One GetUser on a fresh connection: plaintext spoken to a TLS server, a
-/// client certificate missing or a token refused all show here, before any
-/// load is sent.
+/// One health Check (`grpc.health.v1.Health`, which every gRPC server
+/// may serve and this one serves without a token) on a fresh connection:
+/// plaintext spoken to a TLS server or a client certificate missing show
+/// here, before any load is sent, and the probe adds nothing to the
+/// figures of the service under test. A server without the health service
+/// answers UNIMPLEMENTED, which proves the connection just as well.
 async fn probe(
     addr: &HostPort,
     target: &TargetArgs,
@@ -160,15 +158,10 @@ async fn probe(
     timeout: Duration,
     heard: &AtomicU8,
 ) -> Result<(), SetupError> {
-    let mut request = tonic::Request::new(proto::GetUserRequest {
-        id: PROBE_ID.to_owned(),
-    });
-    request.set_timeout(timeout);
-    let result = tokio::time::timeout(timeout, client_on(transport).get_user(request)).await;
-    let status = match result {
-        Ok(Ok(_)) => return Ok(()),
-        Ok(Err(status)) => status,
-        Err(_) => {
+    let status = match check_health(transport, timeout).await {
+        Ok(()) => return Ok(()),
+        Err(Some(status)) => status,
+        Err(None) => {
             return Err(SetupError::Unreachable(format!(
                 "0 calls reached the server at {addr}: no answer within --timeout ({timeout:?})"
             )));
@@ -201,19 +194,49 @@ async fn probe(
         }
         return Err(SetupError::Unreachable(message));
     }
-    match status.code() {
-        tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => {
-            let hint = match &target.auth_token_file {
-                Some(path) => format!("the token in {} is not the one it expects", path.display()),
-                None => "give the token it expects with --auth-token-file FILE".to_owned(),
-            };
-            Err(SetupError::Unreachable(format!(
-                "the server at {addr} refused the calls ({}): {hint}",
-                describe(&status)
-            )))
-        }
-        // Any other answer came from the server: the connection works.
-        _ => Ok(()),
+    if is_refusal(status.code()) {
+        return Err(SetupError::Unreachable(format!(
+            "the server at {addr} refused the calls ({}): {}",
+            describe(&status),
+            token_hint(target.auth_token_file.as_deref())
+        )));
+    }
+    // Any other answer came from the server: the connection works.
+    Ok(())
+}
+
+/// One health Check of the whole server on `transport`, within `timeout`:
+/// `Ok` when it answered (whether SERVING or not), else its status (`None`: no answer in
+/// time).
+pub async fn check_health(
+    transport: Transport,
+    timeout: Duration,
+) -> Result<(), Option<tonic::Status>> {
+    let mut request = tonic::Request::new(HealthCheckRequest {
+        service: String::new(),
+    });
+    request.set_timeout(timeout);
+    match tokio::time::timeout(timeout, HealthClient::new(transport).check(request)).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(status)) => Err(Some(status)),
+        Err(_) => Err(None),
+    }
+}
+
+/// Whether a server answering `code` refuses the caller rather than the
+/// call: its token is wrong or missing.
+pub fn is_refusal(code: tonic::Code) -> bool {
+    matches!(
+        code,
+        tonic::Code::Unauthenticated | tonic::Code::PermissionDenied
+    )
+}
+
+/// What to do when a server refuses the caller, given `--auth-token-file`.
+pub fn token_hint(token_file: Option<&Path>) -> String {
+    match token_file {
+        Some(path) => format!("the token in {} is not the one it expects", path.display()),
+        None => "give the token it expects with --auth-token-file FILE".to_owned(),
     }
 }
 

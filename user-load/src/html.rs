@@ -10,8 +10,8 @@ use plotters::{coord::Shift, prelude::*};
 
 use crate::{
     cli::Mode,
-    record::Point,
-    report::Report,
+    report::{Report, codes, outages},
+    series::Point,
     stats::{Bucket, Latency},
 };
 
@@ -116,6 +116,10 @@ pub fn page(report: &Report) -> String {
         report.schedule.as_deref().unwrap_or("closed loop"),
     );
     row(&mut out, "warm-up", format!("{:.3} s", report.warmup_s));
+    row(&mut out, "started", &report.started_at);
+    if report.generators > 1 {
+        row(&mut out, "generators (reports merged)", report.generators);
+    }
     out.push_str("</table>\n");
 
     out.push_str("<h2>Totals</h2><table id=\"totals\">");
@@ -135,30 +139,60 @@ pub fn page(report: &Report) -> String {
     if report.mode == Mode::Bulk {
         row(&mut out, "rows added", report.rows_added);
         row(&mut out, "rows failed", report.rows_failed);
+        row(
+            &mut out,
+            "rows sent on streams that ended without a reply",
+            report.rows_unconfirmed,
+        );
+        if let Some(streams) = &report.streams {
+            row(
+                &mut out,
+                "streams",
+                format!("{} ({})", streams.count, codes(&streams.codes)),
+            );
+        }
     } else {
         row(&mut out, "users", report.users);
     }
     row(&mut out, "MB/s", format!("{:.2}", report.mb_per_s));
     row(
         &mut out,
-        "transport failures (no answer from the server)",
-        report.transport_failures,
+        &format!("{} with no answer (the connection failed)", m.calls),
+        report.connection_failures,
     );
     row(
         &mut out,
         "generator CPU",
         format!(
-            "{:.2} s ({:.2} cores)",
-            report.generator_cpu_s, report.generator_cores
+            "{:.2} s ({:.2} cores){}",
+            report.generator_cpu_s,
+            report.generator_cores,
+            report
+                .pacer_cpu_s
+                .map(|s| format!(", of which the pacer thread {s:.2} s"))
+                .unwrap_or_default()
         ),
     );
     if let Some(verify) = &report.verify {
-        let outcome = if verify.ok { "ok" } else { "FAILED" };
-        row(&mut out, "verify", format!("{outcome}: {}", verify.detail));
+        row(
+            &mut out,
+            "verify",
+            format!("{}: {}", verify.outcome(), verify.detail),
+        );
     }
     out.push_str("</table>\n");
 
-    out.push_str("<h2>Status codes</h2><table id=\"codes\"><tr><th>code</th><th>count</th></tr>");
+    let _ = writeln!(
+        out,
+        "<h2>Status codes</h2><p class=note>Of the {} that got an answer{}.</p>\
+         <table id=\"codes\"><tr><th>code</th><th>count</th></tr>",
+        m.calls,
+        if report.mode == Mode::Bulk {
+            "; NOT_LISTED: failed rows a stream's reply did not list (it lists 100)"
+        } else {
+            ""
+        }
+    );
     for (code, n) in &report.codes {
         let _ = writeln!(out, "<tr><td>{code}</td><td class=n>{n}</td></tr>");
     }
@@ -187,17 +221,39 @@ pub fn page(report: &Report) -> String {
     }
 
     if let Some(latency) = &report.latency {
-        out.push_str("<h2>Latency</h2>");
-        let _ = writeln!(out, "<p class=note>{}</p>", escape(m.latency));
+        let name = if report.mode == Mode::Bulk {
+            "Batches"
+        } else {
+            "Latency"
+        };
+        let _ = writeln!(
+            out,
+            "<h2>{name}</h2><p class=note>{}</p>",
+            escape(m.latency)
+        );
         latency_table(&mut out, latency);
-        // A bulk run has a few streams: too few for a distribution.
-        if report.mode != Mode::Bulk {
-            out.push_str(&histogram_svg(&report.latency_buckets, latency, "latency"));
-        }
+        out.push_str(&histogram_svg(&report.latency_buckets, latency, "latency"));
     }
+    if let (Some(lateness), Some(measures)) = (&report.lateness, m.lateness) {
+        let _ = writeln!(
+            out,
+            "<h2>Lateness</h2><p class=note>{}</p>",
+            escape(measures)
+        );
+        latency_table(&mut out, lateness);
+    }
+    if let Some(warning) = &report.lateness_warning {
+        let _ = writeln!(
+            out,
+            "<p id=\"lateness-warning\" class=failed role=\"alert\">{}</p>",
+            escape(warning)
+        );
+    }
+    let streams = report.streams.as_ref().and_then(|s| s.latency.as_ref());
     for (name, latency, measures) in [
-        ("Reply wait", &report.reply_wait, m.reply_wait),
-        ("First user", &report.first_user, m.first_user),
+        ("Reply wait", report.reply_wait.as_ref(), m.reply_wait),
+        ("First user", report.first_user.as_ref(), m.first_user),
+        ("Streams", streams, m.streams),
     ] {
         if let (Some(latency), Some(measures)) = (latency, measures) {
             let _ = writeln!(out, "<h2>{name}</h2><p class=note>{}</p>", escape(measures));
@@ -206,10 +262,14 @@ pub fn page(report: &Report) -> String {
     }
 
     out.push_str("<h2>Over time</h2>");
+    let step = report.series_step_s;
     let streams = matches!(report.mode, Mode::Bulk | Mode::List);
     let _ = writeln!(
         out,
-        "<p class=note>Per second of the run{}: {} per second{}.</p>",
+        "<p class=note>In steps of {} s{}: {} per second (the first and last steps, which the \
+         run covers in part, by the time it covers; one covered less than half is left out), \
+         then p50 and p99 of the {} above, by the step in which each ended.</p>",
+        step,
         if report.warmup_s > 0.0 {
             ", warm-up shaded and left out of every other figure"
         } else {
@@ -221,31 +281,26 @@ pub fn page(report: &Report) -> String {
             format!("{} OK and failed", m.calls)
         },
         if report.mode == Mode::Bulk {
-            String::new()
+            "batches"
         } else {
-            format!(
-                ", then p50 and p99 of the latency above, by the second in which each of the {} \
-                 ended",
-                m.calls
-            )
-        }
+            "latency"
+        },
     );
     out.push_str(&rate_svg(
         &report.series,
+        step,
         report.warmup_s,
         streams,
         m.series_users,
         m.calls,
     ));
-    if report.mode != Mode::Bulk {
-        out.push_str(&p99_svg(
-            &report.series,
-            report.warmup_s,
-            |p| p.p50_ms,
-            |p| p.p99_ms,
-            "latency",
-        ));
-    }
+    out.push_str(&p99_svg(
+        &report.series,
+        report.warmup_s,
+        |p| p.p50_ms,
+        |p| p.p99_ms,
+        "latency",
+    ));
 
     if let (Some(latency), Some(measures)) = (&report.propagation, m.propagation) {
         out.push_str("<h2>Feed delivery</h2>");
@@ -265,10 +320,11 @@ pub fn page(report: &Report) -> String {
         ));
     }
 
-    if report.targets.len() > 1 {
+    if report.targets.len() > 1 || report.targets.iter().any(|t| !t.outages.is_empty()) {
         out.push_str(
             "<h2>Per target</h2><table id=\"targets\"><tr><th>target</th><th>connections</th>\
-             <th>calls</th><th>OK</th><th>failed</th><th>OK/s</th><th>p50</th><th>p99</th></tr>",
+             <th>answered</th><th>OK</th><th>failed</th><th>no answer</th><th>OK/s</th>\
+             <th>p50</th><th>p99</th><th>outages</th></tr>",
         );
         for t in &report.targets {
             let (p50, p99) = t
@@ -276,16 +332,24 @@ pub fn page(report: &Report) -> String {
                 .as_ref()
                 .map(|l| (format!("{:.3} ms", l.p50_ms), format!("{:.3} ms", l.p99_ms)))
                 .unwrap_or_default();
+            let outages = if t.outages.is_empty() {
+                "none".to_owned()
+            } else {
+                outages(t)
+            };
             let _ = writeln!(
                 out,
                 "<tr><td>{}</td><td class=n>{}</td><td class=n>{}</td><td class=n>{}</td>\
-                 <td class=n>{}</td><td class=n>{:.1}</td><td class=n>{p50}</td><td class=n>{p99}</td></tr>",
+                 <td class=n>{}</td><td class=n>{}</td><td class=n>{:.1}</td>\
+                 <td class=n>{p50}</td><td class=n>{p99}</td><td>{}</td></tr>",
                 escape(&t.addr),
                 t.connections,
                 t.calls,
                 t.ok_calls,
                 t.failed_calls,
-                t.ok_calls_per_s
+                t.connection_failures,
+                t.ok_calls_per_s,
+                escape(&outages)
             );
         }
         out.push_str("</table>\n");
@@ -293,8 +357,9 @@ pub fn page(report: &Report) -> String {
 
     if !report.error_kinds.is_empty() {
         out.push_str(
-            "<h2>Errors</h2><p class=note>Messages that differ only in numbers are counted \
-             as one kind; the first is shown.</p><table id=\"errors\"><tr><th>count</th><th>message</th></tr>",
+            "<h2>Errors</h2><p class=note>Why units failed (bulk: rows, by code and message) \
+             and other errors. Messages that differ only in numbers are counted as one kind; \
+             the first is shown.</p><table id=\"errors\"><tr><th>count</th><th>message</th></tr>",
         );
         for kind in &report.error_kinds {
             let _ = writeln!(
@@ -433,15 +498,16 @@ fn warmup_area(warmup_s: f64, top: f64) -> Option<Rectangle<(f64, f64)>> {
     (warmup_s > 0.0).then(|| Rectangle::new([(0.0, 0.0), (warmup_s, top)], WARMUP_COLOUR.filled()))
 }
 
-/// A count of one second as a rate: the last second of a run is only
-/// partly covered; one covered too little to say anything is left out.
-fn rate(point: &Point, count: u64) -> Option<f64> {
-    (point.span_s >= 0.25).then(|| count as f64 / point.span_s)
-}
-
-/// Per second: users carried by the streams (bulk, list), or calls OK and
-/// failed (the others).
-fn rate_svg(series: &[Point], warmup_s: f64, streams: bool, users: &str, calls: &str) -> String {
+/// Per second, step by step: users carried by the streams (bulk, list), or
+/// units OK and failed (the others).
+fn rate_svg(
+    series: &[Point],
+    step_s: f64,
+    warmup_s: f64,
+    streams: bool,
+    users: &str,
+    calls: &str,
+) -> String {
     if series.is_empty() {
         return String::new();
     }
@@ -457,7 +523,7 @@ fn rate_svg(series: &[Point], warmup_s: f64, streams: bool, users: &str, calls: 
     let lines = picks
         .into_iter()
         .map(|(name, pick, colour)| {
-            let points = per_second(series, |p| rate(p, pick(p)));
+            let points = per_step(series, |p| p.rate(pick(p), step_s));
             (name, points, colour)
         })
         .collect();
@@ -467,10 +533,10 @@ fn rate_svg(series: &[Point], warmup_s: f64, streams: bool, users: &str, calls: 
         y_format: |n| format!("{n:.0}"),
         floor: 1.0,
     };
-    chart.draw(series.len(), warmup_s, lines)
+    chart.draw(end_s(series), warmup_s, lines)
 }
 
-/// p50 and p99 per second (p50 left out when `p50` gives none).
+/// p50 and p99 step by step (p50 left out when `p50` gives none).
 fn p99_svg(
     series: &[Point],
     warmup_s: f64,
@@ -483,23 +549,28 @@ fn p99_svg(
     }
     let lines = [("p50", p50, P50_COLOUR), ("p99", p99, P99_COLOUR)]
         .into_iter()
-        .map(|(name, pick, colour)| (name.to_owned(), per_second(series, pick), colour))
+        .map(|(name, pick, colour)| (name.to_owned(), per_step(series, pick), colour))
         .collect();
     let chart = TimeChart {
-        caption: format!("{what} p50 and p99 per second"),
+        caption: format!("{what} p50 and p99 over time"),
         y_desc: "milliseconds",
         y_format: |ms| format!("{ms:.2}"),
         floor: 0.001,
     };
-    chart.draw(series.len(), warmup_s, lines)
+    chart.draw(end_s(series), warmup_s, lines)
 }
 
-/// The points of one line: each second's value, drawn at the middle of its
-/// second; seconds without one are left out.
-fn per_second(series: &[Point], value: impl Fn(&Point) -> Option<f64>) -> Vec<(f64, f64)> {
+/// Where the series ends, in seconds since the start of the run.
+fn end_s(series: &[Point]) -> f64 {
+    series.last().map_or(0.0, |p| p.t_s + p.span_s)
+}
+
+/// The points of one line: each step's value, drawn at the middle of the
+/// part of it the run covered; steps without one are left out.
+fn per_step(series: &[Point], value: impl Fn(&Point) -> Option<f64>) -> Vec<(f64, f64)> {
     series
         .iter()
-        .filter_map(|p| value(p).map(|v| (p.t_s as f64 + 0.5, v)))
+        .filter_map(|p| value(p).map(|v| (p.t_s + p.span_s / 2.0, v)))
         .collect()
 }
 
@@ -516,14 +587,15 @@ struct TimeChart {
 }
 
 impl TimeChart {
-    /// Draws `lines` (a name, its points, its colour) over `seconds`.
-    fn draw(&self, seconds: usize, warmup_s: f64, lines: Vec<Line>) -> String {
+    /// Draws `lines` (a name, its points, its colour) from 0 to `end`
+    /// seconds.
+    fn draw(&self, end: f64, warmup_s: f64, lines: Vec<Line>) -> String {
         let top = lines
             .iter()
             .flat_map(|(_, points, _)| points.iter().map(|&(_, y)| y))
             .fold(self.floor, f64::max)
             * 1.1;
-        let end = seconds as f64;
+        let end = end.max(1e-3);
         svg(|root| {
             let mut chart = ChartBuilder::on(root)
                 .caption(&self.caption, ("sans-serif", 18))

@@ -92,10 +92,10 @@ pub async fn run(ctx: &Ctx, totals: &mut Totals) {
         let (budget, live, timeline) = (ctx.budget.clone(), ctx.live.clone(), ctx.timeline.clone());
         let (timeout, limit, check_order) = (ctx.plan.timeout, ctx.plan.limit, ctx.plan.verify);
         let mut recorder = ctx.recorder();
-        let target = ctx.target(i);
+        let (target, targets) = (ctx.target(i), ctx.targets.clone());
         workers.spawn(async move {
             let mut order_violations = 0;
-            while budget.claim().is_some() {
+            while targets.wait_up(target).await && budget.claim().is_some() {
                 let start = Instant::now();
                 let mut first_user = None;
                 let request = proto::ListUsersRequest {
@@ -143,7 +143,10 @@ pub async fn run(ctx: &Ctx, totals: &mut Totals) {
                             recorder.error(format!("a scan returned {users} users, limit {limit}"));
                         }
                     }
-                    Ok(Err(status)) => recorder.stream_failed(latency, &status),
+                    Ok(Err(status)) => {
+                        recorder.stream_failed(latency, &status);
+                        targets.failed(target, &status);
+                    }
                     Err(_) => recorder.stream_failed(
                         latency,
                         &tonic::Status::deadline_exceeded("scan not finished within --timeout"),

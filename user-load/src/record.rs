@@ -1,194 +1,32 @@
 //! Recording while the run goes: each worker records into its own
 //! [`Recorder`] (no shared counters on the hot path), which keeps the
-//! worker's totals ([`Stats`]) and hands each finished second to the shared
-//! [`Timeline`]; the run merges the totals at the end.
+//! worker's totals ([`Stats`]) and hands each finished slot of time to the
+//! shared [`Timeline`]; the run merges the totals at the end.
 //!
 //! Warm-up is left out of the totals, never out of the timeline: the
-//! per-second series shows the whole run, with the warm-up marked.
+//! series shows the whole run, with the warm-up marked.
 
 use std::{
     sync::{
-        Arc, Mutex,
+        Arc,
         atomic::{AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
 
 use hdrhistogram::Histogram;
-use serde::Serialize;
 
-use crate::stats::{
-    LATENCY_MAX_US, Stats, code_name, describe, histogram, is_transport_failure, micros,
+use crate::{
+    series::{Slot, Timeline},
+    stats::{NOT_LISTED, Stats, code_name, describe, histogram, is_transport_failure, micros},
 };
-
-/// The per-second histograms only feed p50 and p99 over time: two
-/// significant figures (1%) keep each second's at about 13 KB.
-const SECOND_SIGFIGS: u8 = 2;
-
-fn second_histogram() -> Histogram<u32> {
-    Histogram::new_with_bounds(1, LATENCY_MAX_US, SECOND_SIGFIGS)
-        .expect("constant histogram bounds are valid")
-}
-
-/// When the run started and how much of it is warm-up.
-#[derive(Debug, Clone, Copy)]
-pub struct Clock {
-    pub start: Instant,
-    pub warmup: Duration,
-}
-
-impl Clock {
-    fn second(&self, at: Instant) -> usize {
-        at.saturating_duration_since(self.start).as_secs() as usize
-    }
-
-    /// Whether what happens `at` counts in the totals.
-    pub fn measuring(&self, at: Instant) -> bool {
-        at.saturating_duration_since(self.start) >= self.warmup
-    }
-}
-
-/// One second of the run.
-#[derive(Debug, Clone)]
-struct Second {
-    ok: u64,
-    failed: u64,
-    units: u64,
-    latency: Histogram<u32>,
-    propagation: Option<Histogram<u32>>,
-}
-
-impl Second {
-    fn new() -> Second {
-        Second {
-            ok: 0,
-            failed: 0,
-            units: 0,
-            latency: second_histogram(),
-            propagation: None,
-        }
-    }
-
-    fn add(&mut self, other: &Second) {
-        self.ok += other.ok;
-        self.failed += other.failed;
-        self.units += other.units;
-        let _ = self.latency.add(&other.latency);
-        if let Some(p) = &other.propagation {
-            let _ = self.propagation.get_or_insert_with(second_histogram).add(p);
-        }
-    }
-
-    fn clear(&mut self) {
-        self.ok = 0;
-        self.failed = 0;
-        self.units = 0;
-        self.latency.reset();
-        if let Some(p) = &mut self.propagation {
-            p.reset();
-        }
-    }
-}
-
-/// The run second by second, shared by every worker. Each worker hands over
-/// a second once it is over (a lock per worker per second), or every few
-/// hundred rows for the streams' counts.
-#[derive(Debug)]
-pub struct Timeline {
-    clock: Clock,
-    seconds: Mutex<Vec<Second>>,
-}
-
-/// One second of the run, as reported.
-#[derive(Debug, Clone, Serialize)]
-pub struct Point {
-    /// Seconds since the start of the run (warm-up included).
-    pub t_s: usize,
-    /// How much of this second the run covered (less than 1 for the last).
-    pub span_s: f64,
-    pub warmup: bool,
-    /// Calls (Acks, scans, streams) finished OK and failed in this second.
-    pub ok: u64,
-    pub failed: u64,
-    /// Users carried in this second: rows sent (bulk), users listed (list),
-    /// stored (add), read (get), acknowledged (sync).
-    pub users: u64,
-    pub p50_ms: Option<f64>,
-    pub p99_ms: Option<f64>,
-    /// sync: p99 of Change delivery to the watchers.
-    pub propagation_p99_ms: Option<f64>,
-}
-
-impl Timeline {
-    pub fn new(clock: Clock) -> Arc<Timeline> {
-        Arc::new(Timeline {
-            clock,
-            seconds: Mutex::new(Vec::new()),
-        })
-    }
-
-    pub fn clock(&self) -> Clock {
-        self.clock
-    }
-
-    fn add(&self, index: usize, second: &Second) {
-        let Ok(mut seconds) = self.seconds.lock() else {
-            return;
-        };
-        while seconds.len() <= index {
-            seconds.push(Second::new());
-        }
-        seconds[index].add(second);
-    }
-
-    /// Users carried now, for the streams that count them in bulk.
-    pub fn add_users(&self, users: u64) {
-        let index = self.clock.second(Instant::now());
-        let Ok(mut seconds) = self.seconds.lock() else {
-            return;
-        };
-        while seconds.len() <= index {
-            seconds.push(Second::new());
-        }
-        seconds[index].units += users;
-    }
-
-    /// The series, up to `length` of run.
-    pub fn points(&self, length: Duration) -> Vec<Point> {
-        let Ok(seconds) = self.seconds.lock() else {
-            return Vec::new();
-        };
-        let count = (length.as_secs_f64().ceil() as usize).max(seconds.len());
-        let ms = |h: &Histogram<u32>, q: f64| {
-            (!h.is_empty()).then(|| h.value_at_quantile(q) as f64 / 1e3)
-        };
-        (0..count)
-            .map(|i| {
-                let second = seconds.get(i);
-                Point {
-                    t_s: i,
-                    span_s: (length.as_secs_f64() - i as f64).clamp(0.0, 1.0),
-                    warmup: (i as f64) < self.clock.warmup.as_secs_f64(),
-                    ok: second.map_or(0, |s| s.ok),
-                    failed: second.map_or(0, |s| s.failed),
-                    users: second.map_or(0, |s| s.units),
-                    p50_ms: second.and_then(|s| ms(&s.latency, 0.5)),
-                    p99_ms: second.and_then(|s| ms(&s.latency, 0.99)),
-                    propagation_p99_ms: second
-                        .and_then(|s| s.propagation.as_ref())
-                        .and_then(|p| ms(p, 0.99)),
-                }
-            })
-            .collect()
-    }
-}
 
 /// Counters the progress display reads while the run goes.
 #[derive(Debug, Default)]
 pub struct Live {
     /// Units finished: users (bulk), calls, scans, Acks.
     pub done: AtomicU64,
-    /// Failed calls and aborted streams.
+    /// Failed units and aborted streams.
     pub errors: AtomicU64,
 }
 
@@ -198,13 +36,22 @@ impl Live {
     }
 }
 
-/// A worker's recorder: its measured totals, and its current second.
+/// A failed row, as a BulkAddUsers reply lists it.
+pub struct RowError<'a> {
+    pub code: tonic::Code,
+    pub message: &'a str,
+}
+
+/// A worker's recorder: its measured totals, and its current slot.
 pub struct Recorder {
     pub stats: Stats,
     timeline: Arc<Timeline>,
     live: Arc<Live>,
-    index: usize,
-    second: Second,
+    /// The current slot: its start (ms since the epoch), its length, what
+    /// happened in it.
+    slot_ms: u64,
+    step_ms: u64,
+    slot: Slot,
 }
 
 impl Recorder {
@@ -213,38 +60,46 @@ impl Recorder {
             stats: Stats::default(),
             timeline,
             live,
-            index: 0,
-            second: Second::new(),
+            slot_ms: 0,
+            step_ms: 0,
+            slot: Slot::default(),
         }
     }
 
-    /// The current second, handing the last one over when it is past.
-    /// `None` during warm-up.
-    fn now(&mut self) -> (bool, &mut Second) {
+    /// The current slot, handing the last one over when it is past, and
+    /// whether the run is past its warm-up.
+    fn now(&mut self) -> (bool, &mut Slot) {
         let now = Instant::now();
-        let clock = self.timeline.clock;
-        let index = clock.second(now);
-        if index != self.index {
-            self.timeline.add(self.index, &self.second);
-            self.second.clear();
-            self.index = index;
+        let clock = self.timeline.clock();
+        let ms = clock.unix_ms(now);
+        if !(self.slot_ms..self.slot_ms + self.step_ms).contains(&ms) {
+            self.hand_over();
+            self.step_ms = self.timeline.step_ms();
+            self.slot_ms = ms / self.step_ms * self.step_ms;
         }
-        (clock.measuring(now), &mut self.second)
+        (clock.measuring(now), &mut self.slot)
     }
 
-    /// A finished call, Ack, scan or stream: its latency and status code.
+    fn hand_over(&mut self) {
+        if self.step_ms > 0 {
+            self.timeline.add(self.slot_ms, &self.slot);
+        }
+        self.slot = Slot::default();
+    }
+
+    /// A unit (call, Ack, scan) answered with `code` after `latency`.
     pub fn call(&mut self, latency: Duration, code: tonic::Code) {
         let ok = code == tonic::Code::Ok;
         if !ok {
             self.live.errors.fetch_add(1, Ordering::Relaxed);
         }
-        let (measuring, second) = self.now();
+        let (measuring, slot) = self.now();
         if ok {
-            second.ok += 1;
+            slot.ok += 1;
         } else {
-            second.failed += 1;
+            slot.failed += 1;
         }
-        second.latency.saturating_record(micros(latency));
+        slot.record_latency(latency);
         if measuring {
             let stats = &mut self.stats;
             stats.calls += 1;
@@ -254,22 +109,39 @@ impl Recorder {
         }
     }
 
-    /// A call that failed with `status`: counted under its code, its message
-    /// kept.
+    /// A call that failed with `status`: answered under its code, its
+    /// message kept; or, when its connection failed, a unit with no
+    /// answer, never timed.
     pub fn failed(&mut self, latency: Duration, status: &tonic::Status) {
+        if is_transport_failure(status) {
+            self.no_answer(1, status);
+            return;
+        }
         self.call(latency, status.code());
         if self.measuring() {
-            if is_transport_failure(status) {
-                self.stats.transport_failures += 1;
-            }
-            self.stats.error(describe(status));
+            self.stats.failed(describe(status), 1);
+        }
+    }
+
+    /// `units` that got no answer: their connection failed with `status`.
+    pub fn no_answer(&mut self, units: u64, status: &tonic::Status) {
+        self.live.errors.fetch_add(units, Ordering::Relaxed);
+        let (measuring, slot) = self.now();
+        slot.failed += units;
+        if measuring {
+            self.stats.no_answer += units;
+            self.stats.failed(describe(status), units);
         }
     }
 
     /// A streaming call that failed with `status` once started: a failed
-    /// call and an aborted stream.
+    /// unit (or one with no answer) and an aborted stream.
     pub fn stream_failed(&mut self, latency: Duration, status: &tonic::Status) {
         self.failed(latency, status);
+        self.count_aborted(status);
+    }
+
+    fn count_aborted(&mut self, status: &tonic::Status) {
         *self
             .stats
             .aborted
@@ -282,7 +154,7 @@ impl Recorder {
         self.call(latency, tonic::Code::DeadlineExceeded);
         if self.measuring() {
             self.stats
-                .error(format!("DEADLINE_EXCEEDED: {what} within --timeout"));
+                .failed(format!("DEADLINE_EXCEEDED: {what} within --timeout"), 1);
         }
     }
 
@@ -290,21 +162,99 @@ impl Recorder {
     /// it says the run did not do its work.
     pub fn aborted(&mut self, what: &str, status: &tonic::Status) {
         self.live.errors.fetch_add(1, Ordering::Relaxed);
-        *self
-            .stats
-            .aborted
-            .entry(code_name(status.code()))
-            .or_default() += 1;
-        if is_transport_failure(status) {
-            self.stats.transport_failures += 1;
-        }
+        self.count_aborted(status);
         self.stats.error(format!("{what}: {}", describe(status)));
+    }
+
+    /// bulk: a stream's reply: `added` rows, `failed` of them failed, the
+    /// first of those listed in `errors`.
+    pub fn rows(&mut self, added: u64, failed: u64, errors: &[RowError<'_>]) {
+        self.live.errors.fetch_add(failed, Ordering::Relaxed);
+        let (measuring, slot) = self.now();
+        slot.ok += added;
+        slot.failed += failed;
+        if !measuring {
+            return;
+        }
+        let stats = &mut self.stats;
+        stats.calls += added + failed;
+        stats.ok += added;
+        stats.rows_added += added;
+        stats.rows_failed += failed;
+        if added > 0 {
+            *stats.codes.entry(code_name(tonic::Code::Ok)).or_default() += added;
+        }
+        for error in errors {
+            *stats.codes.entry(code_name(error.code)).or_default() += 1;
+            stats.failed(format!("{}: {}", code_name(error.code), error.message), 1);
+        }
+        let unlisted = failed.saturating_sub(errors.len() as u64);
+        if unlisted > 0 {
+            *stats.codes.entry(NOT_LISTED.to_owned()).or_default() += unlisted;
+            stats.failed(
+                "rows failed without being listed (a reply lists the first 100 failures of \
+                 its stream)"
+                    .into(),
+                unlisted,
+            );
+        }
+    }
+
+    /// bulk: `rows` sent on a stream that ended with `status` instead of a
+    /// reply: failed with its code, or with no answer when the connection
+    /// failed; whether the server stored them is not known.
+    pub fn rows_lost(&mut self, rows: u64, status: &tonic::Status) {
+        if self.measuring() {
+            self.stats.rows_unconfirmed += rows;
+        }
+        if is_transport_failure(status) {
+            self.no_answer(rows, status);
+            return;
+        }
+        self.live.errors.fetch_add(rows, Ordering::Relaxed);
+        let (measuring, slot) = self.now();
+        slot.failed += rows;
+        if measuring {
+            let stats = &mut self.stats;
+            stats.calls += rows;
+            *stats.codes.entry(code_name(status.code())).or_default() += rows;
+            stats.failed(
+                format!("rows of a stream that failed: {}", describe(status)),
+                rows,
+            );
+        }
+    }
+
+    /// bulk: a stream that ended with `code` after `latency`.
+    pub fn stream(&mut self, latency: Duration, code: tonic::Code) {
+        if self.measuring() {
+            self.record(|s| &mut s.streams, latency);
+            *self.stats.stream_codes.entry(code_name(code)).or_default() += 1;
+        }
+        if code != tonic::Code::Ok {
+            self.count_aborted(&tonic::Status::new(code, ""));
+        }
+    }
+
+    /// bulk: a batch of rows that took `took` to go out (the timeline has
+    /// it already, from the stream).
+    pub fn batch(&mut self, took: Duration) {
+        if self.measuring() {
+            self.stats.latency.saturating_record(micros(took));
+        }
+    }
+
+    /// Open loop: a call that started `late` after it was due.
+    pub fn late(&mut self, late: Duration) {
+        if self.measuring() {
+            self.record(|s| &mut s.lateness, late);
+        }
     }
 
     /// Users carried by a call that just finished.
     pub fn users(&mut self, users: u64, bytes: u64) {
-        let (measuring, second) = self.now();
-        second.units += users;
+        let (measuring, slot) = self.now();
+        slot.users += users;
         if measuring {
             self.stats.users += users;
             self.stats.bytes += bytes;
@@ -313,16 +263,10 @@ impl Recorder {
 
     /// sync: a Change reached a watcher `latency` after its upsert was sent.
     pub fn propagated(&mut self, latency: Duration) {
-        let (measuring, second) = self.now();
-        second
-            .propagation
-            .get_or_insert_with(second_histogram)
-            .saturating_record(micros(latency));
+        let (measuring, slot) = self.now();
+        slot.record_propagation(latency);
         if measuring {
-            self.stats
-                .propagation
-                .get_or_insert_with(histogram)
-                .saturating_record(micros(latency));
+            self.record(|s| &mut s.propagation, latency);
         }
     }
 
@@ -333,25 +277,36 @@ impl Recorder {
         latency: Duration,
     ) {
         if self.measuring() {
-            pick(&mut self.stats)
-                .get_or_insert_with(histogram)
-                .saturating_record(micros(latency));
+            self.record(pick, latency);
         }
     }
 
-    /// An error that is not a call's status (a reply that does not add up,
+    fn record(&mut self, pick: fn(&mut Stats) -> &mut Option<Histogram<u64>>, latency: Duration) {
+        pick(&mut self.stats)
+            .get_or_insert_with(histogram)
+            .saturating_record(micros(latency));
+    }
+
+    /// A unit answered with an error, for `message` (sync's Acks).
+    pub fn unit_failed(&mut self, message: String) {
+        if self.measuring() {
+            self.stats.failed(message, 1);
+        }
+    }
+
+    /// An error that is not a unit's status (a reply that does not add up,
     /// an unreadable line...).
     pub fn error(&mut self, message: impl Into<String>) {
         self.stats.error(message);
     }
 
     pub fn measuring(&self) -> bool {
-        self.timeline.clock.measuring(Instant::now())
+        self.timeline.clock().measuring(Instant::now())
     }
 
-    /// The worker's totals, its last second handed over.
-    pub fn finish(self) -> Stats {
-        self.timeline.add(self.index, &self.second);
+    /// The worker's totals, its last slot handed over.
+    pub fn finish(mut self) -> Stats {
+        self.hand_over();
         self.stats
     }
 }
@@ -359,13 +314,10 @@ impl Recorder {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::series::Clock;
 
     fn recorder(warmup: Duration) -> Recorder {
-        let clock = Clock {
-            start: Instant::now(),
-            warmup,
-        };
-        Recorder::new(Timeline::new(clock), Arc::default())
+        Recorder::new(Timeline::new(Clock::now(warmup)), Arc::default())
     }
 
     #[test]
@@ -391,7 +343,43 @@ mod tests {
         assert_eq!(a.errors.kinds.len(), 1);
         assert_eq!(a.errors.kinds[0].count, 2);
         assert_eq!(a.propagation.map(|p| p.len()), Some(1));
-        assert_eq!(a.transport_failures, 0);
+        assert_eq!(a.no_answer, 0);
+    }
+
+    #[test]
+    fn a_failed_connection_is_counted_apart_and_never_timed() {
+        let mut r = recorder(Duration::ZERO);
+        r.call(Duration::from_millis(1), tonic::Code::Ok);
+        let refused = tonic::Status::from_error(Box::new(std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            "connection refused",
+        )));
+        r.failed(Duration::from_micros(20), &refused);
+        r.rows_lost(500, &refused);
+        let stats = r.finish();
+        assert_eq!((stats.calls, stats.no_answer), (1, 501));
+        assert_eq!(stats.latency.len(), 1);
+        assert_eq!(stats.codes.len(), 1);
+        assert_eq!(stats.rows_unconfirmed, 500);
+    }
+
+    #[test]
+    fn rows_are_units_and_unlisted_failures_are_counted() {
+        let mut r = recorder(Duration::ZERO);
+        let errors = [RowError {
+            code: tonic::Code::ResourceExhausted,
+            message: "database or disk is full",
+        }];
+        r.rows(30, 170, &errors);
+        let stats = r.finish();
+        assert_eq!(
+            (stats.calls, stats.ok, stats.failed_calls()),
+            (200, 30, 170)
+        );
+        assert_eq!(stats.codes["OK"], 30);
+        assert_eq!(stats.codes["RESOURCE_EXHAUSTED"], 1);
+        assert_eq!(stats.codes[NOT_LISTED], 169);
+        assert_eq!(stats.errors.kinds.len(), 2);
     }
 
     #[test]
@@ -402,8 +390,10 @@ mod tests {
         let timeline = r.timeline.clone();
         let stats = r.finish();
         assert_eq!((stats.calls, stats.users), (0, 0));
-        let points = timeline.points(Duration::from_secs(1));
-        assert_eq!((points[0].ok, points[0].users), (1, 1));
-        assert!(points[0].warmup);
+        let (_, points) = timeline.points(Duration::from_millis(5));
+        let ok: u64 = points.iter().map(|p| p.ok).sum();
+        let users: u64 = points.iter().map(|p| p.users).sum();
+        assert_eq!((ok, users), (1, 1));
+        assert!(points.iter().all(|p| p.warmup));
     }
 }

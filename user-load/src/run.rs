@@ -1,10 +1,10 @@
 //! A load run from start to report: connect, import what the mode reads
-//! (untimed), start the clock, run the mode's workers, gather what they
-//! measured, verify, report.
+//! (untimed), wait for `--start-at`, start the clock, run the mode's
+//! workers, gather what they measured, verify, report.
 
 use std::{
     sync::{Arc, atomic::Ordering},
-    time::Instant,
+    time::SystemTime,
 };
 
 use sample_users::UserPool;
@@ -15,11 +15,11 @@ use crate::{
     cli::{Mode, Plan},
     connect::{self, SetupError},
     list, progress,
-    record::{Clock, Timeline},
-    report::{Report, RunInfo},
+    report::{Measured, Report, TargetMeasured},
+    series::{Clock, Timeline},
     source::{DataErrors, POOL_SIZE, Source},
     stats, sync, unary,
-    verify::{self, VerifyReport},
+    verify::{self, VerifyReport, Written},
     workers::{Ctx, Totals},
 };
 
@@ -42,11 +42,11 @@ pub async fn run(plan: Plan) -> Result<Report, SetupError> {
     } else {
         Vec::new()
     };
+    if let Some(at) = plan.target.start_at {
+        wait_until(at).await?;
+    }
 
-    let clock = Clock {
-        start: Instant::now(),
-        warmup: plan.warmup,
-    };
+    let clock = Clock::now(plan.warmup);
     ctx.timeline = Timeline::new(clock);
     ctx.budget.start_timers(plan.run_length());
     let unit = match plan.mode {
@@ -88,21 +88,16 @@ pub async fn run(plan: Plan) -> Result<Report, SetupError> {
             Mode::List => VerifyReport::order(outcome.order_violations, outcome.stats.users),
             Mode::Get => VerifyReport::reads(&outcome.stats),
             Mode::Add | Mode::Bulk | Mode::Sync => {
-                // Each target is asked for the users written through it.
-                let mut reports = Vec::new();
-                for (target, written) in std::mem::take(&mut totals.written).into_iter().enumerate()
-                {
-                    let mut client = ctx.client_of_target(target);
-                    let report = verify::stored(
-                        &mut client,
-                        ctx.id_prefix.as_deref(),
-                        written.ids,
-                        written.unlisted_failures,
-                    )
-                    .await;
-                    reports.push((plan.target.addr[target].to_string(), report));
-                }
-                VerifyReport::combine(reports)
+                let written = std::mem::take(&mut totals.written)
+                    .into_iter()
+                    .enumerate()
+                    .map(|(target, stored)| Written {
+                        addr: plan.target.addr[target].to_string(),
+                        client: ctx.client_of_target(target),
+                        stored,
+                    })
+                    .collect();
+                verify::stored(written, ctx.id_prefix.as_deref()).await
             }
         })
     } else {
@@ -110,13 +105,63 @@ pub async fn run(plan: Plan) -> Result<Report, SetupError> {
     };
     ctx.disconnect();
 
-    let info = RunInfo {
+    let targets = plan
+        .target
+        .addr
+        .iter()
+        .zip(totals.by_target)
+        .enumerate()
+        .map(|(i, (addr, stats))| TargetMeasured {
+            addr: addr.to_string(),
+            connections: (0..plan.connections)
+                .filter(|c| c % plan.target.addr.len() == i)
+                .count(),
+            stats,
+            outages: ctx.targets.outages(i, clock.start),
+        })
+        .collect();
+    let measured = Measured {
+        mode: plan.mode,
+        command: plan.command_line.clone(),
+        targets,
+        concurrency: plan.concurrency,
+        connections: plan.connections,
+        watchers: plan.watchers,
+        schedule: plan.schedule.map(|s| s.describe()),
+        span: ctx.timeline.span(elapsed),
         interrupted: ctx.budget.interrupted(),
-        elapsed,
-        cpu,
-        series: ctx.timeline.points(elapsed),
+        cpu_s: cpu.as_secs_f64(),
+        pacer_cpu_s: plan
+            .schedule
+            .map(|_| ctx.pacer.cpu_ns.load(Ordering::Relaxed) as f64 / 1e9),
+        generators: 1,
+        stats: totals.all.stats,
+        slots: ctx.timeline.slots(),
+        verify,
+        token_file: plan
+            .target
+            .auth_token_file
+            .as_ref()
+            .map(|p| p.display().to_string()),
     };
-    Ok(Report::new(&plan, info, totals, verify))
+    Ok(Report::new(measured, &plan.output.fail_if))
+}
+
+/// Waits until `at` on the wall clock, so that generators on several
+/// machines start together; a time already past is refused, as starting
+/// late would misalign them.
+async fn wait_until(at: SystemTime) -> Result<(), SetupError> {
+    match at.duration_since(SystemTime::now()) {
+        Ok(wait) => {
+            tokio::time::sleep(wait).await;
+            Ok(())
+        }
+        Err(past) => Err(SetupError::Input(format!(
+            "--start-at: that time passed {:.3} s ago, before connecting and any --prefill \
+             were done: give a later one",
+            past.duration().as_secs_f64(),
+        ))),
+    }
 }
 
 /// gRPC's ALREADY_EXISTS, as a BulkAddUsers row error carries it.

@@ -5,7 +5,7 @@
 use std::{collections::BTreeMap, error::Error, time::Duration};
 
 use hdrhistogram::Histogram;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Latencies are recorded in microseconds, from 1 µs to an hour, to three
 /// significant figures (0.1%).
@@ -26,7 +26,7 @@ pub fn micros(d: Duration) -> u64 {
 }
 
 /// Adds `other` into the histogram in `slot`, creating it when needed.
-fn merge_into(slot: &mut Option<Histogram<u64>>, other: Option<Histogram<u64>>) {
+pub fn merge_into(slot: &mut Option<Histogram<u64>>, other: Option<Histogram<u64>>) {
     if let Some(other) = other {
         // Same bounds on both sides, so adding cannot fail.
         let _ = slot.get_or_insert_with(histogram).add(&other);
@@ -81,7 +81,7 @@ pub struct Errors {
     pub others: u64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ErrorKind {
     /// The first message of this kind.
     pub message: String,
@@ -134,54 +134,83 @@ impl Errors {
 }
 
 /// One worker's measured totals (or, merged, the run's).
+///
+/// Each mode has a unit of work, which these count: a call (add, get), a
+/// scan (list), a row (bulk), an upsert and its Ack (sync). A unit either
+/// got an answer (`calls`, by status code in `codes`, `ok` of them OK) or
+/// none, its connection having failed (`no_answer`): those are counted
+/// apart, and never timed, so that failing fast cannot make a run look
+/// fast.
 #[derive(Debug, Clone)]
 pub struct Stats {
-    /// The mode's main latency: per call (add, get), per scan (list), per
-    /// Ack (sync), per stream (bulk).
+    /// The mode's main latency, of answered units only: per call (add,
+    /// get), per scan (list), per Ack (sync), per batch of rows (bulk).
     pub latency: Histogram<u64>,
+    /// Open loop: how late each call (upsert) started after it was due.
+    pub lateness: Option<Histogram<u64>>,
     /// sync: from sending an upsert to a watcher receiving its Change.
     pub propagation: Option<Histogram<u64>>,
     /// bulk: from a stream's end of input to its reply.
     pub reply_wait: Option<Histogram<u64>>,
     /// list: from a scan's request to its first user.
     pub first_user: Option<Histogram<u64>>,
-    /// Calls (or Acks, scans, streams) by status code name.
+    /// bulk: each stream, from opening it to its reply.
+    pub streams: Option<Histogram<u64>>,
+    /// bulk: streams by the status that ended them.
+    pub stream_codes: BTreeMap<String, u64>,
+    /// Units that got an answer, by status code name. For bulk, rows the
+    /// server reported failed without listing them (a reply lists the
+    /// first 100 of each stream) are under [`NOT_LISTED`].
     pub codes: BTreeMap<String, u64>,
+    /// Every error; `failures` only those of failed units, by status and
+    /// message: why the units failed.
     pub errors: Errors,
+    pub failures: Errors,
+    /// Units that got an answer, and how many of them were OK.
     pub calls: u64,
     pub ok: u64,
-    /// Calls that got no status from the server: the connection failed.
-    pub transport_failures: u64,
+    /// Units that got no answer: their connection failed.
+    pub no_answer: u64,
     /// Streams ended by an error status after they had started, by code.
     pub aborted: BTreeMap<String, u64>,
     /// Users carried: rows sent (bulk), users stored (add), read (get,
     /// list), acknowledged (sync).
     pub users: u64,
-    /// bulk: rows the server reported added and failed.
+    /// bulk: rows the server reported added and failed, and rows sent on
+    /// streams that ended without a reply (their fate unknown).
     pub rows_added: u64,
     pub rows_failed: u64,
+    pub rows_unconfirmed: u64,
     /// sync: upserts sent that never got their Ack.
     pub unanswered: u64,
     /// Encoded bytes of the users carried.
     pub bytes: u64,
 }
 
+/// The code under which bulk counts rows that failed unlisted.
+pub const NOT_LISTED: &str = "NOT_LISTED";
+
 impl Default for Stats {
     fn default() -> Self {
         Stats {
             latency: histogram(),
+            lateness: None,
             propagation: None,
             reply_wait: None,
             first_user: None,
+            streams: None,
+            stream_codes: BTreeMap::new(),
             codes: BTreeMap::new(),
             errors: Errors::default(),
+            failures: Errors::default(),
             calls: 0,
             ok: 0,
-            transport_failures: 0,
+            no_answer: 0,
             aborted: BTreeMap::new(),
             users: 0,
             rows_added: 0,
             rows_failed: 0,
+            rows_unconfirmed: 0,
             unanswered: 0,
             bytes: 0,
         }
@@ -189,6 +218,7 @@ impl Default for Stats {
 }
 
 impl Stats {
+    /// Units answered with an error status.
     pub fn failed_calls(&self) -> u64 {
         self.calls - self.ok
     }
@@ -197,31 +227,44 @@ impl Stats {
         self.errors.add(message.into(), 1);
     }
 
+    /// `count` units that failed for `message` (a status and its message).
+    pub fn failed(&mut self, message: String, count: u64) {
+        self.failures.add(message.clone(), count);
+        self.errors.add(message, count);
+    }
+
     pub fn merge(&mut self, other: Stats) {
         let _ = self.latency.add(&other.latency);
+        merge_into(&mut self.lateness, other.lateness);
         merge_into(&mut self.propagation, other.propagation);
         merge_into(&mut self.reply_wait, other.reply_wait);
         merge_into(&mut self.first_user, other.first_user);
-        for (code, n) in other.codes {
-            *self.codes.entry(code).or_default() += n;
-        }
-        for (code, n) in other.aborted {
-            *self.aborted.entry(code).or_default() += n;
+        merge_into(&mut self.streams, other.streams);
+        for (map, other) in [
+            (&mut self.codes, other.codes),
+            (&mut self.aborted, other.aborted),
+            (&mut self.stream_codes, other.stream_codes),
+        ] {
+            for (code, n) in other {
+                *map.entry(code).or_default() += n;
+            }
         }
         self.errors.merge(other.errors);
+        self.failures.merge(other.failures);
         self.calls += other.calls;
         self.ok += other.ok;
-        self.transport_failures += other.transport_failures;
+        self.no_answer += other.no_answer;
         self.users += other.users;
         self.rows_added += other.rows_added;
         self.rows_failed += other.rows_failed;
+        self.rows_unconfirmed += other.rows_unconfirmed;
         self.unanswered += other.unanswered;
         self.bytes += other.bytes;
     }
 }
 
 /// Latency percentiles, in milliseconds.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Latency {
     pub count: u64,
     pub mean_ms: f64,
@@ -257,7 +300,7 @@ impl Latency {
 const BUCKETS: usize = 48;
 
 /// One bin of a latency distribution, in milliseconds.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Bucket {
     pub from_ms: f64,
     pub to_ms: f64,

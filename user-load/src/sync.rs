@@ -9,7 +9,7 @@
 
 use std::{
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
     time::{Duration, Instant},
@@ -24,8 +24,8 @@ use crate::{
     budget,
     connect::Client,
     record::Recorder,
-    stats::code_name,
-    workers::{Ctx, Outcome, Totals},
+    stats::{code_name, histogram, merge_into, micros},
+    workers::{Ctx, Outcome, Stored, Totals},
 };
 
 /// Send times are kept in a ring indexed by request id. It must be larger
@@ -129,6 +129,9 @@ async fn write(
     };
 
     // Sending runs on its own task: a permit per upsert awaiting its Ack.
+    // It times how late each upsert is sent (open loop) for the reader,
+    // which owns the recorder.
+    let lateness = Arc::new(Mutex::new(histogram()));
     let permits = Arc::new(Semaphore::new(window));
     let sent = Arc::new(AtomicU64::new(0));
     let sender = {
@@ -141,6 +144,7 @@ async fn write(
         let tickets = ctx.tickets(window);
         let mut source = ctx.source.clone();
         let prefix = prefix.to_owned();
+        let (lateness, clock) = (lateness.clone(), ctx.timeline.clock());
         tokio::spawn(async move {
             loop {
                 let Some((n, due)) = budget::next_ticket(tickets.as_ref(), &budget).await else {
@@ -158,6 +162,11 @@ async fn write(
                 }
                 // Closed loop: timed from now, after the window let it go.
                 let at = if tickets.is_some() {
+                    if clock.measuring(Instant::now())
+                        && let Ok(mut lateness) = lateness.lock()
+                    {
+                        lateness.saturating_record(micros(due.elapsed()));
+                    }
                     due
                 } else {
                     Instant::now()
@@ -216,7 +225,7 @@ async fn write(
                         }
                     }
                 } else {
-                    recorder.error(format!("Ack {}: {}", code_name(code), ack.message));
+                    recorder.unit_failed(format!("{}: {}", code_name(code), ack.message));
                 }
             }
             // Our own Changes come back too; the watchers measure those.
@@ -230,13 +239,18 @@ async fn write(
     }
     sender.abort();
     let _ = sender.await;
+    if ctx.plan.schedule.is_some()
+        && let Ok(lateness) = lateness.lock()
+    {
+        merge_into(&mut recorder.stats.lateness, Some(lateness.clone()));
+    }
     let unanswered = sent.load(Ordering::Relaxed).saturating_sub(acked);
     if unanswered > 0 {
         recorder.stats.unanswered += unanswered;
         recorder.error(format!("{unanswered} upserts sent got no Ack"));
     }
     let mut outcome = Outcome::of(recorder.finish());
-    outcome.stored_ids = stored_ids;
+    outcome.stored.push(Stored::each(stored_ids));
     (outcome, last_seq)
 }
 

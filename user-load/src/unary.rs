@@ -17,7 +17,8 @@ use crate::{
     connect::Client,
     record::Recorder,
     source::Source,
-    workers::{Ctx, Outcome, Totals},
+    stats::is_transport_failure,
+    workers::{Ctx, Outcome, Stored, Totals},
 };
 
 #[derive(Clone)]
@@ -40,25 +41,30 @@ pub async fn run(ctx: &Ctx, kind: Kind, totals: &mut Totals) {
             id_prefix: ctx.id_prefix.clone(),
             recorder: ctx.recorder(),
             stored_ids: Vec::new(),
+            open_loop: tickets.is_some(),
         };
-        let (budget, live, tickets, target) = (
+        let (budget, live, tickets, target, targets) = (
             ctx.budget.clone(),
             ctx.live.clone(),
             tickets.clone(),
             ctx.target(i),
+            ctx.targets.clone(),
         );
         workers.spawn(async move {
-            loop {
+            // A worker whose target is down takes no ticket: the others
+            // keep the rate.
+            while targets.wait_up(target).await {
                 let Some((n, due)) = budget::next_ticket(tickets.as_ref(), &budget).await else {
                     break;
                 };
-                if !worker.call(n, due).await {
-                    break;
+                match worker.call(n, due).await {
+                    Ok(()) => live.done(1),
+                    Err(Ended::Data) => break,
+                    Err(Ended::Connection(status)) => targets.failed(target, &status),
                 }
-                live.done(1);
             }
             let mut outcome = Outcome::of(worker.recorder.finish());
-            outcome.stored_ids = worker.stored_ids;
+            outcome.stored.push(Stored::each(worker.stored_ids));
             (target, outcome)
         });
     }
@@ -74,17 +80,26 @@ struct Worker {
     id_prefix: Option<String>,
     recorder: Recorder,
     stored_ids: Vec<String>,
+    /// Calls start when due: how late each starts is recorded.
+    open_loop: bool,
+}
+
+/// Why a worker's call did not go as a call should.
+enum Ended {
+    /// Nothing left to send: the data file ended.
+    Data,
+    /// The connection failed: the target may be down.
+    Connection(tonic::Status),
 }
 
 impl Worker {
-    /// Makes call `n`, due at `due`. `false` when there is nothing left to
-    /// send (the data file ended).
-    async fn call(&mut self, n: u64, due: Instant) -> bool {
+    /// Makes call `n`, due at `due`.
+    async fn call(&mut self, n: u64, due: Instant) -> Result<(), Ended> {
         let recorder = &mut self.recorder;
         match &self.kind {
             Kind::Add => {
                 let Some(mut user) = self.source.next(n).await else {
-                    return false;
+                    return Err(Ended::Data);
                 };
                 if let Some(prefix) = &self.id_prefix
                     && user.id.is_empty()
@@ -94,6 +109,9 @@ impl Worker {
                 let bytes = user.encoded_len() as u64;
                 let mut request = tonic::Request::new(user);
                 request.set_timeout(self.timeout);
+                if self.open_loop {
+                    recorder.late(due.elapsed());
+                }
                 let result =
                     tokio::time::timeout(self.timeout, self.client.add_user(request)).await;
                 let latency = due.elapsed();
@@ -114,7 +132,7 @@ impl Worker {
                             self.stored_ids.push(stored.id);
                         }
                     }
-                    Ok(Err(status)) => recorder.failed(latency, &status),
+                    Ok(Err(status)) => return failed(recorder, latency, status),
                     Err(_) => recorder.timed_out(latency, "no AddUser reply"),
                 }
             }
@@ -122,6 +140,9 @@ impl Worker {
                 let id = ids[fastrand::usize(..ids.len().max(1))].clone();
                 let mut request = tonic::Request::new(proto::GetUserRequest { id: id.clone() });
                 request.set_timeout(self.timeout);
+                if self.open_loop {
+                    recorder.late(due.elapsed());
+                }
                 let result =
                     tokio::time::timeout(self.timeout, self.client.get_user(request)).await;
                 let latency = due.elapsed();
@@ -134,11 +155,21 @@ impl Worker {
                             recorder.error(format!("GetUser({id:?}) returned {:?}", user.id));
                         }
                     }
-                    Ok(Err(status)) => recorder.failed(latency, &status),
+                    Ok(Err(status)) => return failed(recorder, latency, status),
                     Err(_) => recorder.timed_out(latency, "no GetUser reply"),
                 }
             }
         }
-        true
+        Ok(())
     }
+}
+
+/// Records a call that failed with `status`; a connection failure ends it
+/// differently, for the worker to mark its target down.
+fn failed(recorder: &mut Recorder, latency: Duration, status: tonic::Status) -> Result<(), Ended> {
+    recorder.failed(latency, &status);
+    if is_transport_failure(&status) {
+        return Err(Ended::Connection(status));
+    }
+    Ok(())
 }

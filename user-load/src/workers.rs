@@ -5,17 +5,20 @@
 //! types; `run.rs` depends on the modes and on the report, never the other
 //! way round.
 
-use std::{sync::Arc, time::Instant};
+use std::sync::Arc;
 
 use tokio::task::JoinSet;
 
 use crate::{
-    budget::{self, Budget, Ticket},
+    budget::Budget,
     cli::Plan,
     connect::{Client, Connection, Transport, client_on},
-    record::{Clock, Live, Recorder, Timeline},
+    pacer::{self, Tickets},
+    record::{Live, Recorder},
+    series::{Clock, Timeline},
     source::Source,
     stats::Stats,
+    targets::Targets,
 };
 
 /// Everything a mode needs.
@@ -30,6 +33,10 @@ pub struct Ctx {
     pub id_prefix: Option<String>,
     pub live: Arc<Live>,
     pub timeline: Arc<Timeline>,
+    /// Which targets are up, and their outages.
+    pub targets: Arc<Targets>,
+    /// Open loop: what the pacer shares with the workers.
+    pub pacer: Arc<pacer::Shared>,
 }
 
 impl Ctx {
@@ -42,17 +49,26 @@ impl Ctx {
         source: Source,
         run_id: String,
     ) -> Ctx {
+        let budget = Budget::new(plan.total);
+        let targets = Targets::new(
+            plan.target.addr.len(),
+            connections
+                .iter()
+                .map(|c| (c.target, c.transport.clone()))
+                .collect(),
+            budget.clone(),
+            plan.timeout,
+        );
         Ctx {
             connections,
-            budget: Budget::new(plan.total),
+            budget,
+            targets,
+            pacer: Arc::default(),
             source,
             id_prefix: plan.verify.then(|| run_id.clone()),
             run_id,
             live: Arc::default(),
-            timeline: Timeline::new(Clock {
-                start: Instant::now(),
-                warmup: plan.warmup,
-            }),
+            timeline: Timeline::new(Clock::now(plan.warmup)),
             plan,
         }
     }
@@ -101,13 +117,14 @@ impl Ctx {
 
     /// Open loop: tickets at the `--rps` schedule, queued at most `depth`
     /// deep; `None` for a closed loop.
-    pub fn tickets(&self, depth: usize) -> Option<async_channel::Receiver<Ticket>> {
+    pub fn tickets(&self, depth: usize) -> Option<Tickets> {
         self.plan.schedule.map(|schedule| {
-            budget::pace(
+            pacer::pace(
                 schedule,
                 self.budget.clone(),
                 depth,
                 self.timeline.clock().start,
+                self.pacer.clone(),
             )
         })
     }
@@ -117,13 +134,30 @@ impl Ctx {
 #[derive(Default)]
 pub struct Outcome {
     pub stats: Stats,
-    /// Ids the server reported stored (only with `--verify`).
-    pub stored_ids: Vec<String>,
-    /// Rows the server reported failed without saying which (a BulkAddUsers
-    /// reply lists only the first 100 failures).
-    pub unlisted_failures: u64,
+    /// What the server reported stored (only with `--verify`).
+    pub stored: Vec<Stored>,
     /// list with `--verify`: users out of strict id order.
     pub order_violations: u64,
+}
+
+/// Users the server reported stored: `added` of these `ids`. Every id is
+/// stored when they are equal; a BulkAddUsers reply that failed more rows
+/// than it lists (it lists the first 100) leaves some of its stream's ids
+/// unknown, and only says how many of them were added.
+#[derive(Debug, Default)]
+pub struct Stored {
+    pub ids: Vec<String>,
+    pub added: u64,
+}
+
+impl Stored {
+    /// Ids each reported stored.
+    pub fn each(ids: Vec<String>) -> Stored {
+        Stored {
+            added: ids.len() as u64,
+            ids,
+        }
+    }
 }
 
 impl Outcome {
@@ -136,8 +170,6 @@ impl Outcome {
 
     fn merge(&mut self, other: Outcome) {
         self.stats.merge(other.stats);
-        self.stored_ids.extend(other.stored_ids);
-        self.unlisted_failures += other.unlisted_failures;
         self.order_violations += other.order_violations;
     }
 }
@@ -147,14 +179,7 @@ pub struct Totals {
     pub all: Outcome,
     pub by_target: Vec<Stats>,
     /// What was reported stored through each target, for `--verify`.
-    pub written: Vec<Written>,
-}
-
-/// The users a target reported stored.
-#[derive(Default)]
-pub struct Written {
-    pub ids: Vec<String>,
-    pub unlisted_failures: u64,
+    pub written: Vec<Vec<Stored>>,
 }
 
 impl Totals {
@@ -162,15 +187,13 @@ impl Totals {
         Totals {
             all: Outcome::default(),
             by_target: (0..targets).map(|_| Stats::default()).collect(),
-            written: (0..targets).map(|_| Written::default()).collect(),
+            written: (0..targets).map(|_| Vec::new()).collect(),
         }
     }
 
     pub fn add(&mut self, target: usize, mut outcome: Outcome) {
         self.by_target[target].merge(outcome.stats.clone());
-        let written = &mut self.written[target];
-        written.ids.append(&mut outcome.stored_ids);
-        written.unlisted_failures += std::mem::take(&mut outcome.unlisted_failures);
+        self.written[target].append(&mut outcome.stored);
         self.all.merge(outcome);
     }
 

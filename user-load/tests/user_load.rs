@@ -6,132 +6,13 @@
 //! Each server listens on 127.0.0.1:0 and writes the address it got to a
 //! file (`--addr-file`); every wait is bounded.
 
-use std::{
-    io::Read,
-    net::TcpListener,
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    sync::mpsc,
-    time::Duration,
-};
+mod common;
 
+use std::{net::TcpListener, path::Path};
+
+use common::*;
 use tempfile::TempDir;
-use test_support::{Pki, ServerProcess};
-use tokio_stream::wrappers::ReceiverStream;
-use user_service::proto::{sync_response::Event, user_service_client::UserServiceClient};
-
-/// Bounds every wait: a broken binary fails a test instead of hanging it.
-const PATIENCE: Duration = Duration::from_secs(60);
-
-/// Exit statuses `user-load --help` documents.
-const EXIT_FAILED: i32 = 1;
-const EXIT_USAGE: i32 = 2;
-const EXIT_THRESHOLD: i32 = 99;
-const EXIT_INTERRUPTED: i32 = 130;
-
-/// A running user-service on a memory store, with `args`; its address as
-/// user-load's `--addr` takes it.
-struct Server {
-    /// Killed when dropped.
-    _process: ServerProcess,
-    addr: String,
-}
-
-impl Server {
-    fn start(args: &[&str]) -> Server {
-        let mut command = std::process::Command::new(service_binary());
-        command.args(["--store", "memory"]).args(args);
-        let process = ServerProcess::spawn(command);
-        let addr = process.addr.to_string();
-        Server {
-            _process: process,
-            addr,
-        }
-    }
-}
-
-/// The `user-service` binary, where Cargo builds it: beside this test's own
-/// directory (`target/debug/deps`). It belongs to another package of the
-/// workspace, whose binaries Cargo neither names to this test
-/// (`CARGO_BIN_EXE_*`) nor builds for it: `cargo test --workspace` (as
-/// scripts/test.sh runs it) builds both, and `cargo test -p user-load`
-/// needs `cargo build -p user-service` first.
-fn service_binary() -> PathBuf {
-    let test = std::env::current_exe().expect("this test's path");
-    let binary = test
-        .parent()
-        .and_then(Path::parent)
-        .expect("the test is in target/PROFILE/deps")
-        .join("user-service");
-    assert!(
-        binary.exists(),
-        "no {}: run `cargo test --workspace`, or `cargo build -p user-service` first",
-        binary.display()
-    );
-    binary
-}
-
-/// What a finished `user-load` run left.
-#[derive(Debug)]
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-impl Run {
-    fn json(&self) -> serde_json::Value {
-        serde_json::from_str(&self.stdout)
-            .unwrap_or_else(|err| panic!("not a JSON report ({err}): {self:?}"))
-    }
-}
-
-/// Waits (bounded) for `child` to exit and collects its output.
-fn finish(mut child: Child) -> Run {
-    let (mut out, mut err) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let (mut stdout, mut stderr) = (String::new(), String::new());
-        let _ = out.read_to_string(&mut stdout);
-        let _ = err.read_to_string(&mut stderr);
-        let _ = tx.send((stdout, stderr));
-    });
-    let Ok((stdout, stderr)) = rx.recv_timeout(PATIENCE) else {
-        let _ = child.kill();
-        panic!("user-load did not finish within {PATIENCE:?}");
-    };
-    let status = child.wait().expect("wait for user-load");
-    Run {
-        code: status.code().unwrap_or(-1),
-        stdout,
-        stderr,
-    }
-}
-
-fn spawn_load(args: &[&str]) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_user-load"))
-        .args(args)
-        .env_remove("USER_SERVICE_ADDR")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn user-load")
-}
-
-fn load(args: &[&str]) -> Run {
-    finish(spawn_load(args))
-}
-
-fn assert_failed(run: &Run, code: i32, says: &[&str]) {
-    assert_eq!(run.code, code, "{run:?}");
-    for words in says {
-        assert!(
-            run.stderr.contains(words),
-            "stderr does not say {words:?}: {run:?}"
-        );
-    }
-}
+use test_support::Pki;
 
 #[test]
 fn a_refused_connection_fails_naming_the_address() {
@@ -355,6 +236,8 @@ fn flags_of_other_modes_and_nonsense_values_are_usage_errors() {
         ),
         (&["add", "--concurrency", "0"], "--concurrency"),
         (&["bulk", "--total", "0"], "--total"),
+        (&["add", "--start-at", "1"], "is in the past"),
+        (&["add", "--start-at", "noon"], "neither RFC 3339"),
     ] {
         let run = load(args);
         assert_failed(&run, EXIT_USAGE, &[says]);
@@ -370,84 +253,16 @@ fn flags_of_other_modes_and_nonsense_values_are_usage_errors() {
 async fn ctrl_c_ends_the_run_with_130_and_a_report() {
     let server = Server::start(&[]);
     // A watcher on the feed: its first Change means the run has started.
-    let mut client = UserServiceClient::connect(format!("http://{}", server.addr))
-        .await
-        .unwrap();
-    let (_requests, rx) = tokio::sync::mpsc::channel(1);
-    let mut changes = client
-        .sync_users(ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut feed = server.watch().await;
     let child = spawn_load(&["add", "--addr", &server.addr, "--duration", "60s", "--json"]);
-    let first = tokio::time::timeout(PATIENCE, changes.message()).await;
-    assert!(
-        matches!(&first, Ok(Ok(Some(m))) if matches!(m.event, Some(Event::Change(_)))),
-        "{first:?}"
-    );
-    // SAFETY: kill(2) with the pid of a child this test spawned and has
-    // not yet waited for.
-    let sent = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
-    assert_eq!(sent, 0);
-    let run = tokio::task::spawn_blocking(move || finish(child))
-        .await
-        .unwrap();
+    feed.change().await;
+    interrupt(&child);
+    let run = finish_async(child).await;
     assert_eq!(run.code, EXIT_INTERRUPTED, "{run:?}");
     let report = run.json();
     assert_eq!(report["interrupted"], true, "{report}");
     assert!(report["ok_calls"].as_u64() > Some(0), "{report}");
     assert!(run.stderr.contains("interrupted by Ctrl-C"), "{run:?}");
-}
-
-/// Headless Chromium, as Debian packages it.
-fn chromium() -> PathBuf {
-    let found = std::env::var_os("CHROMIUM").map(PathBuf::from).or_else(|| {
-        std::env::var_os("PATH").and_then(|path| {
-            std::env::split_paths(&path)
-                .map(|dir| dir.join("chromium"))
-                .find(|p| p.is_file())
-        })
-    });
-    found.expect(
-        "this test renders the HTML report in Chromium: install Debian's chromium \
-         (apt-get install chromium; .ci/run does) or set CHROMIUM",
-    )
-}
-
-/// Renders `page` in headless Chromium: its DOM once loaded, and what its
-/// console logged.
-fn render(page: &Path, dir: &Path, extra: &[&str]) -> (String, Vec<String>) {
-    let profile = TempDir::new_in(dir).unwrap();
-    let output = Command::new(chromium())
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--no-first-run",
-            "--hide-scrollbars",
-            "--enable-logging=stderr",
-            "--v=0",
-        ])
-        .arg(format!("--user-data-dir={}", profile.path().display()))
-        .args(extra)
-        .arg(format!("file://{}", page.display()))
-        .stdin(Stdio::null())
-        .output()
-        .expect("run chromium");
-    assert!(output.status.success(), "chromium: {output:?}");
-    // Chromium logs each console message as an INFO:CONSOLE line.
-    let console = String::from_utf8_lossy(&output.stderr)
-        .lines()
-        .filter(|l| l.contains(":CONSOLE"))
-        .map(str::to_owned)
-        .collect();
-    (
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        console,
-    )
 }
 
 /// Width and height of a PNG, from its header.
@@ -526,6 +341,10 @@ fn the_html_report_renders_with_its_totals_and_no_console_error() {
     ] {
         assert!(dom.contains(chart), "no {chart} chart");
     }
+    // Open loop: how late the upserts started, apart from the latency.
+    let lateness = section(&dom, "<h2>Lateness</h2>", "</table>");
+    let count = format!("<td class=\"n\">{}</td>", report["lateness"]["count"]);
+    assert!(lateness.contains(&count), "{count} not in {lateness}");
 
     let screenshot = dir.path().join("report.png");
     let (_, console) = render(

@@ -4,7 +4,11 @@
 //! Every mode is turned into one [`Plan`] that the rest of the program reads,
 //! so the modes never look at flags that are not theirs.
 
-use std::{path::PathBuf, str::FromStr, time::Duration};
+use std::{
+    path::PathBuf,
+    str::FromStr,
+    time::{Duration, SystemTime},
+};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use tonic::{
@@ -26,11 +30,13 @@ const DEFAULT_ADDR: &str = "127.0.0.1:8080";
 ///
 /// Every run is bounded (`--total` or `--duration`, 10 s by default) and
 /// prints a report; `--json` and `--html PATH` write it for machines and for
-/// people. The exit status says whether the run did its work: 0 it did; 1
-/// it could not (no call reached the server, every call failed, a stream was
-/// aborted, calls got no answer, or --verify found a problem); 2 the command
-/// line or an input file is wrong; 99 a --fail-if condition held; 130
-/// interrupted by Ctrl-C.
+/// people. Each mode counts a unit of work: a call (add, get), a scan
+/// (list), a row (bulk), an upsert (sync). The exit status says whether the
+/// run did its work: 0 it did; 1 it could not (no call reached the server,
+/// units failed and no --fail-if errors condition says how many may, units
+/// got no answer, a stream was aborted, or --verify found a problem); 2 the
+/// command line or an input file is wrong; 99 a --fail-if condition held;
+/// 130 interrupted by Ctrl-C.
 #[derive(Debug, Parser)]
 #[command(name = "user-load", version, about, long_about, max_term_width = 100)]
 pub struct Cli {
@@ -58,9 +64,13 @@ pub enum Command {
     /// Serve a UserService that decodes every request and stores nothing,
     /// to measure the generator alone.
     Sink(SinkArgs),
+    /// Combine the --json reports of runs on several machines into one
+    /// report: counts added up, percentiles of the histograms added up,
+    /// series lined up on the wall clock.
+    Merge(MergeArgs),
 }
 
-/// Where the load goes and how to connect.
+/// Where (and when) the load goes, and how to connect.
 #[derive(Debug, Clone, Args)]
 pub struct TargetArgs {
     /// Server address(es), HOST:PORT, comma-separated. Connections are
@@ -118,6 +128,13 @@ pub struct TargetArgs {
     /// Metadata sent with every call, as ghz's `-m '{"name": "value"}'`.
     #[arg(short = 'm', long = "metadata", value_name = "JSON", value_parser = parse_metadata)]
     pub metadata: Vec<Metadata>,
+
+    /// Start the load at this time rather than at once (after connecting
+    /// and any --prefill): RFC 3339 (2030-06-01T12:00:00Z) or Unix seconds.
+    /// Generators on several machines given the same time start together;
+    /// `user-load merge` then makes one report of their --json reports.
+    #[arg(long, value_name = "TIME", value_parser = parse_start_at)]
+    pub start_at: Option<SystemTime>,
 }
 
 /// What the report is written as, and when the run counts as failed.
@@ -133,10 +150,12 @@ pub struct OutputArgs {
 
     /// Fail the run (exit status 99) when this condition holds over the
     /// measured figures. Repeatable. Forms: `errors>1%` or `errors>0`
-    /// (failed calls, a share or a count); `p99>10ms` (also p50, p90, p95,
-    /// p99.9, max, mean; units us, ms, s) for the report's first latency;
-    /// `rate<5000` for its throughput per second (OK calls, OK Acks, rows
-    /// added or users listed). Operators: > >= < <=.
+    /// (failed units, a share or a count: calls, scans, rows for bulk,
+    /// upserts for sync; with one, failed units no longer fail the run by
+    /// themselves); `p99>10ms` (also p50, p90, p95, p99.9, max, mean; units
+    /// us, ms, s) for the report's first latency; `rate<5000` for its
+    /// throughput per second (OK calls, OK Acks, rows added or users
+    /// listed). Operators: > >= < <=.
     #[arg(long = "fail-if", value_name = "CONDITION", value_parser = Threshold::parse)]
     pub fail_if: Vec<Threshold>,
 }
@@ -366,6 +385,15 @@ pub struct SinkArgs {
     pub addr_file: Option<std::path::PathBuf>,
 }
 
+#[derive(Debug, Clone, Args)]
+pub struct MergeArgs {
+    /// The --json reports to merge, of runs of one mode.
+    #[arg(required = true, value_name = "FILE")]
+    pub files: Vec<PathBuf>,
+    #[command(flatten)]
+    pub output: OutputArgs,
+}
+
 /// A `host:port` as given: a name is resolved when connecting.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostPort(Authority);
@@ -458,6 +486,38 @@ fn parse_id_prefix(text: &str) -> Result<String, String> {
         Ok(text.to_owned())
     } else {
         Err("1 to 48 characters of A-Z, a-z, 0-9, _ and - (ids are at most 64)".into())
+    }
+}
+
+/// How far ahead `--start-at` may be: further is more likely a mistake
+/// (a Unix time in milliseconds) than a plan.
+const MAX_START_AHEAD: Duration = Duration::from_secs(24 * 3600);
+
+/// `--start-at`: RFC 3339, or Unix seconds (a fraction allowed), within
+/// the next day.
+fn parse_start_at(text: &str) -> Result<SystemTime, String> {
+    let text = text.trim();
+    let at = if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+        let seconds: f64 = text
+            .parse()
+            .map_err(|_| format!("{text:?} is not a Unix time"))?;
+        SystemTime::UNIX_EPOCH + Duration::from_secs_f64(seconds)
+    } else {
+        let at = time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+            .map_err(|err| {
+                format!(
+                    "{text:?} is neither RFC 3339 (2030-06-01T12:00:00Z) nor a Unix time: {err}"
+                )
+            })?;
+        SystemTime::from(at)
+    };
+    let now = SystemTime::now();
+    match at.duration_since(now) {
+        Err(_) => Err(format!("{text:?} is in the past")),
+        Ok(ahead) if ahead > MAX_START_AHEAD => Err(format!(
+            "{text:?} is more than a day ahead (a Unix time is in seconds)"
+        )),
+        Ok(_) => Ok(at),
     }
 }
 

@@ -7,12 +7,12 @@ use std::{path::PathBuf, time::Duration};
 use clap::{CommandFactory, Parser, error::ErrorKind};
 
 use super::{
-    CallArgs, Cli, Command, DEFAULT_DURATION, GenArgs, OutputArgs, PaceArgs, ScheduleKind,
-    SinkArgs, TargetArgs,
+    CallArgs, Cli, Command, DEFAULT_DURATION, GenArgs, MergeArgs, OutputArgs, PaceArgs,
+    ScheduleKind, SinkArgs, TargetArgs,
 };
 
 /// The load modes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
     Bulk,
@@ -135,6 +135,7 @@ pub enum Action {
     Load(Box<Plan>),
     Gen(GenArgs),
     Sink(SinkArgs),
+    Merge(MergeArgs),
 }
 
 /// A usage error, printed by clap as `error: ...` with exit status 2.
@@ -186,6 +187,7 @@ impl Cli {
         let plan = match cli.command {
             Command::Gen(args) => return Ok(Action::Gen(args)),
             Command::Sink(args) => return Ok(Action::Sink(args)),
+            Command::Merge(args) => return Ok(Action::Merge(args)),
             Command::Bulk(a) => Plan {
                 concurrency: a.concurrency as usize,
                 total: a.total,

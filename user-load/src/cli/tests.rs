@@ -29,6 +29,7 @@ fn refused(line: &str) -> String {
 /// A valid value for each flag that takes one.
 fn value_for(flag: &str) -> Option<&'static str> {
     Some(match flag {
+        "--start-at" => in_an_hour(),
         "--addr" => "127.0.0.1:1",
         "--connections" | "--concurrency" | "--in-flight" | "--watchers" => "2",
         "--total" | "--count" | "--per-stream" | "--prefill" | "--limit" => "5",
@@ -50,6 +51,14 @@ fn value_for(flag: &str) -> Option<&'static str> {
     })
 }
 
+/// An hour from now, as Unix seconds.
+fn in_an_hour() -> &'static str {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    String::leak(format!("{}", now.as_secs() + 3600))
+}
+
 /// Which flags each mode takes: what the help promises. Every other
 /// flag of the program must be refused.
 const TARGET: &[&str] = &[
@@ -64,6 +73,7 @@ const TARGET: &[&str] = &[
     "--auth-token-file",
     "--header",
     "--metadata",
+    "--start-at",
 ];
 const OUTPUT: &[&str] = &["--json", "--html", "--fail-if"];
 const PACE: &[&str] = &[
@@ -140,13 +150,17 @@ const MODES: &[(&str, &[&str])] = &[
     ),
     ("gen", &["--count", "--invalid", "--id-prefix", "--seed"]),
     ("sink", &["--addr", "--addr-file"]),
+    ("merge", &[]),
 ];
 
 fn accepted(mode: &str) -> BTreeSet<&'static str> {
     let own = MODES.iter().find(|(m, _)| *m == mode).unwrap().1;
     let mut flags: BTreeSet<&str> = own.iter().copied().collect();
+    if !["gen", "sink", "merge"].contains(&mode) {
+        flags.extend(TARGET);
+    }
     if !["gen", "sink"].contains(&mode) {
-        flags.extend(TARGET.iter().chain(OUTPUT));
+        flags.extend(OUTPUT);
     }
     if ["add", "get", "sync"].contains(&mode) {
         flags.extend(PACE);
@@ -242,6 +256,13 @@ fn nonsense_values_are_refused() {
         "add --insecure --cacert ca",
         "add --auth-token-file t -H authorization:x",
         "bulk --data f --seed 2",
+        "add --start-at 1",
+        "add --start-at yesterday",
+        "add --start-at 2020-01-01T00:00:00Z",
+        "add --start-at 99999999999",
+        "add --start-at 2099-01-01T00:00:00+02:00",
+        "merge",
+        "merge --json",
     ] {
         refused(line);
     }
@@ -274,6 +295,17 @@ fn plans_take_defaults_and_schedules() {
     assert_eq!(schedule.rate_at(Duration::from_millis(1999)), 100.0);
     assert_eq!(schedule.rate_at(Duration::from_secs(2)), 200.0);
     assert_eq!(schedule.rate_at(Duration::from_secs(4)), 250.0);
+
+    let soon = std::time::SystemTime::now() + Duration::from_secs(60);
+    let at = time::OffsetDateTime::from(soon)
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    let p = plan(&format!("add --start-at {at}"));
+    let given = p.target.start_at.unwrap();
+    let off = given.duration_since(soon).unwrap_or_else(|e| e.duration());
+    assert!(off < Duration::from_micros(1), "{at}: {off:?}");
+    let p = plan(&format!("bulk --start-at {}", in_an_hour()));
+    assert!(p.target.start_at.is_some());
 
     let p = plan("add -H x-a:b -m {\"x-c\":\"d\"}");
     assert_eq!(p.target.headers[0].key.as_str(), "x-a");

@@ -1,0 +1,293 @@
+//! A target that dies mid-run: the generator backs off and keeps loading
+//! the live ones, reports when it went down and came back, keeps its
+//! connection failures out of the latency, and `--verify` checks what was
+//! written through it on a live target sharing its store, or says it could
+//! not. The connection probe is a health Check, which adds nothing to the
+//! figures of the service under test.
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+use test_support::postgres::{TestSchema, skip_without_database};
+
+/// OK AddUser calls a server has handled, from its metrics.
+async fn added(server: &Server) -> f64 {
+    let page = server.metrics().await;
+    metric(
+        &page,
+        "grpc_server_handled_total",
+        &[("grpc_method", "AddUser"), ("grpc_code", "OK")],
+    )
+}
+
+/// Waits for `server` to have handled at least `calls` OK AddUser calls,
+/// checking again on each Change of its feed.
+async fn wait_for_added(server: &Server, calls: f64) {
+    let mut feed = server.watch().await;
+    while added(server).await < calls {
+        feed.change().await;
+    }
+}
+
+/// The report's figures for the target `addr`.
+fn target<'a>(report: &'a Value, addr: &str) -> &'a Value {
+    report["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["addr"] == addr)
+        .unwrap_or_else(|| panic!("no target {addr} in {report}"))
+}
+
+#[tokio::test]
+async fn a_dead_target_is_backed_off_reported_and_loaded_again_once_back() {
+    let (live, dying) = (Server::start(&[]), Server::start(&[]));
+    let dying_addr = dying.addr.clone();
+    let dir = tempfile::TempDir::new().unwrap();
+    let page = dir.path().join("outage.html");
+    // Four workers over two targets: two send to the one that dies.
+    let child = spawn_load(&[
+        "add",
+        "--addr",
+        &format!("{},{}", live.addr, dying.addr),
+        "--concurrency",
+        "4",
+        "--duration",
+        "120s",
+        "--json",
+        "--html",
+        &page.display().to_string(),
+    ]);
+    dying.watch().await.change().await;
+    dying.kill();
+    // The live target goes on being loaded while the other is down.
+    let mut feed = live.watch().await;
+    feed.change().await;
+    // Back on the same address: the generator reconnects and loads it.
+    let back = Server::start_on(&dying_addr, &[]);
+    back.watch().await.change().await;
+    interrupt(&child);
+    let run = finish_async(child).await;
+    assert_eq!(run.code, EXIT_INTERRUPTED, "{run:?}");
+    let report = run.json();
+
+    let dead = target(&report, &dying_addr);
+    let outages = dead["outages"].as_array().unwrap();
+    assert_eq!(outages.len(), 1, "{dead}");
+    assert!(outages[0]["up_at_s"].as_f64() > outages[0]["down_at_s"].as_f64());
+    assert!(!outages[0]["cause"].as_str().unwrap().is_empty());
+    assert!(
+        target(&report, &live.addr)["outages"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+    // Each of its two workers failed once at most, then waited for it:
+    // no flood of calls at a refused port.
+    let failures = report["connection_failures"].as_u64().unwrap();
+    assert!((1..=2).contains(&failures), "{report}");
+    assert_eq!(dead["connection_failures"].as_u64(), Some(failures));
+    // Only calls that reached a server are timed, and have a status.
+    assert_eq!(report["latency"]["count"], report["calls"]);
+    let codes: u64 = report["codes"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|n| n.as_u64().unwrap())
+        .sum();
+    assert_eq!(Some(codes), report["calls"].as_u64());
+    let failures = report["failures"].to_string();
+    assert!(failures.contains("got no answer"), "{failures}");
+    assert!(
+        failures.contains(&format!("{dying_addr} down at ")),
+        "{failures}"
+    );
+    assert!(failures.contains("back at"), "{failures}");
+
+    // The page says it too.
+    let (dom, console) = render(&page, dir.path(), &["--dump-dom"]);
+    assert!(console.is_empty(), "console: {console:?}");
+    let targets = section(&dom, "<table id=\"targets\">", "</table>");
+    assert!(
+        targets.contains(&format!("{dying_addr} down at ")) && targets.contains("back at"),
+        "{targets}"
+    );
+}
+
+#[tokio::test]
+async fn bulk_streams_wait_for_a_dead_target_instead_of_failing_again() {
+    let (live, dying) = (Server::start(&[]), Server::start(&[]));
+    let dying_addr = dying.addr.clone();
+    // Short streams, two of them to the target that dies.
+    let child = spawn_load(&[
+        "bulk",
+        "--addr",
+        &format!("{},{}", live.addr, dying.addr),
+        "--concurrency",
+        "4",
+        "--per-stream",
+        "200",
+        "--duration",
+        "120s",
+        "--json",
+    ]);
+    dying.watch().await.change().await;
+    dying.kill();
+    live.watch().await.change().await;
+    interrupt(&child);
+    let run = finish_async(child).await;
+    assert_eq!(run.code, EXIT_INTERRUPTED, "{run:?}");
+    let report = run.json();
+    // Each of its two streams failed once at most: no stream is opened to
+    // a refused port again and again.
+    let aborted: u64 = report["streams_aborted"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|n| n.as_u64().unwrap())
+        .sum();
+    assert!((1..=2).contains(&aborted), "{report}");
+    // Their rows got no answer: unconfirmed, apart from the rows' codes.
+    let unconfirmed = report["rows_unconfirmed"].as_u64().unwrap();
+    assert!(unconfirmed >= 1, "{report}");
+    assert_eq!(report["connection_failures"].as_u64(), Some(unconfirmed));
+    assert_eq!(
+        target(&report, &dying_addr)["outages"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    assert_eq!(report["calls"], report["rows_added"]);
+}
+
+#[tokio::test]
+async fn a_run_whose_every_target_is_down_ends_by_itself() {
+    let server = Server::start(&[]);
+    let child = spawn_load(&[
+        "add",
+        "--addr",
+        &server.addr,
+        "--duration",
+        "120s",
+        "--timeout",
+        "1s",
+        "--json",
+    ]);
+    server.watch().await.change().await;
+    server.kill();
+    let run = finish_async(child).await;
+    assert_eq!(run.code, EXIT_FAILED, "{run:?}");
+    let report = run.json();
+    assert!(
+        report["connection_failures"].as_u64() >= Some(1),
+        "{report}"
+    );
+    assert!(report["duration_s"].as_f64() < Some(120.0), "{report}");
+}
+
+/// Loads two targets with `add --verify` until the second has stored a
+/// few users, kills it, and returns the report of the run, interrupted
+/// once the first has stored more.
+async fn verify_after_one_of_two_dies(first: &Server, second: Server) -> Value {
+    let child = spawn_load(&[
+        "add",
+        "--addr",
+        &format!("{},{}", first.addr, second.addr),
+        "--concurrency",
+        "4",
+        "--duration",
+        "120s",
+        "--verify",
+        "--json",
+    ]);
+    // Two workers call the second target: past three calls handled, at
+    // least one reply has reached the generator.
+    wait_for_added(&second, 3.0).await;
+    second.kill();
+    first.watch().await.change().await;
+    interrupt(&child);
+    let run = finish_async(child).await;
+    assert_eq!(run.code, EXIT_INTERRUPTED, "{run:?}");
+    run.json()
+}
+
+#[tokio::test]
+async fn verify_checks_a_dead_replicas_users_through_a_live_one() {
+    if skip_without_database() {
+        return;
+    }
+    let schema = TestSchema::new().await;
+    let store = ["--store", schema.url.as_str()];
+    let (live, dying) = (Server::with_metrics(&store), Server::with_metrics(&store));
+    let dying_addr = dying.addr.clone();
+    let report = verify_after_one_of_two_dies(&live, dying).await;
+    let verify = &report["verify"];
+    assert_eq!(verify["ok"], true, "{report}");
+    assert_eq!(verify["unchecked"], 0);
+    assert_eq!(verify["expected"], report["ok_calls"]);
+    assert_eq!(verify["found"], report["ok_calls"]);
+    let detail = verify["detail"].as_str().unwrap();
+    assert!(
+        detail.contains(&format!(
+            "checked through {} ({dying_addr} is down)",
+            live.addr
+        )),
+        "{detail}"
+    );
+}
+
+#[tokio::test]
+async fn verify_says_which_users_it_could_not_check() {
+    // Two memory servers: the dead one's users died with it.
+    let (live, dying) = (Server::start(&[]), Server::with_metrics(&[]));
+    let dying_addr = dying.addr.clone();
+    let report = verify_after_one_of_two_dies(&live, dying).await;
+    let verify = &report["verify"];
+    let dead_ok = target(&report, &dying_addr)["ok_calls"].clone();
+    assert!(dead_ok.as_u64() >= Some(1), "{report}");
+    assert_eq!(verify["ok"], false, "{report}");
+    assert_eq!(verify["missing"], 0);
+    assert_eq!(verify["unchecked"], dead_ok);
+    assert_eq!(verify["found"], target(&report, &live.addr)["ok_calls"]);
+    let detail = verify["detail"].as_str().unwrap();
+    assert!(
+        detail.contains(&format!(
+            "{dying_addr}: {dead_ok} users could not be checked, e.g. [\"ld"
+        )),
+        "{detail}"
+    );
+    assert!(
+        report["failures"]
+            .to_string()
+            .contains("--verify could not check every user"),
+        "{report}"
+    );
+}
+
+#[tokio::test]
+async fn the_connection_probe_is_a_health_check() {
+    let server = Server::with_metrics(&[]);
+    let run = load(&[
+        "add",
+        "--addr",
+        &server.addr,
+        "--total",
+        "10",
+        "--connections",
+        "2",
+    ]);
+    assert_eq!(run.code, 0, "{run:?}");
+    let page = server.metrics().await;
+    let handled = |method: &str| {
+        metric(
+            &page,
+            "grpc_server_handled_total",
+            &[("grpc_method", method)],
+        )
+    };
+    assert_eq!(handled("GetUser"), 0.0, "{page}");
+    assert_eq!(handled("Check"), 2.0, "{page}");
+    assert_eq!(handled("AddUser"), 10.0, "{page}");
+}
