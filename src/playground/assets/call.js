@@ -112,13 +112,15 @@ export class CallView {
 
   responseRow(event, call) {
     const row = document.createElement("li");
-    const message = event.message ?? { error: event.error };
+    let message = event.message ?? { error: event.error };
     const keys = Object.keys(message);
     if (call.pattern === "bidi_streaming" && keys.length === 1) {
+      // One of a oneof (SyncUsers' ack or change): its name as a tag.
       const tag = document.createElement("span");
       tag.className = `tag tag-${keys[0]}`;
       tag.textContent = keys[0];
       row.append(tag);
+      message = message[keys[0]];
     }
     const code = document.createElement("code");
     code.textContent = call.pattern === "unary" || call.pattern === "client_streaming"
