@@ -119,3 +119,58 @@ async fn an_idle_websocket_is_closed_and_one_with_a_call_is_not() {
     assert_eq!(change["message"]["change"]["kind"], "CREATED");
     busy.socket.close(None).await.unwrap();
 }
+
+/// Users listed in the memory test: a listing the page could not hold.
+const MILLION: usize = 1_000_000;
+
+/// How much the server's resident memory may grow while a page that reads
+/// nothing holds a listing of a million users open. Unbounded, the bridge
+/// would hold the whole listing as events (about 150 MB of JSON); bounded,
+/// it holds a queue of 64 events, a flow-control window and the socket
+/// buffers.
+const RSS_BOUND: u64 = 32 * 1024 * 1024;
+
+#[tokio::test]
+async fn a_page_that_never_reads_a_listing_of_a_million_users_leaves_server_memory_flat() {
+    use test_support::{ServerProcess, rss_bytes, within};
+    use user_service::proto;
+
+    let server = ServerProcess::start(env!("CARGO_BIN_EXE_user-service"), &["--store", "memory"]);
+    let mut client = server.client().await;
+    let users = futures::stream::iter((0..MILLION).map(|i| proto::User {
+        id: format!("u{i:07}"),
+        first_name: "Ada".into(),
+        last_name: "Lovelace".into(),
+        address: "12 St James's Square, London".into(),
+        ..Default::default()
+    }));
+    let imported = within("the import", client.bulk_add_users(users)).await.unwrap();
+    assert_eq!(imported.into_inner().added, MILLION as u64);
+    let baseline = rss_bytes(server.pid());
+
+    // A page starts the listing and never reads its WebSocket again.
+    let mut page = Page::open(server.addr).await;
+    page.start(1, "grpcUser.UserService/ListUsers", Some(json!({}))).await;
+    // A client that reads lists the million users meanwhile: once it has
+    // them all, the stalled listing has had as long to run.
+    let mut listed = 0;
+    let mut stream = client
+        .list_users(proto::ListUsersRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    while within("the listing", stream.message()).await.unwrap().is_some() {
+        listed += 1;
+    }
+    assert_eq!(listed, MILLION);
+    let grown = rss_bytes(server.pid()).saturating_sub(baseline);
+    assert!(
+        grown < RSS_BOUND,
+        "the server grew by {} MiB with a page that does not read",
+        grown / (1024 * 1024)
+    );
+    // The page is still served: reading again, it gets its messages.
+    let first = page.until(1, |e| e["type"] == "received" && e["part"] == "message").await;
+    assert_eq!(first["message"]["id"], "u0000000");
+    drop(page);
+}
