@@ -180,7 +180,16 @@ fn respond(
                     Some(hyper::upgrade::on(&mut request));
                 response
             }
-            Err(refused) => refused,
+            Err((status, reason)) => {
+                let mut response = refused(status, reason);
+                if status == StatusCode::UPGRADE_REQUIRED {
+                    response.headers_mut().insert(
+                        header::SEC_WEBSOCKET_VERSION,
+                        HeaderValue::from_static("13"),
+                    );
+                }
+                response
+            }
         }
     } else if let Some(asset) = assets::find(path) {
         match *request.method() {
@@ -241,13 +250,13 @@ fn refused(status: StatusCode, reason: String) -> Response<Full<Bytes>> {
 }
 
 /// The `101 Switching Protocols` for a valid WebSocket handshake from the
-/// page's own origin, or why it is refused: 403 for a missing or foreign
+/// page's own origin, or the status and reason it is refused with: 403 for a missing or foreign
 /// `Origin` (another site's page cannot drive the playground), 400 for a
 /// request that is not a WebSocket handshake.
 fn websocket_handshake(
     request: &Request<Incoming>,
     origin: &Origin,
-) -> Result<Response<Full<Bytes>>, Response<Full<Bytes>>> {
+) -> Result<Response<Full<Bytes>>, (StatusCode, String)> {
     let headers = request.headers();
     let text = |name: header::HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
     let has_token = |name: header::HeaderName, token: &str| {
@@ -263,30 +272,22 @@ fn websocket_handshake(
         || !has_token(header::UPGRADE, "websocket")
         || !has_token(header::CONNECTION, "upgrade")
     {
-        return Err(refused(
+        return Err((
             StatusCode::BAD_REQUEST,
             "expected a WebSocket handshake (GET with Upgrade: websocket)".into(),
         ));
     }
     if text(header::SEC_WEBSOCKET_VERSION) != Some("13") {
-        let mut response = refused(
+        return Err((
             StatusCode::UPGRADE_REQUIRED,
             "WebSocket version 13 only".into(),
-        );
-        response.headers_mut().insert(
-            header::SEC_WEBSOCKET_VERSION,
-            HeaderValue::from_static("13"),
-        );
-        return Err(response);
+        ));
     }
     let Some(key) = text(header::SEC_WEBSOCKET_KEY) else {
-        return Err(refused(
-            StatusCode::BAD_REQUEST,
-            "no Sec-WebSocket-Key".into(),
-        ));
+        return Err((StatusCode::BAD_REQUEST, "no Sec-WebSocket-Key".into()));
     };
     check_origin(text(header::HOST), text(header::ORIGIN), origin)
-        .map_err(|reason| refused(StatusCode::FORBIDDEN, reason))?;
+        .map_err(|reason| (StatusCode::FORBIDDEN, reason))?;
     let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
     let mut response = Response::new(Full::new(Bytes::new()));
     *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;

@@ -44,7 +44,8 @@ const LOG_INTERVAL: Duration = Duration::from_secs(5);
 /// (it sees the connection closed, `UNAVAILABLE`).
 ///
 /// With `playground`, connections that are not HTTP/2 are handed to it
-/// (see [`Accepted::run`]); without it every connection is HTTP/2.
+/// (by ALPN under TLS, by their first bytes in plaintext); without it
+/// every connection is HTTP/2.
 pub async fn serve<S, B>(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,

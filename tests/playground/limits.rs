@@ -144,13 +144,16 @@ async fn a_page_that_never_reads_a_listing_of_a_million_users_leaves_server_memo
         address: "12 St James's Square, London".into(),
         ..Default::default()
     }));
-    let imported = within("the import", client.bulk_add_users(users)).await.unwrap();
+    let imported = within("the import", client.bulk_add_users(users))
+        .await
+        .unwrap();
     assert_eq!(imported.into_inner().added, MILLION as u64);
     let baseline = rss_bytes(server.pid());
 
     // A page starts the listing and never reads its WebSocket again.
     let mut page = Page::open(server.addr).await;
-    page.start(1, "grpcUser.UserService/ListUsers", Some(json!({}))).await;
+    page.start(1, "grpcUser.UserService/ListUsers", Some(json!({})))
+        .await;
     // A client that reads lists the million users meanwhile: once it has
     // them all, the stalled listing has had as long to run.
     let mut listed = 0;
@@ -159,7 +162,11 @@ async fn a_page_that_never_reads_a_listing_of_a_million_users_leaves_server_memo
         .await
         .unwrap()
         .into_inner();
-    while within("the listing", stream.message()).await.unwrap().is_some() {
+    while within("the listing", stream.message())
+        .await
+        .unwrap()
+        .is_some()
+    {
         listed += 1;
     }
     assert_eq!(listed, MILLION);
@@ -170,7 +177,9 @@ async fn a_page_that_never_reads_a_listing_of_a_million_users_leaves_server_memo
         grown / (1024 * 1024)
     );
     // The page is still served: reading again, it gets its messages.
-    let first = page.until(1, |e| e["type"] == "received" && e["part"] == "message").await;
+    let first = page
+        .until(1, |e| e["type"] == "received" && e["part"] == "message")
+        .await;
     assert_eq!(first["message"]["id"], "u0000000");
     drop(page);
 }
