@@ -17,7 +17,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use tokio::{
     io::{AsyncRead, AsyncWrite},
-    sync::mpsc,
+    sync::mpsc::{self, error::TrySendError},
     task::JoinSet,
     time::Instant,
 };
@@ -356,11 +356,12 @@ impl Session {
                 let encoded = encode(self, &call.method, id, &message)?;
                 call.requests
                     .try_send(call::Input::Message(encoded))
-                    .map_err(|_| {
-                        error_event(
+                    .map_err(|err| match err {
+                        TrySendError::Full(_) => error_event(
                             Some(id),
                             &format!("{SEND_QUEUE} messages are waiting for the server to read them: wait for them to go"),
-                        )
+                        ),
+                        TrySendError::Closed(_) => error_event(Some(id), &format!("call {id} has ended")),
                     })
             }
             Command::End { id } => {
@@ -369,18 +370,19 @@ impl Session {
                     return Err(error_event(Some(id), "the request stream is already ended"));
                 }
                 call.half_closed = true;
-                // Queued behind the messages; the queue has room for it
-                // unless it is full, when the call takes it once the
-                // messages are out.
+                // Queued behind the messages, which go out first.
                 let requests = call.requests.clone();
                 match requests.try_send(call::Input::End) {
                     Ok(()) => Ok(()),
-                    Err(_) => {
+                    Err(TrySendError::Full(_)) => {
                         call.half_closed = false;
                         Err(error_event(
                             Some(id),
                             "messages are still waiting for the server to read them: end the stream once they have gone",
                         ))
+                    }
+                    Err(TrySendError::Closed(_)) => {
+                        Err(error_event(Some(id), &format!("call {id} has ended")))
                     }
                 }
             }
