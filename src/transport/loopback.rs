@@ -99,3 +99,40 @@ impl Loopback {
         (self.open)()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::{
+        RequestBody, client_addr,
+        testing::{self, ServiceFn, call},
+    };
+    use super::*;
+
+    #[tokio::test]
+    async fn calls_on_a_loopback_connection_carry_the_browsers_address() {
+        let (seen, mut clients) = tokio::sync::mpsc::unbounded_channel();
+        let service = ServiceFn(move |request: http::Request<RequestBody>| {
+            let _ = seen.send(client_addr(request.extensions()));
+            async { testing::head(Some("0"), testing::empty()) }
+        });
+        let stats = ConnectionStats::default();
+        let loopback = Loopback::new(
+            service,
+            TransportConfig::default(),
+            stats.clone(),
+            CancellationToken::new(),
+            ConnectInfo::of(testing::client()),
+        );
+        // Two connections, as a page that reconnects makes.
+        for _ in 0..2 {
+            let mut client = testing::h2_client(loopback.connect()).await;
+            let response = call(&mut client, "/grpcUser.UserService/GetUser")
+                .await
+                .unwrap();
+            assert_eq!(response.headers()["grpc-status"], "0");
+            assert_eq!(clients.recv().await, Some(Some(testing::client())));
+        }
+        // The browser's TCP connection is the one counted open.
+        assert_eq!(stats.open(), 0);
+    }
+}
