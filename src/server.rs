@@ -17,6 +17,7 @@ use crate::{
     call_guard::CallGuardLayer,
     flags,
     gauges::Gauges,
+    playground::{Playground, PlaygroundConfig},
     proto::{self, user_service_server::UserServiceServer},
     reflection,
     service::UserService,
@@ -70,6 +71,9 @@ pub struct Config {
     // Connections and HTTP/2.
     #[command(flatten)]
     pub transport: TransportConfig,
+    // The playground page on the same port.
+    #[command(flatten)]
+    pub playground: PlaygroundConfig,
     /// When set, UserService and reflection calls must carry this bearer
     /// token.
     #[arg(skip)]
@@ -179,6 +183,14 @@ pub async fn run<S: Store>(
         for warning in exposure_warnings(addr, &config) {
             tracing::warn!(%addr, "{warning}");
         }
+        if config.playground.enabled {
+            let scheme = if config.tls.is_some() {
+                "https"
+            } else {
+                "http"
+            };
+            tracing::info!(%addr, "playground at {scheme}://{addr}/");
+        }
     }
 
     let metrics = metrics_listener.map(|listener| {
@@ -222,7 +234,15 @@ pub async fn run<S: Store>(
     let reflection_v1 = InterceptedService::new(reflection.v1(), auth.clone());
     let reflection_v1alpha = InterceptedService::new(reflection.v1alpha(), auth);
 
-    let tls = config.tls.as_ref().map(TlsConfig::acceptor).transpose()?;
+    let playground = config
+        .playground
+        .enabled
+        .then(|| Playground::new(config.auth_token.is_some(), config.limits.max_message_size));
+    let tls = match (&config.tls, &playground) {
+        (None, _) => None,
+        (Some(tls), None) => Some(tls.acceptor()?),
+        (Some(tls), Some(_)) => Some(tls.acceptor_with_playground()?),
+    };
     let routes = Routes::new(users)
         .add_service(health_service)
         .add_service(reflection_v1)
@@ -244,6 +264,7 @@ pub async fn run<S: Store>(
         listener,
         tls,
         service,
+        playground,
         config.transport.clone(),
         config.connections.clone(),
         stop.clone()

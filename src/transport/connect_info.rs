@@ -64,6 +64,16 @@ impl ConnectInfo {
         self.client
     }
 
+    /// The server's address of the connection.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.tcp.local_addr()
+    }
+
+    /// Whether the connection is TLS.
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
     /// Puts the info in a request's extensions, as tonic's server does:
     /// the TCP info always, the TLS info as well on a TLS connection.
     pub(super) fn add_to(&self, extensions: &mut http::Extensions) {

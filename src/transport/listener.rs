@@ -4,6 +4,7 @@ use std::{io, net::SocketAddr, panic::AssertUnwindSafe, time::Duration};
 
 use futures::FutureExt as _;
 use tokio::{
+    io::{AsyncRead, AsyncWrite},
     net::{TcpListener, TcpStream},
     task::JoinSet,
     time::Instant,
@@ -12,10 +13,12 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    CallService, ConnectInfo, ConnectionStats, ResponseBody, TransportConfig, connection,
-    panic_message, stats::OpenConnection,
+    CallService, ConnectInfo, ConnectionStats, Http1Connection, Io, Loopback, ResponseBody,
+    TransportConfig, connection, panic_message,
+    sniff::{Protocol, sniff},
+    stats::OpenConnection,
 };
-use crate::batched_io::BatchedWrites;
+use crate::{batched_io::BatchedWrites, playground::Playground};
 
 /// First pause after an accept error that is not about one connection
 /// (descriptors exhausted, out of memory): retrying at once would spin.
@@ -39,15 +42,20 @@ const LOG_INTERVAL: Duration = Duration::from_secs(5);
 /// closed as soon as it is accepted: the cheapest answer during a flood,
 /// which is when the limit is reached, and one every gRPC client retries
 /// (it sees the connection closed, `UNAVAILABLE`).
+///
+/// With `playground`, connections that are not HTTP/2 are handed to it
+/// (by ALPN under TLS, by their first bytes in plaintext); without it
+/// every connection is HTTP/2.
 pub async fn serve<S, B>(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
     service: S,
+    playground: Option<Playground>,
     config: TransportConfig,
     stats: ConnectionStats,
     stop: CancellationToken,
 ) where
-    S: CallService<B>,
+    S: CallService<B> + Sync,
     B: ResponseBody,
 {
     let mut connections = JoinSet::new();
@@ -97,6 +105,7 @@ pub async fn serve<S, B>(
             client,
             tls: tls.clone(),
             service: service.clone(),
+            playground: playground.clone(),
             config: config.clone(),
             stats: stats.clone(),
             stop: stop.clone(),
@@ -115,6 +124,7 @@ struct Accepted<S> {
     client: SocketAddr,
     tls: Option<TlsAcceptor>,
     service: S,
+    playground: Option<Playground>,
     config: TransportConfig,
     stats: ConnectionStats,
     stop: CancellationToken,
@@ -125,7 +135,7 @@ impl<S> Accepted<S> {
     /// logged and counted, and closes this connection only.
     async fn serve<B>(self)
     where
-        S: CallService<B>,
+        S: CallService<B> + Sync,
         B: ResponseBody,
     {
         let (client, stats) = (self.client, self.stats.clone());
@@ -141,13 +151,15 @@ impl<S> Accepted<S> {
     }
 
     /// Serves the connection: its TLS handshake when the server speaks TLS,
-    /// then HTTP/2 until the connection ends. This is where a connection's
-    /// protocol is settled: HTTP/2 for every one, since gRPC is all the
-    /// port serves (a second protocol would be chosen here, by ALPN or by
-    /// the client's first bytes).
+    /// then its protocol until the connection ends. This is where a
+    /// connection's protocol is settled. Without the playground it is
+    /// HTTP/2, always. With it, under TLS, ALPN says (`h2` or `http/1.1`);
+    /// in plaintext, or under TLS without ALPN, the first bytes do (the
+    /// HTTP/2 preface, or anything else for HTTP/1.1), read within the
+    /// handshake timeout.
     async fn run<B>(self)
     where
-        S: CallService<B>,
+        S: CallService<B> + Sync,
         B: ResponseBody,
     {
         let Accepted {
@@ -156,6 +168,7 @@ impl<S> Accepted<S> {
             client,
             tls,
             service,
+            playground,
             config,
             stats,
             stop,
@@ -165,23 +178,28 @@ impl<S> Accepted<S> {
         let _ = tcp.set_nodelay(true);
         let io = BatchedWrites::new(tcp);
         let handshake_deadline = Instant::now() + config.handshake_timeout;
-        let connection = |connect_info| connection::Connection {
+        let serving = Serving {
             service,
+            playground,
             config: &config,
             stats: &stats,
             handshake_deadline,
             stop,
-            connect_info,
         };
-        let result = match tls {
+        match tls {
             None => {
                 let connect_info = ConnectInfo::plain(client, &io);
-                connection(connect_info).serve(io).await
+                serving.serve(io, None, connect_info).await;
             }
             Some(tls) => match tokio::time::timeout_at(handshake_deadline, tls.accept(io)).await {
                 Ok(Ok(io)) => {
                     let connect_info = ConnectInfo::tls(client, &io);
-                    connection(connect_info).serve(io).await
+                    let protocol = match io.get_ref().1.alpn_protocol() {
+                        Some(b"h2") => Some(Protocol::Http2),
+                        Some(b"http/1.1") => Some(Protocol::Http1),
+                        _ => None,
+                    };
+                    serving.serve(io, protocol, connect_info).await;
                 }
                 Ok(Err(err)) => {
                     tracing::debug!(
@@ -190,7 +208,6 @@ impl<S> Accepted<S> {
                         client.port = client.port(),
                         "TLS handshake failed"
                     );
-                    return;
                 }
                 Err(_) => {
                     stats.count_handshake_timeout();
@@ -199,9 +216,66 @@ impl<S> Accepted<S> {
                         client.port = client.port(),
                         "TLS handshake not done in time; closing"
                     );
-                    return;
                 }
             },
+        }
+    }
+}
+
+/// What serving an accepted connection takes, once TLS is done.
+struct Serving<'a, S> {
+    service: S,
+    playground: Option<Playground>,
+    config: &'a TransportConfig,
+    stats: &'a ConnectionStats,
+    handshake_deadline: Instant,
+    stop: CancellationToken,
+}
+
+impl<S> Serving<'_, S> {
+    /// Serves `io` as `protocol`, or, when ALPN did not settle it, as its
+    /// first bytes show (only with the playground on: without it, a
+    /// connection is HTTP/2 and nothing is read ahead of h2).
+    async fn serve<IO, B>(self, io: IO, protocol: Option<Protocol>, connect_info: ConnectInfo)
+    where
+        IO: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+        S: CallService<B> + Sync,
+        B: ResponseBody,
+    {
+        let client = connect_info.client();
+        let result = match (self.playground.clone(), protocol) {
+            (None, _) | (Some(_), Some(Protocol::Http2)) => self.http2(io, connect_info).await,
+            (Some(playground), Some(Protocol::Http1)) => {
+                self.http1(playground, Box::new(io), connect_info).await;
+                Ok(())
+            }
+            (Some(playground), None) => {
+                match tokio::time::timeout_at(self.handshake_deadline, sniff(io)).await {
+                    Ok(Ok((Protocol::Http2, io))) => self.http2(io, connect_info).await,
+                    Ok(Ok((Protocol::Http1, io))) => {
+                        self.http1(playground, Box::new(io), connect_info).await;
+                        Ok(())
+                    }
+                    Ok(Err(err)) => {
+                        tracing::debug!(
+                            %err,
+                            client.address = %client.ip(),
+                            client.port = client.port(),
+                            "connection closed before its first request"
+                        );
+                        Ok(())
+                    }
+                    Err(_) => {
+                        self.stats.count_handshake_timeout();
+                        tracing::debug!(
+                            client.address = %client.ip(),
+                            client.port = client.port(),
+                            "no request in time; closing the connection"
+                        );
+                        Ok(())
+                    }
+                }
+            }
         };
         if let Err(err) = result {
             tracing::debug!(
@@ -211,6 +285,48 @@ impl<S> Accepted<S> {
                 "connection ended with an error"
             );
         }
+    }
+
+    async fn http2<IO, B>(self, io: IO, connect_info: ConnectInfo) -> Result<(), h2::Error>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin,
+        S: CallService<B>,
+        B: ResponseBody,
+    {
+        let connection = connection::Connection {
+            service: self.service,
+            config: self.config,
+            stats: self.stats,
+            handshake_deadline: self.handshake_deadline,
+            stop: self.stop,
+            connect_info,
+        };
+        connection.serve(io).await
+    }
+
+    async fn http1<B>(self, playground: Playground, io: Box<dyn Io>, connect_info: ConnectInfo)
+    where
+        S: CallService<B> + Sync,
+        B: ResponseBody,
+    {
+        let connection = Http1Connection {
+            io,
+            client: connect_info.client(),
+            tls: connect_info.is_tls(),
+            local_addr: connect_info.local_addr(),
+            loopback: Loopback::new(
+                self.service,
+                self.config.clone(),
+                self.stats.clone(),
+                self.stop.clone(),
+                connect_info,
+            ),
+            handshake_deadline: self.handshake_deadline,
+            max_idle: self.config.max_connection_idle,
+            stop: self.stop,
+            stats: self.stats.clone(),
+        };
+        playground.serve_connection(connection).await;
     }
 }
 
@@ -349,6 +465,7 @@ mod tests {
             listener,
             None,
             SecondClonePanics::default(),
+            None,
             TransportConfig::default(),
             stats.clone(),
             stop.clone(),

@@ -6,7 +6,12 @@
 //! accepts connections and drives HTTP/2 itself, and hands each call to the
 //! tonic services as a plain `tower` service:
 //!
-//! - `listener`: the accept loop, TLS, and connection tasks until shutdown.
+//! - `listener`: the accept loop, TLS, and connection tasks until shutdown;
+//!   where each connection's protocol is chosen: HTTP/2 for gRPC, or
+//!   HTTP/1.1 for the playground (`crate::playground`), by ALPN or, in
+//!   plaintext, by the first bytes (`sniff`).
+//! - `loopback`: in-memory HTTP/2 connections served like the others, for
+//!   the playground's calls.
 //! - `connect_info`: the connection's addresses and client certificates,
 //!   in every request's extensions as tonic's server puts them.
 //! - `connection`: one HTTP/2 connection: settings, one task per call,
@@ -23,16 +28,23 @@ mod connect_info;
 mod connection;
 mod keepalive;
 mod listener;
+mod loopback;
+mod sniff;
 mod stats;
 mod stream;
 #[cfg(test)]
 mod testing;
 mod tls;
 
-use std::{any::Any, convert::Infallible};
+use std::{any::Any, convert::Infallible, net::SocketAddr, time::Duration};
 
 use bytes::Bytes;
 use http_body::Body;
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    time::Instant,
+};
+use tokio_util::sync::CancellationToken;
 use tower_service::Service;
 
 pub use config::{
@@ -42,6 +54,8 @@ pub use config::{
 };
 pub use connect_info::{ConnectInfo, client_addr};
 pub use listener::serve;
+pub use loopback::Loopback;
+pub use sniff::HTTP2_PREFACE;
 pub use stats::ConnectionStats;
 pub use stream::{BoxError, RequestBody};
 pub use tls::{TlsConfig, TlsError};
@@ -78,6 +92,32 @@ pub trait ResponseBody: Body<Data = Bytes, Error: Into<BoxError> + Send> + Send 
 
 impl<B> ResponseBody for B where B: Body<Data = Bytes, Error: Into<BoxError> + Send> + Send + 'static
 {}
+
+/// A connection's byte stream, whatever is under it (TCP, TLS).
+pub trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
+
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
+
+/// A connection that speaks HTTP/1.1, handed to the playground with what
+/// serving it takes. Its handshake deadline holds until its first request
+/// head is in; `max_idle` (the connection idle limit) applies to it as to
+/// HTTP/2 connections.
+pub struct Http1Connection {
+    /// The stream, from its first byte (what was read to tell the
+    /// protocol is replayed).
+    pub io: Box<dyn Io>,
+    pub client: SocketAddr,
+    pub local_addr: Option<SocketAddr>,
+    pub tls: bool,
+    /// In-memory connections into this server, whose calls carry this
+    /// connection's info.
+    pub loopback: Loopback,
+    pub handshake_deadline: Instant,
+    pub max_idle: Option<Duration>,
+    /// Cancelled when the server shuts down.
+    pub stop: CancellationToken,
+    pub stats: ConnectionStats,
+}
 
 /// The message of a caught panic, for its log line.
 pub fn panic_message(panic: &(dyn Any + Send)) -> &str {

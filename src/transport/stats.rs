@@ -90,13 +90,13 @@ impl ConnectionStats {
         self.inner.refused.fetch_add(1, Ordering::Relaxed);
     }
 
-    pub(super) fn count_handshake_timeout(&self) {
+    pub(crate) fn count_handshake_timeout(&self) {
         self.inner
             .handshake_timeouts
             .fetch_add(1, Ordering::Relaxed);
     }
 
-    pub(super) fn count_idle_closed(&self) {
+    pub(crate) fn count_idle_closed(&self) {
         self.inner.idle_closed.fetch_add(1, Ordering::Relaxed);
     }
 

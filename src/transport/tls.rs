@@ -48,8 +48,18 @@ pub enum TlsError {
 }
 
 impl TlsConfig {
-    /// The acceptor for incoming connections.
+    /// The acceptor for incoming connections: gRPC only (ALPN `h2`).
     pub fn acceptor(&self) -> Result<TlsAcceptor, TlsError> {
+        self.acceptor_offering(&[b"h2"])
+    }
+
+    /// The acceptor for a port that also serves the playground: ALPN
+    /// `h2` (gRPC, preferred) and `http/1.1` (the page, over HTTPS).
+    pub fn acceptor_with_playground(&self) -> Result<TlsAcceptor, TlsError> {
+        self.acceptor_offering(&[b"h2", b"http/1.1"])
+    }
+
+    fn acceptor_offering(&self, protocols: &[&[u8]]) -> Result<TlsAcceptor, TlsError> {
         let certs = CertificateDer::pem_slice_iter(&self.cert_pem)
             .collect::<Result<Vec<_>, _>>()
             .map_err(|err| TlsError::Certificate(err.to_string()))?;
@@ -82,8 +92,8 @@ impl TlsConfig {
         let mut config = builder
             .with_single_cert(certs, key)
             .map_err(|err| TlsError::Identity(err.to_string()))?;
-        // gRPC is HTTP/2 only.
-        config.alpn_protocols = vec![b"h2".to_vec()];
+        // gRPC is HTTP/2 only; the server's order is its preference.
+        config.alpn_protocols = protocols.iter().map(|p| p.to_vec()).collect();
         Ok(TlsAcceptor::from(Arc::new(config)))
     }
 }

@@ -158,6 +158,7 @@ async fn serve(service: Probe, tls: Option<TlsConfig>) -> Served {
         listener,
         tls,
         service,
+        None,
         TransportConfig::default(),
         connections,
         stop,
