@@ -227,6 +227,11 @@ impl Failure {
         ExitCode::from(match self {
             // EX_DATAERR: a store file that is not ours, corrupted or newer.
             Failure::Store(err) if err.is_refusal() => 65,
+            // EX_TEMPFAIL: another server holds the store file. A condition
+            // that ends when that server exits (its lock goes with its
+            // process, even under kill -9): retrying later is the remedy,
+            // as a supervisor restarting the service would.
+            Failure::Store(err) if err.is_locked() => 75,
             Failure::Postgres(err) if err.is_refusal() => 65,
             // EX_UNAVAILABLE: the database cannot be reached.
             Failure::Postgres(err) if err.is_unreachable() => 69,

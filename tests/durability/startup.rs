@@ -2,6 +2,7 @@
 
 use std::path::Path;
 
+use test_support::user_named;
 use user_service::{
     proto::GetUserRequest,
     store::sqlite::{APPLICATION_ID, SCHEMA_VERSION},
@@ -108,4 +109,54 @@ async fn users_outside_the_limits_refuse_the_migration_until_fixed() {
         log.contains(&format!("from=2 to={SCHEMA_VERSION}")),
         "{log}"
     );
+}
+
+/// The exit code for a store file another server holds (see `src/main.rs`).
+const EXIT_STORE_IN_USE: i32 = 75;
+
+/// A second server on a file another one serves would commit changes that
+/// the first one's SyncUsers streams never see: it refuses to start, and
+/// the first goes on serving. The lock goes with its holder's process, so a
+/// start after a `kill -9` of the holder is not blocked.
+#[tokio::test]
+async fn a_second_server_on_the_same_file_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("users.db");
+    let first = start(&db);
+    let mut client = first.client().await;
+    client.add_user(user_named("kept", "Kept")).await.unwrap();
+
+    // The same file, and the same file through a symlink.
+    let link = dir.path().join("link.db");
+    std::os::unix::fs::symlink(&db, &link).unwrap();
+    for path in [&db, &link] {
+        let (status, log) = run_to_exit(path);
+        assert_eq!(status.code(), Some(EXIT_STORE_IN_USE), "{log}");
+        assert!(
+            log.contains(&format!(
+                "{}: in use by another user-service",
+                path.display()
+            )),
+            "{log}"
+        );
+        assert!(!log.contains("listening"), "{log}");
+    }
+
+    // The first server never noticed.
+    let added = client.add_user(user_named("after", "After")).await.unwrap();
+    assert_eq!(added.into_inner().user.unwrap().id, "after");
+
+    first.kill();
+    let second = start(&db);
+    let mut client = second.client().await;
+    for id in ["kept", "after"] {
+        let user = client
+            .get_user(GetUserRequest { id: id.into() })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(user.id, id);
+    }
+    let (status, log) = second.stop().await;
+    assert!(status.success(), "{log}");
 }
