@@ -17,6 +17,7 @@ use user_service::{
     auth::{AuthToken, AuthTokenError},
     server::{self, ServeError, TlsConfig},
     store::{
+        StoreLocation,
         postgres::{self, PostgresOptions, PostgresStore},
         sqlite::{Durability, OpenError, SqliteOptions, SqliteStore},
     },
@@ -96,12 +97,14 @@ struct TelemetryArgs {
 /// Where users are kept, and how.
 #[derive(Debug, clap::Args)]
 struct StoreArgs {
-    /// Where users are kept: `sqlite:PATH` (a file, kept across restarts),
-    /// `postgres://USER@HOST:PORT/DB` (a PostgreSQL database that replicas
-    /// of this server share; libpq-style, the `PG*` variables fill in what it
-    /// leaves out) or `memory` (lost on exit).
-    #[arg(long, env = "USER_SERVICE_STORE", default_value = "sqlite:users.db", value_parser = parse_store)]
-    store: StoreArg,
+    /// Where users are kept: a SQLite file, kept across restarts
+    /// (`sqlite:PATH` or a bare path relative to the working directory,
+    /// `sqlite:///ABSOLUTE/PATH`), `postgres://USER@HOST:PORT/DB` (a
+    /// PostgreSQL database that replicas of this server share; libpq-style,
+    /// the `PG*` variables fill in what it leaves out) or `memory` (lost on
+    /// exit).
+    #[arg(long, env = "USER_SERVICE_STORE", default_value = "sqlite:users.db")]
+    store: StoreLocation,
 
     /// How far a SyncUsers subscriber may lag, in changes, before its stream
     /// is ended with ABORTED.
@@ -160,25 +163,6 @@ struct SecurityArgs {
     /// mutual TLS, refusing clients without a valid certificate.
     #[arg(long, env = "USER_SERVICE_TLS_CLIENT_CA", requires = "tls_cert")]
     tls_client_ca: Option<PathBuf>,
-}
-
-/// The `--store` flag.
-#[derive(Debug, Clone)]
-enum StoreArg {
-    Memory,
-    Sqlite(PathBuf),
-    Postgres(String),
-}
-
-fn parse_store(value: &str) -> Result<StoreArg, String> {
-    match value.split_once(':') {
-        _ if value == "memory" => Ok(StoreArg::Memory),
-        Some(("sqlite", path)) if !path.is_empty() => Ok(StoreArg::Sqlite(path.into())),
-        Some(("postgres" | "postgresql", rest)) if rest.starts_with("//") => {
-            Ok(StoreArg::Postgres(value.into()))
-        }
-        _ => Err("expected `memory`, `sqlite:PATH` or `postgres://USER@HOST:PORT/DB`".into()),
-    }
 }
 
 /// The `--log-format` flag.
@@ -343,7 +327,7 @@ async fn serve(args: Args) -> Result<(), Failure> {
     config.tls = security.tls()?;
     let feed_capacity = store.feed_capacity.max(1);
     match &store.store {
-        StoreArg::Memory => {
+        StoreLocation::Memory => {
             let memory = MemoryStore::new(feed_capacity);
             let described = Described {
                 store: "memory".into(),
@@ -351,7 +335,7 @@ async fn serve(args: Args) -> Result<(), Failure> {
             };
             listen_and_run(memory, described, &listen, config).await
         }
-        StoreArg::Sqlite(path) => {
+        StoreLocation::Sqlite(path) => {
             let durability = match store.sync {
                 SyncArg::Full => Durability::Full,
                 SyncArg::Normal => Durability::Normal,
@@ -369,7 +353,7 @@ async fn serve(args: Args) -> Result<(), Failure> {
             };
             listen_and_run(sqlite, described, &listen, config).await
         }
-        StoreArg::Postgres(url) => {
+        StoreLocation::Postgres(url) => {
             let options = PostgresOptions {
                 retention: postgres::Retention {
                     keep: store.changelog_keep,
