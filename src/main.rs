@@ -219,6 +219,9 @@ impl Failure {
             Failure::Postgres(err) if err.is_refusal() => 65,
             // EX_UNAVAILABLE: the database cannot be reached.
             Failure::Postgres(err) if err.is_unreachable() => 69,
+            // EX_CONFIG: a URL, an sslmode, a root certificate that cannot
+            // be used, a database that does not exist.
+            Failure::Postgres(postgres::OpenError::Config(_)) => 78,
             // EX_CONFIG: a token, certificate or key that cannot be used.
             Failure::Token { .. } | Failure::Read { .. } | Failure::Serve(ServeError::Tls(_)) => 78,
             // EX_UNAVAILABLE: the address is taken, or not ours to bind.
