@@ -23,6 +23,7 @@ use user_service::{
     },
     telemetry::{
         self,
+        spans::StderrSpans,
         trace::{ExportError, Exporter},
     },
 };
@@ -87,6 +88,11 @@ struct TelemetryArgs {
     /// client's trace when it sends a W3C `traceparent`.
     #[arg(long, env = "USER_SERVICE_OTLP_ENDPOINT")]
     otlp_endpoint: Option<String>,
+
+    /// Write each trace span to stderr as it ends, one line in the log's
+    /// format: traces without a collector (with --otlp-endpoint too, both).
+    #[arg(long, env = "USER_SERVICE_TRACE_STDERR")]
+    trace_stderr: bool,
 
     /// Log format on stderr: `text` for people, `json` (one object a line)
     /// for log shippers.
@@ -247,14 +253,24 @@ fn main() -> ExitCode {
         Err(err) => return fail_early(Failure::Runtime(err)),
     };
     // Started on the runtime, whose tasks send the spans.
-    let exporter = match &args.telemetry.otlp_endpoint {
-        Some(endpoint) => match runtime.block_on(async { Exporter::start(endpoint) }) {
+    let telemetry = &args.telemetry;
+    let exporter = if telemetry.otlp_endpoint.is_some() || telemetry.trace_stderr {
+        let stderr = telemetry
+            .trace_stderr
+            .then(|| StderrSpans::new(matches!(telemetry.log_format, LogFormat::Json)));
+        let endpoint = telemetry.otlp_endpoint.as_deref();
+        match runtime.block_on(async { Exporter::start(endpoint, stderr) }) {
             Ok(exporter) => Some(exporter),
             Err(err) => return fail_early(Failure::Traces(err)),
-        },
-        None => None,
+        }
+    } else {
+        None
     };
-    init_logging(args.telemetry.log_format, exporter.as_ref());
+    init_logging(
+        args.telemetry.log_format,
+        args.server.access_log,
+        exporter.as_ref(),
+    );
     raise_open_files_limit();
     let result = runtime.block_on(serve(args));
     // The runtime still runs: the last spans can go out.
@@ -278,17 +294,21 @@ fn fail_early(failure: Failure) -> ExitCode {
 
 /// Logs to stderr, as text coloured only when stderr is a terminal (and
 /// `NO_COLOR` is not set), or as JSON lines; the level comes from
-/// `RUST_LOG`, `info` by default. With `exporter`, the trace spans go to it
-/// (and never to the log).
-fn init_logging(format: LogFormat, exporter: Option<&Exporter>) {
+/// `RUST_LOG`, `info` by default; with `access_log`, the access log's
+/// lines are written whatever the level, unless `RUST_LOG` names their
+/// target. With `exporter`, the trace spans
+/// go to it (and never to the log).
+fn init_logging(format: LogFormat, access_log: bool, exporter: Option<&Exporter>) {
     use tracing_subscriber::{Layer as _, layer::SubscriberExt as _, util::SubscriberInitExt as _};
-    let filter = EnvFilter::try_from_default_env()
+    let directive = |text: String| text.parse().expect("a valid directive");
+    let mut filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new("info"))
-        .add_directive(
-            format!("{}=off", telemetry::trace::TARGET)
-                .parse()
-                .expect("a valid directive"),
-        );
+        .add_directive(directive(format!("{}=off", telemetry::trace::TARGET)));
+    // Unless RUST_LOG says otherwise of the access log itself.
+    let named = std::env::var("RUST_LOG").is_ok_and(|v| v.contains(telemetry::access::TARGET));
+    if access_log && !named {
+        filter = filter.add_directive(directive(format!("{}=info", telemetry::access::TARGET)));
+    }
     let logs = tracing_subscriber::fmt::layer().with_writer(io::stderr);
     let logs = match format {
         LogFormat::Text => {
