@@ -24,13 +24,14 @@
 //!   `verify.rs` the check through ListUsers.
 //! - `report.rs`: the figures, the verdict and the exit status; `html.rs`
 //!   the `--html` page.
-//! - `generate.rs` (gen) and `sink.rs`: the two subcommands that are not
-//!   load.
+//! - `generate.rs` (gen), `sink.rs` and `copy.rs`: the subcommands that
+//!   are not load.
 
 mod budget;
 mod bulk;
 mod cli;
 mod connect;
+mod copy;
 mod generate;
 mod html;
 mod list;
@@ -78,6 +79,7 @@ fn main() -> ExitCode {
     };
     match action {
         Action::Gen(args) => generate::write(&args),
+        Action::Copy(args) => copy::main(&runtime, &args),
         Action::Sink(args) => {
             match runtime.block_on(sink::serve(&args.addr, args.addr_file.as_deref())) {
                 Ok(()) => ExitCode::SUCCESS,

@@ -58,6 +58,9 @@ pub enum Command {
     /// Serve a UserService that decodes every request and stores nothing,
     /// to measure the generator alone.
     Sink(SinkArgs),
+    /// Copy every user of one server into another, ids kept (SQLite to
+    /// PostgreSQL, say), and report what was read, added and refused.
+    Copy(crate::copy::CopyArgs),
 }
 
 /// Where the load goes and how to connect.
@@ -388,7 +391,7 @@ impl std::fmt::Display for HostPort {
     }
 }
 
-fn parse_host_port(text: &str) -> Result<HostPort, String> {
+pub(crate) fn parse_host_port(text: &str) -> Result<HostPort, String> {
     let text = text.trim();
     let authority = Authority::from_str(text)
         .map_err(|_| format!("{text:?} is not HOST:PORT (e.g. localhost:8080, 10.0.0.5:8080)"))?;

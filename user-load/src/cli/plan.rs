@@ -135,6 +135,7 @@ pub enum Action {
     Load(Box<Plan>),
     Gen(GenArgs),
     Sink(SinkArgs),
+    Copy(crate::copy::CopyArgs),
 }
 
 /// A usage error, printed by clap as `error: ...` with exit status 2.
@@ -185,6 +186,7 @@ impl Cli {
         };
         let plan = match cli.command {
             Command::Gen(args) => return Ok(Action::Gen(args)),
+            Command::Copy(args) => return Ok(Action::Copy(args)),
             Command::Sink(args) => return Ok(Action::Sink(args)),
             Command::Bulk(a) => Plan {
                 concurrency: a.concurrency as usize,
