@@ -196,9 +196,15 @@ mod tests {
             ("sqlite:", "`sqlite:users.db`"),
             ("sqlite://", "`sqlite:users.db`"),
             ("sqlite:///", "`sqlite:users.db`"),
-            ("sqlite:////var/lib/users.db", "`sqlite:///var/lib/users.db`"),
+            (
+                "sqlite:////var/lib/users.db",
+                "`sqlite:///var/lib/users.db`",
+            ),
             ("sqlite:users.db?mode=ro", "`--sync`"),
-            ("sqlite:///srv/my%20users.db", "--store '/srv/my%20users.db'"),
+            (
+                "sqlite:///srv/my%20users.db",
+                "--store '/srv/my%20users.db'",
+            ),
             ("sqlite:my%20users.db", "--store './my%20users.db'"),
             ("sqlite:users.db#x", "a bare path"),
             ("sqlite::memory:", "write `memory`"),

@@ -70,10 +70,7 @@ impl Entry {
 /// grpc-go's name of `code` (`codes.Code.String()`), as the metrics' and
 /// the access log's `grpc_code` say it.
 pub fn code_name(code: Code) -> &'static str {
-    CODE_NAMES
-        .get(code as usize)
-        .copied()
-        .unwrap_or("Unknown")
+    CODE_NAMES.get(code as usize).copied().unwrap_or("Unknown")
 }
 
 /// grpc-go's names of the status codes, by code.

@@ -269,9 +269,7 @@ where
                 let (service, name, _) = METHODS[method];
                 trace::call_span(request.headers(), service, name, client)
             });
-            let access = self
-                .access_log
-                .then(|| access::Entry::new(path, client));
+            let access = self.access_log.then(|| access::Entry::new(path, client));
             let metrics = method.and(self.metrics.clone());
             Some(Call::start(metrics, method, span, access))
         } else {
@@ -531,7 +529,14 @@ mod tests {
             cancelled: cancelled.clone(),
             seen: Arc::clone(seen),
         };
-        let call = || Some(Call::start(Some(metrics.clone()), Some(add_user), None, None));
+        let call = || {
+            Some(Call::start(
+                Some(metrics.clone()),
+                Some(add_user),
+                None,
+                None,
+            ))
+        };
 
         // Before the response head...
         let seen = Arc::default();

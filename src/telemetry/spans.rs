@@ -75,9 +75,7 @@ fn status(status: &Status) -> (&'static str, Option<&str>) {
     match status {
         Status::Unset => ("unset", None),
         Status::Ok => ("ok", None),
-        Status::Error { description } => {
-            ("error", Some(&**description).filter(|d| !d.is_empty()))
-        }
+        Status::Error { description } => ("error", Some(&**description).filter(|d| !d.is_empty())),
     }
 }
 

@@ -175,7 +175,10 @@ async fn store_forms_open_the_files_they_name() {
     let forms = [
         ("sqlite:colon.db".to_owned(), cwd.join("colon.db")),
         ("sqlite://slashes.db".to_owned(), cwd.join("slashes.db")),
-        (format!("sqlite://{}", abs("three.db")), absolute.join("three.db")),
+        (
+            format!("sqlite://{}", abs("three.db")),
+            absolute.join("three.db"),
+        ),
         (format!("sqlite:{}", abs("one.db")), absolute.join("one.db")),
         ("bare.db".to_owned(), cwd.join("bare.db")),
         (abs("bare-absolute.db"), absolute.join("bare-absolute.db")),
@@ -188,7 +191,11 @@ async fn store_forms_open_the_files_they_name() {
         client.add_user(user_named("in-it", "In")).await.unwrap();
         let (status, log) = server.stop().await;
         assert!(status.success(), "{log}");
-        assert!(file.exists(), "{store} should open {}:\n{log}", file.display());
+        assert!(
+            file.exists(),
+            "{store} should open {}:\n{log}",
+            file.display()
+        );
     }
     let mut files: Vec<_> = std::fs::read_dir(&cwd)
         .unwrap()

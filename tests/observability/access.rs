@@ -18,7 +18,9 @@ use tonic::{
     metadata::MetadataValue,
     transport::{Channel, Endpoint},
 };
-use user_service::proto::{GetUserRequest, ListUsersRequest, user_service_client::UserServiceClient};
+use user_service::proto::{
+    GetUserRequest, ListUsersRequest, user_service_client::UserServiceClient,
+};
 
 /// Dials the server and remembers the client's end of the connection: the
 /// peer the access log must name.
@@ -81,7 +83,7 @@ fn text_fields(line: &str, marker: &str) -> BTreeMap<String, String> {
 fn take_duration(fields: &mut BTreeMap<String, String>) {
     let duration = fields.remove("duration_ms").expect("duration_ms");
     let ms: f64 = duration.parse().expect("a number");
-    assert!(ms >= 0.0 && ms < 60_000.0, "{duration}");
+    assert!((0.0..60_000.0).contains(&ms), "{duration}");
 }
 
 /// What each call's line must say besides its duration:
@@ -105,7 +107,9 @@ async fn logged_calls(format: &str) -> (ServerProcess, Vec<String>, SocketAddr) 
     let mut client = UserServiceClient::new(channel);
     client.add_user(user_named("ada", "Ada")).await.unwrap();
     let missing = client
-        .get_user(GetUserRequest { id: "nobody".into() })
+        .get_user(GetUserRequest {
+            id: "nobody".into(),
+        })
         .await
         .unwrap_err();
     assert_eq!(missing.code(), Code::NotFound);
@@ -156,7 +160,11 @@ async fn the_access_log_has_one_text_line_per_call() {
     }
     // One line per call, no more.
     let log = server.log();
-    assert_eq!(log.matches("method=grpcUser.UserService/AddUser ").count(), 1, "{log}");
+    assert_eq!(
+        log.matches("method=grpcUser.UserService/AddUser ").count(),
+        1,
+        "{log}"
+    );
 }
 
 #[tokio::test]
@@ -186,10 +194,7 @@ async fn the_access_log_has_one_json_object_per_call() {
 
 #[tokio::test]
 async fn without_the_flag_no_call_is_logged() {
-    let server = ServerProcess::start(
-        env!("CARGO_BIN_EXE_user-service"),
-        &["--store", "memory"],
-    );
+    let server = ServerProcess::start(env!("CARGO_BIN_EXE_user-service"), &["--store", "memory"]);
     let mut client = server.client().await;
     client.add_user(user_named("ada", "Ada")).await.unwrap();
     let (status, log) = server.stop().await;
@@ -220,7 +225,10 @@ async fn span_lines(format: &str) -> (String, String) {
     );
     client.add_user(request).await.unwrap();
     let (call, commit) = if format == "json" {
-        (r#""span":"grpcUser.UserService/AddUser""#, r#""span":"store.commit""#)
+        (
+            r#""span":"grpcUser.UserService/AddUser""#,
+            r#""span":"store.commit""#,
+        )
     } else {
         (" SPAN grpcUser.UserService/AddUser ", " SPAN store.commit ")
     };
@@ -243,10 +251,17 @@ async fn spans_go_to_stderr_as_text_lines() {
         ("rpc.grpc.status_code", "0"),
         ("client.address", "127.0.0.1"),
     ] {
-        assert_eq!(call_fields.get(key).map(String::as_str), Some(value), "{key}: {call}");
+        assert_eq!(
+            call_fields.get(key).map(String::as_str),
+            Some(value),
+            "{key}: {call}"
+        );
     }
     assert_eq!(commit_fields["trace_id"], TRACE_ID, "{commit}");
-    assert_eq!(commit_fields["parent_span_id"], call_fields["span_id"], "{commit}");
+    assert_eq!(
+        commit_fields["parent_span_id"], call_fields["span_id"],
+        "{commit}"
+    );
     assert_eq!(commit_fields["batch.ops"], "1", "{commit}");
     let mut call_fields = call_fields;
     take_duration(&mut call_fields);
@@ -261,7 +276,11 @@ async fn spans_go_to_stderr_as_json_objects() {
     assert_eq!(call["parent_span_id"], CLIENT_SPAN_ID, "{call}");
     assert_eq!(call["kind"], "server", "{call}");
     assert_eq!(call["status"], "unset", "{call}");
-    assert_eq!(call["status_description"], serde_json::Value::Null, "{call}");
+    assert_eq!(
+        call["status_description"],
+        serde_json::Value::Null,
+        "{call}"
+    );
     assert!(call["duration_ms"].as_f64().unwrap() >= 0.0, "{call}");
     let attributes = &call["attributes"];
     assert_eq!(attributes["rpc.method"], "AddUser", "{call}");

@@ -80,16 +80,20 @@ impl Files {
 /// Connects as the store would to `host` on the cluster with `params`
 /// (with no `PG*` variables, and a home without a root certificate):
 /// whether the connection is TLS, or the error in full.
-async fn ssl_in_use(cluster: &Cluster, host: &str, params: &str, files: &Files) -> Result<bool, String> {
+async fn ssl_in_use(
+    cluster: &Cluster,
+    host: &str,
+    params: &str,
+    files: &Files,
+) -> Result<bool, String> {
     let url = format!(
         "postgres://postgres@{host}:{}/postgres?{params}",
         cluster.port
     );
     let home = files.home.clone();
-    let connector = Connector::from_url_and_env(&url, move |name| {
-        (name == "HOME").then(|| home.clone())
-    })
-    .map_err(|err| err.to_string())?;
+    let connector =
+        Connector::from_url_and_env(&url, move |name| (name == "HOME").then(|| home.clone()))
+            .map_err(|err| err.to_string())?;
     let client = connector.connect().await.map_err(|err| {
         let mut text = err.to_string();
         let mut source = std::error::Error::source(&err);
@@ -144,17 +148,26 @@ async fn each_sslmode_against_a_server_that_serves_tls_only() {
         "no encryption",
     );
     // Plain first, refused by the server, then TLS.
-    ok(ssl_in_use(&cluster, "localhost", "sslmode=allow", &files).await, "allow");
+    ok(
+        ssl_in_use(&cluster, "localhost", "sslmode=allow", &files).await,
+        "allow",
+    );
     // Neither checks the certificate.
     for mode in ["allow", "prefer"] {
         let params = format!("sslmode={mode}&sslrootcert={other}");
-        ok(ssl_in_use(&cluster, "127.0.0.1", &params, &files).await, mode);
+        ok(
+            ssl_in_use(&cluster, "127.0.0.1", &params, &files).await,
+            mode,
+        );
     }
     // require with a root certificate is verify-ca: the chain, not the name
     // (the certificate is for localhost).
     for mode in ["require", "verify-ca"] {
         let params = format!("sslmode={mode}&sslrootcert={ca}");
-        ok(ssl_in_use(&cluster, "127.0.0.1", &params, &files).await, mode);
+        ok(
+            ssl_in_use(&cluster, "127.0.0.1", &params, &files).await,
+            mode,
+        );
         let params = format!("sslmode={mode}&sslrootcert={other}");
         refused(
             ssl_in_use(&cluster, "localhost", &params, &files).await,
@@ -171,7 +184,10 @@ async fn each_sslmode_against_a_server_that_serves_tls_only() {
         "UnknownIssuer",
     );
     let params = format!("sslmode=verify-full&sslrootcert={ca}");
-    ok(ssl_in_use(&cluster, "localhost", &params, &files).await, "verify-full");
+    ok(
+        ssl_in_use(&cluster, "localhost", &params, &files).await,
+        "verify-full",
+    );
     refused(
         ssl_in_use(&cluster, "127.0.0.1", &params, &files).await,
         "verify-full to another name",
@@ -207,7 +223,10 @@ async fn each_sslmode_against_a_server_that_offers_tls() {
         // TLS when the server offers it, libpq's default.
         ("sslmode=prefer", true),
         ("application_name=x", true),
-        (&*format!("sslmode=verify-full&sslrootcert={}", files.ca), true),
+        (
+            &*format!("sslmode=verify-full&sslrootcert={}", files.ca),
+            true,
+        ),
     ] {
         let used = ssl_in_use(&cluster, "localhost", params, &files).await;
         assert_eq!(used, Ok(ssl), "{params}");

@@ -21,9 +21,7 @@ use std::{process::ExitCode, time::Duration};
 use clap::Args;
 use tokio_stream::StreamExt;
 use tonic::transport::{Channel, Endpoint};
-use user_service::proto::{
-    ListUsersRequest, User, user_service_client::UserServiceClient,
-};
+use user_service::proto::{ListUsersRequest, User, user_service_client::UserServiceClient};
 
 use crate::cli::HostPort;
 
@@ -176,12 +174,12 @@ pub async fn copy(args: &CopyArgs) -> Copied {
             }
             None => true,
         };
-        if batch.len() == BATCH || (ended && !batch.is_empty()) {
-            if let Err(why) = add(&mut to, &args.to, std::mem::take(&mut batch), &mut copied).await
-            {
-                copied.stopped = Some(why);
-                return copied;
-            }
+        let full = batch.len() == BATCH || (ended && !batch.is_empty());
+        if full
+            && let Err(why) = add(&mut to, &args.to, std::mem::take(&mut batch), &mut copied).await
+        {
+            copied.stopped = Some(why);
+            return copied;
         }
         if ended {
             return copied;

@@ -96,13 +96,18 @@ async fn copies_sqlite_to_postgres_keeping_ids_and_reporting_refusals() {
     };
     let (code, stdout, stderr) = copy(addrs(&source, &destination)).await;
     assert_eq!(code, EXIT_FAILED, "{stdout}{stderr}");
-    assert!(stdout.contains("read 250, added 249, failed 1\n"), "{stdout}");
+    assert!(
+        stdout.contains("read 250, added 249, failed 1\n"),
+        "{stdout}"
+    );
     assert!(
         stdout.contains(r#"failed "u100": AlreadyExists: user "u100" already exists"#),
         "{stdout}"
     );
     assert!(
-        stdout.contains(&format!("last id read: {last:?} (--after-id {last} goes on")),
+        stdout.contains(&format!(
+            "last id read: {last:?} (--after-id {last} goes on"
+        )),
         "{stdout}"
     );
     assert!(stderr.contains("1 users not copied"), "{stderr}");

@@ -146,9 +146,9 @@ pub fn from_url(
             ));
         }
         (SslMode::Allow | SslMode::Prefer, _) => Arc::new(Unchecked(provider.clone())),
-        (SslMode::Require | SslMode::VerifyCa, Some(Roots::File(path))) => Arc::new(ChainOnly(
-            web_pki(load_file(&path)?, &provider)?,
-        )),
+        (SslMode::Require | SslMode::VerifyCa, Some(Roots::File(path))) => {
+            Arc::new(ChainOnly(web_pki(load_file(&path)?, &provider)?))
+        }
         (SslMode::VerifyFull, Some(Roots::File(path))) => web_pki(load_file(&path)?, &provider)?,
         (SslMode::Require, None) | (SslMode::VerifyFull, Some(Roots::System)) => {
             web_pki(load_system()?, &provider)?
@@ -254,13 +254,10 @@ impl ServerCertVerifier for ChainOnly {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        match self.0.verify_server_cert(
-            end_entity,
-            intermediates,
-            server_name,
-            ocsp_response,
-            now,
-        ) {
+        match self
+            .0
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+        {
             Err(rustls::Error::InvalidCertificate(
                 CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
             )) => Ok(ServerCertVerified::assertion()),
@@ -315,7 +312,12 @@ impl ServerCertVerifier for Unchecked {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
@@ -324,7 +326,12 @@ impl ServerCertVerifier for Unchecked {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
@@ -366,7 +373,10 @@ mod tests {
             &env(&[]),
         )
         .unwrap();
-        assert_eq!(rest, "postgres://a@h/d?application_name=x&connect_timeout=2");
+        assert_eq!(
+            rest,
+            "postgres://a@h/d?application_name=x&connect_timeout=2"
+        );
         assert_eq!(tls.mode, SslMode::Disable);
         assert!(tls.connector.is_none());
         let dir = tempfile::tempdir().unwrap();
@@ -387,14 +397,21 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let ca = ca_file(dir.path());
         assert_eq!(mode("postgres://a@h/d", &[]).unwrap(), SslMode::Prefer);
-        for name in ["disable", "allow", "prefer", "require", "verify-ca", "verify-full"] {
+        for name in [
+            "disable",
+            "allow",
+            "prefer",
+            "require",
+            "verify-ca",
+            "verify-full",
+        ] {
             let url = format!("postgres://a@h/d?sslmode={name}&sslrootcert={ca}");
             assert_eq!(mode(&url, &[]).unwrap().name(), name);
             // From the environment, and the URL wins over it.
             let vars = [("PGSSLMODE", name), ("PGSSLROOTCERT", ca.as_str())];
             assert_eq!(mode("postgres://a@h/d", &vars).unwrap().name(), name);
-            let url = format!("postgres://a@h/d?sslmode=disable");
-            assert_eq!(mode(&url, &vars).unwrap(), SslMode::Disable);
+            let url = "postgres://a@h/d?sslmode=disable";
+            assert_eq!(mode(url, &vars).unwrap(), SslMode::Disable);
         }
         assert!(matches!(
             mode("postgres://a@h/d?sslmode=verify", &[]),
@@ -423,8 +440,11 @@ mod tests {
             SslMode::VerifyCa
         );
         // A root certificate that cannot be read is never passed over.
-        let err = mode("postgres://a@h/d?sslmode=require&sslrootcert=/nonexistent.pem", &vars)
-            .unwrap_err();
+        let err = mode(
+            "postgres://a@h/d?sslmode=require&sslrootcert=/nonexistent.pem",
+            &vars,
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("/nonexistent.pem"), "{err}");
     }
 

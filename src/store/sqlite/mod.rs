@@ -107,12 +107,18 @@ impl SqliteStore {
             })?;
         let stats = WriteStats::default();
         stats.start_from(users.unsigned_abs(), seq);
-        let writer =
-            WriterThread::spawn(conn, lock, receiver, feed.clone(), stats.clone(), health_sender)
-                .map_err(|source| OpenError::Io {
-                    path: path.to_owned(),
-                    source,
-                })?;
+        let writer = WriterThread::spawn(
+            conn,
+            lock,
+            receiver,
+            feed.clone(),
+            stats.clone(),
+            health_sender,
+        )
+        .map_err(|source| OpenError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
         Ok(SqliteStore {
             shared: Arc::new(Shared {
                 readers: Readers::new(path),

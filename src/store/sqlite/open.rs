@@ -148,7 +148,7 @@ impl OpenError {
         )
     }
 
-    /// Whether another server holds the file (see [`lock`]): a condition
+    /// Whether another server holds the file (see `lock`): a condition
     /// that ends when that server exits.
     pub fn is_locked(&self) -> bool {
         matches!(self, OpenError::Locked { .. })
@@ -409,10 +409,17 @@ mod tests {
         let err = SqliteStore::open(&path, options()).unwrap_err();
         assert!(err.is_locked(), "{err:?}");
         assert!(!err.is_refusal());
-        assert!(err.to_string().contains("in use by another user-service"), "{err}");
+        assert!(
+            err.to_string().contains("in use by another user-service"),
+            "{err}"
+        );
         // Through another path to the same file too.
         let other_path = path.parent().unwrap().join(".").join("users.db");
-        assert!(SqliteStore::open(&other_path, options()).unwrap_err().is_locked());
+        assert!(
+            SqliteStore::open(&other_path, options())
+                .unwrap_err()
+                .is_locked()
+        );
         store.close().await;
         SqliteStore::open(&path, options()).unwrap().close().await;
     }
