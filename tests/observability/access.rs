@@ -88,12 +88,27 @@ fn take_duration(fields: &mut BTreeMap<String, String>) {
 
 /// What each call's line must say besides its duration:
 /// (method, code, messages in, messages out).
-const EXPECTED: [(&str, &str, u64, u64); 4] = [
+const EXPECTED: [(&str, &str, u64, u64); 5] = [
     ("grpcUser.UserService/AddUser", "OK", 1, 1),
     ("grpcUser.UserService/GetUser", "NotFound", 1, 0),
     ("grpcUser.UserService/BulkAddUsers", "OK", 3, 1),
     ("grpcUser.UserService/ListUsers", "OK", 1, 4),
+    // A method the server does not serve: in the log, unlike the metrics.
+    ("grpcUser.UserService/Nothing", "Unimplemented", 0, 0),
 ];
+
+/// Calls `/grpcUser.UserService/Nothing`, which no server serves.
+async fn call_unknown_method(channel: Channel) {
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let codec = tonic_prost::ProstCodec::<GetUserRequest, GetUserRequest>::default();
+    let path = http::uri::PathAndQuery::from_static("/grpcUser.UserService/Nothing");
+    let status = grpc
+        .unary(tonic::Request::new(GetUserRequest::default()), path, codec)
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unimplemented);
+}
 
 /// Starts the binary with the access log in `format`, makes the calls of
 /// [`EXPECTED`] on one connection, and returns the server, each call's
@@ -104,7 +119,7 @@ async fn logged_calls(format: &str) -> (ServerProcess, Vec<String>, SocketAddr) 
         &["--store", "memory", "--access-log", "--log-format", format],
     );
     let (channel, peer) = connect(&server).await;
-    let mut client = UserServiceClient::new(channel);
+    let mut client = UserServiceClient::new(channel.clone());
     client.add_user(user_named("ada", "Ada")).await.unwrap();
     let missing = client
         .get_user(GetUserRequest {
@@ -129,6 +144,7 @@ async fn logged_calls(format: &str) -> (ServerProcess, Vec<String>, SocketAddr) 
         listed += 1;
     }
     assert_eq!(listed, 4);
+    call_unknown_method(channel).await;
     let mut lines = Vec::new();
     for (method, ..) in EXPECTED {
         let quoted = format!("\"{method}\"");
