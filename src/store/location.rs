@@ -17,8 +17,8 @@
 //! query strings, fragments and escapes (`?mode=ro`, `%20`: the store's
 //! settings are flags, and a file name is taken as written), a `~` (which
 //! the shell expands only at the start of a word), SQLite's own
-//! `:memory:` (say `memory`), a missing path, and anything else with a
-//! scheme that is not one of these.
+//! `:memory:` (say `memory`), a missing path, a kind of store alone
+//! (`postgres`), and anything else with a scheme that is not one of these.
 
 use std::{path::PathBuf, str::FromStr};
 
@@ -81,6 +81,12 @@ fn is_bare_path(value: &str) -> bool {
 fn bare_path(value: &str) -> Result<StoreLocation, LocationError> {
     if value.is_empty() {
         return Err(LocationError(format!("an empty store: {FORMS}")));
+    }
+    if ["sqlite", "postgres", "postgresql"].contains(&value) {
+        return Err(LocationError(format!(
+            "{value:?}: a store's kind without where it is: {FORMS} (`./{value}` for a \
+             SQLite file of that name)"
+        )));
     }
     if value.starts_with('~') {
         return Err(LocationError(format!(
@@ -211,6 +217,8 @@ mod tests {
             ("sqlite:file:users.db", "write `memory`"),
             ("sqlite:~/users.db", "`sqlite:$HOME/users.db`"),
             ("~/users.db", "`$HOME/users.db`"),
+            ("postgres", "`postgres://USER@HOST:PORT/DB`"),
+            ("sqlite", "`./sqlite`"),
         ] {
             let message = refused(value);
             assert!(message.contains(hint), "{value}: {message}");
