@@ -263,8 +263,11 @@ async fn client(url: &str) -> Result<UserServiceClient<Channel>, Box<dyn std::er
 
 async fn bulk_grpc(args: &Args, n: u64, ids: Ids) -> Result<Duration, Box<dyn std::error::Error>> {
     let dir = tempfile::tempdir()?;
-    let url = serve(sqlite(&dir, Durability::Full)?).await?;
+    let store = sqlite(&dir, Durability::Full)?;
+    let url = serve(store.clone()).await?;
     let took = bulk(args, n, &url, ids).await?;
+    // Closed first, as a server that stops: a file is one store's at a time.
+    store.close().await;
     // Opening a full file: inspection (including `PRAGMA quick_check`) and
     // schema check, as at every server start.
     let start = Instant::now();

@@ -30,6 +30,21 @@ README_ADDR = "localhost:8080"
 COMMAND_TIMEOUT = 30
 UUID7 = re.compile(r"\b[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}\b")
 
+# The names grpcurl prints after "Code:" (grpc-go's), by status code.
+GRPC_CODES = [
+    "OK", "Canceled", "Unknown", "InvalidArgument", "DeadlineExceeded", "NotFound",
+    "AlreadyExists", "PermissionDenied", "ResourceExhausted", "FailedPrecondition",
+    "Aborted", "OutOfRange", "Unimplemented", "Internal", "Unavailable", "DataLoss",
+    "Unauthenticated",
+]
+
+
+def grpcurl_exit_status(output):
+    """The exit status grpcurl gives the error status it printed: 64 + its code."""
+    match = re.search(r"^\s*Code: (\w+)$", output, re.MULTILINE)
+    if match is None or match.group(1) not in GRPC_CODES:
+        return None
+    return 64 + GRPC_CODES.index(match.group(1))
 
 def section_lines(lines, title):
     """The index range of the section under `## title`."""
@@ -106,6 +121,10 @@ def main():
         shows_error = (actual if update else expected).startswith("ERROR:")
         if run.returncode != 0 and not shows_error:
             print(f"  FAIL: exit status {run.returncode}\n{actual}")
+            failed += 1
+        elif shows_error and run.returncode != grpcurl_exit_status(actual):
+            # grpcurl exits with 64 + the status code, as the README says.
+            print(f"  FAIL: exit status {run.returncode} for\n{actual}")
             failed += 1
         elif not update and normalise(expected) != normalise(actual):
             print(f"  FAIL: output differs from {readme}:{out_first + 1}")

@@ -17,9 +17,9 @@
 //!   calls of every pattern, and its WebSocket bridge into the server's
 //!   own connection handling.
 //! - [`batched_io`]: fewer, larger socket writes under load.
-//! - [`telemetry`]: what is recorded of each call (metrics, a trace span),
-//!   the service's figures read at each scrape, the `/metrics` endpoint and
-//!   the OTLP exporter.
+//! - [`telemetry`]: what is recorded of each call (metrics, an access log
+//!   line, a trace span), the service's figures read at each scrape, the
+//!   `/metrics` endpoint, the OTLP exporter and spans on stderr.
 //! - [`call_guard`]: around every call, the in-flight cap, deadlines over
 //!   whole streams and the end of streams at shutdown.
 //! - [`gauges`]: the counts of what is open (calls in flight, SyncUsers
@@ -29,7 +29,8 @@
 //!   convert), a module per streaming pattern.
 //! - [`validate`]: the input rules, apart from gRPC.
 //! - [`error`]: the one place where errors become gRPC statuses.
-//! - [`store`]: the [`store::Store`] trait and its health signal, the
+//! - [`store`]: where `--store` points ([`store::location`]), the
+//!   [`store::Store`] trait and its health signal, the
 //!   writes built once on it ([`store::StoreExt`]), the in-memory, SQLite
 //!   and PostgreSQL backends (the last shared by replicas of the server,
 //!   with one change feed across them), what backends share (listing pages

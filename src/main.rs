@@ -17,11 +17,13 @@ use user_service::{
     auth::{AuthToken, AuthTokenError},
     server::{self, ServeError, TlsConfig},
     store::{
+        StoreLocation,
         postgres::{self, PostgresOptions, PostgresStore},
         sqlite::{Durability, OpenError, SqliteOptions, SqliteStore},
     },
     telemetry::{
         self,
+        spans::StderrSpans,
         trace::{ExportError, Exporter},
     },
 };
@@ -87,6 +89,11 @@ struct TelemetryArgs {
     #[arg(long, env = "USER_SERVICE_OTLP_ENDPOINT")]
     otlp_endpoint: Option<String>,
 
+    /// Write each trace span to stderr as it ends, one line in the log's
+    /// format: traces without a collector (with --otlp-endpoint too, both).
+    #[arg(long, env = "USER_SERVICE_TRACE_STDERR")]
+    trace_stderr: bool,
+
     /// Log format on stderr: `text` for people, `json` (one object a line)
     /// for log shippers.
     #[arg(long, env = "USER_SERVICE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
@@ -96,12 +103,14 @@ struct TelemetryArgs {
 /// Where users are kept, and how.
 #[derive(Debug, clap::Args)]
 struct StoreArgs {
-    /// Where users are kept: `sqlite:PATH` (a file, kept across restarts),
-    /// `postgres://USER@HOST:PORT/DB` (a PostgreSQL database that replicas
-    /// of this server share; libpq-style, the `PG*` variables fill in what it
-    /// leaves out) or `memory` (lost on exit).
-    #[arg(long, env = "USER_SERVICE_STORE", default_value = "sqlite:users.db", value_parser = parse_store)]
-    store: StoreArg,
+    /// Where users are kept: a SQLite file, kept across restarts
+    /// (`sqlite:PATH` or a bare path relative to the working directory,
+    /// `sqlite:///ABSOLUTE/PATH`), `postgres://USER@HOST:PORT/DB` (a
+    /// PostgreSQL database that replicas of this server share; libpq-style,
+    /// the `PG*` variables fill in what it leaves out) or `memory` (lost on
+    /// exit).
+    #[arg(long, env = "USER_SERVICE_STORE", default_value = "sqlite:users.db")]
+    store: StoreLocation,
 
     /// How far a SyncUsers subscriber may lag, in changes, before its stream
     /// is ended with ABORTED.
@@ -162,25 +171,6 @@ struct SecurityArgs {
     tls_client_ca: Option<PathBuf>,
 }
 
-/// The `--store` flag.
-#[derive(Debug, Clone)]
-enum StoreArg {
-    Memory,
-    Sqlite(PathBuf),
-    Postgres(String),
-}
-
-fn parse_store(value: &str) -> Result<StoreArg, String> {
-    match value.split_once(':') {
-        _ if value == "memory" => Ok(StoreArg::Memory),
-        Some(("sqlite", path)) if !path.is_empty() => Ok(StoreArg::Sqlite(path.into())),
-        Some(("postgres" | "postgresql", rest)) if rest.starts_with("//") => {
-            Ok(StoreArg::Postgres(value.into()))
-        }
-        _ => Err("expected `memory`, `sqlite:PATH` or `postgres://USER@HOST:PORT/DB`".into()),
-    }
-}
-
 /// The `--log-format` flag.
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum LogFormat {
@@ -227,9 +217,17 @@ impl Failure {
         ExitCode::from(match self {
             // EX_DATAERR: a store file that is not ours, corrupted or newer.
             Failure::Store(err) if err.is_refusal() => 65,
+            // EX_TEMPFAIL: another server holds the store file. A condition
+            // that ends when that server exits (its lock goes with its
+            // process, even under kill -9): retrying later is the remedy,
+            // as a supervisor restarting the service would.
+            Failure::Store(err) if err.is_locked() => 75,
             Failure::Postgres(err) if err.is_refusal() => 65,
             // EX_UNAVAILABLE: the database cannot be reached.
             Failure::Postgres(err) if err.is_unreachable() => 69,
+            // EX_CONFIG: a URL, an sslmode, a root certificate that cannot
+            // be used, a database that does not exist.
+            Failure::Postgres(postgres::OpenError::Config(_)) => 78,
             // EX_CONFIG: a token, certificate or key that cannot be used.
             Failure::Token { .. } | Failure::Read { .. } | Failure::Serve(ServeError::Tls(_)) => 78,
             // EX_UNAVAILABLE: the address is taken, or not ours to bind.
@@ -255,14 +253,24 @@ fn main() -> ExitCode {
         Err(err) => return fail_early(Failure::Runtime(err)),
     };
     // Started on the runtime, whose tasks send the spans.
-    let exporter = match &args.telemetry.otlp_endpoint {
-        Some(endpoint) => match runtime.block_on(async { Exporter::start(endpoint) }) {
+    let telemetry = &args.telemetry;
+    let exporter = if telemetry.otlp_endpoint.is_some() || telemetry.trace_stderr {
+        let stderr = telemetry
+            .trace_stderr
+            .then(|| StderrSpans::new(matches!(telemetry.log_format, LogFormat::Json)));
+        let endpoint = telemetry.otlp_endpoint.as_deref();
+        match runtime.block_on(async { Exporter::start(endpoint, stderr) }) {
             Ok(exporter) => Some(exporter),
             Err(err) => return fail_early(Failure::Traces(err)),
-        },
-        None => None,
+        }
+    } else {
+        None
     };
-    init_logging(args.telemetry.log_format, exporter.as_ref());
+    init_logging(
+        args.telemetry.log_format,
+        args.server.access_log,
+        exporter.as_ref(),
+    );
     raise_open_files_limit();
     let result = runtime.block_on(serve(args));
     // The runtime still runs: the last spans can go out.
@@ -286,17 +294,21 @@ fn fail_early(failure: Failure) -> ExitCode {
 
 /// Logs to stderr, as text coloured only when stderr is a terminal (and
 /// `NO_COLOR` is not set), or as JSON lines; the level comes from
-/// `RUST_LOG`, `info` by default. With `exporter`, the trace spans go to it
-/// (and never to the log).
-fn init_logging(format: LogFormat, exporter: Option<&Exporter>) {
+/// `RUST_LOG`, `info` by default; with `access_log`, the access log's
+/// lines are written whatever the level, unless `RUST_LOG` names their
+/// target. With `exporter`, the trace spans
+/// go to it (and never to the log).
+fn init_logging(format: LogFormat, access_log: bool, exporter: Option<&Exporter>) {
     use tracing_subscriber::{Layer as _, layer::SubscriberExt as _, util::SubscriberInitExt as _};
-    let filter = EnvFilter::try_from_default_env()
+    let directive = |text: String| text.parse().expect("a valid directive");
+    let mut filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new("info"))
-        .add_directive(
-            format!("{}=off", telemetry::trace::TARGET)
-                .parse()
-                .expect("a valid directive"),
-        );
+        .add_directive(directive(format!("{}=off", telemetry::trace::TARGET)));
+    // Unless RUST_LOG says otherwise of the access log itself.
+    let named = std::env::var("RUST_LOG").is_ok_and(|v| v.contains(telemetry::access::TARGET));
+    if access_log && !named {
+        filter = filter.add_directive(directive(format!("{}=info", telemetry::access::TARGET)));
+    }
     let logs = tracing_subscriber::fmt::layer().with_writer(io::stderr);
     let logs = match format {
         LogFormat::Text => {
@@ -338,7 +350,7 @@ async fn serve(args: Args) -> Result<(), Failure> {
     config.tls = security.tls()?;
     let feed_capacity = store.feed_capacity.max(1);
     match &store.store {
-        StoreArg::Memory => {
+        StoreLocation::Memory => {
             let memory = MemoryStore::new(feed_capacity);
             let described = Described {
                 store: "memory".into(),
@@ -346,7 +358,7 @@ async fn serve(args: Args) -> Result<(), Failure> {
             };
             listen_and_run(memory, described, &listen, config).await
         }
-        StoreArg::Sqlite(path) => {
+        StoreLocation::Sqlite(path) => {
             let durability = match store.sync {
                 SyncArg::Full => Durability::Full,
                 SyncArg::Normal => Durability::Normal,
@@ -364,7 +376,7 @@ async fn serve(args: Args) -> Result<(), Failure> {
             };
             listen_and_run(sqlite, described, &listen, config).await
         }
-        StoreArg::Postgres(url) => {
+        StoreLocation::Postgres(url) => {
             let options = PostgresOptions {
                 retention: postgres::Retention {
                     keep: store.changelog_keep,

@@ -65,6 +65,10 @@ pub struct Config {
         value_parser = flags::seconds_parser()
     )]
     pub shutdown_grace: Duration,
+    /// Log one line per call as it ends: method, client address, status,
+    /// duration, messages in and out (off by default).
+    #[arg(long, env = "USER_SERVICE_ACCESS_LOG")]
+    pub access_log: bool,
     // What one call, and all calls together, may take.
     #[command(flatten)]
     pub limits: Limits,
@@ -257,7 +261,10 @@ pub async fn run<S: Store>(
         routes,
     );
     let service = tower_layer::Layer::layer(
-        &ObserveCallsLayer::new(metrics.as_ref().map(|(metrics, _)| metrics.rpc.clone())),
+        &ObserveCallsLayer::new(
+            metrics.as_ref().map(|(metrics, _)| metrics.rpc.clone()),
+            config.access_log,
+        ),
         service,
     );
     let mut serve = pin!(transport::serve(

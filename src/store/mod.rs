@@ -12,7 +12,8 @@
 //! `validate`); a store trusts that what it is handed follows the rules,
 //! but not what it reads back ([`stored`]).
 //!
-//! What backends share lives here too: [`PreparedOp`] (a write with its user
+//! [`location`] reads where the store is, as `--store` names it. What
+//! backends share lives here too: [`PreparedOp`] (a write with its user
 //! built), the listing page rules ([`page`]), decoding stored rows
 //! ([`stored`]), group commit
 //! ([`group_commit`]): the queue, batching policy and reply path of a
@@ -21,6 +22,7 @@
 
 mod feed;
 pub mod group_commit;
+pub mod location;
 mod memory;
 pub mod page;
 pub mod postgres;
@@ -36,6 +38,7 @@ use tokio::sync::watch;
 use uuid::Uuid;
 
 pub use feed::{ChangeFeed, Changes, FeedError, Subscription, TryRecvError};
+pub use location::{LocationError, StoreLocation};
 pub use memory::MemoryStore;
 pub use page::{ListFilter, Page};
 pub use postgres::PostgresStore;

@@ -7,13 +7,17 @@
 //! `grpc_server_msg_sent_total` and `grpc_server_handling_seconds`, each
 //! labelled `grpc_type`, `grpc_service` and `grpc_method`.
 //!
+//! **An access log line** per call when `--access-log` is on (see
+//! [`super::access`]), written when the call's status is known.
+//!
 //! **A span** per call when traces are exported (see [`super::trace`]),
 //! with OpenTelemetry's `rpc.*` attributes, the client's address and the
 //! call's status, a child of the client's span when the request carries a
 //! W3C `traceparent`; the handler and the response stream run inside it,
 //! so store work shows as its children.
 //!
-//! [`ObserveCalls`] is a tower layer around the call guard. The status of a
+//! [`ObserveCalls`] is a tower layer around the call guard, the one
+//! observer of calls that all three are made from. The status of a
 //! call is known only at its end: in the trailers, or in the head of a
 //! Trailers-Only reply. A call that ends without one (the client reset the
 //! stream, the connection dropped) is recorded as `Canceled`, as grpc-go
@@ -37,7 +41,11 @@ use prometheus_client::{
 use tonic::{Code, Status};
 use tower_service::Service;
 
-use super::trace;
+use super::{
+    access::{self, CODE_NAMES},
+    messages::Messages,
+    trace,
+};
 use crate::transport;
 
 /// What kind of call a method is, as the `grpc_type` label says it.
@@ -90,27 +98,6 @@ fn method_of(path: &str) -> Option<usize> {
         .iter()
         .position(|(s, m, _)| *s == service && *m == method)
 }
-
-/// grpc-go's names of the status codes (`codes.Code.String()`), by code.
-const CODE_NAMES: [&str; 17] = [
-    "OK",
-    "Canceled",
-    "Unknown",
-    "InvalidArgument",
-    "DeadlineExceeded",
-    "NotFound",
-    "AlreadyExists",
-    "PermissionDenied",
-    "ResourceExhausted",
-    "FailedPrecondition",
-    "Aborted",
-    "OutOfRange",
-    "Unimplemented",
-    "Internal",
-    "Unavailable",
-    "DataLoss",
-    "Unauthenticated",
-];
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct MethodLabels {
@@ -219,16 +206,20 @@ impl RpcMetrics {
 }
 
 /// The tower layer that observes each call: its metrics in
-/// [`RpcMetrics`] (`None`: none recorded) and, when traces are exported, a
-/// span.
+/// [`RpcMetrics`] (`None`: none recorded), its access log line when
+/// `access_log` is set and, when traces are exported, a span.
 #[derive(Debug, Clone)]
 pub struct ObserveCallsLayer {
     metrics: Option<Arc<RpcMetrics>>,
+    access_log: bool,
 }
 
 impl ObserveCallsLayer {
-    pub fn new(metrics: Option<Arc<RpcMetrics>>) -> Self {
-        ObserveCallsLayer { metrics }
+    pub fn new(metrics: Option<Arc<RpcMetrics>>, access_log: bool) -> Self {
+        ObserveCallsLayer {
+            metrics,
+            access_log,
+        }
     }
 }
 
@@ -239,6 +230,7 @@ impl<S> tower_layer::Layer<S> for ObserveCallsLayer {
         ObserveCalls {
             inner,
             metrics: self.metrics.clone(),
+            access_log: self.access_log,
         }
     }
 }
@@ -248,6 +240,7 @@ impl<S> tower_layer::Layer<S> for ObserveCallsLayer {
 pub struct ObserveCalls<S> {
     inner: S,
     metrics: Option<Arc<RpcMetrics>>,
+    access_log: bool,
 }
 
 impl<S, ReqBody, ResBody> Service<http::Request<ReqBody>> for ObserveCalls<S>
@@ -265,26 +258,31 @@ where
 
     fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
         let tracing = trace::enabled();
-        let call = if self.metrics.is_some() || tracing {
-            method_of(request.uri().path()).map(|method| {
+        let path = request.uri().path();
+        let method = method_of(path);
+        // Metrics and spans only for the methods served (a label or a span
+        // name per path a client makes up would grow without bound); the
+        // access log for every call.
+        let call = if (method.is_some() && (self.metrics.is_some() || tracing)) || self.access_log {
+            let client = transport::client_addr(request.extensions());
+            let span = method.filter(|_| tracing).map(|method| {
                 let (service, name, _) = METHODS[method];
-                let span = tracing.then(|| {
-                    let client = transport::client_addr(request.extensions());
-                    trace::call_span(request.headers(), service, name, client)
-                });
-                Call::start(self.metrics.clone(), method, span)
-            })
+                trace::call_span(request.headers(), service, name, client)
+            });
+            let access = self.access_log.then(|| access::Entry::new(path, client));
+            let metrics = method.and(self.metrics.clone());
+            Some(Call::start(metrics, method, span, access))
         } else {
             None
         };
-        let counter = call.as_ref().and_then(|call| {
-            let metrics = call.method_metrics()?;
-            Some(MessageCounter::new(metrics.received.clone()))
+        let messages = call.as_ref().and_then(|call| {
+            let metric = call.method_metrics().map(|m| m.received.clone());
+            Messages::new(metric, call.access.as_ref().map(|a| a.received.clone()))
         });
         let span = call.as_ref().and_then(|call| call.span.clone());
         let request = request.map(|body| Counted {
             inner: body,
-            messages: counter,
+            messages,
             call: None,
             span: None,
         });
@@ -299,29 +297,38 @@ where
 
 /// One call being observed; recorded as `Canceled` if dropped unfinished.
 struct Call {
+    /// Set only for a method served (`method` is then its index).
     metrics: Option<Arc<RpcMetrics>>,
-    method: usize,
+    method: Option<usize>,
     started: Instant,
     span: Option<tracing::Span>,
+    access: Option<access::Entry>,
     finished: bool,
 }
 
 impl Call {
-    fn start(metrics: Option<Arc<RpcMetrics>>, method: usize, span: Option<tracing::Span>) -> Self {
-        if let Some(metrics) = &metrics {
-            metrics.methods[method].started.inc();
-        }
-        Call {
+    fn start(
+        metrics: Option<Arc<RpcMetrics>>,
+        method: Option<usize>,
+        span: Option<tracing::Span>,
+        access: Option<access::Entry>,
+    ) -> Self {
+        let call = Call {
             metrics,
             method,
             started: Instant::now(),
             span,
+            access,
             finished: false,
+        };
+        if let Some(metrics) = call.method_metrics() {
+            metrics.started.inc();
         }
+        call
     }
 
     fn method_metrics(&self) -> Option<&MethodMetrics> {
-        Some(&self.metrics.as_ref()?.methods[self.method])
+        Some(&self.metrics.as_ref()?.methods[self.method?])
     }
 
     /// Records the call's end with `code`.
@@ -331,12 +338,14 @@ impl Call {
 
     fn record(&mut self, code: Code) {
         self.finished = true;
+        let elapsed = self.started.elapsed();
         if let Some(metrics) = self.method_metrics() {
             let index = (code as usize).min(CODE_NAMES.len() - 1);
             metrics.handled[index].inc();
-            metrics
-                .seconds
-                .observe(self.started.elapsed().as_secs_f64());
+            metrics.seconds.observe(elapsed.as_secs_f64());
+        }
+        if let Some(access) = &self.access {
+            access.log(access::code_name(code), elapsed);
         }
         if let Some(span) = &self.span {
             trace::end_call(span, code);
@@ -393,14 +402,14 @@ where
         {
             call.finish(code);
         }
-        let counter = call.as_ref().and_then(|call| {
-            let metrics = call.method_metrics()?;
-            Some(MessageCounter::new(metrics.sent.clone()))
+        let messages = call.as_ref().and_then(|call| {
+            let metric = call.method_metrics().map(|m| m.sent.clone());
+            Messages::new(metric, call.access.as_ref().map(|a| a.sent.clone()))
         });
         let span = this.span.take();
         Poll::Ready(Ok(response.map(|body| Counted {
             inner: body,
-            messages: counter,
+            messages,
             call,
             span,
         })))
@@ -411,7 +420,7 @@ where
 /// response, whose trailers end the call's record.
 pub struct Counted<B> {
     inner: B,
-    messages: Option<MessageCounter>,
+    messages: Option<Messages>,
     /// The call, on a response body, until its status is known.
     call: Option<Call>,
     /// The call's span, on a response body: the stream runs in it.
@@ -493,88 +502,9 @@ impl ErrorCode for Status {
     }
 }
 
-/// Counts the gRPC messages in a body's bytes: each is a 5-byte prefix
-/// (a flag and a big-endian length), then that many bytes. A message is
-/// counted once it is complete; messages may span data frames.
-#[derive(Debug)]
-struct MessageCounter {
-    counter: Counter,
-    /// Bytes of the current prefix read so far, and the prefix.
-    prefix_read: usize,
-    prefix: [u8; 5],
-    /// Bytes of the current message still to come.
-    remaining: usize,
-}
-
-impl MessageCounter {
-    fn new(counter: Counter) -> Self {
-        MessageCounter {
-            counter,
-            prefix_read: 0,
-            prefix: [0; 5],
-            remaining: 0,
-        }
-    }
-
-    fn count(&mut self, mut data: &[u8]) {
-        let mut complete = 0;
-        while !data.is_empty() {
-            if self.remaining > 0 {
-                let take = self.remaining.min(data.len());
-                self.remaining -= take;
-                data = &data[take..];
-                if self.remaining == 0 {
-                    complete += 1;
-                }
-                continue;
-            }
-            let take = (5 - self.prefix_read).min(data.len());
-            self.prefix[self.prefix_read..self.prefix_read + take].copy_from_slice(&data[..take]);
-            self.prefix_read += take;
-            data = &data[take..];
-            if self.prefix_read == 5 {
-                self.prefix_read = 0;
-                let len = u32::from_be_bytes(self.prefix[1..5].try_into().expect("4 bytes"));
-                self.remaining = len as usize;
-                if self.remaining == 0 {
-                    complete += 1;
-                }
-            }
-        }
-        if complete > 0 {
-            self.counter.inc_by(complete);
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn message(len: usize) -> Vec<u8> {
-        let mut bytes = vec![0];
-        bytes.extend_from_slice(&(len as u32).to_be_bytes());
-        bytes.resize(5 + len, b'x');
-        bytes
-    }
-
-    #[test]
-    fn counts_whole_messages_across_frames() {
-        let counter = Counter::default();
-        let mut messages = MessageCounter::new(counter.clone());
-        let mut stream = Vec::new();
-        for len in [0, 1, 70, 20_000, 3] {
-            stream.extend(message(len));
-        }
-        // Cut into chunks that split prefixes and bodies.
-        for chunk in stream.chunks(7) {
-            messages.count(chunk);
-        }
-        assert_eq!(counter.get(), 5);
-        // A message cut short is not counted.
-        messages.count(&message(10)[..8]);
-        assert_eq!(counter.get(), 5);
-    }
 
     /// Reads the `Canceled` count of AddUser when dropped, as a gauge
     /// watcher would once the in-flight slot it stands for is given back.
@@ -599,7 +529,14 @@ mod tests {
             cancelled: cancelled.clone(),
             seen: Arc::clone(seen),
         };
-        let call = || Some(Call::start(Some(metrics.clone()), add_user, None));
+        let call = || {
+            Some(Call::start(
+                Some(metrics.clone()),
+                Some(add_user),
+                None,
+                None,
+            ))
+        };
 
         // Before the response head...
         let seen = Arc::default();

@@ -2,18 +2,24 @@
 //! traces.
 //!
 //! - [`calls`]: what is recorded of each call (grpc-go's per-call metrics,
-//!   a span), by a tower layer.
+//!   an [`access`] log line, a span), by a tower layer, counting messages
+//!   with `messages`.
 //! - [`collect`]: the service's own figures and the process's, read at
 //!   each scrape.
 //! - [`Metrics`]: the registry, and the `GET /metrics` endpoint that serves
 //!   it in the Prometheus text format.
-//! - [`trace`]: spans exported over OTLP.
+//! - [`trace`]: spans exported over OTLP, or written to stderr
+//!   ([`spans`]).
 //!
-//! Both are off by default (`--metrics-addr`, `--otlp-endpoint`): then no
-//! call is recorded and no span made.
+//! All are off by default (`--metrics-addr`, `--access-log`,
+//! `--otlp-endpoint`, `--trace-stderr`): then no call is recorded and no
+//! span made.
 
+pub mod access;
 pub mod calls;
 pub mod collect;
+mod messages;
+pub mod spans;
 pub mod trace;
 
 use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};

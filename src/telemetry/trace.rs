@@ -1,6 +1,8 @@
 //! Traces: OpenTelemetry spans exported over OTLP (`--otlp-endpoint`),
-//! through `tracing-opentelemetry`. Off by default, and then nothing is
-//! created: no span, no context extracted from the request.
+//! through `tracing-opentelemetry`, or written to stderr
+//! (`--trace-stderr`, see [`super::spans`]), or both. Off by default, and
+//! then nothing is created: no span, no context extracted from the
+//! request.
 //!
 //! When on, each call gets a span ([`call_span`], ended by [`end_call`])
 //! with OpenTelemetry's RPC attributes (`rpc.system`, `rpc.service`,
@@ -20,6 +22,8 @@ use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::{Resource, propagation::TraceContextPropagator, trace::SdkTracerProvider};
 use tonic::Code;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+use super::spans::StderrSpans;
 
 /// The `tracing` target of every span this module makes: the exporting
 /// layer takes these and only these, the log output none of them.
@@ -117,27 +121,37 @@ pub struct ExportError {
     source: opentelemetry_otlp::ExporterBuildError,
 }
 
-/// The OTLP exporter: spans are sent in batches, in the background.
+/// Where spans go: an OTLP collector, in batches sent in the background,
+/// and stderr, each span as it ends.
 #[derive(Debug)]
 pub struct Exporter {
     provider: SdkTracerProvider,
 }
 
 impl Exporter {
-    /// Exports spans to the OTLP (gRPC) collector at `endpoint`, from now
-    /// on. Call it inside the tokio runtime: the exporter's client runs on
-    /// it.
-    pub fn start(endpoint: &str) -> Result<Exporter, ExportError> {
-        let exporter = opentelemetry_otlp::SpanExporter::builder()
-            .with_tonic()
-            .with_endpoint(endpoint)
-            .build()
-            .map_err(|source| ExportError {
-                endpoint: endpoint.to_owned(),
-                source,
-            })?;
-        let provider = SdkTracerProvider::builder()
-            .with_batch_exporter(exporter)
+    /// Exports spans from now on to the OTLP (gRPC) collector at `endpoint`
+    /// if given, and to `stderr` if given. Call it inside the tokio
+    /// runtime: the OTLP exporter's client runs on it.
+    pub fn start(
+        endpoint: Option<&str>,
+        stderr: Option<StderrSpans>,
+    ) -> Result<Exporter, ExportError> {
+        let mut provider = SdkTracerProvider::builder();
+        if let Some(endpoint) = endpoint {
+            let exporter = opentelemetry_otlp::SpanExporter::builder()
+                .with_tonic()
+                .with_endpoint(endpoint)
+                .build()
+                .map_err(|source| ExportError {
+                    endpoint: endpoint.to_owned(),
+                    source,
+                })?;
+            provider = provider.with_batch_exporter(exporter);
+        }
+        if let Some(stderr) = stderr {
+            provider = provider.with_simple_exporter(stderr);
+        }
+        let provider = provider
             .with_resource(
                 Resource::builder()
                     .with_service_name("user-service")

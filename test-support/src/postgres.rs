@@ -348,6 +348,18 @@ impl Cluster {
     /// Serves TLS only, with this certificate and key (PEM): TCP
     /// connections without TLS are refused. Restarts the server.
     pub fn require_tls(&self, cert_pem: &str, key_pem: &str) {
+        self.serve_tls(cert_pem, key_pem, "hostssl");
+    }
+
+    /// Serves TLS with this certificate and key (PEM) to the clients that
+    /// ask for it, and plain TCP to the others. Restarts the server.
+    pub fn offer_tls(&self, cert_pem: &str, key_pem: &str) {
+        self.serve_tls(cert_pem, key_pem, "host");
+    }
+
+    /// TLS on, and TCP connections from loopback let in by `hba_type`
+    /// (`hostssl`: TLS only; `host`: either).
+    fn serve_tls(&self, cert_pem: &str, key_pem: &str, hba_type: &str) {
         let data = self.dir.path().join("data");
         let write = |name: &str, text: &str| {
             let path = data.join(name);
@@ -362,11 +374,13 @@ impl Cluster {
         write("server.key", key_pem);
         write(
             "pg_hba.conf",
-            "local all all trust\nhostssl all all 127.0.0.1/32 trust\n",
+            &format!("local all all trust\n{hba_type} all all 127.0.0.1/32 trust\n"),
         );
         let conf = data.join("postgresql.conf");
         let mut text = std::fs::read_to_string(&conf).unwrap();
-        text.push_str("\nssl = on\n");
+        if !text.contains("\nssl = on\n") {
+            text.push_str("\nssl = on\n");
+        }
         std::fs::write(&conf, text).unwrap();
         self.restart();
     }

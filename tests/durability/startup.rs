@@ -2,6 +2,7 @@
 
 use std::path::Path;
 
+use test_support::user_named;
 use user_service::{
     proto::GetUserRequest,
     store::sqlite::{APPLICATION_ID, SCHEMA_VERSION},
@@ -106,6 +107,123 @@ async fn users_outside_the_limits_refuse_the_migration_until_fixed() {
     assert!(status.success(), "{log}");
     assert!(
         log.contains(&format!("from=2 to={SCHEMA_VERSION}")),
+        "{log}"
+    );
+}
+
+/// The exit code for a store file another server holds (see `src/main.rs`).
+const EXIT_STORE_IN_USE: i32 = 75;
+
+/// A second server on a file another one serves would commit changes that
+/// the first one's SyncUsers streams never see: it refuses to start, and
+/// the first goes on serving. The lock goes with its holder's process, so a
+/// start after a `kill -9` of the holder is not blocked.
+#[tokio::test]
+async fn a_second_server_on_the_same_file_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("users.db");
+    let first = start(&db);
+    let mut client = first.client().await;
+    client.add_user(user_named("kept", "Kept")).await.unwrap();
+
+    // The same file, and the same file through a symlink.
+    let link = dir.path().join("link.db");
+    std::os::unix::fs::symlink(&db, &link).unwrap();
+    for path in [&db, &link] {
+        let (status, log) = run_to_exit(path);
+        assert_eq!(status.code(), Some(EXIT_STORE_IN_USE), "{log}");
+        assert!(
+            log.contains(&format!(
+                "{}: in use by another user-service",
+                path.display()
+            )),
+            "{log}"
+        );
+        assert!(!log.contains("listening"), "{log}");
+    }
+
+    // The first server never noticed.
+    let added = client.add_user(user_named("after", "After")).await.unwrap();
+    assert_eq!(added.into_inner().user.unwrap().id, "after");
+
+    first.kill();
+    let second = start(&db);
+    let mut client = second.client().await;
+    for id in ["kept", "after"] {
+        let user = client
+            .get_user(GetUserRequest { id: id.into() })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(user.id, id);
+    }
+    let (status, log) = second.stop().await;
+    assert!(status.success(), "{log}");
+}
+
+/// Each way of naming a SQLite file opens the file it says: relative forms
+/// in the working directory, absolute ones where they point; a form that
+/// could mean two things is refused with the one to write.
+#[tokio::test]
+async fn store_forms_open_the_files_they_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let cwd = dir.path().join("cwd");
+    std::fs::create_dir(&cwd).unwrap();
+    let absolute = dir.path().join("absolute");
+    std::fs::create_dir(&absolute).unwrap();
+    let abs = |name: &str| absolute.join(name).display().to_string();
+    let forms = [
+        ("sqlite:colon.db".to_owned(), cwd.join("colon.db")),
+        ("sqlite://slashes.db".to_owned(), cwd.join("slashes.db")),
+        (
+            format!("sqlite://{}", abs("three.db")),
+            absolute.join("three.db"),
+        ),
+        (format!("sqlite:{}", abs("one.db")), absolute.join("one.db")),
+        ("bare.db".to_owned(), cwd.join("bare.db")),
+        (abs("bare-absolute.db"), absolute.join("bare-absolute.db")),
+    ];
+    for (store, file) in &forms {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_user-service"));
+        command.current_dir(&cwd).args(["--store", store]);
+        let server = test_support::ServerProcess::spawn(command);
+        let mut client = server.client().await;
+        client.add_user(user_named("in-it", "In")).await.unwrap();
+        let (status, log) = server.stop().await;
+        assert!(status.success(), "{log}");
+        assert!(
+            file.exists(),
+            "{store} should open {}:\n{log}",
+            file.display()
+        );
+    }
+    let mut files: Vec<_> = std::fs::read_dir(&cwd)
+        .unwrap()
+        .chain(std::fs::read_dir(&absolute).unwrap())
+        .map(|entry| entry.unwrap().file_name().into_string().unwrap())
+        .collect();
+    files.sort();
+    assert_eq!(
+        files,
+        [
+            "bare-absolute.db",
+            "bare.db",
+            "colon.db",
+            "one.db",
+            "slashes.db",
+            "three.db"
+        ]
+    );
+
+    let four = format!("sqlite:///{}", abs("four.db"));
+    let (status, log) = test_support::run_to_exit({
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_user-service"));
+        command.current_dir(&cwd).args(["--store", &four]);
+        command
+    });
+    assert_eq!(status.code(), Some(2), "{log}");
+    assert!(
+        log.contains(&format!("write `sqlite://{}`", abs("four.db"))),
         "{log}"
     );
 }

@@ -145,7 +145,7 @@ async fn serve(service: Probe, tls: Option<TlsConfig>) -> Served {
     let routes = Routes::new(UserServiceServer::new(service)).prepare();
     let guard = CallGuardLayer::new(&gauges, 16, stop.clone());
     let service = tower_layer::Layer::layer(&guard, routes);
-    let observe = ObserveCallsLayer::new(Some(metrics.rpc.clone()));
+    let observe = ObserveCallsLayer::new(Some(metrics.rpc.clone()), false);
     let served = Served {
         addr,
         gauges,

@@ -3,6 +3,7 @@
 //! ended by shutdown), the exposition checked by `promtool`, a real
 //! Prometheus scraping the server, and the span of a call received by an
 //! OTLP collector, continuing the client's trace.
+mod access;
 mod metrics;
 mod prometheus;
 mod traces;

@@ -14,5 +14,6 @@ mod outage;
 mod replica;
 mod replicas;
 mod schema;
+mod settings;
 mod shell;
 mod tls;

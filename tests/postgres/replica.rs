@@ -48,7 +48,16 @@ impl Replica {
     /// Runs the binary on `url` until it exits by itself (bounded); its
     /// status and log.
     pub async fn run_to_exit(url: &str) -> (ExitStatus, String) {
-        let command = command(url, &[]);
+        Self::run_to_exit_with_env(url, &[]).await
+    }
+
+    /// The same, with these environment variables set.
+    pub async fn run_to_exit_with_env(
+        url: &str,
+        env: &[(&str, &std::path::Path)],
+    ) -> (ExitStatus, String) {
+        let mut command = command(url, &[]);
+        command.envs(env.iter().copied());
         tokio::task::spawn_blocking(move || run_to_exit(command))
             .await
             .unwrap()

@@ -29,13 +29,14 @@
 //! - `report/`: the figures, the verdict and the exit status (`mod.rs`),
 //!   as text (`text.rs`); `html.rs` the `--html` page; `hdr.rs` the
 //!   histograms in `--json`; `merge.rs` one report of several runs'.
-//! - `generate.rs` (gen) and `sink.rs`: the two subcommands that are not
-//!   load.
+//! - `generate.rs` (gen), `sink.rs` and `copy.rs`: the subcommands that
+//!   are not load.
 
 mod budget;
 mod bulk;
 mod cli;
 mod connect;
+mod copy;
 mod generate;
 mod hdr;
 mod html;
@@ -88,6 +89,7 @@ fn main() -> ExitCode {
     };
     match action {
         Action::Gen(args) => generate::write(&args),
+        Action::Copy(args) => copy::main(&runtime, &args),
         Action::Sink(args) => {
             match runtime.block_on(sink::serve(&args.addr, args.addr_file.as_deref())) {
                 Ok(()) => ExitCode::SUCCESS,

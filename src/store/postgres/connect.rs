@@ -1,14 +1,16 @@
 //! Reaching the database: the connection settings (a libpq-style URL and the
-//! `PG*` environment variables), TLS, the read pool, what counts as a lost
-//! connection, and the backoff between reconnection attempts.
+//! `PG*` environment variables), TLS (as `sslmode` says, see `tls`), the
+//! read pool, what counts as a lost connection, and the backoff between
+//! reconnection attempts.
 
-use std::{fmt, sync::Arc, time::Duration};
+use std::{fmt, time::Duration};
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
-use tokio_postgres::{Client, Config, NoTls, Socket, config::SslMode, error::SqlState};
+use futures::future::BoxFuture;
+use tokio_postgres::{Client, Config, NoTls, Socket, error::SqlState};
 use tokio_postgres_rustls::MakeRustlsConnect;
-use tokio_rustls::rustls;
 
+use super::tls::{self, SslMode, Tls};
 use crate::store::StoreError;
 
 /// How long one connection attempt may take (the TCP connect, TLS and the
@@ -51,10 +53,30 @@ pub enum ConfigError {
     Url(tokio_postgres::Error),
     #[error("invalid {name}: {value:?}")]
     Env { name: &'static str, value: String },
-    #[error("cannot read the CA certificates in {path}: {detail}")]
+    #[error(
+        "invalid sslmode {0:?}: libpq's are disable, allow, prefer, require, verify-ca and \
+         verify-full"
+    )]
+    SslMode(String),
+    #[error("cannot read the CA certificates in {path} (sslrootcert): {detail}")]
     RootCert { path: String, detail: String },
-    #[error("no CA certificates to verify the database server with (sslmode=require): {0}")]
+    #[error("no CA certificates in the system's store to verify the database server with: {0}")]
     NoRoots(String),
+    #[error(
+        "sslmode={0} checks the database's certificate against a root certificate, and \
+         there is none (no sslrootcert, PGSSLROOTCERT or ~/.postgresql/root.crt): add \
+         sslrootcert=PATH, a PEM file of the CA that signed it, or \
+         sslmode=verify-full&sslrootcert=system for the system's CAs"
+    )]
+    NoRootCert(&'static str),
+    #[error(
+        "sslrootcert=system needs sslmode=verify-full (the system's CAs vouch for any host \
+         they issued a certificate to, so only the host name check makes them mean \
+         something), as for libpq; sslmode={0} given"
+    )]
+    SystemRoots(&'static str),
+    #[error("{target}: {detail}: create it (createdb), or name another database in --store")]
+    NoDatabase { target: String, detail: String },
 }
 
 /// How to reach the database: the settings of every connection the store
@@ -62,7 +84,7 @@ pub enum ConfigError {
 #[derive(Clone)]
 pub struct Connector {
     config: Config,
-    tls: Option<MakeRustlsConnect>,
+    tls: Tls,
 }
 
 impl fmt::Debug for Connector {
@@ -88,13 +110,16 @@ impl fmt::Display for Connector {
         let port = c.get_ports().first().copied().unwrap_or(5432);
         write!(
             f,
-            "postgres://{}@{}:{}/{}{}",
+            "postgres://{}@{}:{}/{}",
             c.get_user().unwrap_or(""),
             hosts.join(","),
             port,
-            c.get_dbname().unwrap_or(c.get_user().unwrap_or("")),
-            if self.tls.is_some() { " (TLS)" } else { "" }
-        )
+            c.get_dbname().unwrap_or(c.get_user().unwrap_or(""))
+        )?;
+        if self.tls.mode.requires_tls() {
+            write!(f, " (TLS, sslmode={})", self.tls.mode.name())?;
+        }
+        Ok(())
     }
 }
 
@@ -105,11 +130,9 @@ impl Connector {
     /// `PGUSER`, `PGPASSWORD`, `PGDATABASE`, `PGSSLMODE`, `PGAPPNAME`,
     /// `PGCONNECT_TIMEOUT`, `PGOPTIONS`).
     ///
-    /// TLS: `sslmode=require` connects over TLS only and verifies the
-    /// server's certificate, against the system's CA certificates and those
-    /// in `PGSSLROOTCERT` if set (stricter than libpq's `require`, which
-    /// does not verify). Without it connections are plain: a `prefer` that
-    /// would silently accept any certificate protects nothing.
+    /// TLS: libpq's `sslmode` (`prefer` by default) and `sslrootcert`, from
+    /// the URL or `PGSSLMODE` and `PGSSLROOTCERT`, with libpq's meanings but
+    /// for one stricter place (see `tls`).
     pub fn from_url(url: &str) -> Result<Connector, ConfigError> {
         Self::from_url_and_env(url, |name| std::env::var(name).ok())
     }
@@ -119,11 +142,8 @@ impl Connector {
         url: &str,
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Connector, ConfigError> {
+        let (url, tls) = tls::from_url(url, &env)?;
         let mut config: Config = url.parse().map_err(ConfigError::Url)?;
-        let in_url = |key: &str| {
-            url.split_once('?')
-                .is_some_and(|(_, query)| query.split('&').any(|kv| kv.starts_with(key)))
-        };
         if config.get_hosts().is_empty() {
             match env("PGHOST") {
                 Some(host) => {
@@ -182,27 +202,14 @@ impl Connector {
             };
             config.connect_timeout(timeout);
         }
-        let require_tls = if in_url("sslmode=") {
-            config.get_ssl_mode() == SslMode::Require
-        } else {
-            match env("PGSSLMODE").as_deref() {
-                None | Some("disable" | "allow" | "prefer") => false,
-                Some("require" | "verify-ca" | "verify-full") => true,
-                Some(other) => {
-                    return Err(ConfigError::Env {
-                        name: "PGSSLMODE",
-                        value: other.into(),
-                    });
-                }
+        config.ssl_mode(match tls.mode {
+            // `allow` tries a plain connection first (see `connect_raw`).
+            SslMode::Disable | SslMode::Allow => tokio_postgres::config::SslMode::Disable,
+            SslMode::Prefer => tokio_postgres::config::SslMode::Prefer,
+            SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => {
+                tokio_postgres::config::SslMode::Require
             }
-        };
-        let tls = if require_tls {
-            config.ssl_mode(SslMode::Require);
-            Some(tls_connector(env("PGSSLROOTCERT"))?)
-        } else {
-            config.ssl_mode(SslMode::Disable);
-            None
-        };
+        });
         Ok(Connector { config, tls })
     }
 
@@ -217,15 +224,22 @@ impl Connector {
     /// Opens a connection, leaving its driving to the caller (the tailer,
     /// which reads notifications from it).
     pub async fn connect_raw(&self) -> Result<(Client, Driver), tokio_postgres::Error> {
-        match &self.tls {
-            Some(tls) => {
-                let (client, connection) = self.config.connect(tls.clone()).await?;
-                Ok((client, Driver::Tls(Box::new(connection))))
+        let Some(tls) = &self.tls.connector else {
+            return connect_plain(&self.config).await;
+        };
+        if self.tls.mode != SslMode::Allow {
+            return connect_tls(&self.config, tls).await;
+        }
+        // `allow`, as libpq: plain first, and TLS if the server refused
+        // that (an error from the server, such as pg_hba.conf's "no
+        // encryption"); a server out of reach is out of reach either way.
+        match connect_plain(&self.config).await {
+            Err(err) if err.as_db_error().is_some() => {
+                let mut config = self.config.clone();
+                config.ssl_mode(tokio_postgres::config::SslMode::Require);
+                connect_tls(&config, tls).await
             }
-            None => {
-                let (client, connection) = self.config.connect(NoTls).await?;
-                Ok((client, Driver::Plain(Box::new(connection))))
-            }
+            plain => plain,
         }
     }
 
@@ -237,10 +251,8 @@ impl Connector {
             // handed out; one closed since is caught by the read's retry.
             recycling_method: RecyclingMethod::Fast,
         };
-        let manager = match &self.tls {
-            Some(tls) => Manager::from_config(self.config.clone(), tls.clone(), manager_config),
-            None => Manager::from_config(self.config.clone(), NoTls, manager_config),
-        };
+        // Connected as every other connection is, `allow` included.
+        let manager = Manager::from_connect(self.config.clone(), self.clone(), manager_config);
         Pool::builder(manager)
             .max_size(MAX_READERS)
             .runtime(Runtime::Tokio1)
@@ -257,38 +269,29 @@ impl Connector {
     }
 }
 
-/// The TLS settings for `sslmode=require`: rustls with the ring provider the
-/// server already uses, verifying against the system's CA certificates and
-/// those in `extra_roots` (a PEM file).
-fn tls_connector(extra_roots: Option<String>) -> Result<MakeRustlsConnect, ConfigError> {
-    let mut roots = rustls::RootCertStore::empty();
-    let native = rustls_native_certs::load_native_certs();
-    roots.add_parsable_certificates(native.certs);
-    if let Some(path) = extra_roots {
-        use rustls_pki_types::{CertificateDer, pem::PemObject};
-        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&path)
-            .and_then(Iterator::collect)
-            .map_err(|err| ConfigError::RootCert {
-                path: path.clone(),
-                detail: err.to_string(),
-            })?;
-        for cert in certs {
-            roots.add(cert).map_err(|err| ConfigError::RootCert {
-                path: path.clone(),
-                detail: err.to_string(),
-            })?;
-        }
+impl deadpool_postgres::Connect for Connector {
+    fn connect(
+        &self,
+        _config: &Config,
+    ) -> BoxFuture<'_, Result<(Client, tokio::task::JoinHandle<()>), tokio_postgres::Error>> {
+        Box::pin(async move {
+            let (client, driver) = self.connect_raw().await?;
+            Ok((client, tokio::spawn(driver.run())))
+        })
     }
-    if roots.is_empty() {
-        return Err(ConfigError::NoRoots(format!("{:?}", native.errors)));
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .expect("ring supports the default protocol versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(MakeRustlsConnect::new(config))
+}
+
+async fn connect_plain(config: &Config) -> Result<(Client, Driver), tokio_postgres::Error> {
+    let (client, connection) = config.connect(NoTls).await?;
+    Ok((client, Driver::Plain(Box::new(connection))))
+}
+
+async fn connect_tls(
+    config: &Config,
+    tls: &MakeRustlsConnect,
+) -> Result<(Client, Driver), tokio_postgres::Error> {
+    let (client, connection) = config.connect(tls.clone()).await?;
+    Ok((client, Driver::Tls(Box::new(connection))))
 }
 
 /// The connection half of a client: polled for the client's queries to
@@ -469,6 +472,7 @@ mod tests {
             ("PGAPPNAME", "replica-a"),
         ];
         let c = Connector::from_url_and_env("postgres://", env(&vars)).unwrap();
+        assert_eq!(c.tls.mode, SslMode::Prefer);
         assert_eq!(c.to_string(), "postgres://svc@db.internal:6432/users");
         let c = Connector::from_url_and_env("postgres:///other", env(&vars)).unwrap();
         assert_eq!(c.to_string(), "postgres://svc@db.internal:6432/other");
@@ -485,7 +489,6 @@ mod tests {
             c.config.get_connect_timeout(),
             Some(&Duration::from_secs(2))
         );
-        assert_eq!(c.config.get_ssl_mode(), SslMode::Disable);
         let c = Connector::from_url_and_env("postgres://a@h/d", env(&[])).unwrap();
         assert_eq!(c.config.get_application_name(), Some(APPLICATION_NAME));
         assert_eq!(c.config.get_options(), Some("-c jit=off"));
@@ -499,25 +502,26 @@ mod tests {
     }
 
     #[test]
-    fn sslmode_require_turns_on_verified_tls() {
-        let c = Connector::from_url_and_env("postgres://a@h/d?sslmode=require", env(&[])).unwrap();
-        assert!(c.tls.is_some());
-        assert_eq!(c.config.get_ssl_mode(), SslMode::Require);
-        assert!(c.to_string().ends_with("(TLS)"));
-        let c = Connector::from_url_and_env("postgres://a@h/d", env(&[("PGSSLMODE", "require")]))
-            .unwrap();
-        assert!(c.tls.is_some());
-        // The URL's own sslmode wins over the environment.
-        let c = Connector::from_url_and_env(
-            "postgres://a@h/d?sslmode=disable",
-            env(&[("PGSSLMODE", "require")]),
-        )
-        .unwrap();
-        assert!(c.tls.is_none());
-        assert!(matches!(
-            Connector::from_url_and_env("postgres://a@h/d", env(&[("PGSSLMODE", "bogus")])),
-            Err(ConfigError::Env { .. })
-        ));
+    fn sslmode_sets_what_tokio_postgres_does_and_the_name_says_so() {
+        use tokio_postgres::config::SslMode as Wire;
+        let home = [("HOME", "/nonexistent")];
+        let wire = |url: &str| {
+            let c = Connector::from_url_and_env(url, env(&home)).unwrap();
+            (c.config.get_ssl_mode(), c.to_string())
+        };
+        assert_eq!(
+            wire("postgres://a@h/d"),
+            (Wire::Prefer, "postgres://a@h:5432/d".into())
+        );
+        assert_eq!(wire("postgres://a@h/d?sslmode=disable").0, Wire::Disable);
+        assert_eq!(wire("postgres://a@h/d?sslmode=allow").0, Wire::Disable);
+        assert_eq!(
+            wire("postgres://a@h/d?sslmode=require"),
+            (
+                Wire::Require,
+                "postgres://a@h:5432/d (TLS, sslmode=require)".into()
+            )
+        );
         assert!(matches!(
             Connector::from_url_and_env("postgres://a@h/d?nonsense=1", env(&[])),
             Err(ConfigError::Url(_))

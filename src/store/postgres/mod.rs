@@ -6,8 +6,8 @@
 //!
 //! - here, [`PostgresStore`]: opening, closing, and each [`Store`] method
 //!   handing its work to the writer or to the read pool;
-//! - `connect`: the connection settings (URL, `PG*` variables), TLS, the
-//!   read pool, what counts as a lost connection, the reconnection backoff;
+//! - `connect`: the connection settings (URL, `PG*` variables), TLS (as
+//!   libpq's `sslmode` says, in `tls`), the read pool, what counts as a lost connection, the reconnection backoff;
 //! - `schema`: the tables, created and migrated by the program, and the
 //!   refusal of a newer schema;
 //! - `writer`: this replica's one write connection and group commit over
@@ -37,6 +37,7 @@ mod read;
 mod rows;
 mod schema;
 mod tailer;
+mod tls;
 mod writer;
 
 use std::{
@@ -63,6 +64,7 @@ pub use connect::{
 pub use prune::{DEFAULT_RETENTION, PRUNE_BATCH, Retention};
 pub use schema::{OpenError, SCHEMA_VERSION, VERSION_TABLE};
 pub use tailer::{CHANNEL, TAIL_BATCH};
+pub use tls::SslMode;
 
 use self::{
     tailer::{Announce, Contents, Position, TailerTask, Tailing, Wakeups},

@@ -195,7 +195,10 @@ impl OpenError {
     pub(super) fn postgres(target: &str, source: tokio_postgres::Error) -> OpenError {
         let target = target.to_owned();
         let detail = Report(&source).to_string();
-        if is_connection_loss(&source) {
+        // A database that does not exist is a setting to fix, not an outage.
+        if source.code() == Some(&tokio_postgres::error::SqlState::INVALID_CATALOG_NAME) {
+            OpenError::Config(ConfigError::NoDatabase { target, detail })
+        } else if is_connection_loss(&source) {
             OpenError::Unreachable { target, detail }
         } else {
             OpenError::Postgres { target, detail }

@@ -15,7 +15,8 @@
 //!   which never wait for the writer (WAL mode).
 //!
 //! The file is in WAL mode: `PATH-wal` and `PATH-shm` sit beside it while
-//! the store is open. [`SqliteStore::close`] (or dropping the last handle)
+//! the store is open, and locked: one store, so one server, at a time
+//! (`open::FileLock`). [`SqliteStore::close`] (or dropping the last handle)
 //! closes every connection, the writer's last, which checkpoints the log
 //! into the file and removes it: the file alone then holds every user.
 
@@ -84,6 +85,7 @@ impl SqliteStore {
     /// writer thread. Blocks while it inspects the file: call it at startup.
     pub fn open(path: impl AsRef<Path>, options: SqliteOptions) -> Result<SqliteStore, OpenError> {
         let path = path.as_ref();
+        let lock = open::lock(path)?;
         let (conn, seq) = open::open(path, options.durability)?;
         tracing::info!(
             path = %path.display(),
@@ -105,12 +107,18 @@ impl SqliteStore {
             })?;
         let stats = WriteStats::default();
         stats.start_from(users.unsigned_abs(), seq);
-        let writer =
-            WriterThread::spawn(conn, receiver, feed.clone(), stats.clone(), health_sender)
-                .map_err(|source| OpenError::Io {
-                    path: path.to_owned(),
-                    source,
-                })?;
+        let writer = WriterThread::spawn(
+            conn,
+            lock,
+            receiver,
+            feed.clone(),
+            stats.clone(),
+            health_sender,
+        )
+        .map_err(|source| OpenError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
         Ok(SqliteStore {
             shared: Arc::new(Shared {
                 readers: Readers::new(path),

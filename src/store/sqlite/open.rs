@@ -2,7 +2,8 @@
 //! this service's, opening the connections with the store's settings, and
 //! creating or migrating the schema.
 //!
-//! Before anything writes to an existing file it is inspected read-only: a
+//! First the file is locked ([`lock`]): one server at a time. Then, before
+//! anything writes to an existing file, it is inspected read-only: a
 //! file that is not SQLite, is another program's database, is corrupted, or
 //! has a newer schema than this build knows is refused with an
 //! [`OpenError`] and left as it was. The schema (see `schema`) is recorded
@@ -11,7 +12,7 @@
 
 use std::{
     fmt,
-    fs::File,
+    fs::{File, TryLockError},
     io::{self, Read},
     path::{Path, PathBuf},
     time::Duration,
@@ -116,6 +117,12 @@ pub enum OpenError {
         path.display()
     )]
     OutsideLimits { path: PathBuf, ids: RowNames },
+    #[error(
+        "{}: in use by another user-service (it holds the file's lock); refusing to start \
+         a second server on it, whose changes the first one's SyncUsers streams would \
+         never see: stop the other server first, or give this one another file", path.display()
+    )]
+    Locked { path: PathBuf },
     #[error("{}: cannot switch to WAL mode (journal mode stays {mode})", path.display())]
     NoWal { path: PathBuf, mode: String },
     #[error("{}: {source}", path.display())]
@@ -141,6 +148,12 @@ impl OpenError {
         )
     }
 
+    /// Whether another server holds the file (see `lock`): a condition
+    /// that ends when that server exits.
+    pub fn is_locked(&self) -> bool {
+        matches!(self, OpenError::Locked { .. })
+    }
+
     pub(super) fn sqlite(path: &Path, source: rusqlite::Error) -> OpenError {
         let path = path.to_owned();
         match source.sqlite_error_code() {
@@ -151,6 +164,56 @@ impl OpenError {
             },
             _ => OpenError::Sqlite { path, source },
         }
+    }
+}
+
+/// The lock that makes a database file one server's: an exclusive
+/// `flock(2)` on the file itself, held through an open descriptor for as
+/// long as the store has connections to the file.
+///
+/// One server at a time, because the change feed lives in the server: a
+/// second server's commits would take seqs that the first one's SyncUsers
+/// streams never see, silently breaking the gapless feed. The lock belongs
+/// to the open descriptor, so the kernel drops it when the process ends,
+/// however it ends (`kill -9` included): a restart after a crash is never
+/// blocked, and there is no stale lock file to clean up.
+///
+/// The database file itself is locked, not a file beside it, so that every
+/// path to it (a symlink, `./users.db` and `/srv/users.db`) meets the same
+/// lock. It does not meet SQLite's own locks: those are POSIX record locks
+/// (`fcntl`), which on Linux are independent of `flock`, so the `sqlite3`
+/// shell still opens the file beside a running server. One rule follows
+/// from POSIX locks, though: closing *any* descriptor of a file drops every
+/// POSIX lock the process holds on it, SQLite's included. So this
+/// descriptor is held until the last SQLite connection of the store has
+/// closed (the writer thread drops it after closing its connection, the
+/// last one).
+#[derive(Debug)]
+pub(super) struct FileLock {
+    _file: File,
+}
+
+/// Takes the file's [`FileLock`], creating the file (empty, as SQLite would)
+/// if there is none, or fails at once with [`OpenError::Locked`] if another
+/// process holds it.
+pub(super) fn lock(path: &Path) -> Result<FileLock, OpenError> {
+    let io_err = |source| OpenError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let file = File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(io_err)?;
+    match file.try_lock() {
+        Ok(()) => Ok(FileLock { _file: file }),
+        Err(TryLockError::WouldBlock) => Err(OpenError::Locked {
+            path: path.to_owned(),
+        }),
+        Err(TryLockError::Error(err)) => Err(io_err(err)),
     }
 }
 
@@ -338,6 +401,48 @@ mod tests {
             .query_row("PRAGMA page_size", [], |row| row.get(0))
             .unwrap();
         assert_eq!(size, SQLITE_PAGE_BYTES);
+    }
+
+    #[tokio::test]
+    async fn a_file_is_one_stores_until_it_closes() {
+        let (store, path, _dir) = open_new();
+        let err = SqliteStore::open(&path, options()).unwrap_err();
+        assert!(err.is_locked(), "{err:?}");
+        assert!(!err.is_refusal());
+        assert!(
+            err.to_string().contains("in use by another user-service"),
+            "{err}"
+        );
+        // Through another path to the same file too.
+        let other_path = path.parent().unwrap().join(".").join("users.db");
+        assert!(
+            SqliteStore::open(&other_path, options())
+                .unwrap_err()
+                .is_locked()
+        );
+        store.close().await;
+        SqliteStore::open(&path, options()).unwrap().close().await;
+    }
+
+    #[tokio::test]
+    async fn dropping_the_last_handle_gives_the_file_back() {
+        let (store, path, _dir) = open_new();
+        store.create(named("a", "Ann")).await.unwrap();
+        drop(store);
+        // The writer thread lets the lock go once it has closed its
+        // connection, after the last handle is gone: wait for that.
+        let waiting = std::time::Instant::now();
+        let reopened = loop {
+            match SqliteStore::open(&path, options()) {
+                Ok(store) => break store,
+                Err(err) if err.is_locked() && waiting.elapsed() < Duration::from_secs(10) => {
+                    std::thread::yield_now();
+                }
+                Err(err) => panic!("{err}"),
+            }
+        };
+        assert_eq!(reopened.count().await.unwrap(), 1);
+        reopened.close().await;
     }
 
     fn assert_refused(path: &Path, expect: fn(&OpenError) -> bool) {

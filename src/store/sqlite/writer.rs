@@ -39,6 +39,7 @@ use tokio::sync::{mpsc, watch};
 use super::{
     apply::{BatchError, apply, rolled_back_error},
     inbox::Inbox,
+    open::FileLock,
 };
 use crate::store::{
     ChangeFeed, StoreError, StoreHealth,
@@ -54,21 +55,25 @@ pub(super) struct WriterThread {
 }
 
 impl WriterThread {
-    /// Starts the writer on `conn`, taking commands from `receiver`.
+    /// Starts the writer on `conn`, taking commands from `receiver`. The
+    /// thread holds the file's `lock` until it has closed `conn`, the
+    /// store's last connection (see [`FileLock`] for why not before).
     pub(super) fn spawn(
         conn: Connection,
+        lock: FileLock,
         receiver: mpsc::Receiver<Command>,
         feed: ChangeFeed,
         stats: WriteStats,
         health: watch::Sender<StoreHealth>,
     ) -> io::Result<WriterThread> {
-        Self::spawn_running(conn, receiver, feed, stats, health, Writer::run)
+        Self::spawn_running(conn, lock, receiver, feed, stats, health, Writer::run)
     }
 
     /// [`WriterThread::spawn`], the thread running `run` (the writer's
     /// loop, or a test's stand-in for it) and catching its panic.
     fn spawn_running(
         conn: Connection,
+        lock: FileLock,
         receiver: mpsc::Receiver<Command>,
         feed: ChangeFeed,
         stats: WriteStats,
@@ -85,6 +90,7 @@ impl WriterThread {
                     Writer::new(conn, inbox, GroupCommit::new(Some(feed), stats), health);
                 let ran = panic::catch_unwind(AssertUnwindSafe(|| run(&mut writer)));
                 writer.stop(ran.err());
+                drop(lock);
             })?;
         Ok(WriterThread { thread, closing })
     }
@@ -203,7 +209,7 @@ mod tests {
     use crate::store::{
         PreparedOp,
         group_commit::{self, Writes},
-        sqlite::open::{Durability, open},
+        sqlite::open::{Durability, lock, open},
         tests::named,
     };
 
@@ -282,11 +288,14 @@ mod tests {
     #[tokio::test]
     async fn a_writer_that_dies_turns_health_to_not_serving() {
         let dir = tempfile::tempdir().unwrap();
-        let (conn, _) = open(&dir.path().join("users.db"), Durability::Full).unwrap();
+        let path = dir.path().join("users.db");
+        let lock = lock(&path).unwrap();
+        let (conn, _) = open(&path, Durability::Full).unwrap();
         let (writes, receiver) = group_commit::queue();
         let (health_sender, mut health) = watch::channel(StoreHealth::Serving);
         let thread = WriterThread::spawn_running(
             conn,
+            lock,
             receiver,
             ChangeFeed::new(16),
             WriteStats::default(),

@@ -68,6 +68,9 @@ pub enum Command {
     /// report: counts added up, percentiles of the histograms added up,
     /// series lined up on the wall clock.
     Merge(MergeArgs),
+    /// Copy every user of one server into another, ids kept (SQLite to
+    /// PostgreSQL, say), and report what was read, added and refused.
+    Copy(crate::copy::CopyArgs),
 }
 
 /// Where (and when) the load goes, and how to connect.
@@ -416,7 +419,7 @@ impl std::fmt::Display for HostPort {
     }
 }
 
-fn parse_host_port(text: &str) -> Result<HostPort, String> {
+pub(crate) fn parse_host_port(text: &str) -> Result<HostPort, String> {
     let text = text.trim();
     let authority = Authority::from_str(text)
         .map_err(|_| format!("{text:?} is not HOST:PORT (e.g. localhost:8080, 10.0.0.5:8080)"))?;

@@ -136,6 +136,7 @@ pub enum Action {
     Gen(GenArgs),
     Sink(SinkArgs),
     Merge(MergeArgs),
+    Copy(crate::copy::CopyArgs),
 }
 
 /// A usage error, printed by clap as `error: ...` with exit status 2.
@@ -186,6 +187,7 @@ impl Cli {
         };
         let plan = match cli.command {
             Command::Gen(args) => return Ok(Action::Gen(args)),
+            Command::Copy(args) => return Ok(Action::Copy(args)),
             Command::Sink(args) => return Ok(Action::Sink(args)),
             Command::Merge(args) => return Ok(Action::Merge(args)),
             Command::Bulk(a) => Plan {
