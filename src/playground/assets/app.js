@@ -165,7 +165,11 @@ function select(fullName) {
   title.append(" ", pattern);
   const types = document.createElement("p");
   types.className = "signature";
-  types.textContent = `${method.full_name}(${method.input}) → ${method.pattern.endsWith("streaming") && method.pattern !== "client_streaming" ? "stream " : ""}${method.output}`;
+  // Breaks allowed after "/" and "(", not inside a name.
+  const [service, name] = method.full_name.split("/");
+  const stream = method.pattern === "server_streaming" || method.pattern === "bidi_streaming" ? "stream " : "";
+  types.append(`${service}/`, document.createElement("wbr"), `${name}(`, document.createElement("wbr"),
+    `${method.input}) → ${stream}${method.output}`);
   const comment = document.createElement("p");
   comment.className = "comment";
   comment.textContent = method.comment || "";
@@ -177,6 +181,7 @@ function select(fullName) {
   head.append(title, types, comment, wire);
 
   $("request-form").hidden = false;
+  $("result").hidden = false;
   $("input-type").textContent = method.input;
   const example = EXAMPLES[fullName] ?? sample(method.input, state.catalogue.messages);
   $("editor").value = state.drafts.get(fullName) ?? JSON.stringify(example, null, 2);
