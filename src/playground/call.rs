@@ -210,13 +210,10 @@ impl Call {
                         continue;
                     }
                     let message = outbound.pop_front().expect("not empty");
-                    let mut frame = BytesMut::with_capacity(5 + message.bytes.len());
-                    frame.extend_from_slice(&[0]);
-                    frame.extend_from_slice(&(message.bytes.len() as u32).to_be_bytes());
-                    frame.extend_from_slice(&message.bytes);
+                    let frame = frame(&message.bytes);
                     let size = frame.len();
                     let last = outbound.is_empty() && end_after;
-                    if send.send_data(frame.freeze(), last).is_ok() {
+                    if send.send_data(frame, last).is_ok() {
                         out.push(json!({ "type": "sent", "part": "message", "size": size, "message": message.json }));
                         if last {
                             out.push(json!({ "type": "sent", "part": "end", "size": 0 }));
@@ -245,7 +242,7 @@ impl Call {
                         }
                         Next::Data(data) => {
                             owed += data.len();
-                            decoder.buffer.extend_from_slice(&data);
+                            decoder.push(&data);
                             loop {
                                 match decoder.next() {
                                     Ok(Some(message)) => {
@@ -361,23 +358,37 @@ impl Events {
     }
 }
 
+/// A request message as gRPC sends it: uncompressed, its length, itself.
+pub(super) fn frame(message: &[u8]) -> Bytes {
+    let mut frame = BytesMut::with_capacity(5 + message.len());
+    frame.extend_from_slice(&[0]);
+    frame.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    frame.extend_from_slice(message);
+    frame.freeze()
+}
+
 /// gRPC messages out of a response's DATA frames.
-struct Decoder {
+pub(super) struct Decoder {
     buffer: BytesMut,
     max: usize,
 }
 
 impl Decoder {
-    fn new(max: usize) -> Self {
+    pub(super) fn new(max: usize) -> Self {
         Decoder {
             buffer: BytesMut::new(),
             max,
         }
     }
 
+    /// Adds what a DATA frame carried.
+    pub(super) fn push(&mut self, data: &[u8]) {
+        self.buffer.extend_from_slice(data);
+    }
+
     /// The next whole message, `None` until one is in, or why the stream
     /// cannot be read.
-    fn next(&mut self) -> Result<Option<Bytes>, String> {
+    pub(super) fn next(&mut self) -> Result<Option<Bytes>, String> {
         if self.buffer.len() < 5 {
             return Ok(None);
         }
@@ -401,7 +412,7 @@ impl Decoder {
 
 /// The request's head: the method's path, gRPC's headers, the deadline as
 /// `grpc-timeout`, the page's metadata.
-fn head(request: &Request) -> http::Request<()> {
+pub(super) fn head(request: &Request) -> http::Request<()> {
     let mut head = http::Request::new(());
     *head.method_mut() = http::Method::POST;
     *head.uri_mut() = request
@@ -467,7 +478,11 @@ fn header_map_json(headers: &HeaderMap, mask: bool) -> Value {
 
 /// The status a call ended with, from its trailers (or its Trailers-Only
 /// head), with the error details decoded.
-fn status_event(playground: &Playground, trailers: &HeaderMap, http: http::StatusCode) -> Value {
+pub(super) fn status_event(
+    playground: &Playground,
+    trailers: &HeaderMap,
+    http: http::StatusCode,
+) -> Value {
     let status = tonic::Status::from_header_map(trailers).unwrap_or_else(|| {
         // No grpc-status: as gRPC's HTTP mapping says.
         let code = match http.as_u16() {
@@ -500,7 +515,7 @@ fn status_event(playground: &Playground, trailers: &HeaderMap, http: http::Statu
 
 /// A status the bridge decided itself (the page cancelled, the deadline
 /// passed without the server ending the call, the stream broke).
-fn local_status(code: Code, message: &str) -> Value {
+pub(super) fn local_status(code: Code, message: &str) -> Value {
     json!({
         "type": "status",
         "code": code as i32,

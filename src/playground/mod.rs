@@ -35,6 +35,15 @@
 //!   descriptor sets reflection serves; the page's method list, types and
 //!   comments come from them. A request message is checked against its
 //!   type before anything is sent, and a mistake is named by field.
+//! - **Described as reflection is** (`describe.rs`). Without a token the
+//!   `hello` carries the catalogue. With `--auth-token-file` it carries
+//!   none, since reflection, which serves the same, needs the token: the
+//!   page asks for the token and sends `describe`, and the bridge makes a
+//!   real reflection call (`list_services`) with the page's metadata; the
+//!   catalogue goes to the page only when that call succeeds. Until then
+//!   a request that does not fit its type is refused without naming its
+//!   fields. Health and the calls themselves are as for any client:
+//!   health is open, every other call needs the token.
 //! - **Bounded everywhere.** Between each call's response stream and the
 //!   WebSocket there is a bounded queue ([`EVENT_QUEUE`]); when it is full
 //!   the call stops reading its HTTP/2 stream, whose flow control then
@@ -57,12 +66,23 @@
 //! - `{"type": "end", "id": 1}` half-closes the request stream.
 //! - `{"type": "cancel", "id": 1}` cancels the call (`RST_STREAM(CANCEL)`);
 //!   it ends with `CANCELLED`.
+//! - `{"type": "describe", "id": 2, "metadata": {"authorization": "Bearer
+//!   TOKEN"}}` asks for the catalogue through a reflection call
+//!   (`grpc.reflection.v1.ServerReflection/ServerReflectionInfo`,
+//!   `list_services`) that carries `metadata`; `id` as for a call. One at
+//!   a time: the next command is read once it has its answer.
 //!
-//! To the page: `{"type": "hello", ...}` first (the services, their
-//! messages, whether a token is needed, the limits), then for each call,
-//! in order, with `t_ms` (milliseconds since the call started) and `size`
-//! (bytes on the wire: a gRPC message with its 5-byte prefix; a header
-//! block as HTTP/2 counts its size, name and value plus 32 a field):
+//! To the page: `{"type": "hello", "auth", "tls", "limits", "catalogue"?}`
+//! first: whether calls need the token, whether the page came over TLS,
+//! the limits, and, when no token is needed, `catalogue` (the services,
+//! their methods and messages, with the proto's comments). A describe gets
+//! `{"type": "catalogue", "id", "catalogue"}` (the services reflection
+//! listed) when its reflection call succeeds, then that call's `status`
+//! (below): `UNAUTHENTICATED` and no catalogue without the right token.
+//! Then for each call, in order, with `t_ms` (milliseconds since the call
+//! started) and `size` (bytes on the wire: a gRPC message with its 5-byte
+//! prefix; a header block as HTTP/2 counts its size, name and value plus
+//! 32 a field):
 //!
 //! - `{"type": "sent", "id", "part": "headers" | "message" | "end", ...}`:
 //!   the request's headers (`metadata`), each message (`message`, as
@@ -76,8 +96,8 @@
 //!   has `"local": true`;
 //! - `{"type": "error", "id"?, "error", "field"?}`: a command that could
 //!   not be carried out (bad JSON, unknown method, a request message that
-//!   does not fit its type: `field` names the field), and nothing was
-//!   sent. The WebSocket and its other calls go on. Frames that break
+//!   does not fit its type: `field` names the field, once the page may
+//!   see the types), and nothing was sent. The WebSocket and its other calls go on. Frames that break
 //!   the WebSocket protocol itself (or exceed its limits) close that
 //!   WebSocket with a close code and reason (1002, 1007, 1009); the
 //!   server and its other connections go on.
@@ -86,6 +106,7 @@
 
 mod assets;
 mod call;
+mod describe;
 mod http;
 mod schema;
 mod session;
@@ -148,6 +169,12 @@ pub const MAX_METADATA_BYTES: usize = 8 * 1024;
 /// deadline, and this lets its trailers arrive first.
 pub const DEADLINE_GRACE: Duration = Duration::from_secs(1);
 
+/// The deadline of a describe's reflection call, sent as `grpc-timeout`.
+/// The server lists its services at once; this bounds how long a session,
+/// which reads the page's next command once the answer is in, waits for a
+/// server that is overloaded or shutting down.
+pub const DESCRIBE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The playground's setting: whether it is served at all.
 #[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
 pub struct PlaygroundConfig {
@@ -177,8 +204,9 @@ pub struct Playground {
 
 struct Shared {
     schema: Schema,
-    /// The services as the page shows them (built once).
-    catalogue: Value,
+    /// The services as the page shows them, built once for the `hello`;
+    /// `None` when calls need the token (a describe builds it).
+    catalogue: Option<Value>,
     /// Whether calls need the bearer token (the page asks for it).
     auth: bool,
     /// The largest gRPC message the server sends; larger is refused.
@@ -198,7 +226,7 @@ impl Playground {
     /// whose messages are at most `max_message_size` bytes.
     pub fn new(auth: bool, max_message_size: usize) -> Self {
         let schema = Schema::build();
-        let catalogue = schema.catalogue();
+        let catalogue = (!auth).then(|| schema.catalogue(|_| true));
         Playground {
             shared: Arc::new(Shared {
                 schema,

@@ -112,13 +112,13 @@ impl Schema {
         self.methods.get(name.strip_prefix('/').unwrap_or(name))
     }
 
-    /// What the page shows of the services: each method with its pattern,
-    /// its types and its comments, and every message type they use, with
-    /// their fields' comments.
-    pub fn catalogue(&self) -> Value {
+    /// What the page shows of the services it may call that `listed`
+    /// keeps: each method with its pattern, its types and its comments,
+    /// and every message type they use, with their fields' comments.
+    pub fn catalogue(&self, listed: impl Fn(&str) -> bool) -> Value {
         let mut messages = Map::new();
         let mut services = Vec::new();
-        for name in SERVICES {
+        for name in SERVICES.into_iter().filter(|name| listed(name)) {
             let service = self.pool.get_service_by_name(name).expect("described");
             let file = service.parent_file_descriptor_proto();
             let methods: Vec<Value> = service

@@ -34,6 +34,7 @@ use super::{
     DEADLINE_GRACE, EVENT_QUEUE, MAX_CALLS_PER_WEBSOCKET, MAX_METADATA_BYTES, MAX_WEBSOCKET_FRAME,
     MAX_WEBSOCKET_MESSAGE, Playground, SEND_QUEUE, WEBSOCKET_IDLE, WEBSOCKET_SEND_TIMEOUT,
     call::{self, Call, Request},
+    describe,
     schema::Method,
 };
 use crate::transport::Loopback;
@@ -72,6 +73,11 @@ enum Command {
     Cancel {
         id: u64,
     },
+    Describe {
+        id: u64,
+        #[serde(default)]
+        metadata: Map<String, Value>,
+    },
 }
 
 /// What the session keeps of an open call.
@@ -80,6 +86,22 @@ struct OpenCall {
     requests: mpsc::Sender<call::Input>,
     cancel: CancellationToken,
     half_closed: bool,
+}
+
+/// What the session's loop keeps between commands.
+struct State {
+    /// The calls open, by the page's id.
+    open: HashMap<u64, OpenCall>,
+    /// Their tasks, each returning its id when it ends.
+    calls: JoinSet<u64>,
+    connection: call::Connection,
+    /// The server is shutting down: no new call.
+    closing: bool,
+    /// Whether the page may be told about the services' types: always
+    /// without a token; with one, once a describe with it has succeeded.
+    /// Until then a request that does not fit its type is refused without
+    /// naming fields, which would describe the types piece by piece.
+    described: bool,
 }
 
 /// One WebSocket session, and what its calls need.
@@ -162,10 +184,10 @@ impl Session {
     where
         S: futures::Stream<Item = Result<Message, tungstenite::Error>> + Unpin,
     {
-        let hello = json!({
+        let shared = &self.playground.shared;
+        let mut hello = json!({
             "type": "hello",
-            "catalogue": self.playground.shared.catalogue,
-            "auth": self.playground.shared.auth,
+            "auth": shared.auth,
             "tls": self.tls,
             "limits": {
                 "calls_per_websocket": MAX_CALLS_PER_WEBSOCKET,
@@ -173,18 +195,27 @@ impl Session {
                 "metadata_bytes": MAX_METADATA_BYTES,
             },
         });
+        // With a token required there is none: the services are described
+        // only to a page that shows the token (`describe`), as reflection
+        // describes them only to a client that does.
+        if let Some(catalogue) = &shared.catalogue {
+            hello["catalogue"] = catalogue.clone();
+        }
         if events.send(Outgoing::Event(hello)).await.is_err() {
             return;
         }
-        let mut connection = call::Connection::new(self.loopback.clone());
-        let mut open: HashMap<u64, OpenCall> = HashMap::new();
-        let mut calls = JoinSet::new();
+        let mut state = State {
+            open: HashMap::new(),
+            calls: JoinSet::new(),
+            connection: call::Connection::new(self.loopback.clone()),
+            closing: false,
+            described: !shared.auth,
+        };
         let idle_limit = self
             .max_idle
             .map_or(WEBSOCKET_IDLE, |max| max.min(WEBSOCKET_IDLE));
         let idle = tokio::time::sleep(idle_limit);
         tokio::pin!(idle);
-        let mut closing = false;
         let close = |code, reason: &str| Outgoing::Close(code, reason.to_owned());
         let ending = loop {
             tokio::select! {
@@ -214,23 +245,23 @@ impl Session {
                             continue;
                         }
                     };
-                    let outcome = self.command(command, closing, &mut open, &mut calls, &mut connection, &events).await;
+                    let outcome = self.command(command, &mut state, &events).await;
                     if let Err(error) = outcome
                         && events.send(Outgoing::Event(error)).await.is_err()
                     {
                         break None;
                     }
                 }
-                Some(ended) = calls.join_next(), if !calls.is_empty() => {
+                Some(ended) = state.calls.join_next(), if !state.calls.is_empty() => {
                     if let Ok(id) = ended {
-                        open.remove(&id);
+                        state.open.remove(&id);
                     }
-                    if closing && calls.is_empty() {
+                    if state.closing && state.calls.is_empty() {
                         break Some(close(CloseCode::Away, "the server is shutting down"));
                     }
                     idle.as_mut().reset(Instant::now() + idle_limit);
                 }
-                () = &mut idle, if calls.is_empty() => {
+                () = &mut idle, if state.calls.is_empty() => {
                     tracing::debug!(
                         client.address = %self.client.ip(),
                         client.port = self.client.port(),
@@ -238,17 +269,17 @@ impl Session {
                     );
                     break Some(close(CloseCode::Away, "idle"));
                 }
-                () = self.stop.cancelled(), if !closing => {
+                () = self.stop.cancelled(), if !state.closing => {
                     // Open calls end as the server ends every call at
                     // shutdown; then the WebSocket closes.
-                    closing = true;
-                    if calls.is_empty() {
+                    state.closing = true;
+                    if state.calls.is_empty() {
                         break Some(close(CloseCode::Away, "the server is shutting down"));
                     }
                 }
             }
         };
-        drop(calls);
+        drop(state);
         if let Some(ending) = ending {
             let _ = events.send(ending).await;
         }
@@ -258,13 +289,17 @@ impl Session {
     async fn command(
         &self,
         command: Command,
-        closing: bool,
-        open: &mut HashMap<u64, OpenCall>,
-        calls: &mut JoinSet<u64>,
-        connection: &mut call::Connection,
+        state: &mut State,
         events: &mpsc::Sender<Outgoing>,
     ) -> Result<(), Value> {
         let schema = self.playground.schema();
+        let State {
+            open,
+            calls,
+            connection,
+            closing,
+            described,
+        } = state;
         match command {
             Command::Start {
                 id,
@@ -274,7 +309,7 @@ impl Session {
                 message,
             } => {
                 let fail = |error: String| error_event(Some(id), &error);
-                if closing {
+                if *closing {
                     return Err(fail("the server is shutting down".into()));
                 }
                 if open.contains_key(&id) {
@@ -292,7 +327,7 @@ impl Session {
                 };
                 let headers = metadata_headers(&metadata).map_err(fail)?;
                 let first = match message {
-                    Some(message) => Some(encode(self, &method, id, &message)?),
+                    Some(message) => Some(encode(self, &method, id, &message, *described)?),
                     None if method.client_streaming => None,
                     None => {
                         return Err(fail(format!(
@@ -353,7 +388,7 @@ impl Session {
                         },
                     ));
                 }
-                let encoded = encode(self, &call.method, id, &message)?;
+                let encoded = encode(self, &call.method, id, &message, *described)?;
                 call.requests
                     .try_send(call::Input::Message(encoded))
                     .map_err(|err| match err {
@@ -390,6 +425,34 @@ impl Session {
                 find(open, id)?.cancel.cancel();
                 Ok(())
             }
+            Command::Describe { id, metadata } => {
+                let fail = |error: String| error_event(Some(id), &error);
+                if *closing {
+                    return Err(fail("the server is shutting down".into()));
+                }
+                if open.contains_key(&id) {
+                    return Err(fail(format!("call {id} is already open")));
+                }
+                let headers = metadata_headers(&metadata).map_err(fail)?;
+                let sender = connection.sender().await.map_err(|err| {
+                    fail(format!("cannot open the connection into the server: {err}"))
+                })?;
+                // Awaited here: one describe at a time, and commands wait
+                // for it (a few milliseconds; at most its deadline).
+                let answer = describe::list_services(&self.playground, sender, headers).await;
+                if let Some(services) = answer.services {
+                    *described = true;
+                    let catalogue = schema.catalogue(|name| services.iter().any(|s| s == name));
+                    let event = json!({ "type": "catalogue", "id": id, "catalogue": catalogue });
+                    if events.send(Outgoing::Event(event)).await.is_err() {
+                        return Ok(());
+                    }
+                }
+                let mut status = answer.status;
+                status["id"] = id.into();
+                let _ = events.send(Outgoing::Event(status)).await;
+                Ok(())
+            }
         }
     }
 }
@@ -399,18 +462,26 @@ fn find(open: &mut HashMap<u64, OpenCall>, id: u64) -> Result<&mut OpenCall, Val
         .ok_or_else(|| error_event(Some(id), &format!("no open call {id}")))
 }
 
-/// A request message of `method`, encoded with what it was made of.
+/// A request message of `method`, encoded with what it was made of. A
+/// message that does not fit its type is named by field only when the page
+/// may be told about the types (`described`).
 fn encode(
     session: &Session,
     method: &Method,
     id: u64,
     message: &Value,
+    described: bool,
 ) -> Result<call::Message, Value> {
     match session.playground.schema().encode(&method.input, message) {
         Ok(bytes) => Ok(call::Message {
             bytes: Bytes::from(bytes),
             json: message.clone(),
         }),
+        Err(_) if !described => Err(error_event(
+            Some(id),
+            "nothing sent: the message does not fit the method's request type; \
+             the types are described once the token is given (describe)",
+        )),
         Err(invalid) => {
             let mut error = error_event(Some(id), &format!("nothing sent: {invalid}"));
             error["field"] = Value::String(invalid.field);

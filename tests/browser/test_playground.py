@@ -102,7 +102,9 @@ def test_sync_users_shows_acks_and_another_clients_changes_while_open(page, serv
     expect(page.locator("#feed-status")).to_contain_text("watching")
     send(page, {"request_id": 1, "upsert": {"id": "sync-ada", "first_name": "Ada", "last_name": "Lovelace"}})
     expect(page.locator("#responses li", has_text="ack")).to_have_count(1)
-    expect(page.locator("#responses")).to_contain_text('"requestId":"1","seq"')
+    # Indented, as the editor shows a request.
+    ack = page.locator("#responses li", has_text="ack").locator("pre").text_content()
+    assert ack.startswith('{\n  "requestId": "1",\n  "seq": "'), ack
     # Another client (grpcio) writes: its Change appears on the open stream
     # and in the live feed.
     with server.channel() as channel:
@@ -164,17 +166,31 @@ def test_health_is_shown(page, server):
     expect(page.get_by_role("status", name="Server health")).to_have_text("health: SERVING")
 
 
-def test_a_token_protected_server_refuses_without_the_token_and_works_with_it(page, tmp_path):
+def test_a_token_protected_server_lists_its_methods_only_once_given_the_token(page, tmp_path):
     token = tmp_path / "token"
     token.write_text("s3cret-token\n")
     server = Server("--auth-token-file", str(token))
     try:
-        open_method(page, server, "AddUser")
+        page.goto(server.url)
         expect(page.get_by_role("heading", name="This server needs a bearer token")).to_be_visible()
-        send(page, {"first_name": "Ada"})
-        expect(status(page)).to_contain_text("UNAUTHENTICATED")
-        page.get_by_role("textbox", name="Bearer token").fill("s3cret-token")
+        methods = page.get_by_role("navigation", name="Methods").get_by_role("button")
+        # Health is open to all, as for any client; the methods are not.
+        expect(page.get_by_role("status", name="Server health")).to_have_text("health: SERVING")
+        expect(methods).to_have_count(0)
+        expect(page.locator("#feed-status")).to_contain_text("give the token")
+        # A wrong token: the reflection call's status, and the page asks again.
+        field = page.get_by_role("textbox", name="Bearer token")
+        field.fill("wrong-token")
         page.get_by_role("button", name="Use token").click()
+        expect(page.locator("#token-error")).to_have_text("UNAUTHENTICATED: invalid bearer token")
+        expect(field).to_be_focused()
+        expect(methods).to_have_count(0)
+        # The right one: the methods appear, and calls carry it.
+        field.fill("s3cret-token")
+        page.get_by_role("button", name="Use token").click()
+        expect(page.get_by_role("heading", name="Token accepted: every call carries it")).to_be_visible()
+        expect(page.locator("#token-error")).to_have_text("")
+        page.get_by_role("button", name="AddUser", exact=True).click()
         send(page, {"first_name": "Ada"})
         expect(status(page)).to_have_text("OK")
         expect(page.locator("#grpcurl")).to_contain_text('-H "authorization: Bearer $(cat token)"')

@@ -4,7 +4,7 @@
 use serde_json::{Value, json};
 use test_support::{user_named, within};
 use tokio_tungstenite::tungstenite::Message;
-use user_service::{Config, auth::AuthToken, proto};
+use user_service::{Config, auth::AuthToken, gauges::Limit, proto};
 
 use super::ws::{Page, server, shape};
 
@@ -256,6 +256,99 @@ async fn with_a_token_calls_without_it_are_unauthenticated_and_with_it_succeed()
 }
 
 #[tokio::test]
+async fn with_a_token_the_services_are_described_only_by_a_reflection_call_that_carries_it() {
+    let config = Config {
+        auth_token: Some(AuthToken::new("s3cret").unwrap()),
+        ..Config::default()
+    };
+    let server = server(config).await;
+    let mut page = Page::open(server.addr).await;
+    // The hello says that a token is needed, and the limits; it describes
+    // nothing.
+    assert_eq!(page.hello["auth"], true);
+    assert_eq!(page.hello["limits"]["calls_per_websocket"], 16);
+    assert!(
+        page.hello.get("catalogue").is_none(),
+        "the hello describes the services"
+    );
+
+    // Nor does a request that does not fit its type: no field is named.
+    page.start(1, ADD_USER, Some(json!({"first_nme": "Ada"})))
+        .await;
+    let error = page.next().await;
+    assert_eq!(error["type"], "error");
+    assert!(error.get("field").is_none(), "{error}");
+    let text = error["error"].as_str().unwrap();
+    assert!(
+        text.starts_with("nothing sent") && !text.contains("first_name"),
+        "{text}"
+    );
+
+    // Without the token, then with a wrong one: the reflection call is
+    // refused by the server's own check, and its status is all the page
+    // gets.
+    let refused = server.gauges.refused(Limit::Auth);
+    for (id, metadata, says) in [
+        (2, json!({}), "missing bearer token"),
+        (
+            3,
+            json!({"authorization": "Bearer s3cre"}),
+            "invalid bearer token",
+        ),
+    ] {
+        page.send(json!({"type": "describe", "id": id, "metadata": metadata}))
+            .await;
+        let status = page.next().await;
+        assert_eq!(status["type"], "status", "{status}");
+        assert_eq!(status["id"], id);
+        assert_eq!(status["code"], 16);
+        assert_eq!(status["code_name"], "UNAUTHENTICATED");
+        assert_eq!(status["message"], says);
+    }
+    assert_eq!(server.gauges.refused(Limit::Auth), refused + 2);
+
+    // With the token: the catalogue of the services reflection listed,
+    // the same a page gets in its hello from a server without a token,
+    // then the call's status.
+    page.send(json!({
+        "type": "describe", "id": 4,
+        "metadata": {"authorization": "Bearer s3cret"},
+    }))
+    .await;
+    let described = page.next().await;
+    assert_eq!(described["type"], "catalogue", "{described}");
+    assert_eq!(described["id"], 4);
+    let catalogue = &described["catalogue"];
+    let names: Vec<&str> = catalogue["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|service| service["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "grpcUser.UserService",
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1.ServerReflection"
+        ]
+    );
+    let open = super::ws::server(Config::default()).await;
+    assert_eq!(*catalogue, Page::open(open.addr).await.hello["catalogue"]);
+    let status = page.next().await;
+    assert_eq!(status["type"], "status");
+    assert_eq!(status["id"], 4);
+    assert_eq!(status["code_name"], "OK");
+    assert_eq!(server.gauges.refused(Limit::Auth), refused + 2);
+
+    // Now a mistake is named by field.
+    page.start(5, ADD_USER, Some(json!({"first_nme": "Ada"})))
+        .await;
+    let error = page.next().await;
+    assert_eq!(error["field"], "first_nme", "{error}");
+}
+
+#[tokio::test]
 async fn only_this_servers_methods_can_be_called() {
     let server = server(Config::default()).await;
     let mut page = Page::open(server.addr).await;
@@ -297,6 +390,14 @@ async fn bad_commands_get_clear_errors_and_the_other_calls_go_on() {
             "no open call 9",
         ),
         (Message::binary(vec![0, 1, 2]), "binary messages"),
+        (
+            Message::text(r#"{"type": "describe", "id": 9, "metadata": {"X-Token": "1"}}"#),
+            "lowercase",
+        ),
+        (
+            Message::text(r#"{"type": "describe", "id": 1}"#),
+            "call 1 is already open",
+        ),
     ] {
         page.socket.send_message(bad).await;
         let error = page.next().await;

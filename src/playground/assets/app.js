@@ -28,26 +28,81 @@ const bridge = new Bridge(onHello, (text) => {
 });
 const feed = new Feed(bridge, () => authMetadata({}));
 
-function authMetadata(metadata) {
-  return state.token ? { ...metadata, authorization: `Bearer ${state.token}` } : metadata;
+function authMetadata(metadata, token = state.token) {
+  return token ? { ...metadata, authorization: `Bearer ${token}` } : metadata;
 }
 
+// With a token required the hello describes nothing: the methods come
+// once the token is given, through a reflection call that carries it.
 function onHello(hello) {
-  state.catalogue = hello.catalogue;
   state.tls = hello.tls;
   state.auth = hello.auth;
-  if (!state.started) {
-    state.started = true;
-    renderMethods();
-    $("token-panel").hidden = !state.auth;
+  $("token-panel").hidden = !state.auth;
+  if (hello.catalogue) showCatalogue(hello.catalogue);
+  else if (!state.catalogue) {
+    $("method-groups").replaceChildren(hint("The methods are listed once the server has your token."));
+    $("method-head").replaceChildren(hint("This server needs a bearer token: give it above to list its methods, as reflection lists them only to a client with the token."));
   }
   watchHealth(bridge);
   if (!state.auth || state.token) feed.start();
   else $("feed-status").textContent = "give the token above to watch";
 }
 
+function hint(text) {
+  const p = document.createElement("p");
+  p.className = "hint";
+  p.textContent = text;
+  return p;
+}
+
+function showCatalogue(catalogue) {
+  state.catalogue = catalogue;
+  if (!state.started) {
+    state.started = true;
+    renderMethods();
+  }
+}
+
+// Sends the token with a describe: the methods appear when the server
+// accepts it; otherwise the page shows the status and asks again.
+async function useToken(token) {
+  const error = $("token-error");
+  const input = $("token");
+  const button = $("token-form").querySelector("button");
+  error.textContent = "";
+  button.disabled = true;
+  const asked = () => {
+    button.disabled = false;
+    input.focus();
+    input.select();
+  };
+  try {
+    await bridge.describe(authMetadata({}, token), (event) => {
+      if (event.type === "catalogue") {
+        state.token = token;
+        showCatalogue(event.catalogue);
+        $("token-title").textContent = "Token accepted: every call carries it";
+        feed.start();
+      } else if (event.type === "status") {
+        button.disabled = false;
+        if (event.code !== 0) {
+          error.textContent = `${event.code_name}: ${event.message}`;
+          asked();
+        }
+      } else if (event.type === "error") {
+        error.textContent = event.error;
+        asked();
+      }
+    });
+  } catch (err) {
+    error.textContent = `not connected: ${err.message}`;
+    asked();
+  }
+}
+
 function renderMethods() {
   const groups = $("method-groups");
+  groups.replaceChildren();
   const order = ["unary", "server_streaming", "client_streaming", "bidi_streaming"];
   const services = state.catalogue.services;
   const users = services.find((s) => s.name === "grpcUser.UserService");
@@ -110,7 +165,11 @@ function select(fullName) {
   title.append(" ", pattern);
   const types = document.createElement("p");
   types.className = "signature";
-  types.textContent = `${method.full_name}(${method.input}) → ${method.pattern.endsWith("streaming") && method.pattern !== "client_streaming" ? "stream " : ""}${method.output}`;
+  // Breaks allowed after "/" and "(", not inside a name.
+  const [service, name] = method.full_name.split("/");
+  const stream = method.pattern === "server_streaming" || method.pattern === "bidi_streaming" ? "stream " : "";
+  types.append(`${service}/`, document.createElement("wbr"), `${name}(`, document.createElement("wbr"),
+    `${method.input}) → ${stream}${method.output}`);
   const comment = document.createElement("p");
   comment.className = "comment";
   comment.textContent = method.comment || "";
@@ -122,6 +181,7 @@ function select(fullName) {
   head.append(title, types, comment, wire);
 
   $("request-form").hidden = false;
+  $("result").hidden = false;
   $("input-type").textContent = method.input;
   const example = EXAMPLES[fullName] ?? sample(method.input, state.catalogue.messages);
   $("editor").value = state.drafts.get(fullName) ?? JSON.stringify(example, null, 2);
@@ -293,9 +353,7 @@ $("copy").addEventListener("click", async () => {
 });
 $("token-form").addEventListener("submit", (event) => {
   event.preventDefault();
-  state.token = $("token").value.trim();
-  $("token-title").textContent = state.token ? "Token set for every call" : "This server needs a bearer token";
-  feed.start();
+  useToken($("token").value.trim());
 });
 
 bridge.connect().catch(() => {});

@@ -68,6 +68,17 @@ export class Bridge {
     return id;
   }
 
+  // Asks for the services through a reflection call that carries
+  // `metadata` (the token); `handler` gets a `catalogue` event when it
+  // succeeds, then the call's status.
+  async describe(metadata, handler) {
+    await this.connect();
+    const id = this.nextId++;
+    this.handlers.set(id, handler);
+    this.send({ type: "describe", id, metadata });
+    return id;
+  }
+
   send(command) {
     if (this.socket && this.socket.readyState === WebSocket.OPEN) {
       this.socket.send(JSON.stringify(command));

@@ -58,7 +58,7 @@ export class Call {
       this.lastMessageAt = event.t_ms;
       if (this.responses.length < MAX_RESPONSE_ROWS) {
         this.responses.push(event);
-        this.view?.responseRow(event, this);
+        this.view?.responseRow(event, this, this.responses.length);
       }
     }
     if (event.type === "status") this.status = event;
@@ -95,13 +95,14 @@ export class CallView {
   show(call) {
     if (this.call) this.call.view = null;
     this.call = call;
-    $("result").hidden = !call;
+    $("result-empty").hidden = Boolean(call);
+    $("result-body").hidden = !call;
     $("responses").replaceChildren();
     $("timeline").replaceChildren();
     $("request-error").textContent = "";
     if (!call) return;
     call.view = this;
-    for (const event of call.responses) this.responseRow(event, call);
+    call.responses.forEach((event, i) => this.responseRow(event, call, i + 1));
     for (const event of call.timeline) this.timelineRow(event);
     this.render();
   }
@@ -110,24 +111,40 @@ export class CallView {
     $("request-error").textContent = message;
   }
 
-  responseRow(event, call) {
+  // The `n`th response: a line with its number, its kind (SyncUsers'
+  // ack or change), its time and size, then the message as the editor
+  // shows a request, indented.
+  responseRow(event, call, n) {
+    const list = $("responses");
+    // A list scrolled to its end follows the stream; one scrolled back
+    // stays where the learner is reading.
+    const following = list.scrollHeight - list.scrollTop - list.clientHeight < 8;
     const row = document.createElement("li");
+    const head = document.createElement("div");
+    head.className = "response-head";
+    const number = document.createElement("span");
+    number.className = "n";
+    number.textContent = `#${n}`;
+    head.append(number);
     let message = event.message ?? { error: event.error };
     const keys = Object.keys(message);
     if (call.pattern === "bidi_streaming" && keys.length === 1) {
-      // One of a oneof (SyncUsers' ack or change): its name as a tag.
+      // One of a oneof: its name as a tag.
       const tag = document.createElement("span");
       tag.className = `tag tag-${keys[0]}`;
       tag.textContent = keys[0];
-      row.append(tag);
+      head.append(tag);
       message = message[keys[0]];
     }
-    const code = document.createElement("code");
-    code.textContent = call.pattern === "unary" || call.pattern === "client_streaming"
-      ? JSON.stringify(message, null, 2)
-      : JSON.stringify(message);
-    row.append(code);
-    $("responses").append(row);
+    const when = document.createElement("span");
+    when.className = "when";
+    when.textContent = `${event.t_ms.toFixed(1)} ms · ${event.size} B`;
+    head.append(when);
+    const body = document.createElement("pre");
+    body.textContent = JSON.stringify(message, null, 2);
+    row.append(head, body);
+    list.append(row);
+    if (following) list.scrollTop = list.scrollHeight;
   }
 
   timelineRow(event) {
