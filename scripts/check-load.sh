@@ -167,35 +167,36 @@ python3 -c 'import json, sys; r = json.load(open(sys.argv[1])); assert r["addr"]
     "$work/env.json" "$second"
 echo "ok   env-addr"
 
-# TLS, mutual TLS and a bearer token, with the certificates the README's
-# recipe makes: the recipe and the grpcurl commands after it are run as
-# written (the address aside), so that both stay true.
-readme_block() {
-    # The fenced block after the line `<!-- recipe: $1 -->` of the README.
+# TLS, mutual TLS and a bearer token, with the certificates the recipe of
+# docs/security.md makes: the recipe and the grpcurl commands after it are
+# run as written (the address aside), so that both stay true.
+recipe_doc=docs/security.md
+recipe_block() {
+    # The fenced block after the line `<!-- recipe: $1 -->` of $recipe_doc.
     awk -v marker="<!-- recipe: $1 -->" '
         $0 == marker { found = 1; next }
         found && /^```/ { if (inside) exit; inside = 1; next }
         inside { print }
-    ' README.md
+    ' "$recipe_doc"
 }
 tls_dir="$work/tls"
 mkdir -p "$tls_dir"
-recipe=$(readme_block tls)
-grpcurl_commands=$(readme_block grpcurl-tls)
-[ -n "$recipe" ] && [ -n "$grpcurl_commands" ] || { echo "FAIL no recipe blocks in README.md" >&2; exit 1; }
+recipe=$(recipe_block tls)
+grpcurl_commands=$(recipe_block grpcurl-tls)
+[ -n "$recipe" ] && [ -n "$grpcurl_commands" ] || { echo "FAIL no recipe blocks in $recipe_doc" >&2; exit 1; }
 (cd "$tls_dir" && bash -euo pipefail -c "$recipe") >"$work/openssl.log" 2>&1 ||
-    { echo "FAIL the README's certificate recipe:" >&2; cat "$work/openssl.log" >&2; exit 1; }
-echo "ok   README certificate recipe"
+    { echo "FAIL the certificate recipe of $recipe_doc:" >&2; cat "$work/openssl.log" >&2; exit 1; }
+echo "ok   $recipe_doc certificate recipe"
 start tls "$bin/user-service" --addr 127.0.0.1:0 --store memory \
     --tls-cert "$tls_dir/server.pem" --tls-key "$tls_dir/server.key" \
     --tls-client-ca "$tls_dir/ca.pem" --auth-token-file "$tls_dir/token"
 if command -v grpcurl >/dev/null; then
     (cd "$tls_dir" && bash -euo pipefail -c "${grpcurl_commands//localhost:8080/$addr}") \
         >"$work/grpcurl-tls.log" 2>&1 ||
-        { echo "FAIL the README's grpcurl commands over TLS:" >&2; cat "$work/grpcurl-tls.log" >&2; exit 1; }
+        { echo "FAIL the grpcurl commands over TLS of $recipe_doc:" >&2; cat "$work/grpcurl-tls.log" >&2; exit 1; }
     grep -q SERVING "$work/grpcurl-tls.log" && grep -q '"firstName": "Ada"' "$work/grpcurl-tls.log" ||
-        { echo "FAIL the README's grpcurl commands printed:" >&2; cat "$work/grpcurl-tls.log" >&2; exit 1; }
-    echo "ok   README grpcurl commands over TLS"
+        { echo "FAIL the grpcurl commands over TLS of $recipe_doc printed:" >&2; cat "$work/grpcurl-tls.log" >&2; exit 1; }
+    echo "ok   $recipe_doc grpcurl commands over TLS"
 else
     echo "FAIL grpcurl not found; scripts/test.sh installs it" >&2
     exit 1

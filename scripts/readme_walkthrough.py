@@ -47,12 +47,26 @@ def grpcurl_exit_status(output):
     return 64 + GRPC_CODES.index(match.group(1))
 
 def section_lines(lines, title):
-    """The index range of the section under `## title`."""
-    if f"## {title}\n" not in lines:
-        sys.exit(f"no section '## {title}'")
-    start = lines.index(f"## {title}\n") + 1
-    end = next((i for i in range(start, len(lines)) if lines[i].startswith("## ")), len(lines))
-    return start, end
+    """The index range of the section under the heading `title` (at any
+    level): up to the next heading of the same level or a higher one, so its
+    subsections are part of it. Lines in fenced blocks are never headings."""
+    heading = re.compile(r"^(#{1,6}) (.*?)\s*$")
+    level, start, fenced = None, None, False
+    for i, line in enumerate(lines):
+        if line.startswith("```"):
+            fenced = not fenced
+            continue
+        match = None if fenced else heading.match(line)
+        if match is None:
+            continue
+        if level is None:
+            if match.group(2) == title:
+                level, start = len(match.group(1)), i + 1
+        elif len(match.group(1)) <= level:
+            return start, i
+    if level is None:
+        sys.exit(f"no section '{title}'")
+    return start, len(lines)
 
 
 def fenced_blocks(lines, start, end):

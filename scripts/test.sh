@@ -32,6 +32,7 @@ start_test_database
 trap stop_test_database EXIT
 
 stage "lock check" scripts/check-lock.sh
+stage "documentation links" scripts/check-links.py
 stage "cargo test" cargo test --workspace --all-targets --locked
 stage "examples against a live server" scripts/check-examples.sh
 stage "examples against the plain example server" scripts/check-examples.sh --plain-server

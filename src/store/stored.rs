@@ -45,7 +45,7 @@ pub fn unreadable(id: &str, detail: impl Display) -> StoreError {
     tracing::error!(
         id,
         %detail,
-        "a stored user cannot be read; fix or delete its row (see the README's storage section)"
+        "a stored user cannot be read; fix or delete its row (see docs/storage.md)"
     );
     StoreError::Unreadable {
         id: id.to_owned(),

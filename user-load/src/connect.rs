@@ -259,7 +259,7 @@ fn tls_hint(message: &str) -> Option<&'static str> {
         (
             "UnsupportedCertVersion",
             "A certificate is X.509 v1; rustls takes only v3 certificates (see the \
-             README's recipe)",
+             recipe in docs/security.md)",
         ),
         (
             "InvalidContentType",

@@ -158,7 +158,7 @@ pub enum OpenError {
     NoSchema { target: String },
     #[error(
         "{target} schema {schema:?}: the rows of {table} with {key} {rows} break the limits \
-         every user is held to (README: The PostgreSQL store); refusing to migrate to schema \
+         every user is held to (docs/scale-out.md); refusing to migrate to schema \
          version {SCHEMA_VERSION} (database left untouched): fix or delete them with psql, \
          then start again"
     )]

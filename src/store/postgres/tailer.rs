@@ -394,7 +394,7 @@ impl Tailer {
                 %detail,
                 "a change in the changelog cannot be read; this replica's SyncUsers streams \
                  end there and its change feed stops until the row is repaired \
-                 (see the README's storage section)"
+                 (see docs/scale-out.md)"
             );
             self.stuck = Some(seq);
             self.set_reading(true);

@@ -112,7 +112,7 @@ pub enum OpenError {
     Corrupt { path: PathBuf, detail: String },
     #[error(
         "{}: the stored users with ids {ids} break the limits every user is held to \
-         (README: Storage); refusing to migrate the file to schema version {SCHEMA_VERSION} \
+         (docs/storage.md); refusing to migrate the file to schema version {SCHEMA_VERSION} \
          (file left untouched): fix or delete them with the sqlite3 shell, then start again",
         path.display()
     )]
