@@ -99,8 +99,8 @@ check add-thresholds 'ok() and [t["failed"] for t in r["thresholds"]] == [False,
     -- add --total 500 --fail-if 'errors>0' --fail-if 'p99>60s'
 check add-hostname 'r["calls"] == 300 and ok() and r["addr"].startswith("localhost:")' \
     -- add --total 300 --addr "localhost:${addr##*:}"
-check add-open-loop 'r["calls"] > 0 and ok() and not r["errors"] and verified()' \
-    -- add --rps 200 --duration 1s --concurrency 8 --verify
+check add-open-loop 'r["calls"] == 200 and ok() and not r["errors"] and verified()' \
+    -- add --rps 200 --total 200 --concurrency 8 --verify
 check add-ramp 'r["calls"] > 0 and ok() and r["warmup_s"] == 0.5 and r["series"][0]["warmup"] and verified()' \
     -- add --rps 100 --schedule ramp --rps-end 400 --warmup 500ms --duration 1s --verify
 check get 'r["calls"] == 2000 and ok() and verified()' \
@@ -111,8 +111,8 @@ check list-limit 'r["calls"] == 3 and r["users"] == 300 and ok() and verified()'
     -- list --total 3 --limit 100 --verify
 check sync 'r["calls"] == 2000 and r["users"] == 2000 and ok() and not r["errors"] and r["propagation"]["count"] == 4 * 2000 and verified()' \
     -- sync --total 2000 --in-flight 32 --watchers 4 --verify
-check sync-open-loop 'r["calls"] > 0 and ok() and r["propagation"]["count"] == 2 * r["calls"] and verified()' \
-    -- sync --rps 300 --duration 1s --watchers 2 --verify
+check sync-open-loop 'r["calls"] == 300 and ok() and r["propagation"]["count"] == 2 * 300 and verified()' \
+    -- sync --rps 300 --total 300 --watchers 2 --verify
 
 # Users from a file: 1000 rows with ids, of which 10 are invalid, and one
 # line that is not JSON.
