@@ -41,11 +41,13 @@
 //! - [`user`]: the domain types (users and changes).
 //! - [`proto`]: the generated wire types and conversions.
 //!
-//! [`allocator`] tunes mimalloc for the binaries. The load generator,
-//! `user-load`, is a crate of its own in this workspace (`user-load/`), a
-//! client of this library.
+//! [`allocator`] tunes mimalloc for the binaries; [`any_certificate`] is
+//! the TLS verifier of the clients here that must take any certificate. The
+//! load generator, `user-load`, is a crate of its own in this workspace
+//! (`user-load/`), a client of this library.
 
 pub mod allocator;
+pub mod any_certificate;
 pub mod auth;
 pub mod batched_io;
 pub mod call_guard;

@@ -13,12 +13,15 @@
 //! - [`postgres`]: a real PostgreSQL: a schema of its own per test in the
 //!   test database, or a throwaway cluster for tests that restart it; and
 //!   whether the PostgreSQL tests run at all where none answers.
+//! - [`connect_noting_peer`]: a connection whose client address is known,
+//!   for checking what the server says its peer is.
 //! - [`Pki`]: a CA and certificates made at test time.
 //! - [`within`]: every wait bounded, so that a broken server fails a test
 //!   instead of hanging it.
 
 mod calls;
 mod delegate;
+mod dial;
 mod in_process;
 mod pki;
 pub mod postgres;
@@ -31,6 +34,7 @@ pub use calls::{
     Client, assert_damaged, list_after, list_all, request_stream, user, user_named, user_with_id,
 };
 pub use delegate::{Delegate, Hooks, StuckReads};
+pub use dial::connect_noting_peer;
 pub use in_process::{Backend, FEED_CAPACITY, TestServer, postgres_store, sqlite_store};
 pub use pki::{Pki, PkiFiles, ca, leaf};
 pub use process::{ServerProcess, cpu_seconds, rss_bytes, run_to_exit};

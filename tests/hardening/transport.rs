@@ -5,16 +5,13 @@
 //! call with `INTERNAL`, is counted, and the server goes on.
 
 use std::{
-    future::Future,
     net::SocketAddr,
     pin::Pin,
     sync::{Arc, Mutex},
-    task::{Context, Poll},
 };
 
-use hyper_util::rt::TokioIo;
 use rustls_pki_types::{CertificateDer, pem::PemObject};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, Request, Response, Status, Streaming, service::Routes, transport::Endpoint};
 use user_service::{
@@ -31,7 +28,7 @@ use user_service::{
     transport::{self, ConnectionStats, TransportConfig},
 };
 
-use test_support::{Pki, within};
+use test_support::{Pki, connect_noting_peer, within};
 
 /// What a GetUser handler read of its connection from the request.
 #[derive(Debug, Clone, PartialEq)]
@@ -166,48 +163,15 @@ async fn serve(service: Probe, tls: Option<TlsConfig>) -> Served {
     served
 }
 
-/// Dials a server and remembers the address of the client's end of the
-/// connection: what the server must report as the remote address.
-#[derive(Clone)]
-struct Dial {
-    server: SocketAddr,
-    local: Arc<Mutex<Option<SocketAddr>>>,
-}
-
-impl tower_service::Service<http::Uri> for Dial {
-    type Response = TokioIo<TcpStream>;
-    type Error = std::io::Error;
-    type Future = Pin<Box<dyn Future<Output = std::io::Result<Self::Response>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, _: http::Uri) -> Self::Future {
-        let (server, local) = (self.server, self.local.clone());
-        Box::pin(async move {
-            let tcp = TcpStream::connect(server).await?;
-            *local.lock().unwrap() = Some(tcp.local_addr()?);
-            Ok(TokioIo::new(tcp))
-        })
-    }
-}
-
 /// Makes one GetUser call over a new connection to `server`, with
 /// `endpoint`'s settings; returns the client's address on that connection.
 async fn get_user_over(endpoint: Endpoint, server: SocketAddr) -> SocketAddr {
-    let dial = Dial {
-        server,
-        local: Arc::default(),
-    };
-    let channel = within("connect", endpoint.connect_with_connector(dial.clone()))
-        .await
-        .unwrap();
+    let (channel, peer) = connect_noting_peer(endpoint, server).await;
     let mut client = UserServiceClient::new(channel);
     let request = GetUserRequest { id: "ada".into() };
     let reply = within("GetUser", client.get_user(request)).await.unwrap();
     assert_eq!(reply.into_inner().id, "ada");
-    dial.local.lock().unwrap().expect("dialled")
+    peer
 }
 
 #[tokio::test]

@@ -1,18 +1,9 @@
 //! The access log (`--access-log`) and spans on stderr (`--trace-stderr`),
 //! read from the real binary's stderr, in both log formats.
 
-use std::{
-    collections::BTreeMap,
-    future::Future,
-    net::SocketAddr,
-    pin::Pin,
-    sync::{Arc, Mutex},
-    task::{Context, Poll},
-};
+use std::{collections::BTreeMap, net::SocketAddr};
 
-use hyper_util::rt::TokioIo;
-use test_support::{ServerProcess, user_named, within};
-use tokio::net::TcpStream;
+use test_support::{ServerProcess, connect_noting_peer, user_named};
 use tonic::{
     Code,
     metadata::MetadataValue,
@@ -22,45 +13,10 @@ use user_service::proto::{
     GetUserRequest, ListUsersRequest, user_service_client::UserServiceClient,
 };
 
-/// Dials the server and remembers the client's end of the connection: the
-/// peer the access log must name.
-#[derive(Clone)]
-struct Dial {
-    server: SocketAddr,
-    local: Arc<Mutex<Option<SocketAddr>>>,
-}
-
-impl tower_service::Service<http::Uri> for Dial {
-    type Response = TokioIo<TcpStream>;
-    type Error = std::io::Error;
-    type Future = Pin<Box<dyn Future<Output = std::io::Result<Self::Response>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, _: http::Uri) -> Self::Future {
-        let (server, local) = (self.server, self.local.clone());
-        Box::pin(async move {
-            let tcp = TcpStream::connect(server).await?;
-            *local.lock().unwrap() = Some(tcp.local_addr()?);
-            Ok(TokioIo::new(tcp))
-        })
-    }
-}
-
 /// One connection to `server`, and the client's address on it.
 async fn connect(server: &ServerProcess) -> (Channel, SocketAddr) {
-    let dial = Dial {
-        server: server.addr,
-        local: Arc::default(),
-    };
     let endpoint = Endpoint::from_shared(server.url()).unwrap();
-    let channel = within("connect", endpoint.connect_with_connector(dial.clone()))
-        .await
-        .unwrap();
-    let peer = dial.local.lock().unwrap().expect("dialled");
-    (channel, peer)
+    connect_noting_peer(endpoint, server.addr).await
 }
 
 /// The fields of a text line after `marker`: `key=value` pairs, values

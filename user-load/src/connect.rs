@@ -31,11 +31,7 @@ use tokio::{
 use tokio_rustls::{
     TlsConnector,
     client::TlsStream,
-    rustls::{
-        self, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
-        client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
-        crypto::CryptoProvider,
-    },
+    rustls::{self, ClientConfig, RootCertStore},
 };
 use tokio_util::either::Either;
 use tonic::{
@@ -47,8 +43,8 @@ use tonic::{
 };
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 use user_service::{
-    auth::AuthToken, batched_io::BatchedWrites, proto::user_service_client::UserServiceClient,
-    server::MAX_MESSAGE_SIZE,
+    any_certificate::AnyCertificate, auth::AuthToken, batched_io::BatchedWrites,
+    proto::user_service_client::UserServiceClient, server::MAX_MESSAGE_SIZE,
 };
 
 use crate::{
@@ -371,7 +367,7 @@ fn tls_config(target: &TargetArgs) -> Result<Option<Arc<ClientConfig>>, SetupErr
         }
         None => builder
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(SkipVerify(provider))),
+            .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider))),
     };
     let mut config = match (&target.cert, &target.key) {
         (Some(cert), Some(key)) => {
@@ -390,57 +386,6 @@ fn tls_config(target: &TargetArgs) -> Result<Option<Arc<ClientConfig>>, SetupErr
     };
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Some(Arc::new(config)))
-}
-
-/// `--skipTLS`: any certificate, any name. The handshake's signatures are
-/// still checked, so the connection is encrypted with the key of the
-/// certificate shown, whoever that is.
-#[derive(Debug)]
-struct SkipVerify(Arc<CryptoProvider>);
-
-impl ServerCertVerifier for SkipVerify {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: rustls_pki_types::UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
 }
 
 /// The socket under a connection: TLS or plaintext, with writes held until
