@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # How closely user-load's open loop measures the server: the tables of
 # BENCHMARKS.md's "Open loop at low rates" section, with the machine and
-# the date. Run it alone on the machine (other builds distort it), e.g.
-#   flock -x /work/wt/machine.lock bench/pacing.sh
+# the date. Run it alone on the machine: other builds distort it.
+#   bench/pacing.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
