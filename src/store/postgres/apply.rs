@@ -250,7 +250,7 @@ pub(super) fn packed_each(users: &[&User]) -> Vec<Vec<u8>> {
 
 /// Room for a typical user's packed create (its fields are at most 4 x 256
 /// bytes; most are a few dozen): one allocation each.
-const PACKED_SIZE_HINT: usize = 96;
+pub(super) const PACKED_SIZE_HINT: usize = 96;
 
 /// A batch of creates only, as one statement: its own transaction.
 async fn create_only(

@@ -28,7 +28,11 @@ use tokio_postgres::{
     types::{ToSql, Type},
 };
 
-use super::{apply::packed_each, packed, tailer::Announce};
+use super::{
+    apply::{PACKED_SIZE_HINT, packed_each},
+    packed,
+    tailer::Announce,
+};
 use crate::user::{ChangeKind, User};
 
 /// Batches of at least this many creates go through `COPY`; smaller ones
@@ -91,9 +95,12 @@ pub(super) async fn copy_new(
         return Ok(None);
     }
     let tx = client.transaction().await?;
+    // The changes are packed while PostgreSQL inserts the rows sent before:
+    // the writer's commit waits for neither on its own.
     let copied = async {
         let sink = tx.copy_in(&statements.users).await?;
         let mut writer = pin!(BinaryCopyInWriter::new(sink, &USER_COLUMNS));
+        let mut changes = Vec::with_capacity(users.len() * PACKED_SIZE_HINT);
         for user in users {
             let row: [&(dyn ToSql + Sync); 6] = [
                 &user.id(),
@@ -104,16 +111,17 @@ pub(super) async fn copy_new(
                 &1i64,
             ];
             writer.as_mut().write(&row).await?;
+            packed::element(ChangeKind::Created, user, &mut changes);
         }
-        writer.finish().await
+        writer.finish().await?;
+        Ok::<_, tokio_postgres::Error>(changes)
     };
-    match copied.await {
+    let changes = match copied.await {
         Err(err) if err.code() == Some(&SqlState::UNIQUE_VIOLATION) => return Ok(None),
         other => other?,
     };
     // The counter last, as in every write transaction (see `apply`).
     let n = users.len() as i64;
-    let changes = packed::batch(users.iter().map(|user| (ChangeKind::Created, *user)));
     let row = match &announce.channel {
         Some(channel) => {
             tx.query_one(log, &[&n, &changes, channel, &announce.prefix])
