@@ -363,8 +363,8 @@ impl Tailer {
             }
             let (feed, counted_from, mut published) = (&self.feed, self.counted_from, self.last);
             let unpacked = packed::unpack(changes, first, last, |change| {
-                // A batch that began before the last seq published (it
-                // cannot, as every batch is read whole) is read on from it.
+                // A batch read again, after one of its changes could not
+                // be decoded, goes on from the last change published.
                 if change.seq <= published {
                     return;
                 }
