@@ -10,8 +10,9 @@
 #
 # ROUNDS (default 2) repeats each pair, alternating. PG names the server
 # (default postgres://postgres@127.0.0.1:5432); a database is created for
-# the run and dropped at the end. Everything runs on loopback and every run
-# is bounded.
+# the run and dropped at the end. SERVICE names another user-service binary
+# to measure (an older build, say; default: this tree's release build).
+# Everything runs on loopback and every run is bounded.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,7 +22,7 @@ ROUNDS=${ROUNDS:-2}
 FOR=${FOR:-5s}
 
 cargo build --release --locked --quiet -p user-service -p user-load
-service=target/release/user-service
+service=${SERVICE:-target/release/user-service}
 load=target/release/user-load
 work=$(mktemp -d)
 db=user_service_bench_$$

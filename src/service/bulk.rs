@@ -1,11 +1,6 @@
 //! BulkAddUsers, client streaming: a stream of users in, one summary out.
 
-use std::pin::pin;
-
-use futures::{
-    FutureExt, StreamExt,
-    future::{Fuse, FusedFuture},
-};
+use futures::{FutureExt, StreamExt, future::Either, stream::FuturesOrdered};
 use tokio_util::sync::CancellationToken;
 use tonic::{Status, Streaming};
 
@@ -25,26 +20,37 @@ const MAX_BATCH: usize = 1024;
 /// Failures listed in the reply; the rest are only counted.
 const MAX_REPORTED_ERRORS: usize = 100;
 
+/// Batches of one call committing at once. A second batch handed to the
+/// store while the first commits joins the store's next commit (group
+/// commit) instead of waiting for the first to be answered: PostgreSQL's
+/// writer, busy 98% of a 4-stream import, then commits batches of about
+/// 2,000 rows where they could be 8,192, paying its fixed cost per commit
+/// (the WAL flush, the round trips, the read back) four times as often.
+/// Bounds what a call holds, with the batch filling.
+const MAX_IN_FLIGHT: usize = 2;
+
 /// Imports every row of `rows`, each validated and stored on its own.
 ///
-/// Rows are committed in batches, and read while the previous batch
-/// commits: a batch starts committing as soon as the one before it is done,
-/// with every row that arrived in the meantime. At most two batches are held
-/// (one committing, one filling, each of at most `MAX_BATCH` rows), so a
-/// client streaming millions of users is throttled by HTTP/2 flow control
-/// rather than buffered. Rows received are committed however the call
-/// ends: when the client cancels or its connection closes, the stream
-/// just ends early (and the reply goes nowhere); when the server shuts
-/// down, the call ends with `UNAVAILABLE` after the commit.
+/// Rows are committed in batches, and read while earlier batches commit: a
+/// batch starts committing as soon as none is, with every row that arrived
+/// in the meantime, or as soon as it is full while fewer than
+/// [`MAX_IN_FLIGHT`] are. Batches are recorded in stream order. At most
+/// that many batches committing and one filling are held (each of at most
+/// `MAX_BATCH` rows), so a client streaming millions of users is throttled
+/// by HTTP/2 flow control rather than buffered. Rows received are committed
+/// however the call ends: when the client cancels or its connection
+/// closes, the stream just ends early (and the reply goes nowhere); when
+/// the server shuts down, the call ends with `UNAVAILABLE` after the
+/// commits.
 pub async fn import<S: Store>(
     store: &S,
     mut rows: Streaming<proto::User>,
     shutdown: &CancellationToken,
 ) -> Result<proto::BulkAddUsersResponse, Status> {
     let mut import = Import::default();
-    // The batch being committed: its store call, and its rows' positions.
-    let mut committing = pin!(Fuse::terminated());
-    let mut in_flight = Positions::default();
+    // The batches being committed, oldest first: each its rows' positions
+    // and, once done, its results.
+    let mut committing = FuturesOrdered::new();
     // How the stream ended, once it has.
     let mut end = None;
     loop {
@@ -52,7 +58,10 @@ pub async fn import<S: Store>(
         // filling batch has room: some branch is always enabled.
         tokio::select! {
             biased;
-            results = &mut committing => import.record(&mut in_flight, results),
+            Some((mut positions, results)) = committing.next(), if !committing.is_empty() => {
+                import.record(&mut positions, results);
+                import.spare.push(positions);
+            }
             () = shutdown.cancelled(), if end.is_none() => {
                 end = Some(Err(Status::unavailable("server is shutting down")));
             }
@@ -60,16 +69,21 @@ pub async fn import<S: Store>(
                 end = import.read(next, &mut rows);
             }
         }
-        if committing.is_terminated() && import.has_rows() {
-            let users = import.start(&mut in_flight);
-            if users.is_empty() {
-                // Only invalid rows: nothing to store.
-                import.record(&mut in_flight, Vec::new());
+        let ready = import.is_full() || end.is_some();
+        if import.has_rows() && (committing.is_empty() || ready && committing.len() < MAX_IN_FLIGHT)
+        {
+            let mut positions = import.spare.pop().unwrap_or_default();
+            let users = import.start(&mut positions);
+            // A batch of invalid rows only stores nothing, and is recorded
+            // in its turn all the same.
+            let commit = if users.is_empty() {
+                Either::Left(std::future::ready(Vec::new()))
             } else {
-                committing.set(store.create_many(users).fuse());
-            }
+                Either::Right(store.create_many(users))
+            };
+            committing.push_back(commit.map(move |results| (positions, results)));
         }
-        if committing.is_terminated()
+        if committing.is_empty()
             && let Some(end) = end.take()
         {
             return end.map(|()| import.report);
@@ -86,6 +100,8 @@ struct Import {
     /// The valid rows of the batch.
     batch: Vec<NewUser>,
     positions: Positions,
+    /// Positions of recorded batches, their buffers kept for reuse.
+    spare: Vec<Positions>,
 }
 
 /// Where a batch's rows were in the stream, and its rows that failed
@@ -140,7 +156,7 @@ impl Import {
     }
 
     /// Hands over the filled batch: its users to commit, its positions to
-    /// `in_flight` (empty, since the last batch was recorded).
+    /// `in_flight` (empty: a new or recorded batch's).
     fn start(&mut self, in_flight: &mut Positions) -> Vec<NewUser> {
         std::mem::swap(&mut self.positions, in_flight);
         // `drain` keeps the buffer's capacity for the next batch.

@@ -11,9 +11,11 @@
 mod changelog;
 mod crash;
 mod outage;
+mod packed;
 mod replica;
 mod replicas;
 mod schema;
 mod settings;
 mod shell;
 mod tls;
+mod upgrade;

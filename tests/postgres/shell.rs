@@ -50,9 +50,9 @@ async fn psql_cannot_write_a_user_outside_the_limits() {
             "version_rules",
         ),
         (
-            "INSERT INTO user_changes (seq, kind, id, first_name, last_name, address, verified,
-                 version) VALUES (1000, 9, 'a', 'Ann', '', '', false, 1)",
-            "kind_rules",
+            "INSERT INTO user_change_batches (first_seq, last_seq, changes)
+                 VALUES (1000, 999, '')",
+            "seq_rules",
         ),
     ] {
         let output = psql(&schema.url, sql);
@@ -127,14 +127,13 @@ async fn a_change_the_tailer_cannot_read_ends_streams_until_it_is_repaired() {
     assert_eq!(before.next_change().await.seq, 1);
 
     // A change appended by hand, with the next seq, as the writer would,
-    // past the limits with the constraint dropped.
+    // past the limits: a blank first name. The protobuf of a batch of one
+    // change {kind: 2, id: "a", first_name: " ", version: 2}.
     psql_ok(
         &schema.url,
-        "ALTER TABLE user_changes DROP CONSTRAINT first_name_rules;
-         WITH taken AS (UPDATE user_change_seq SET seq = seq + 1 RETURNING seq)
-         INSERT INTO user_changes (seq, kind, id, first_name, last_name, address, verified,
-             version)
-         SELECT seq, 2, 'a', repeat('x', 70000), '', '', false, 2 FROM taken",
+        r"WITH taken AS (UPDATE user_change_seq SET seq = seq + 1 RETURNING seq)
+          INSERT INTO user_change_batches (first_seq, last_seq, changes)
+          SELECT seq, seq, '\x0a0a08021201611a01203802' FROM taken",
     );
     let status = before.ended().await;
     assert_eq!(status.code(), Code::DataLoss, "{status:?}");
@@ -154,9 +153,11 @@ async fn a_change_the_tailer_cannot_read_ends_streams_until_it_is_repaired() {
     assert_eq!(status.code(), Code::DataLoss, "{status:?}");
 
     // Repaired, the feed goes on from change 2, and health is back.
+    // first_name: "Ann".
     psql_ok(
         &schema.url,
-        "UPDATE user_changes SET first_name = 'Ann' WHERE seq = 2",
+        r"UPDATE user_change_batches SET changes = '\x0a0c08021201611a03416e6e3802'
+          WHERE first_seq = 2",
     );
     wait_for_health(&mut health, ServingStatus::Serving, PATIENCE).await;
     let mut after = Sync::open(&replica).await;

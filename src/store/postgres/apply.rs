@@ -8,8 +8,9 @@
 //! CONFLICT DO NOTHING` over all of them; an upsert or a delete locks its
 //! row (`FOR UPDATE`) before it checks the version, so that replicas writing
 //! the same user take turns. Then one statement takes as many seqs as there
-//! were changes from the counter row, appends the changes to the changelog,
-//! and asks PostgreSQL to notify the tailers once it commits.
+//! were changes from the counter row, appends the changes to the changelog
+//! as one row (packed, see `packed`), and asks PostgreSQL to notify the
+//! tailers once it commits.
 //!
 //! The counter row is locked last, just before COMMIT, and held through it:
 //! replicas take turns only for that moment, seqs go out in commit order,
@@ -34,7 +35,7 @@ use tokio_postgres::{
 use super::{
     connect::Report,
     copy::{self, COPY_MIN_ROWS},
-    rows::{self, kind_code},
+    packed, rows,
     tailer::Announce,
 };
 use crate::{
@@ -72,33 +73,30 @@ impl Statements {
     ) -> Result<Self, tokio_postgres::Error> {
         let text_array = Type::TEXT_ARRAY;
         let bool_array = Type::BOOL_ARRAY;
-        // Appends the changes with the next seqs. `$1` changes; `taken` is
-        // the seq before the first of them.
+        // Appends the changes, packed (`$2`), as one batch with the next
+        // `$1` seqs; returns the seq before the first of them.
         let log = format!(
             "WITH taken AS (
-                 UPDATE user_change_seq SET seq = seq + $1 RETURNING seq - $1 AS base
+                 UPDATE user_change_seq SET seq = seq + $1
+                 RETURNING seq - $1 AS base, seq AS last
              ), logged AS (
-                 INSERT INTO user_changes
-                     (seq, kind, id, first_name, last_name, address, verified, version)
-                 SELECT taken.base + c.n, c.kind, c.id, c.f, c.l, c.a, c.v, c.ver
-                 FROM taken, unnest($2::int2[], $3::text[], $4::text[], $5::text[], $6::text[],
-                                    $7::bool[], $8::int8[])
-                      WITH ORDINALITY AS c(kind, id, f, l, a, v, ver, n)
+                 INSERT INTO user_change_batches (first_seq, last_seq, changes)
+                 SELECT base + 1, last, $2 FROM taken
              )
              SELECT base{} FROM taken",
             match &announce.channel {
-                Some(_) => ", pg_notify($9, $10 || (base + $1)) IS NULL",
+                Some(_) => ", pg_notify($3, $4 || last) IS NULL",
                 None => "",
             }
         );
         let copy = copy::Statements::prepare(client).await?;
         let arrays = "SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], \
-                      $5::bool[]) WITH ORDINALITY AS u(id, f, l, a, v, n)";
+                      $5::bool[], $6::bytea[]) WITH ORDINALITY AS u(id, f, l, a, v, packed, n)";
         let staged = "SELECT id, first_name AS f, last_name AS l, address AS a, verified AS v, \
-                      ord::bigint AS n FROM user_import";
+                      packed, ord::bigint AS n FROM user_import";
         Ok(Statements {
             create_all: client
-                .prepare(&create_statement(arrays, 6, announce))
+                .prepare(&create_statement(arrays, 7, announce))
                 .await?,
             create_staged: client
                 .prepare(&create_statement(staged, 1, announce))
@@ -151,10 +149,12 @@ impl Statements {
 }
 
 /// The statement that stores a batch of creates only, the rows coming from
-/// `input` (columns `id, f, l, a, v` and `n`, each row's place from 1):
-/// stores those whose id is free (the first of equal ids), takes as many
-/// seqs from the counter row, appends their changes to the changelog, and
-/// returns each stored row's `n` and seq. `$notify` and the next parameter
+/// `input` (columns `id, f, l, a, v`, `packed`, each row's change as
+/// `packed::element` encodes it, and `n`, each row's place from 1): stores
+/// those whose id is free (the first of equal ids), takes as many seqs from
+/// the counter row, appends their changes to the changelog as one batch
+/// (their `packed` concatenated in seq order: a `ChangeBatch`), and returns
+/// each stored row's `n` and seq. `$notify` and the next parameter
 /// are the NOTIFY channel and payload prefix, when commits announce.
 fn create_statement(input: &str, notify: usize, announce: &Announce) -> String {
     let (announced, from) = match announce.channel {
@@ -184,11 +184,11 @@ fn create_statement(input: &str, notify: usize, announce: &Announce) -> String {
              RETURNING seq - (SELECT count(*) FROM numbered) AS base, seq AS last
          ),
          logged AS (
-             INSERT INTO user_changes
-                 (seq, kind, id, first_name, last_name, address, verified, version)
-             SELECT taken.base + numbered.k, 1, input.id, input.f, input.l, input.a,
-                    input.v, 1
-             FROM taken, numbered JOIN input USING (n)
+             INSERT INTO user_change_batches (first_seq, last_seq, changes)
+             SELECT taken.base + 1, taken.last,
+                    (SELECT string_agg(input.packed, ''::bytea ORDER BY numbered.k)
+                     FROM numbered JOIN input USING (n))
+             FROM taken WHERE taken.last > taken.base
          ){announced}
          SELECT numbered.n, taken.base + numbered.k FROM taken, numbered{from}"
     )
@@ -235,6 +235,23 @@ fn is_conflict(err: &tokio_postgres::Error) -> bool {
     )
 }
 
+/// Each user's create as `packed::element` encodes it, for the statement
+/// that stores creates to concatenate those it stores.
+pub(super) fn packed_each(users: &[&User]) -> Vec<Vec<u8>> {
+    users
+        .iter()
+        .map(|user| {
+            let mut element = Vec::with_capacity(PACKED_SIZE_HINT);
+            packed::element(ChangeKind::Created, user, &mut element);
+            element
+        })
+        .collect()
+}
+
+/// Room for a typical user's packed create (its fields are at most 4 x 256
+/// bytes; most are a few dozen): one allocation each.
+pub(super) const PACKED_SIZE_HINT: usize = 96;
+
 /// A batch of creates only, as one statement: its own transaction.
 async fn create_only(
     client: &mut Client,
@@ -247,7 +264,9 @@ async fn create_only(
         None => Vec::new(),
     };
     let rows = if users.len() >= COPY_MIN_ROWS {
-        if let Some(base) = copy::copy_new(client, &statements.copy, announce, users).await? {
+        if let Some(base) =
+            copy::copy_new(client, &statements.copy, &statements.log, announce, users).await?
+        {
             return Ok(users
                 .iter()
                 .zip(base + 1..)
@@ -274,8 +293,9 @@ async fn create_only(
             column(User::address),
         );
         let verified: Vec<bool> = users.iter().map(|u| u.verified()).collect();
+        let packed = packed_each(users);
         let mut params: Vec<&(dyn ToSql + Sync)> =
-            vec![&ids, &firsts, &lasts, &addresses, &verified];
+            vec![&ids, &firsts, &lasts, &addresses, &verified, &packed];
         params.extend(notify);
         // Outside a transaction: the statement is one, committed on its own.
         client.query(&statements.create_all, &params).await?
@@ -488,7 +508,8 @@ impl Changes {
     }
 
     /// Takes the next seqs from the counter row and appends the changes to
-    /// the changelog; returns the seq before the first of them.
+    /// the changelog, packed as one batch; returns the seq before the first
+    /// of them.
     async fn log(
         &self,
         tx: &Transaction<'_>,
@@ -496,53 +517,13 @@ impl Changes {
         announce: &Announce,
     ) -> Result<u64, tokio_postgres::Error> {
         let n = self.changes.len() as i64;
-        let kinds: Vec<i16> = self.changes.iter().map(|(k, _)| kind_code(*k)).collect();
-        let column = |field: fn(&User) -> &str| {
-            self.changes
-                .iter()
-                .map(|(_, u)| field(u))
-                .collect::<Vec<_>>()
-        };
-        let (ids, firsts, lasts, addresses) = (
-            column(User::id),
-            column(User::first_name),
-            column(User::last_name),
-            column(User::address),
-        );
-        let verified: Vec<bool> = self.changes.iter().map(|(_, u)| u.verified()).collect();
-        let versions: Vec<i64> = self
-            .changes
-            .iter()
-            .map(|(_, u)| u.version() as i64)
-            .collect();
+        let changes = packed::batch(self.changes.iter().map(|(kind, user)| (*kind, user)));
         let row = match &announce.channel {
             Some(channel) => {
-                tx.query_one(
-                    &statements.log,
-                    &[
-                        &n,
-                        &kinds,
-                        &ids,
-                        &firsts,
-                        &lasts,
-                        &addresses,
-                        &verified,
-                        &versions,
-                        channel,
-                        &announce.prefix,
-                    ],
-                )
-                .await?
+                tx.query_one(&statements.log, &[&n, &changes, channel, &announce.prefix])
+                    .await?
             }
-            None => {
-                tx.query_one(
-                    &statements.log,
-                    &[
-                        &n, &kinds, &ids, &firsts, &lasts, &addresses, &verified, &versions,
-                    ],
-                )
-                .await?
-            }
+            None => tx.query_one(&statements.log, &[&n, &changes]).await?,
         };
         let base: i64 = row.try_get(0)?;
         Ok(base as u64)

@@ -2,8 +2,10 @@
 //! committed together) through binary `COPY`.
 //!
 //! First the direct way: when the batch's ids are distinct, its users are
-//! copied straight into `users` and its changes, numbered from the seqs the
-//! counter row hands out, straight into `user_changes`, in one transaction.
+//! copied straight into `users`, and their changes, packed as one batch
+//! (see `packed`), appended to the changelog with the seqs the counter row
+//! hands out by the statement every write transaction ends with (see
+//! `apply`), in one transaction.
 //! `COPY` writes a table at about twice the rate of the `INSERT ... ON
 //! CONFLICT` that must find out which ids are free. An id already stored
 //! fails the copy as a whole (a unique violation): the transaction is
@@ -12,8 +14,9 @@
 //! The careful way: the rows are copied into a temporary staging table of
 //! the writer's connection, numbered in their order; then the statement
 //! that stores a batch of creates (see `apply`) reads them from there
-//! instead of from arrays: it stores those whose id is free, takes their
-//! seqs, appends their changes, and says which rows were stored. The staging
+//! instead of from arrays (each row with its change packed beside it): it
+//! stores those whose id is free, takes their seqs, appends their changes,
+//! and says which rows were stored. The staging
 //! table empties itself at every commit (`ON COMMIT DELETE ROWS`).
 
 use std::{collections::HashSet, pin::pin};
@@ -25,7 +28,11 @@ use tokio_postgres::{
     types::{ToSql, Type},
 };
 
-use super::{rows::kind_code, tailer::Announce};
+use super::{
+    apply::{PACKED_SIZE_HINT, packed_each},
+    packed,
+    tailer::Announce,
+};
 use crate::user::{ChangeKind, User};
 
 /// Batches of at least this many creates go through `COPY`; smaller ones
@@ -37,9 +44,6 @@ pub(super) const COPY_MIN_ROWS: usize = 256;
 pub(super) struct Statements {
     stage: Statement,
     users: Statement,
-    take: Statement,
-    changes: Statement,
-    notify: Statement,
 }
 
 impl Statements {
@@ -53,14 +57,16 @@ impl Statements {
                      first_name text NOT NULL,
                      last_name text NOT NULL,
                      address text NOT NULL,
-                     verified boolean NOT NULL
+                     verified boolean NOT NULL,
+                     packed bytea NOT NULL
                  ) ON COMMIT DELETE ROWS",
             )
             .await?;
         Ok(Statements {
             stage: client
                 .prepare(
-                    "COPY user_import (ord, id, first_name, last_name, address, verified)
+                    "COPY user_import (ord, id, first_name, last_name, address, verified,
+                         packed)
                      FROM STDIN (FORMAT binary)",
                 )
                 .await?,
@@ -70,27 +76,17 @@ impl Statements {
                      FROM STDIN (FORMAT binary)",
                 )
                 .await?,
-            take: client
-                .prepare("UPDATE user_change_seq SET seq = seq + $1 RETURNING seq - $1")
-                .await?,
-            changes: client
-                .prepare(
-                    "COPY user_changes
-                         (seq, kind, id, first_name, last_name, address, verified, version)
-                     FROM STDIN (FORMAT binary)",
-                )
-                .await?,
-            notify: client.prepare("SELECT pg_notify($1, $2)").await?,
         })
     }
 }
 
-/// The direct way: stores every user of `users` and their changes; returns
-/// the seq before the first, or `None` (nothing written) if an id was taken
-/// or repeated.
+/// The direct way: stores every user of `users` and their changes (`log`
+/// appends them, see `apply`); returns the seq before the first, or `None`
+/// (nothing written) if an id was taken or repeated.
 pub(super) async fn copy_new(
     client: &mut Client,
     statements: &Statements,
+    log: &Statement,
     announce: &Announce,
     users: &[&User],
 ) -> Result<Option<u64>, tokio_postgres::Error> {
@@ -99,9 +95,12 @@ pub(super) async fn copy_new(
         return Ok(None);
     }
     let tx = client.transaction().await?;
+    // The changes are packed while PostgreSQL inserts the rows sent before:
+    // the writer's commit waits for neither on its own.
     let copied = async {
         let sink = tx.copy_in(&statements.users).await?;
         let mut writer = pin!(BinaryCopyInWriter::new(sink, &USER_COLUMNS));
+        let mut changes = Vec::with_capacity(users.len() * PACKED_SIZE_HINT);
         for user in users {
             let row: [&(dyn ToSql + Sync); 6] = [
                 &user.id(),
@@ -112,37 +111,25 @@ pub(super) async fn copy_new(
                 &1i64,
             ];
             writer.as_mut().write(&row).await?;
+            packed::element(ChangeKind::Created, user, &mut changes);
         }
-        writer.finish().await
+        writer.finish().await?;
+        Ok::<_, tokio_postgres::Error>(changes)
     };
-    match copied.await {
+    let changes = match copied.await {
         Err(err) if err.code() == Some(&SqlState::UNIQUE_VIOLATION) => return Ok(None),
         other => other?,
     };
     // The counter last, as in every write transaction (see `apply`).
     let n = users.len() as i64;
-    let base: i64 = tx.query_one(&statements.take, &[&n]).await?.try_get(0)?;
-    let created = kind_code(ChangeKind::Created);
-    let sink = tx.copy_in(&statements.changes).await?;
-    let mut writer = pin!(BinaryCopyInWriter::new(sink, &CHANGE_COLUMNS));
-    for (seq, user) in (base + 1..).zip(users) {
-        let row: [&(dyn ToSql + Sync); 8] = [
-            &seq,
-            &created,
-            &user.id(),
-            &user.first_name(),
-            &user.last_name(),
-            &user.address(),
-            &user.verified(),
-            &1i64,
-        ];
-        writer.as_mut().write(&row).await?;
-    }
-    writer.finish().await?;
-    if let Some(channel) = &announce.channel {
-        let payload = format!("{}{}", announce.prefix, base + n);
-        tx.execute(&statements.notify, &[channel, &payload]).await?;
-    }
+    let row = match &announce.channel {
+        Some(channel) => {
+            tx.query_one(log, &[&n, &changes, channel, &announce.prefix])
+                .await?
+        }
+        None => tx.query_one(log, &[&n, &changes]).await?,
+    };
+    let base: i64 = row.try_get(0)?;
     tx.commit().await?;
     Ok(Some(base as u64))
 }
@@ -157,30 +144,19 @@ const USER_COLUMNS: [Type; 6] = [
     Type::INT8,
 ];
 
-/// The columns `COPY` writes to `user_changes`.
-const CHANGE_COLUMNS: [Type; 8] = [
-    Type::INT8,
-    Type::INT2,
-    Type::TEXT,
-    Type::TEXT,
-    Type::TEXT,
-    Type::TEXT,
-    Type::BOOL,
-    Type::INT8,
-];
-
 /// The columns `COPY` writes to the staging table.
-const STAGE_COLUMNS: [Type; 6] = [
+const STAGE_COLUMNS: [Type; 7] = [
     Type::INT4,
     Type::TEXT,
     Type::TEXT,
     Type::TEXT,
     Type::TEXT,
     Type::BOOL,
+    Type::BYTEA,
 ];
 
 /// The careful way's first step: copies `users` into the staging table,
-/// numbered from 1 in their order.
+/// numbered from 1 in their order, each with its change packed.
 pub(super) async fn stage(
     tx: &Transaction<'_>,
     statements: &Statements,
@@ -188,14 +164,16 @@ pub(super) async fn stage(
 ) -> Result<(), tokio_postgres::Error> {
     let sink = tx.copy_in(&statements.stage).await?;
     let mut writer = pin!(BinaryCopyInWriter::new(sink, &STAGE_COLUMNS));
-    for (ord, user) in (1i32..).zip(users) {
-        let row: [&(dyn ToSql + Sync); 6] = [
+    let packed = packed_each(users);
+    for ((ord, user), packed) in (1i32..).zip(users).zip(&packed) {
+        let row: [&(dyn ToSql + Sync); 7] = [
             &ord,
             &user.id(),
             &user.first_name(),
             &user.last_name(),
             &user.address(),
             &user.verified(),
+            packed,
         ];
         writer.as_mut().write(&row).await?;
     }

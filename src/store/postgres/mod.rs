@@ -13,15 +13,17 @@
 //! - `writer`: this replica's one write connection and group commit over
 //!   it, reconnecting when the database comes back;
 //! - `apply`: one batch in one transaction, its seqs taken from the counter
-//!   row and its changes appended to the changelog; `copy`: long runs of
-//!   creates through binary `COPY`;
-//! - `tailer`: the task that reads the changelog in seq order and feeds this
+//!   row and its changes appended to the changelog as one row; `copy`: long
+//!   runs of creates through binary `COPY`; `packed`: a commit's changes as
+//!   the changelog holds them (protobuf);
+//! - `tailer`: the task that reads the changelog in seq order, unpacks
+//!   each commit's changes, and feeds this
 //!   replica's change feed, every replica's writes this one's included, and
 //!   how commits are announced to it;
 //! - `prune`: keeping the changelog bounded;
 //! - `read`: GetUser and listing pages on pooled connections;
-//! - `rows`: decoding what the database holds (users, changes), for the
-//!   writer, the reader and the tailer.
+//! - `rows`: decoding the users the database holds, for the writer and the
+//!   reader.
 //!
 //! A write is answered once it has committed (as the database's
 //! `synchronous_commit` has it) and this replica's tailer has published it,
@@ -32,6 +34,7 @@
 mod apply;
 mod connect;
 mod copy;
+mod packed;
 mod prune;
 mod read;
 mod rows;

@@ -1,5 +1,8 @@
 //! Pruning the changelog: it keeps the last `keep` changes and those of the
-//! last `keep_for`, whichever are fewer; older ones are deleted.
+//! last `keep_for`, whichever are fewer; older ones are deleted. A row holds
+//! a commit's changes (see `schema`): it is deleted whole, once its last
+//! change is past both bounds, so a batch is never cut and a tailer that
+//! finds the next batch missing knows every change of it was pruned.
 //!
 //! The changelog is what tailers read, a moment after each commit: it only
 //! has to reach back as far as a replica may fall behind (a replica cut off
@@ -17,8 +20,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::connect::{Report, STATEMENT_TIMEOUT, pool_error};
 
-/// Most changes deleted by one statement: keeps each delete (and what it
-/// locks and logs) short. A round goes on until it deletes fewer.
+/// Most changelog rows (commits' batches) deleted by one statement: keeps
+/// each delete (and what it locks and logs) short. A round goes on until it
+/// deletes fewer.
 pub const PRUNE_BATCH: i64 = 10_000;
 
 /// How much of the changelog to keep, and how often to prune it.
@@ -42,21 +46,23 @@ pub const DEFAULT_RETENTION: Retention = Retention {
     every: Duration::from_secs(10),
 };
 
-/// Deletes the changes past `retention`; returns how many.
+/// Deletes the batches of changes past `retention`; returns how many rows.
 pub(super) async fn prune(
     client: &deadpool_postgres::Client,
     retention: Retention,
 ) -> Result<u64, tokio_postgres::Error> {
-    // The oldest changes at most PRUNE_BATCH at a time, found by the
+    // The oldest batches at most PRUNE_BATCH at a time, found by the
     // primary key: no scan of the whole changelog to find a few to delete.
+    // Neither reads the packed changes.
     let statement = client
         .prepare_cached(
             "WITH oldest AS (
-                 SELECT seq, committed_at FROM user_changes ORDER BY seq LIMIT $3
+                 SELECT last_seq, committed_at FROM user_change_batches
+                 ORDER BY last_seq LIMIT $3
              )
-             DELETE FROM user_changes c USING oldest
-             WHERE c.seq = oldest.seq
-               AND (oldest.seq <= (SELECT seq FROM user_change_seq) - $1
+             DELETE FROM user_change_batches c USING oldest
+             WHERE c.last_seq = oldest.last_seq
+               AND (oldest.last_seq <= (SELECT seq FROM user_change_seq) - $1
                     OR oldest.committed_at < now() - make_interval(secs => $2))",
         )
         .await?;

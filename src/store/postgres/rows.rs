@@ -1,8 +1,6 @@
 //! Rows as the store reads them back: a user from `users` (GetUser, listing
-//! pages, the writer's delete, which returns the user it removed) and a
-//! change from the changelog (the tailer), and the changelog's codes for
-//! the kinds of change. The one place that decodes what the database
-//! holds, for the writer, the reader and the tailer alike.
+//! pages, the writer's delete, which returns the user it removed), and the
+//! changelog's codes for the kinds of change (its rows are `packed`'s).
 //!
 //! Decoding is fallible (see [`stored`]): the schema's constraints hold
 //! the rows to the API's limits, but a row written while one was dropped,
@@ -13,7 +11,7 @@ use crate::{
         StoreError,
         stored::{self, Columns},
     },
-    user::{Change, ChangeKind, User},
+    user::{ChangeKind, User},
 };
 
 /// The changelog's code for each kind of change.
@@ -26,7 +24,7 @@ pub(super) fn kind_code(kind: ChangeKind) -> i16 {
 }
 
 /// The kind of change a changelog code stands for.
-fn kind_of(code: i16) -> Option<ChangeKind> {
+pub(super) fn kind_of(code: i16) -> Option<ChangeKind> {
     match code {
         1 => Some(ChangeKind::Created),
         2 => Some(ChangeKind::Updated),
@@ -66,16 +64,6 @@ pub(super) fn user(row: &tokio_postgres::Row) -> Result<User, StoreError> {
         let id = row.try_get::<_, &str>(0).unwrap_or_default();
         stored::unreadable(id, detail)
     })
-}
-
-/// The change `seq` from its row of the changelog (`seq, kind`, then the
-/// user's columns as [`user`] reads them), or why the row holds none (for
-/// the tailer to log, with the seq).
-pub(super) fn change(row: &tokio_postgres::Row, seq: u64) -> Result<Change, String> {
-    let code: i16 = row.try_get(1).map_err(|err| format!("kind: {err}"))?;
-    let kind = kind_of(code).ok_or_else(|| format!("kind: no kind of change has code {code}"))?;
-    let user = columns_at(row, 2).and_then(stored::user)?;
-    Ok(Change { seq, kind, user })
 }
 
 #[cfg(test)]

@@ -17,47 +17,88 @@
 //!   seq + n`, holding the row lock to its commit: seqs are then handed out
 //!   in commit order, and a rollback gives them back, so there is never a
 //!   gap.
-//! - `user_changes`: the changelog, one row per committed change with the
-//!   user as the change left it, written in the same transaction; what every
-//!   replica's tailer reads. Pruned (see `prune`).
+//! - `user_change_batches` (since version 3): the changelog, one row per
+//!   write transaction, keyed by the last seq it took, holding its changes
+//!   (seqs `first_seq..=last_seq`, each with the user as the change left
+//!   it) packed as protobuf (see `packed`), written in the same
+//!   transaction; what every replica's tailer reads. Pruned whole (see
+//!   `prune`). Its `changes` column is `STORAGE EXTERNAL`: a batch of more
+//!   than ~2 kB (some 40 users) is kept out of line uncompressed, since
+//!   compressing it would cost the writer's backend CPU on every commit for
+//!   little (names and ids compress poorly), and a scan of the ranges (the
+//!   tailer's, pruning's) never reads it. Up to version 2 the changelog was
+//!   `user_changes`, one row per change; writing every user twice, once
+//!   in `users` and once there, made a bulk import run at a quarter of the
+//!   rate of `COPY` into `users` alone.
 //!
-//! Since version 2, CHECK constraints hold `users` and `user_changes` to
-//! the limits the API holds a new user to (`validate`), so that a row
-//! written with psql that breaks them is refused by PostgreSQL itself. A
-//! migration adds its constraints `NOT VALID` (no scan), then
-//! [`validate_constraints`] looks for rows that break them: any there
-//! refuse the database, named, for an operator to fix or delete, rather
-//! than be dropped or changed, and the transaction is rolled back;
+//! Since version 2, CHECK constraints hold `users` (and, up to version 3,
+//! `user_changes`) to the limits the API holds a new user to (`validate`),
+//! so that a row written with psql that breaks them is refused by
+//! PostgreSQL itself. A migration adds its constraints `NOT VALID` (no
+//! scan), then [`validate_constraints`] looks for rows that break them: any
+//! there refuse the database, named, for an operator to fix or delete,
+//! rather than be dropped or changed, and the transaction is rolled back;
 //! otherwise the constraints are validated. Both scan the tables once,
 //! holding the lock the constraints took: writes from other replicas wait
-//! for the migration, once.
+//! for the migration, once. A packed batch is opaque to PostgreSQL: its
+//! changes are held to the limits when the tailer decodes them.
+//!
+//! The migration to version 3 packs the changes of `user_changes` into
+//! batches (the changes of one transaction share its `committed_at`) and
+//! drops it. A replica of an older build would go on writing to the table
+//! it drops, so the migration is refused while one is connected (see
+//! [`OpenError::OlderReplicas`]); an older build started on a schema at
+//! version 3 refuses it as newer.
 
 use tokio_postgres::{Client, Transaction};
 
-use super::connect::{ConfigError, Report, is_connection_loss};
-use crate::store::stored::{MAX_NAMED_ROWS, RowNames};
+use super::{
+    connect::{ConfigError, Report, is_connection_loss},
+    packed,
+};
+use crate::store::{
+    group_commit::MAX_BATCH_OPS,
+    stored::{MAX_NAMED_ROWS, RowNames},
+};
 
 /// The schema version this build writes. An older database is migrated; a
 /// newer one is refused, since this build cannot know what it means.
-pub const SCHEMA_VERSION: i32 = 2;
+pub const SCHEMA_VERSION: i32 = 3;
 
 /// The table that records the schema version.
 pub const VERSION_TABLE: &str = "user_service_schema";
 
 /// The tables a migration creates, which must not exist without
 /// [`VERSION_TABLE`].
-const OUR_TABLES: [&str; 3] = ["users", "user_change_seq", "user_changes"];
+const OUR_TABLES: [&str; 4] = [
+    "users",
+    "user_change_seq",
+    "user_changes",
+    "user_change_batches",
+];
 
 /// Keys of the advisory lock held while a replica checks and migrates the
 /// schema (the second is the current schema's name, hashed).
 const MIGRATION_LOCK: i32 = 0x5553_5256; // "USRV"
 
 /// Our tables, each with the column that names a row of it in a refusal.
-const KEYED_TABLES: [(&str, &str); 3] = [
+/// A table that does not exist (`user_changes` from version 3 on) is passed
+/// over.
+const KEYED_TABLES: [(&str, &str); 4] = [
     ("users", "id"),
     ("user_changes", "seq"),
     ("user_change_seq", "seq"),
+    ("user_change_batches", "last_seq"),
 ];
+
+/// The version whose migration packs the changelog (see [`pack_changelog`]).
+const PACKED_CHANGELOG: i32 = 3;
+
+/// What a replica of a build before [`PACKED_CHANGELOG`] runs on its
+/// tailer's connection every time it reads, and so what
+/// `pg_stat_activity` shows for it between reads: how the migration finds
+/// such replicas connected.
+const OLD_TAILER_READ: &str = "FROM user_changes WHERE seq > $1 ORDER BY seq LIMIT $2";
 
 /// `MIGRATIONS[v]` takes the schema from version `v` to `v + 1`. Each runs in
 /// the transaction that also records the new version.
@@ -125,6 +166,18 @@ const MIGRATIONS: &[&str] = &[
          ADD CONSTRAINT version_rules CHECK (version >= 1) NOT VALID;
      ALTER TABLE user_change_seq
          ADD CONSTRAINT seq_rules CHECK (seq >= 0) NOT VALID;"#,
+    // 2 -> 3: the changelog, one row per write transaction (see the module
+    // doc); `pack_changelog` then moves `user_changes` into it and drops
+    // it. Keyed by `last_seq`: the tailer reads the batches that end after
+    // the last seq it published, in order, and pruning deletes the oldest.
+    "CREATE TABLE user_change_batches (
+         last_seq bigint PRIMARY KEY,
+         first_seq bigint NOT NULL,
+         changes bytea NOT NULL,
+         committed_at timestamptz NOT NULL DEFAULT now(),
+         CONSTRAINT seq_rules CHECK (first_seq >= 1 AND last_seq >= first_seq)
+     );
+     ALTER TABLE user_change_batches ALTER COLUMN changes SET STORAGE EXTERNAL;",
 ];
 
 /// Why the store could not be opened. Every refusal leaves the database as
@@ -170,6 +223,20 @@ pub enum OpenError {
         key: &'static str,
         rows: RowNames,
     },
+    #[error(
+        "{target} schema {schema:?}: {connections} connection(s) of a user-service build \
+         older than schema version {PACKED_CHANGELOG} are open to this database (from \
+         {clients}); refusing to migrate the schema while they write to it (database left \
+         untouched): stop every replica of the older build, then start this one (see \
+         docs/scale-out.md, \"Upgrading\")"
+    )]
+    OlderReplicas {
+        target: String,
+        schema: String,
+        connections: i64,
+        /// Where they connect from.
+        clients: String,
+    },
     #[error("{target}: {detail}")]
     Postgres { target: String, detail: String },
 }
@@ -184,6 +251,7 @@ impl OpenError {
                 | OpenError::Foreign { .. }
                 | OpenError::NoSchema { .. }
                 | OpenError::OutsideLimits { .. }
+                | OpenError::OlderReplicas { .. }
         )
     }
 
@@ -244,7 +312,14 @@ pub(super) async fn migrate(client: &mut Client, target: &str) -> Result<Opened,
         .query(
             "SELECT tablename::text FROM pg_tables WHERE schemaname = current_schema()
              AND tablename = ANY($1)",
-            &[&[VERSION_TABLE, OUR_TABLES[0], OUR_TABLES[1], OUR_TABLES[2]].as_slice()],
+            &[&[
+                VERSION_TABLE,
+                OUR_TABLES[0],
+                OUR_TABLES[1],
+                OUR_TABLES[2],
+                OUR_TABLES[3],
+            ]
+            .as_slice()],
         )
         .await
         .map_err(pg)?
@@ -282,9 +357,19 @@ pub(super) async fn migrate(client: &mut Client, target: &str) -> Result<Opened,
         .map_err(pg)?;
         0
     };
+    if (1..PACKED_CHANGELOG).contains(&from) {
+        refuse_older_replicas(&tx, target, &schema).await?;
+    }
     for (version, sql) in MIGRATIONS.iter().enumerate().skip(from as usize) {
         tracing::info!(%schema, from = version, to = version + 1, "migrating schema");
+        if version + 1 == PACKED_CHANGELOG as usize {
+            // The changes to pack must first be held to the limits.
+            validate_constraints(&tx, target, &schema).await?;
+        }
         tx.batch_execute(sql).await.map_err(pg)?;
+        if version + 1 == PACKED_CHANGELOG as usize {
+            pack_changelog(&tx).await.map_err(pg)?;
+        }
     }
     // A refusal drops the transaction: nothing is written.
     validate_constraints(&tx, target, &schema).await?;
@@ -328,7 +413,8 @@ async fn validate_constraints(
         let pending: Vec<(String, String)> = tx
             .query(
                 "SELECT conname::text, pg_get_expr(conbin, conrelid) FROM pg_constraint
-                 WHERE conrelid = $1::text::regclass AND contype = 'c' AND NOT convalidated
+                 WHERE conrelid = to_regclass($1::text) AND contype = 'c'
+                   AND NOT convalidated
                  ORDER BY conname",
                 &[&table],
             )
@@ -381,5 +467,110 @@ async fn validate_constraints(
                 .map_err(pg)?;
         }
     }
+    Ok(())
+}
+
+/// Refuses the migration to [`PACKED_CHANGELOG`] while a replica of an
+/// older build is connected to the database (its tailer found by the read
+/// it runs, [`OLD_TAILER_READ`]). `pg_stat_activity` does not say which
+/// schema a connection reads, so one in another schema of the database
+/// refuses it too; and it shows the text of a query only to its role, a
+/// superuser or `pg_read_all_stats`, so replicas that connect as another
+/// role are not seen (docs/scale-out.md says to stop them all first).
+async fn refuse_older_replicas(
+    tx: &Transaction<'_>,
+    target: &str,
+    schema: &str,
+) -> Result<(), OpenError> {
+    let row = tx
+        .query_one(
+            "SELECT count(*), coalesce(string_agg(DISTINCT coalesce(host(client_addr),
+                 'a local socket') || ' as ' || application_name, ', '), '')
+             FROM pg_stat_activity
+             WHERE datname = current_database() AND pid <> pg_backend_pid()
+               AND strpos(query, $1) > 0",
+            &[&OLD_TAILER_READ],
+        )
+        .await
+        .map_err(|err| OpenError::postgres(target, err))?;
+    let connections: i64 = row.get(0);
+    if connections == 0 {
+        return Ok(());
+    }
+    Err(OpenError::OlderReplicas {
+        target: target.to_owned(),
+        schema: schema.to_owned(),
+        connections,
+        clients: row.get(1),
+    })
+}
+
+/// Moves the changes of `user_changes` into `user_change_batches`, then
+/// drops it: consecutive changes that share a `committed_at` (one
+/// transaction's) make one batch, of at most [`MAX_BATCH_OPS`] changes as
+/// the writer's are. Read [`MAX_BATCH_OPS`] rows at a time, so that a
+/// changelog of a million changes is never all in memory.
+async fn pack_changelog(tx: &Transaction<'_>) -> Result<(), tokio_postgres::Error> {
+    let read = tx
+        .prepare(
+            "SELECT seq, kind, id, first_name, last_name, address, verified, version,
+                    committed_at
+             FROM user_changes WHERE $1 < seq ORDER BY seq LIMIT $2",
+        )
+        .await?;
+    let write = tx
+        .prepare(
+            "INSERT INTO user_change_batches (first_seq, last_seq, changes, committed_at)
+             VALUES ($1, $2, $3, $4)",
+        )
+        .await?;
+    type Stamp = std::time::SystemTime;
+    let mut open: Option<(i64, i64, Stamp, Vec<u8>)> = None;
+    let mut after = 0i64;
+    let (mut packed_rows, mut changes_packed) = (0u64, 0u64);
+    loop {
+        let rows = tx.query(&read, &[&after, &(MAX_BATCH_OPS as i64)]).await?;
+        for row in &rows {
+            let seq: i64 = row.try_get(0)?;
+            let stamp: Stamp = row.try_get(8)?;
+            let joins = open.as_ref().is_some_and(|(first, last, at, _)| {
+                *last + 1 == seq && *at == stamp && seq - first < MAX_BATCH_OPS as i64
+            });
+            if !joins && let Some((first, last, at, changes)) = open.take() {
+                tx.execute(&write, &[&first, &last, &changes, &at]).await?;
+                packed_rows += 1;
+            }
+            let (_, last, _, changes) = open.get_or_insert_with(|| (seq, seq, stamp, Vec::new()));
+            *last = seq;
+            // The constraints were validated: the columns are the API's.
+            packed::element_of(
+                row.try_get(1)?,
+                [
+                    row.try_get(2)?,
+                    row.try_get(3)?,
+                    row.try_get(4)?,
+                    row.try_get(5)?,
+                ],
+                row.try_get(6)?,
+                row.try_get::<_, i64>(7)? as u64,
+                changes,
+            );
+            after = seq;
+            changes_packed += 1;
+        }
+        if rows.len() < MAX_BATCH_OPS {
+            break;
+        }
+    }
+    if let Some((first, last, at, changes)) = open.take() {
+        tx.execute(&write, &[&first, &last, &changes, &at]).await?;
+        packed_rows += 1;
+    }
+    tx.batch_execute("DROP TABLE user_changes").await?;
+    tracing::info!(
+        changes = changes_packed,
+        batches = packed_rows,
+        "packed the changelog into batches"
+    );
     Ok(())
 }

@@ -5,7 +5,9 @@
 //! way, so every subscriber everywhere sees one sequence. Seqs are handed
 //! out in commit order (see `schema`), so when the tailer sees a change it
 //! has already seen every one before it: the changelog read in seq order
-//! has no holes but those pruning made.
+//! has no holes but those pruning made. A row of the changelog is one
+//! commit's changes (see `packed`); the tailer reads the rows after its
+//! last seq with one range scan and publishes their changes one by one.
 //!
 //! What wakes it: this replica's writer after each commit, the database's
 //! notification after another replica's (LISTEN, through the connection's
@@ -20,7 +22,7 @@
 //! the tailer goes on from the oldest change left.
 //!
 //! If it reads a change it cannot decode (a changelog row another program
-//! wrote, see `rows`), it publishes what came before, then ends every
+//! wrote, see `packed`), it publishes what came before, then ends every
 //! subscriber there (`DATA_LOSS`) rather than skip the change, and stops:
 //! health turns `NOT_SERVING` and writes stop waiting for it. It reads the
 //! same change again each time it is woken, ending whoever subscribed
@@ -45,13 +47,14 @@ use tokio_util::sync::CancellationToken;
 use super::{
     Health, Part,
     connect::{Backoff, Connector, Driver, Report, STATEMENT_TIMEOUT},
-    rows,
+    packed,
 };
 use crate::{store::ChangeFeed, user::ChangeKind};
 
-/// Most changes read in one query: bounds the memory of a read while a
-/// replica catches up, and is large enough that a bulk import is read back
-/// in few queries.
+/// Most changes read in one query, but for a single commit of more (up to
+/// `MAX_BATCH_OPS`, 8,192): bounds the memory of a read while a replica
+/// catches up, and is large enough that a bulk import is read back in few
+/// queries.
 pub const TAIL_BATCH: i64 = 4096;
 
 /// The channel every replica's commits are announced on (with a payload
@@ -287,10 +290,14 @@ impl Tailer {
         if self.wakeups.listen {
             client.batch_execute(&format!("LISTEN {CHANNEL}")).await?;
         }
+        // The batches that end after `$1`, up to `$1 + $2` or the first of
+        // them if it ends later: one range scan of the primary key.
         let statement = client
             .prepare(
-                "SELECT seq, kind, id, first_name, last_name, address, verified, version
-                 FROM user_changes WHERE seq > $1 ORDER BY seq LIMIT $2",
+                "SELECT first_seq, last_seq, changes FROM user_change_batches
+                 WHERE last_seq > $1 AND last_seq <= greatest($1 + $2,
+                     (SELECT min(last_seq) FROM user_change_batches WHERE last_seq > $1))
+                 ORDER BY last_seq",
             )
             .await?;
         Ok((client, driver, statement))
@@ -317,7 +324,8 @@ impl Tailer {
                 Ok(Err(err)) => return Stop::Lost(Report(&err).to_string()),
                 Err(_) => return Stop::Lost("changelog read timed out".into()),
             };
-            let full = rows.len() as i64 == TAIL_BATCH;
+            // Read up to the bound: there may be more.
+            let full = self.last as i64 >= after + TAIL_BATCH;
             if let Err(err) = self.publish(client, &rows).await {
                 return Stop::Lost(Report(&err).to_string());
             }
@@ -334,40 +342,47 @@ impl Tailer {
         }
     }
 
-    /// Publishes the changes read, in seq order; a gap before the first is
-    /// published as such, and a change that cannot be decoded ends the
-    /// subscribers there (see the module doc).
+    /// Publishes the changes of the batches read, in seq order; a gap before
+    /// a batch is published as such, and a change that cannot be decoded
+    /// ends the subscribers there (see the module doc).
     async fn publish(
         &mut self,
         client: &Client,
         rows: &[tokio_postgres::Row],
     ) -> Result<(), tokio_postgres::Error> {
-        let Some(first) = rows.first() else {
-            return Ok(());
-        };
-        let first_seq = first.try_get::<_, i64>(0)? as u64;
-        if first_seq != self.last + 1 {
-            self.gap(client, first_seq).await?;
-        }
         let mut users = 0;
         for row in rows {
-            let seq = row.try_get::<_, i64>(0)? as u64;
-            let change = match rows::change(row, seq) {
-                Ok(change) => change,
-                Err(detail) => {
-                    self.unreadable(seq, &detail);
-                    break;
-                }
-            };
-            if seq > self.counted_from {
-                users += match change.kind {
-                    ChangeKind::Created => 1,
-                    ChangeKind::Deleted => -1,
-                    ChangeKind::Updated => 0,
-                };
+            let first = row.try_get::<_, i64>(0)? as u64;
+            let last = row.try_get::<_, i64>(1)? as u64;
+            let changes: &[u8] = row.try_get(2)?;
+            if first > self.last + 1 {
+                // The gap recounts the users: those counted so far first.
+                self.contents.users.fetch_add(users, Ordering::Relaxed);
+                users = 0;
+                self.gap(client, first).await?;
             }
-            self.feed.publish(change);
-            self.last = seq;
+            let (feed, counted_from, mut published) = (&self.feed, self.counted_from, self.last);
+            let unpacked = packed::unpack(changes, first, last, |change| {
+                // A batch read again, after one of its changes could not
+                // be decoded, goes on from the last change published.
+                if change.seq <= published {
+                    return;
+                }
+                if change.seq > counted_from {
+                    users += match change.kind {
+                        ChangeKind::Created => 1,
+                        ChangeKind::Deleted => -1,
+                        ChangeKind::Updated => 0,
+                    };
+                }
+                published = change.seq;
+                feed.publish(change);
+            });
+            self.last = published;
+            if let Err(unreadable) = unpacked {
+                self.unreadable(unreadable.seq, &unreadable.detail);
+                break;
+            }
         }
         self.contents.users.fetch_add(users, Ordering::Relaxed);
         self.contents.last_seq.store(self.last, Ordering::Relaxed);
