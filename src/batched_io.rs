@@ -2,10 +2,10 @@
 //! flush, and a flush first lets every other ready task run once.
 //!
 //! An HTTP/2 connection is one task that writes the frames its streams have
-//! queued, then flushes. Each unary reply is finished by its own task, so
-//! under load the connection task is woken, writes one or two replies and
-//! flushes, over and over: one `writev` per reply or two, and as many reads
-//! and wake-ups on the client's side. Deferring the flush by one turn of the
+//! queued, then flushes. A call that has to wait (on a database, say) is
+//! finished by its own task, so under load the connection task is woken,
+//! writes one or two replies and flushes, over and over: one `writev` per
+//! reply or two, and as many reads and wake-ups on the client's side. Deferring the flush by one turn of the
 //! scheduler lets the other calls that are about to finish queue their
 //! replies too, and one write carries them all. This is the "flush
 //! consolidation" that Netty offers as a handler, and what grpc-go's writer
