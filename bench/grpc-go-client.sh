@@ -15,6 +15,12 @@
 #   bench/peers/build.sh go && bench/grpc-go-client.sh
 #   ROUNDS=5 WORKS="get add" bench/grpc-go-client.sh
 #   USER_SERVICE=/path/to/other/user-service bench/grpc-go-client.sh
+#   SERVERS="after=target/release/user-service+--store+memory \
+#            before=old/user-service+--store+memory \
+#            grpc-go=bench/peers/go/grpc-go-server" bench/grpc-go-client.sh
+#
+# SERVERS is NAME=COMMAND pairs, `+` for spaces; the last is the one the
+# others' CPU is compared with.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -73,11 +79,14 @@ python3 - "$results" "$ROUNDS" <<'PY'
 import statistics, sys
 rows = [line.split() for line in open(sys.argv[1])]
 names = list(dict.fromkeys(row[1] for row in rows))
+last = names[-1]
 print()
-print(f"medians of {sys.argv[2]} rounds; CPU is the server's, µs per operation")
+print(f"medians of {sys.argv[2]} rounds; CPU is the server's, µs per operation;")
+print(f"CPU ratios to {last}'s are per round, lowest–highest")
 header = " | ".join(f"{n} ops/s | {n} CPU" for n in names)
-print(f"| work | {header} | CPU {names[0]} / {names[-1]}, per round |")
-print("|---" * (2 + 2 * len(names)) + "|")
+ratios = " | ".join(f"CPU {n} / {last}" for n in names[:-1])
+print(f"| work | {header} | {ratios} |")
+print("|---" * (1 + 2 * len(names) + len(names) - 1) + "|")
 for work in dict.fromkeys(row[0] for row in rows):
     cells, cpus = [], {}
     for name in names:
@@ -85,8 +94,9 @@ for work in dict.fromkeys(row[0] for row in rows):
         cpus[name] = [float(r[3]) for r in mine]
         cells.append(f"{statistics.median(float(r[2]) for r in mine):,.0f}")
         cells.append(f"{statistics.median(cpus[name]):.2f}")
-    ratios = [a / b for a, b in zip(cpus[names[0]], cpus[names[-1]])]
-    spread = f"{min(ratios):.2f}–{max(ratios):.2f}" if ratios else "-"
-    print(f"| {work} | {' | '.join(cells)} | {spread} |")
+    for name in names[:-1]:
+        each = [a / b for a, b in zip(cpus[name], cpus[last])]
+        cells.append(f"{min(each):.2f}–{max(each):.2f}")
+    print(f"| {work} | {' | '.join(cells)} |")
 PY
 rm -f "$results"
