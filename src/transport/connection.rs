@@ -23,6 +23,8 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
+use crate::batched_io::CallTasks;
+
 use super::{
     CallService, ConnectInfo, ConnectionStats, ResponseBody, TransportConfig,
     keepalive::{CountReads, Keepalive, deadline_after},
@@ -61,6 +63,9 @@ pub struct Connection<'a, S> {
     pub stop: CancellationToken,
     /// Given to every call, in its request's extensions.
     pub connect_info: ConnectInfo,
+    /// Told whether calls run in tasks of their own, for the flush delay
+    /// of the connection's `BatchedWrites` (if it has one).
+    pub call_tasks: CallTasks,
 }
 
 impl<S> Connection<'_, S> {
@@ -91,6 +96,7 @@ impl<S> Connection<'_, S> {
             handshake_deadline,
             stop,
             connect_info,
+            call_tasks,
         } = self;
         let client = connect_info.client();
         let (io, received) = CountReads::new(io);
@@ -137,6 +143,7 @@ impl<S> Connection<'_, S> {
                         Poll::Ready(())
                     })
                     .await;
+                    call_tasks.set(!calls.is_empty());
                     if calls.is_empty()
                         && let Some(idle) = config.max_connection_idle
                     {
@@ -150,6 +157,7 @@ impl<S> Connection<'_, S> {
                 }
                 Some(ended) = calls.join_next(), if !calls.is_empty() => {
                     report_call_panic(ended, client, stats);
+                    call_tasks.set(!calls.is_empty());
                     if calls.is_empty()
                         && let Some(idle) = config.max_connection_idle
                     {
