@@ -1,27 +1,45 @@
 #!/usr/bin/env bash
-# Bulk import with a grpc-go client (bench/peers/go-client, one DATA frame
-# per message) against user-service and the grpc-go peer, alternating, in
-# one run: users/s, and the server's CPU seconds per million users (its
-# utime + stime from /proc over the import), which does not depend on how
-# the two cores are shared with the client.
+# The same grpc-go client (bench/peers/go-client: one connection, one DATA
+# frame per message) against user-service and the grpc-go peer, alternating
+# which goes first, a fresh memory-store server for every run: for each
+# work, the rate and the server's CPU µs per operation (its utime + stime
+# from /proc over the measured part of the run, which does not depend on
+# how the two cores are shared with the client), and the ratio of the two
+# servers' CPU per operation.
 #
-#   bench/peers/build.sh && bench/grpc-go-client.sh
-#   ROUNDS=5 USERS=1000000 STREAMS=4 bench/grpc-go-client.sh
+#   add:  AddUser, WORKERS concurrent callers, for FOR
+#   get:  GetUser of 10,000 users added first (not measured), WORKERS, FOR
+#   bulk: BulkAddUsers, STREAMS streams sharing USERS users
+#   sync: SyncUsers upserts, one stream, WINDOW in flight, for FOR
+#
+#   bench/peers/build.sh go && bench/grpc-go-client.sh
+#   ROUNDS=5 WORKS="get add" bench/grpc-go-client.sh
+#   USER_SERVICE=/path/to/other/user-service bench/grpc-go-client.sh
+#   SERVERS="after=target/release/user-service+--store+memory \
+#            before=old/user-service+--store+memory \
+#            grpc-go=bench/peers/go/grpc-go-server" bench/grpc-go-client.sh
+#
+# SERVERS is NAME=COMMAND pairs, `+` for spaces; the last is the one the
+# others' CPU is compared with.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 ROUNDS=${ROUNDS:-3}
-USERS=${USERS:-1000000}
+WORKS=${WORKS:-"add get bulk sync"}
+WORKERS=${WORKERS:-64}
+FOR=${FOR:-5s}
+USERS=${USERS:-400000}
 STREAMS=${STREAMS:-4}
+WINDOW=${WINDOW:-64}
 client=bench/peers/go/grpc-go-client
-[ -x "$client" ] || { echo "build the peers first: bench/peers/build.sh" >&2; exit 1; }
-cargo build --release --locked --quiet --bin user-service
-SERVERS=${SERVERS:-"user-service=target/release/user-service+--store+memory grpc-go=bench/peers/go/grpc-go-server"}
+[ -x "$client" ] || { echo "build the peers first: bench/peers/build.sh go" >&2; exit 1; }
+if [ -z "${USER_SERVICE:-}" ]; then
+    cargo build --release --locked --quiet --bin user-service
+    USER_SERVICE=target/release/user-service
+fi
+SERVERS=${SERVERS:-"user-service=$USER_SERVICE+--store+memory grpc-go=bench/peers/go/grpc-go-server"}
 
 ticks=$(getconf CLK_TCK)
-cpu_seconds() { # utime + stime of a process, in seconds
-    awk -v t="$ticks" '{ printf "%.3f", ($14 + $15) / t }' "/proc/$1/stat"
-}
 free_port() {
     python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
@@ -29,39 +47,56 @@ pid=""
 trap '[ -n "$pid" ] && kill "$pid" 2>/dev/null' EXIT
 
 results=$(mktemp)
-for round in $(seq "$ROUNDS"); do
-    for pair in $SERVERS; do
-        name=${pair%%=*}
-        command=${pair#*=}
-        port=$(free_port)
-        # shellcheck disable=SC2086 # the command is words
-        ${command//+/ } --addr "127.0.0.1:$port" >/dev/null 2>&1 &
-        pid=$!
-        until python3 -c "import socket; socket.create_connection(('127.0.0.1', $port), 0.2)" 2>/dev/null; do
-            sleep 0.1
+for work in $WORKS; do
+    for round in $(seq "$ROUNDS"); do
+        servers=$SERVERS
+        # Every other round the other server goes first.
+        [ $((round % 2)) -eq 0 ] && servers=$(tr ' ' '\n' <<<"$SERVERS" | tac | tr '\n' ' ')
+        for pair in $servers; do
+            name=${pair%%=*}
+            command=${pair#*=}
+            port=$(free_port)
+            # shellcheck disable=SC2086 # the command is words
+            ${command//+/ } --addr "127.0.0.1:$port" >/dev/null 2>&1 &
+            pid=$!
+            until python3 -c "import socket; socket.create_connection(('127.0.0.1', $port), 0.2)" 2>/dev/null; do
+                sleep 0.1
+            done
+            line=$("$client" -addr "127.0.0.1:$port" -pid "$pid" -ticks "$ticks" -work "$work" \
+                -workers "$WORKERS" -for "$FOR" -users "$USERS" -streams "$STREAMS" -window "$WINDOW")
+            kill "$pid"
+            wait "$pid" 2>/dev/null || true
+            pid=""
+            rate=$(awk '{ print $8 }' <<<"$line")
+            cpu=$(awk '{ print $10 }' <<<"$line")
+            echo "$work round $round $name: $rate ops/s, server CPU $cpu µs per op"
+            echo "$work $name $rate $cpu" >>"$results"
         done
-        before=$(cpu_seconds "$pid")
-        line=$("$client" -addr "127.0.0.1:$port" -users "$USERS" -streams "$STREAMS")
-        after=$(cpu_seconds "$pid")
-        kill "$pid"
-        wait "$pid" 2>/dev/null || true
-        pid=""
-        rate=$(awk '{ print $6 }' <<<"$line")
-        cpu=$(awk -v a="$after" -v b="$before" -v u="$USERS" 'BEGIN { printf "%.2f", (a - b) * 1e6 / u }')
-        echo "round $round $name: $rate users/s, server CPU $cpu s per million users"
-        echo "$name $rate $cpu" >>"$results"
     done
 done
 
 python3 - "$results" "$ROUNDS" <<'PY'
 import statistics, sys
 rows = [line.split() for line in open(sys.argv[1])]
+names = list(dict.fromkeys(row[1] for row in rows))
+last = names[-1]
 print()
-print(f"| server | users/s (median of {sys.argv[2]}) | server CPU s per million users (median) |")
-print("| --- | ---: | ---: |")
-for name in dict.fromkeys(row[0] for row in rows):
-    rates = [float(r[1]) for r in rows if r[0] == name]
-    cpus = [float(r[2]) for r in rows if r[0] == name]
-    print(f"| {name} | {statistics.median(rates):,.0f} | {statistics.median(cpus):.2f} |")
+print(f"medians of {sys.argv[2]} rounds; CPU is the server's, µs per operation;")
+print(f"CPU ratios to {last}'s are per round, lowest–highest")
+header = " | ".join(f"{n} ops/s | {n} CPU" for n in names)
+ratios = " | ".join(f"CPU {n} / {last}" for n in names[:-1])
+print(f"| work | {header} | {ratios} |")
+print("|---" * (1 + 2 * len(names) + len(names) - 1) + "|")
+for work in dict.fromkeys(row[0] for row in rows):
+    cells, cpus = [], {}
+    for name in names:
+        mine = [r for r in rows if r[0] == work and r[1] == name]
+        cpus[name] = [float(r[3]) for r in mine]
+        cells.append(f"{statistics.median(float(r[2]) for r in mine):,.0f}")
+        cells.append(f"{statistics.median(cpus[name]):.2f}")
+    for name in names[:-1]:
+        each = [a / b for a, b in zip(cpus[name], cpus[last])]
+        cells.append(f"{min(each):.2f}–{max(each):.2f}")
+    print(f"| {work} | {' | '.join(cells)} |")
 PY
 rm -f "$results"

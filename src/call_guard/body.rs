@@ -5,12 +5,13 @@
 use std::{
     panic::AssertUnwindSafe,
     pin::Pin,
+    sync::Arc,
     task::{Context, Poll},
 };
 
 use http_body::{Body, Frame, SizeHint};
-use tokio::time::Sleep;
-use tokio_util::sync::WaitForCancellationFutureOwned;
+use tokio::time::{Instant, Sleep};
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::Status;
 
 use super::panic::Caught;
@@ -37,9 +38,15 @@ use crate::gauges::Slot;
 /// UserService's streams, health's and reflection's alike (tonic's
 /// graceful shutdown would otherwise wait for every open stream, and a
 /// health `Watch` never ends on its own).
+///
+/// **Only a call that waits registers a timer and a shutdown waiter**: the
+/// deadline and the shutdown are first checked by reading the clock and a
+/// flag, and the timer and the waiter (an allocation and a lock each, to
+/// register and to drop) are set up the first time the inner body is not
+/// ready. A unary reply, ready at every poll, never sets them up.
 pub struct GuardedBody<B> {
     inner: B,
-    deadline: Option<Pin<Box<Sleep>>>,
+    deadline: Option<Deadline>,
     shutdown: Shutdown,
     slot: Option<Slot>,
     /// How a panic of `inner` is reported (`None`: never polled).
@@ -47,10 +54,23 @@ pub struct GuardedBody<B> {
     ended: bool,
 }
 
+/// When the call is cut, and the timer that wakes it then, once it waits.
+struct Deadline {
+    at: Instant,
+    timer: Option<Pin<Box<Sleep>>>,
+}
+
+/// The server's shutdown, and the waiter that wakes the call at it, once
+/// the call waits.
+struct Watch {
+    token: Arc<CancellationToken>,
+    waiter: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
+}
+
 /// Where a call stands with respect to the server's shutdown.
 enum Shutdown {
     /// Not shutting down yet (or never: a refusal, which ends at once).
-    Armed(Option<Pin<Box<WaitForCancellationFutureOwned>>>),
+    Armed(Option<Watch>),
     /// Shutting down: one more data frame may go out if it is ready.
     LastFrame,
     /// The last frame has gone out; the call ends at the next poll, as it
@@ -75,15 +95,18 @@ impl<B: Default> GuardedBody<B> {
 impl<B> GuardedBody<B> {
     pub(super) fn new(
         inner: B,
-        deadline: Option<Pin<Box<Sleep>>>,
-        shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
+        deadline: Option<Instant>,
+        shutdown: Arc<CancellationToken>,
         slot: Option<Slot>,
         caught: Option<Caught>,
     ) -> Self {
         GuardedBody {
             inner,
-            deadline,
-            shutdown: Shutdown::Armed(Some(shutdown)),
+            deadline: deadline.map(|at| Deadline { at, timer: None }),
+            shutdown: Shutdown::Armed(Some(Watch {
+                token: shutdown,
+                waiter: None,
+            })),
             slot,
             caught,
             ended: false,
@@ -109,6 +132,34 @@ impl<B> GuardedBody<B> {
     }
 }
 
+impl<B> GuardedBody<B> {
+    /// The inner body waits: the deadline and the shutdown must now wake
+    /// the call, and end it if either has come meanwhile.
+    fn poll_wait<D>(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<D>, Status>>> {
+        if let Some(deadline) = &mut self.deadline {
+            let at = deadline.at;
+            let timer = deadline
+                .timer
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
+            if timer.as_mut().poll(cx).is_ready() {
+                return self.end_with(super::deadline_exceeded());
+            }
+        }
+        if let Shutdown::Armed(Some(watch)) = &mut self.shutdown {
+            let token = &watch.token;
+            let waiter = watch
+                .waiter
+                .get_or_insert_with(|| Box::pin(CancellationToken::clone(token).cancelled_owned()));
+            if waiter.as_mut().poll(cx).is_ready() {
+                // As when the shutdown is seen before the inner body is
+                // polled and it has nothing ready.
+                return self.end_with(shutting_down());
+            }
+        }
+        Poll::Pending
+    }
+}
+
 fn shutting_down() -> Status {
     Status::unavailable("server is shutting down")
 }
@@ -128,18 +179,15 @@ where
         if this.ended {
             return Poll::Ready(None);
         }
-        if let Some(deadline) = &mut this.deadline
-            && deadline.as_mut().poll(cx).is_ready()
+        if let Some(deadline) = &this.deadline
+            && Instant::now() >= deadline.at
         {
             return this.end_with(super::deadline_exceeded());
         }
-        match &mut this.shutdown {
-            Shutdown::Armed(Some(shutdown)) => {
-                if shutdown.as_mut().poll(cx).is_ready() {
-                    this.shutdown = Shutdown::LastFrame;
-                }
-            }
-            Shutdown::Armed(None) | Shutdown::LastFrame | Shutdown::Ending => {}
+        if let Shutdown::Armed(Some(watch)) = &this.shutdown
+            && watch.token.is_cancelled()
+        {
+            this.shutdown = Shutdown::LastFrame;
         }
         let polled = std::panic::catch_unwind(AssertUnwindSafe(|| {
             Pin::new(&mut this.inner).poll_frame(cx)
@@ -165,7 +213,7 @@ where
             Poll::Pending if !matches!(this.shutdown, Shutdown::Armed(_)) => {
                 return this.end_with(shutting_down());
             }
-            Poll::Pending => return Poll::Pending,
+            Poll::Pending => return this.poll_wait(cx),
         };
         match &frame {
             Some(Ok(frame)) if frame.is_data() => {

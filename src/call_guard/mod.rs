@@ -26,6 +26,7 @@ use std::{
     future::Future,
     panic::AssertUnwindSafe,
     pin::Pin,
+    sync::Arc,
     task::{Context, Poll},
 };
 
@@ -50,7 +51,7 @@ use crate::{
 pub struct CallGuardLayer {
     gauges: Gauges,
     slots: Slots,
-    shutdown: CancellationToken,
+    shutdown: Arc<CancellationToken>,
 }
 
 impl CallGuardLayer {
@@ -61,7 +62,7 @@ impl CallGuardLayer {
         CallGuardLayer {
             gauges: gauges.clone(),
             slots: gauges.in_flight_slots(max_in_flight),
-            shutdown,
+            shutdown: Arc::new(shutdown),
         }
     }
 }
@@ -85,7 +86,9 @@ pub struct CallGuard<S> {
     inner: S,
     gauges: Gauges,
     slots: Slots,
-    shutdown: CancellationToken,
+    /// Shared, not cloned: the service is cloned for every call, and a
+    /// clone of a token (and its drop) takes the token's lock.
+    shutdown: Arc<CancellationToken>,
 }
 
 impl<S, ReqBody, ResBody> Service<http::Request<ReqBody>> for CallGuard<S>
@@ -126,7 +129,7 @@ where
         } else {
             None
         };
-        let shutdown = Box::pin(self.shutdown.clone().cancelled_owned());
+        let shutdown = Arc::clone(&self.shutdown);
         // Taken now, synchronously: tonic's own timer for the same header is
         // started after this returns, so this deadline is never the later
         // one, and the call ends with DEADLINE_EXCEEDED rather than tonic's
@@ -153,7 +156,6 @@ where
                 Ok(response) => response?,
                 Err(panic) => return Ok(GuardedBody::status(caught.report(&*panic))),
             };
-            let deadline = deadline.map(|deadline| Box::pin(tokio::time::sleep_until(deadline)));
             Ok(response.map(|body| GuardedBody::new(body, deadline, shutdown, slot, Some(caught))))
         })
     }
@@ -370,13 +372,7 @@ mod tests {
     async fn at_shutdown_a_unary_reply_that_is_ready_completes() {
         let shutdown = CancellationToken::new();
         shutdown.cancel();
-        let mut body = GuardedBody::new(
-            Unary { sent: 0 },
-            None,
-            Box::pin(shutdown.cancelled_owned()),
-            None,
-            None,
-        );
+        let mut body = GuardedBody::new(Unary { sent: 0 }, None, Arc::new(shutdown), None, None);
         let data = next_frame(&mut body).await.unwrap().unwrap();
         assert!(data.is_data());
         let trailers = next_frame(&mut body).await.unwrap().unwrap();

@@ -1,10 +1,20 @@
-//! One HTTP/2 connection: the handshake, a task per call, keepalive pings,
-//! going away when idle, old or shut down.
+//! One HTTP/2 connection: the handshake, its calls (in the connection's
+//! task when they finish at once, in a task of their own when they wait),
+//! keepalive pings, going away when idle, old or shut down.
 
-use std::{any::Any, net::SocketAddr, panic::AssertUnwindSafe, pin::Pin, time::Duration};
+use std::{
+    any::Any,
+    future::{Future, poll_fn},
+    net::SocketAddr,
+    panic::AssertUnwindSafe,
+    pin::Pin,
+    task::{Context, Poll},
+    time::Duration,
+};
 
 use bytes::Bytes;
 use futures::FutureExt as _;
+use h2::{RecvStream, server::SendResponse};
 use http::uri::PathAndQuery;
 use tokio::{
     io::{AsyncRead, AsyncWrite},
@@ -12,6 +22,8 @@ use tokio::{
     time::{Instant, Sleep},
 };
 use tokio_util::sync::CancellationToken;
+
+use crate::batched_io::CallTasks;
 
 use super::{
     CallService, ConnectInfo, ConnectionStats, ResponseBody, TransportConfig,
@@ -29,6 +41,16 @@ const PREFACE_AND_SETTINGS: u64 = 24 + 9;
 /// dropped anyway.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// Most calls accepted in one go before they are started: bounds how long
+/// the connection reads before its first call of a burst runs. h2 holds at
+/// most `max_concurrent_streams` open anyway; a grpc-go client with 64
+/// callers sends about 13 requests per read (0.074 `recvfrom` per GetUser
+/// call, BENCHMARKS.md).
+const MAX_ACCEPTED_AT_ONCE: usize = 256;
+
+/// A call h2 has accepted: its request, and where its reply goes.
+type Accepted = (http::Request<RecvStream>, SendResponse<Bytes>);
+
 /// One connection to serve, and what it needs.
 pub struct Connection<'a, S> {
     pub service: S,
@@ -41,6 +63,9 @@ pub struct Connection<'a, S> {
     pub stop: CancellationToken,
     /// Given to every call, in its request's extensions.
     pub connect_info: ConnectInfo,
+    /// Told whether calls run in tasks of their own, for the flush delay
+    /// of the connection's `BatchedWrites` (if it has one).
+    pub call_tasks: CallTasks,
 }
 
 impl<S> Connection<'_, S> {
@@ -48,10 +73,16 @@ impl<S> Connection<'_, S> {
     /// it fails, or it is told to go away (server shutdown, idle, age) and
     /// its calls have finished.
     ///
-    /// Each call runs in its own task, owned by this connection. When the
-    /// connection ends, calls still running are let go to finish on their
-    /// own (their streams are broken: they end soon); when the future is
-    /// dropped, they are cancelled.
+    /// Calls are started once h2 has read everything the socket holds, so
+    /// that a unary request's DATA frame, which arrives with its HEADERS, is
+    /// in: each call is polled once in this task, and one that finishes
+    /// there (a unary call on the memory store) costs no task, no wake-up
+    /// of another thread and no contention with it on h2's lock, and its
+    /// reply goes out with the others of the same read, in one write. A
+    /// call that has to wait continues in a task of its own, owned by this
+    /// connection. When the connection ends, calls still running are let
+    /// go to finish on their own (their streams are broken: they end
+    /// soon); when the future is dropped, they are cancelled.
     pub async fn serve<IO, B>(self, io: IO) -> Result<(), h2::Error>
     where
         IO: AsyncRead + AsyncWrite + Unpin,
@@ -59,12 +90,13 @@ impl<S> Connection<'_, S> {
         B: ResponseBody,
     {
         let Connection {
-            service,
+            mut service,
             config,
             stats,
             handshake_deadline,
             stop,
             connect_info,
+            call_tasks,
         } = self;
         let client = connect_info.client();
         let (io, received) = CountReads::new(io);
@@ -81,6 +113,7 @@ impl<S> Connection<'_, S> {
         let mut conn: h2::server::Connection<_, Bytes> = conn?;
         let mut keepalive = Keepalive::new(&config.http2, conn.ping_pong(), received.clone());
         let mut calls = JoinSet::new();
+        let mut accepted = Vec::new();
         // Until the client's SETTINGS are in, the handshake deadline holds.
         let mut greeted = false;
         let handshake_timer = tokio::time::sleep_until(handshake_deadline);
@@ -102,22 +135,29 @@ impl<S> Connection<'_, S> {
         let ended = loop {
             tokio::select! {
                 // Accepting also drives the connection: every frame in and out.
-                accepted = conn.accept() => match accepted {
-                    Some(Ok((mut request, respond))) => {
-                        connect_info.add_to(request.extensions_mut());
-                        // For the log line of a panic in the call's task.
-                        let path = request.uri().path_and_query().cloned();
-                        let call = stream::serve(request, respond, service.clone());
-                        let call = AssertUnwindSafe(call).catch_unwind();
-                        calls.spawn(async move { call.await.err().map(|panic| (path, panic)) });
+                end = poll_fn(|cx| poll_accept_all(&mut conn, &mut accepted, cx)) => {
+                    poll_fn(|cx| {
+                        for (request, respond) in accepted.drain(..) {
+                            start(request, respond, &mut service, &connect_info, stats, &mut calls, cx);
+                        }
+                        Poll::Ready(())
+                    })
+                    .await;
+                    call_tasks.set(!calls.is_empty());
+                    if calls.is_empty()
+                        && let Some(idle) = config.max_connection_idle
+                    {
+                        idle_timer.as_mut().reset(deadline_after(idle));
                     }
-                    Some(Err(err)) => break Err(err),
                     // Closed: by the client, or once told to go away and
                     // every call is done.
-                    None => break Ok(()),
-                },
+                    if let Some(end) = end {
+                        break end;
+                    }
+                }
                 Some(ended) = calls.join_next(), if !calls.is_empty() => {
                     report_call_panic(ended, client, stats);
+                    call_tasks.set(!calls.is_empty());
                     if calls.is_empty()
                         && let Some(idle) = config.max_connection_idle
                     {
@@ -216,6 +256,63 @@ impl<S> Connection<'_, S> {
 /// How a call's task ends: `None`, or the panic it caught, with the path
 /// of the call's method.
 type CallPanic = Option<(Option<PathAndQuery>, Box<dyn Any + Send>)>;
+
+/// Accepts into `accepted` every call h2 has, reading until the socket has
+/// nothing more (or [`MAX_ACCEPTED_AT_ONCE`]). Pending while there is none.
+/// `Some`: the connection is over (closed, or failed), after the calls
+/// accepted so far.
+fn poll_accept_all<IO>(
+    conn: &mut h2::server::Connection<IO, Bytes>,
+    accepted: &mut Vec<Accepted>,
+    cx: &mut Context<'_>,
+) -> Poll<Option<Result<(), h2::Error>>>
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+{
+    while accepted.len() < MAX_ACCEPTED_AT_ONCE {
+        match conn.poll_accept(cx) {
+            Poll::Ready(Some(Ok(call))) => accepted.push(call),
+            Poll::Ready(Some(Err(err))) => return Poll::Ready(Some(Err(err))),
+            Poll::Ready(None) => return Poll::Ready(Some(Ok(()))),
+            Poll::Pending if accepted.is_empty() => return Poll::Pending,
+            Poll::Pending => break,
+        }
+    }
+    Poll::Ready(None)
+}
+
+/// Starts a call: polls it once here, in the connection's task (`cx`), and
+/// if it is not done, hands it to a task of its own in `calls`. Its waker
+/// is then the new task's from its next poll on, which comes at once.
+fn start<S, B>(
+    mut request: http::Request<RecvStream>,
+    respond: SendResponse<Bytes>,
+    // `&mut`, not `&`: the connection's future stays `Send` without `S:
+    // Sync`.
+    service: &mut S,
+    connect_info: &ConnectInfo,
+    stats: &ConnectionStats,
+    calls: &mut JoinSet<CallPanic>,
+    cx: &mut Context<'_>,
+) where
+    S: CallService<B>,
+    B: ResponseBody,
+{
+    connect_info.add_to(request.extensions_mut());
+    // For the log line of a panic in the call.
+    let path = request.uri().path_and_query().cloned();
+    let call = AssertUnwindSafe(stream::serve(request, respond, service.clone())).catch_unwind();
+    let mut call = Box::pin(async move { call.await.err().map(|panic| (path, panic)) });
+    match call.as_mut().poll(cx) {
+        Poll::Ready(None) => {}
+        Poll::Ready(panicked) => {
+            report_call_panic(Ok(panicked), connect_info.client(), stats);
+        }
+        Poll::Pending => {
+            calls.spawn(call);
+        }
+    }
+}
 
 /// Logs and counts a call task that panicked. Its stream was reset when
 /// the task unwound; the connection and its other calls go on. (A service
@@ -347,6 +444,29 @@ mod tests {
         let response = call(&mut client, "/works").await.unwrap();
         assert_eq!(response.headers()["grpc-status"], "0");
         assert_eq!(served.stats.panicked_calls(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_call_done_at_once_runs_in_the_connections_task_one_that_waits_in_its_own() {
+        let (seen, mut tasks) = tokio::sync::mpsc::unbounded_channel();
+        let service = ServiceFn(move |request: http::Request<RequestBody>| {
+            let seen = seen.clone();
+            async move {
+                if request.uri().path() == "/waits" {
+                    tokio::task::yield_now().await;
+                }
+                seen.send(tokio::task::id()).unwrap();
+                testing::head(Some("0"), testing::empty())
+            }
+        });
+        let mut served = testing::serve(service, TransportConfig::default());
+        let connection_task = served.task.id();
+        let mut client = testing::h2_client(served.io.take().unwrap()).await;
+        call(&mut client, "/now").await.unwrap();
+        assert_eq!(tasks.recv().await, Some(connection_task));
+        call(&mut client, "/waits").await.unwrap();
+        let waited_in = tasks.recv().await.unwrap();
+        assert_ne!(waited_in, connection_task);
     }
 
     #[tokio::test]

@@ -18,7 +18,10 @@ use super::{
     sniff::{Protocol, sniff},
     stats::OpenConnection,
 };
-use crate::{batched_io::BatchedWrites, playground::Playground};
+use crate::{
+    batched_io::{BatchedWrites, CallTasks},
+    playground::Playground,
+};
 
 /// First pause after an accept error that is not about one connection
 /// (descriptors exhausted, out of memory): retrying at once would spin.
@@ -179,6 +182,7 @@ impl<S> Accepted<S> {
         let io = BatchedWrites::new(tcp);
         let handshake_deadline = Instant::now() + config.handshake_timeout;
         let serving = Serving {
+            call_tasks: io.call_tasks(),
             service,
             playground,
             config: &config,
@@ -224,6 +228,8 @@ impl<S> Accepted<S> {
 
 /// What serving an accepted connection takes, once TLS is done.
 struct Serving<'a, S> {
+    /// The flag of the connection's `BatchedWrites`.
+    call_tasks: CallTasks,
     service: S,
     playground: Option<Playground>,
     config: &'a TransportConfig,
@@ -300,6 +306,7 @@ impl<S> Serving<'_, S> {
             handshake_deadline: self.handshake_deadline,
             stop: self.stop,
             connect_info,
+            call_tasks: self.call_tasks,
         };
         connection.serve(io).await
     }

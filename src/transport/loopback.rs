@@ -10,6 +10,8 @@ use futures::FutureExt as _;
 use tokio::{io::DuplexStream, time::Instant};
 use tokio_util::sync::CancellationToken;
 
+use crate::batched_io::CallTasks;
+
 use super::{
     CallService, ConnectInfo, ConnectionStats, ResponseBody, TransportConfig,
     connection::Connection, panic_message,
@@ -66,6 +68,7 @@ impl Loopback {
                     handshake_deadline: Instant::now() + config.handshake_timeout,
                     stop,
                     connect_info,
+                    call_tasks: CallTasks::default(),
                 };
                 match AssertUnwindSafe(connection.serve(server_end))
                     .catch_unwind()

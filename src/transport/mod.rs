@@ -14,7 +14,8 @@
 //!   the playground's calls.
 //! - `connect_info`: the connection's addresses and client certificates,
 //!   in every request's extensions as tonic's server puts them.
-//! - `connection`: one HTTP/2 connection: settings, one task per call,
+//! - `connection`: one HTTP/2 connection: settings, its calls (in its own
+//!   task when they finish at once, each in a task of its own otherwise),
 //!   going away when idle, old or shut down.
 //! - `keepalive`: pings once the connection has read nothing for an
 //!   interval, and the count of what it reads.

@@ -22,6 +22,8 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 use tower_service::Service;
 
+use crate::batched_io::CallTasks;
+
 use super::{
     CallService, ConnectInfo, ConnectionStats, RequestBody, TransportConfig, connection::Connection,
 };
@@ -238,6 +240,7 @@ where
                 handshake_deadline: Instant::now() + config.handshake_timeout,
                 stop,
                 connect_info: ConnectInfo::of(client()),
+                call_tasks: CallTasks::default(),
             };
             connection.serve(io).await
         }

@@ -29,7 +29,7 @@ import (
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 
-	pb "usergrpc"
+	pb "peer/usergrpc"
 )
 
 const (
@@ -206,7 +206,7 @@ func (s *server) ListUsers(in *pb.ListUsersRequest, stream pb.UserService_ListUs
 		}
 		for ; i < len(s.store.ids) && len(page) < pageSize; i++ {
 			u := s.store.users[s.store.ids[i]]
-			if in.VerifiedFilter != nil && u.Verified != in.GetVerified() {
+			if in.Verified != nil && u.Verified != in.GetVerified() {
 				continue
 			}
 			page = append(page, u)
