@@ -440,6 +440,8 @@ async fn listen_and_run<S: Store>(
     listen: &ListenArgs,
     config: Config,
 ) -> Result<(), Failure> {
+    // Before anything says the server is up.
+    let signal = shutdown_signal();
     let listen_failed = |addr: &str| {
         let addr = addr.to_owned();
         move |source| Failure::Listen { addr, source }
@@ -475,7 +477,7 @@ async fn listen_and_run<S: Store>(
         grpc: listener,
         metrics,
     };
-    let served = server::run(listeners, store.clone(), config, shutdown_signal()).await;
+    let served = server::run(listeners, store.clone(), config, signal).await;
     // Closing checkpoints the SQLite write-ahead log into the file and
     // removes it: the file alone then holds every user. A PostgreSQL store
     // commits what is queued and closes its connections.
@@ -521,30 +523,47 @@ fn read(path: &Path) -> Result<Vec<u8>, Failure> {
     })
 }
 
-/// Completes on Ctrl-C (SIGINT) or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        if let Err(err) = tokio::signal::ctrl_c().await {
-            tracing::error!(%err, "cannot listen for Ctrl-C");
-            std::future::pending::<()>().await;
-        }
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
+/// Completes on Ctrl-C (SIGINT) or SIGTERM. The handlers are installed
+/// when this is called, not when the future is first polled: a signal sent
+/// the moment the address file appears (by a supervisor, or a test) is a
+/// graceful shutdown, never the default action's exit on the spot.
+#[cfg(unix)]
+fn shutdown_signal() -> impl Future<Output = ()> {
+    use tokio::signal::unix::{Signal, SignalKind, signal};
+
+    fn install(kind: SignalKind, name: &str) -> Option<Signal> {
+        signal(kind)
+            .inspect_err(|err| tracing::error!(%err, "cannot listen for {name}"))
+            .ok()
+    }
+    async fn received(signal: Option<Signal>) {
+        match signal {
+            Some(mut signal) => {
                 signal.recv().await;
             }
+            None => std::future::pending().await,
+        }
+    }
+    let interrupt = install(SignalKind::interrupt(), "Ctrl-C");
+    let terminate = install(SignalKind::terminate(), "SIGTERM");
+    async move {
+        tokio::select! {
+            () = received(interrupt) => tracing::info!("received Ctrl-C"),
+            () = received(terminate) => tracing::info!("received SIGTERM"),
+        }
+    }
+}
+
+/// Completes on Ctrl-C.
+#[cfg(not(unix))]
+fn shutdown_signal() -> impl Future<Output = ()> {
+    async {
+        match tokio::signal::ctrl_c().await {
+            Ok(()) => tracing::info!("received Ctrl-C"),
             Err(err) => {
-                tracing::error!(%err, "cannot listen for SIGTERM");
+                tracing::error!(%err, "cannot listen for Ctrl-C");
                 std::future::pending::<()>().await;
             }
         }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => tracing::info!("received Ctrl-C"),
-        () = terminate => tracing::info!("received SIGTERM"),
     }
 }

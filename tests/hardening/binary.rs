@@ -208,6 +208,20 @@ async fn a_host_name_address_and_the_address_file() {
     assert!(status.success(), "{log}");
 }
 
+/// A SIGTERM sent the moment the address file appears, as a supervisor or
+/// a test that only waits for readiness sends it, is a graceful shutdown:
+/// the handler is in place before the server says it is up. (It was once
+/// installed a little later, and most such signals ended the process on
+/// the spot.)
+#[test]
+fn a_sigterm_as_soon_as_the_server_is_up_is_a_graceful_shutdown() {
+    for _ in 0..10 {
+        let (status, log) = start(&[]).terminate();
+        assert!(status.success(), "exit 0 on SIGTERM: {status:?} {log}");
+        assert!(log.contains("received SIGTERM"), "{log}");
+    }
+}
+
 /// With its descriptors exhausted, the server neither spins nor stops: it
 /// backs off (using almost no CPU), logs at a bounded rate, and accepts
 /// again as soon as descriptors are free; calls already in flight go on.
