@@ -6,7 +6,7 @@
 //! - takes an in-flight slot (UserService calls only, so health checks keep
 //!   answering under load), or answers `RESOURCE_EXHAUSTED` at once: excess
 //!   calls are refused, never queued;
-//! - reads `grpc-timeout` ([`grpc_timeout`]) and ends the call with
+//! - reads `grpc-timeout` ([`grpc_timeout()`]) and ends the call with
 //!   `DEADLINE_EXCEEDED` when the deadline passes, whether the handler is
 //!   still running or has returned a response stream that is still open.
 //!   tonic alone only bounds the handler, and answers `CANCELLED` when it

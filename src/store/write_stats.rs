@@ -23,7 +23,7 @@ use super::{StoreError, group_commit::Writes};
 use crate::user::{Change, ChangeKind};
 
 /// Buckets of the ops-per-commit histogram: 1 (a lone write) to 8192
-/// ([`MAX_BATCH_OPS`]), doubling.
+/// ([`MAX_BATCH_OPS`](super::group_commit::MAX_BATCH_OPS)), doubling.
 const BATCH_OPS_BUCKETS: [f64; 14] = [
     1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0,
 ];
