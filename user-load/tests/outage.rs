@@ -119,7 +119,9 @@ async fn a_dead_target_is_backed_off_reported_and_loaded_again_once_back() {
 async fn bulk_streams_wait_for_a_dead_target_instead_of_failing_again() {
     let (live, dying) = (Server::start(&[]), Server::start(&[]));
     let dying_addr = dying.addr.clone();
-    // Short streams, two of them to the target that dies.
+    // Two streams to the target that dies, each long enough to be sending
+    // when it does: with short ones, the kill can fall between two streams,
+    // and then no row is left without an answer.
     let child = spawn_load(&[
         "bulk",
         "--addr",
@@ -127,7 +129,7 @@ async fn bulk_streams_wait_for_a_dead_target_instead_of_failing_again() {
         "--concurrency",
         "4",
         "--per-stream",
-        "200",
+        "1000000",
         "--duration",
         "120s",
         "--json",

@@ -126,13 +126,21 @@ pub struct Watcher {
 }
 
 impl Watcher {
-    /// Waits (bounded) for the next Change: something was stored.
+    /// Waits (bounded) for the next Change: something was stored. A
+    /// watcher that a fast import leaves behind (a busy machine runs the
+    /// test's task late) is ended `ABORTED` by the feed instead, which says
+    /// the same: changes were stored, faster than it read them.
     pub async fn change(&mut self) {
         let next = tokio::time::timeout(PATIENCE, self.changes.message()).await;
-        assert!(
-            matches!(&next, Ok(Ok(Some(m))) if matches!(m.event, Some(Event::Change(_)))),
-            "{next:?}"
-        );
+        let stored = match &next {
+            Ok(Ok(Some(message))) => matches!(message.event, Some(Event::Change(_))),
+            Ok(Err(status)) => {
+                status.code() == tonic::Code::Aborted
+                    && status.message().contains("fell too far behind")
+            }
+            _ => false,
+        };
+        assert!(stored, "{next:?}");
     }
 }
 
