@@ -3,15 +3,13 @@
 
 use std::{collections::BTreeMap, net::SocketAddr};
 
-use test_support::{ServerProcess, connect_noting_peer, user_named};
+use test_support::{ServerProcess, connect_noting_peer, list_all, user_named};
 use tonic::{
     Code,
     metadata::MetadataValue,
     transport::{Channel, Endpoint},
 };
-use user_service::proto::{
-    GetUserRequest, ListUsersRequest, user_service_client::UserServiceClient,
-};
+use user_service::proto::{GetUserRequest, user_service_client::UserServiceClient};
 
 /// One connection to `server`, and the client's address on it.
 async fn connect(server: &ServerProcess) -> (Channel, SocketAddr) {
@@ -90,16 +88,7 @@ async fn logged_calls(format: &str) -> (ServerProcess, Vec<String>, SocketAddr) 
         .await
         .unwrap();
     assert_eq!(report.into_inner().added, 3);
-    let mut listing = client
-        .list_users(ListUsersRequest::default())
-        .await
-        .unwrap()
-        .into_inner();
-    let mut listed = 0;
-    while listing.message().await.unwrap().is_some() {
-        listed += 1;
-    }
-    assert_eq!(listed, 4);
+    assert_eq!(list_all(&mut client).await.len(), 4);
     call_unknown_method(channel).await;
     let mut lines = Vec::new();
     for (method, ..) in EXPECTED {
