@@ -164,7 +164,7 @@ impl Worker {
                 Err(status) => {
                     recorder.stream(latency, status.code());
                     recorder.rows_lost(rows_sent, &status);
-                    self.targets.failed(self.target, &status);
+                    self.targets.stream_failed(self.target, &status).await;
                 }
             }
         }

@@ -41,7 +41,9 @@ use tonic::{
     service::{Interceptor, interceptor::InterceptedService},
     transport::{Channel, Endpoint},
 };
-use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
 use user_service::{
     any_certificate::AnyCertificate, auth::AuthToken, batched_io::BatchedWrites,
     proto::user_service_client::UserServiceClient, server::MAX_MESSAGE_SIZE,
@@ -155,7 +157,7 @@ async fn probe(
     heard: &AtomicU8,
 ) -> Result<(), SetupError> {
     let status = match check_health(transport, timeout).await {
-        Ok(()) => return Ok(()),
+        Ok(_) => return Ok(()),
         Err(Some(status)) => status,
         Err(None) => {
             return Err(SetupError::Unreachable(format!(
@@ -201,19 +203,28 @@ async fn probe(
     Ok(())
 }
 
+/// What a health Check that was answered said.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Serving {
+    Yes,
+    /// NOT_SERVING, or any status but SERVING: a server that is shutting
+    /// down, or whose store is unusable, says so.
+    No,
+}
+
 /// One health Check of the whole server on `transport`, within `timeout`:
-/// `Ok` when it answered (whether SERVING or not), else its status (`None`: no answer in
-/// time).
+/// what it answered, else its status (`None`: no answer in time).
 pub async fn check_health(
     transport: Transport,
     timeout: Duration,
-) -> Result<(), Option<tonic::Status>> {
+) -> Result<Serving, Option<tonic::Status>> {
     let mut request = tonic::Request::new(HealthCheckRequest {
         service: String::new(),
     });
     request.set_timeout(timeout);
     match tokio::time::timeout(timeout, HealthClient::new(transport).check(request)).await {
-        Ok(Ok(_)) => Ok(()),
+        Ok(Ok(reply)) if reply.get_ref().status() == ServingStatus::Serving => Ok(Serving::Yes),
+        Ok(Ok(_)) => Ok(Serving::No),
         Ok(Err(status)) => Err(Some(status)),
         Err(_) => Err(None),
     }

@@ -145,7 +145,7 @@ pub async fn run(ctx: &Ctx, totals: &mut Totals) {
                     }
                     Ok(Err(status)) => {
                         recorder.stream_failed(latency, &status);
-                        targets.failed(target, &status);
+                        targets.stream_failed(target, &status).await;
                     }
                     Err(_) => recorder.stream_failed(
                         latency,

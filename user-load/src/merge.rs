@@ -130,6 +130,7 @@ impl RunJson {
                         ok: t.ok_calls,
                         no_answer: t.connection_failures,
                         users: t.users,
+                        aborted: t.streams_aborted,
                         ..Stats::default()
                     },
                     addr: t.addr,

@@ -128,9 +128,13 @@ impl Recorder {
         self.live.errors.fetch_add(units, Ordering::Relaxed);
         let (measuring, slot) = self.now();
         slot.failed += units;
-        if measuring {
+        // Their cause goes with the errors, not with the failed units'
+        // kinds: those explain `failed_calls`, which these are not part of.
+        // A stream that failed before it carried a row has no unit to
+        // count; its target's outage gives the cause.
+        if measuring && units > 0 {
             self.stats.no_answer += units;
-            self.stats.failed(describe(status), units);
+            self.stats.error_count(describe(status), units);
         }
     }
 

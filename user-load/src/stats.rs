@@ -227,6 +227,11 @@ impl Stats {
         self.errors.add(message.into(), 1);
     }
 
+    /// `count` of one kind of error that is not a failed unit.
+    pub fn error_count(&mut self, message: String, count: u64) {
+        self.errors.add(message, count);
+    }
+
     /// `count` units that failed for `message` (a status and its message).
     pub fn failed(&mut self, message: String, count: u64) {
         self.failures.add(message.clone(), count);

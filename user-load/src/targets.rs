@@ -2,8 +2,9 @@
 //! marked down, and its workers stop sending to it (the others go on, and
 //! take the units it would have had), while it is probed again with
 //! backoff, as gRPC clients reconnect; when every connection to it answers
-//! a health Check, it is up again and its workers resume. Each outage is
-//! kept for the report.
+//! a health Check with SERVING, it is up again and its workers resume. A
+//! stream that fails in any other way has its target checked at once (see
+//! [`Targets::stream_failed`]). Each outage is kept for the report.
 
 use std::{
     sync::{
@@ -18,7 +19,7 @@ use tokio::sync::watch;
 
 use crate::{
     budget::Budget,
-    connect::{CONNECT_TIMEOUT, Transport, check_health},
+    connect::{CONNECT_TIMEOUT, Serving, Transport, check_health},
     stats::{describe, is_transport_failure},
 };
 
@@ -117,22 +118,73 @@ impl Targets {
     /// A unit sent to `target` failed with `status`: when its connection
     /// failed, the target is marked down, and probed until it is back.
     pub fn failed(self: &Arc<Self>, target: usize, status: &tonic::Status) {
-        if !is_transport_failure(status) {
+        if is_transport_failure(status) {
+            self.mark_down(target, describe(status));
+        }
+    }
+
+    /// A stream sent to `target` ended with `status`. A stream that fails
+    /// is out of the ordinary (bulk's rows fail in its reply, not by
+    /// failing the stream), and the status alone does not always tell a
+    /// target that cannot take load from one that refused a stream: a
+    /// server that is shutting down answers its streams UNAVAILABLE itself.
+    /// So unless the connection failed, the target is asked with a health
+    /// Check before another stream is opened, and marked down if it is not
+    /// serving: whatever a stream's failure looks like, a target that is
+    /// gone gets at most one failed stream per worker, then backoff.
+    pub async fn stream_failed(self: &Arc<Self>, target: usize, status: &tonic::Status) {
+        if is_transport_failure(status) {
+            self.mark_down(target, describe(status));
             return;
         }
+        // Once the run is over, no stream is opened again.
+        if !self.is_up(target) || self.budget.is_done() {
+            return;
+        }
+        if let Some(why) = self.unfit(target).await {
+            self.mark_down(target, format!("{}; then {why}", describe(status)));
+        }
+    }
+
+    /// Marks `target` down for `cause`, and starts probing it, unless it
+    /// is down already.
+    fn mark_down(self: &Arc<Self>, target: usize, cause: String) {
         let state = &self.states[target];
         if !state.up.swap(false, Ordering::Relaxed) {
             return;
         }
         state.changes.send_replace(false);
         if let Ok(mut outages) = state.outages.lock() {
-            outages.push((Instant::now(), None, describe(status)));
+            outages.push((Instant::now(), None, cause));
         }
         tokio::spawn(self.clone().reconnect(target));
     }
 
-    /// Probes `target` with backoff until every connection to it answers,
-    /// or the run is over.
+    /// Why `target` cannot take load, from one health Check on each of
+    /// its connections; `None` when every one answers and none says
+    /// NOT_SERVING. A server without the health service answers
+    /// UNIMPLEMENTED, which proves the connection and is taken as serving.
+    async fn unfit(&self, target: usize) -> Option<String> {
+        for transport in &self.states[target].transports {
+            match check_health(transport.clone(), CONNECT_TIMEOUT).await {
+                Ok(Serving::Yes) => {}
+                Ok(Serving::No) => return Some("its health Check answered NOT_SERVING".to_owned()),
+                Err(Some(status)) if !is_transport_failure(&status) => {}
+                Err(Some(status)) => {
+                    return Some(format!("its health Check: {}", describe(&status)));
+                }
+                Err(None) => {
+                    return Some(format!(
+                        "its health Check got no answer within {CONNECT_TIMEOUT:?}"
+                    ));
+                }
+            }
+        }
+        None
+    }
+
+    /// Probes `target` with backoff until every connection to it answers
+    /// SERVING, or the run is over.
     async fn reconnect(self: Arc<Self>, target: usize) {
         let state = &self.states[target];
         let mut backoff = INITIAL_BACKOFF;
@@ -143,19 +195,7 @@ impl Targets {
                 () = self.budget.done() => return,
             }
             backoff = backoff.mul_f64(BACKOFF_MULTIPLIER).min(MAX_BACKOFF);
-            let mut answered = true;
-            for transport in &state.transports {
-                answered = match check_health(transport.clone(), CONNECT_TIMEOUT).await {
-                    Ok(()) => true,
-                    // Any status from the server proves the connection.
-                    Err(Some(status)) => !is_transport_failure(&status),
-                    Err(None) => false,
-                };
-                if !answered {
-                    break;
-                }
-            }
-            if answered {
+            if self.unfit(target).await.is_none() {
                 if let Ok(mut outages) = state.outages.lock()
                     && let Some(last) = outages.last_mut()
                 {

@@ -7,6 +7,8 @@
 
 mod common;
 
+use std::future::Future;
+
 use common::*;
 use serde_json::Value;
 use test_support::postgres::{TestSchema, skip_without_database};
@@ -115,13 +117,25 @@ async fn a_dead_target_is_backed_off_reported_and_loaded_again_once_back() {
     );
 }
 
-#[tokio::test]
-async fn bulk_streams_wait_for_a_dead_target_instead_of_failing_again() {
-    let (live, dying) = (Server::start(&[]), Server::start(&[]));
-    let dying_addr = dying.addr.clone();
-    // Two streams to the target that dies, each long enough to be sending
-    // when it does: with short ones, the kill can fall between two streams,
-    // and then no row is left without an answer.
+/// Streams aborted to the target `addr`, whatever their code.
+fn aborted(report: &Value, addr: &str) -> u64 {
+    target(report, addr)["streams_aborted"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|n| n.as_u64().unwrap())
+        .sum()
+}
+
+/// Runs `bulk` over `live` and `dying` with two streams to each, each
+/// stream long enough to be sending when `end` ends `dying` (with short
+/// ones, the end can fall between two streams, and then no row is left
+/// without an answer), until `live` has stored more; returns the report.
+async fn bulk_while_one_of_two_ends<F: Future<Output = ()>>(
+    live: &Server,
+    dying: Server,
+    end: impl FnOnce(Server) -> F,
+) -> Value {
     let child = spawn_load(&[
         "bulk",
         "--addr",
@@ -135,21 +149,40 @@ async fn bulk_streams_wait_for_a_dead_target_instead_of_failing_again() {
         "--json",
     ]);
     dying.watch().await.change().await;
-    dying.kill();
+    end(dying).await;
     live.watch().await.change().await;
     interrupt(&child);
     let run = finish_async(child).await;
     assert_eq!(run.code, EXIT_INTERRUPTED, "{run:?}");
-    let report = run.json();
+    run.json()
+}
+
+/// The failed units' kinds add up to the failed units: rows that got no
+/// answer are counted apart, with their cause among the errors.
+fn assert_kinds_explain_failures(report: &Value) {
+    let kinds: u64 = report["failure_kinds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["count"].as_u64().unwrap())
+        .sum();
+    let other = report["other_failures"].as_u64().unwrap();
+    assert_eq!(
+        Some(kinds + other),
+        report["failed_calls"].as_u64(),
+        "{report}"
+    );
+}
+
+#[tokio::test]
+async fn bulk_streams_wait_for_a_dead_target_instead_of_failing_again() {
+    let (live, dying) = (Server::start(&[]), Server::start(&[]));
+    let dying_addr = dying.addr.clone();
+    let report = bulk_while_one_of_two_ends(&live, dying, |dying| async { dying.kill() }).await;
     // Each of its two streams failed once at most: no stream is opened to
     // a refused port again and again.
-    let aborted: u64 = report["streams_aborted"]
-        .as_object()
-        .unwrap()
-        .values()
-        .map(|n| n.as_u64().unwrap())
-        .sum();
-    assert!((1..=2).contains(&aborted), "{report}");
+    assert!((1..=2).contains(&aborted(&report, &dying_addr)), "{report}");
+    assert_eq!(aborted(&report, &live.addr), 0, "{report}");
     // Their rows got no answer: unconfirmed, apart from the rows' codes.
     let unconfirmed = report["rows_unconfirmed"].as_u64().unwrap();
     assert!(unconfirmed >= 1, "{report}");
@@ -162,6 +195,30 @@ async fn bulk_streams_wait_for_a_dead_target_instead_of_failing_again() {
         1
     );
     assert_eq!(report["calls"], report["rows_added"]);
+    assert_kinds_explain_failures(&report);
+}
+
+#[tokio::test]
+async fn bulk_streams_ended_by_a_replica_shutting_down_are_not_reopened_to_it() {
+    // A server that is shutting down ends its streams UNAVAILABLE itself:
+    // a status from the server, not a failed connection. The generator
+    // asks the target's health before another stream, and finds it down.
+    let (live, stopping) = (Server::start(&[]), Server::start(&[]));
+    let stopping_addr = stopping.addr.clone();
+    let report =
+        bulk_while_one_of_two_ends(&live, stopping, |stopping| async { stopping.stop().await })
+            .await;
+    assert!(
+        (1..=2).contains(&aborted(&report, &stopping_addr)),
+        "{report}"
+    );
+    assert_eq!(aborted(&report, &live.addr), 0, "{report}");
+    let outages = target(&report, &stopping_addr)["outages"].clone();
+    assert_eq!(outages.as_array().unwrap().len(), 1, "{report}");
+    assert!(outages[0]["up_at_s"].is_null(), "{report}");
+    // The rows of its streams got no reply.
+    assert!(report["rows_unconfirmed"].as_u64() >= Some(1), "{report}");
+    assert_kinds_explain_failures(&report);
 }
 
 #[tokio::test]

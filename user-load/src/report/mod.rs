@@ -103,6 +103,10 @@ pub struct TargetReport {
     pub latency: Option<Latency>,
     #[serde(default, skip_deserializing)]
     pub propagation: Option<Latency>,
+    /// bulk and list: streams to this target that ended without their
+    /// reply, by code.
+    #[serde(default)]
+    pub streams_aborted: BTreeMap<String, u64>,
     /// When the target went down and came back.
     #[serde(default)]
     pub outages: Vec<Outage>,
@@ -338,6 +342,7 @@ impl Report {
                 users: t.stats.users,
                 latency: Latency::of(&t.stats.latency),
                 propagation: Latency::of_some(&t.stats.propagation),
+                streams_aborted: t.stats.aborted.clone(),
                 outages: t.outages.clone(),
                 latency_histogram: Some(t.stats.latency.clone()),
             })

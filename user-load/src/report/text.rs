@@ -223,6 +223,14 @@ impl Report {
                     t.failed_calls,
                     t.connection_failures
                 );
+                if !t.streams_aborted.is_empty() {
+                    let total: u64 = t.streams_aborted.values().sum();
+                    let _ = writeln!(
+                        out,
+                        "               {total} stream(s) aborted ({})",
+                        codes(&t.streams_aborted)
+                    );
+                }
                 if !t.outages.is_empty() {
                     let _ = writeln!(out, "               {}", outages(t));
                 }

@@ -101,6 +101,13 @@ impl Server {
         self.process.kill();
     }
 
+    /// SIGTERM, as a replica is stopped in a rolling restart, and waits
+    /// for it to exit.
+    pub async fn stop(self) {
+        let (status, log) = self.process.stop().await;
+        assert!(status.success(), "{status}: {log}");
+    }
+
     /// A SyncUsers stream that only watches the feed.
     pub async fn watch(&self) -> Watcher {
         let mut client = UserServiceClient::connect(format!("http://{}", self.addr))
