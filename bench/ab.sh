@@ -27,39 +27,13 @@ out=bench/results/ab-$(date -u +%Y%m%dT%H%M%SZ)
 mkdir -p "$out"
 ticks=$(getconf CLK_TCK)
 
-free_port() {
-    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
-cpu_ticks() { # utime + stime of a process, in clock ticks
-    awk '{ print $14 + $15 }' "/proc/$1/stat"
-}
-
-server_pid=""
-stop_server() {
-    if [ -n "$server_pid" ]; then
-        kill "$server_pid" 2>/dev/null || true
-        wait "$server_pid" 2>/dev/null || true
-        server_pid=""
-    fi
-}
+source bench/lib.sh
 trap stop_server EXIT
 
 # start BINARY: a fresh memory-store server; sets $addr.
 start() {
-    local port
-    port=$(free_port)
-    addr=127.0.0.1:$port
     # shellcheck disable=SC2086 # the flags are words
-    "$1" --store memory --addr "$addr" $SERVER_FLAGS >>"$out/server.log" 2>&1 &
-    server_pid=$!
-    for _ in $(seq 100); do
-        if python3 -c "import socket; socket.create_connection(('127.0.0.1', $port), 0.2)" 2>/dev/null; then
-            return 0
-        fi
-        sleep 0.1
-    done
-    echo "the server did not start" >&2
-    return 1
+    start_server "$out/server.log" "$1" --store memory $SERVER_FLAGS
 }
 
 # run SIDE BINARY WORKLOAD ROUND ARGS...: one load run on a fresh server,

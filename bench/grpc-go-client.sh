@@ -40,11 +40,9 @@ fi
 SERVERS=${SERVERS:-"user-service=$USER_SERVICE+--store+memory grpc-go=bench/peers/go/grpc-go-server"}
 
 ticks=$(getconf CLK_TCK)
-free_port() {
-    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
-pid=""
-trap '[ -n "$pid" ] && kill "$pid" 2>/dev/null' EXIT
+source bench/lib.sh
+trap stop_server EXIT
+log=$(mktemp)
 
 results=$(mktemp)
 for work in $WORKS; do
@@ -55,18 +53,12 @@ for work in $WORKS; do
         for pair in $servers; do
             name=${pair%%=*}
             command=${pair#*=}
-            port=$(free_port)
+            : >"$log"
             # shellcheck disable=SC2086 # the command is words
-            ${command//+/ } --addr "127.0.0.1:$port" >/dev/null 2>&1 &
-            pid=$!
-            until python3 -c "import socket; socket.create_connection(('127.0.0.1', $port), 0.2)" 2>/dev/null; do
-                sleep 0.1
-            done
-            line=$("$client" -addr "127.0.0.1:$port" -pid "$pid" -ticks "$ticks" -work "$work" \
+            start_server "$log" ${command//+/ }
+            line=$("$client" -addr "$addr" -pid "$server_pid" -ticks "$ticks" -work "$work" \
                 -workers "$WORKERS" -for "$FOR" -users "$USERS" -streams "$STREAMS" -window "$WINDOW")
-            kill "$pid"
-            wait "$pid" 2>/dev/null || true
-            pid=""
+            stop_server
             rate=$(awk '{ print $8 }' <<<"$line")
             cpu=$(awk '{ print $10 }' <<<"$line")
             echo "$work round $round $name: $rate ops/s, server CPU $cpu µs per op"
@@ -99,4 +91,4 @@ for work in dict.fromkeys(row[0] for row in rows):
         cells.append(f"{min(each):.2f}–{max(each):.2f}")
     print(f"| {work} | {' | '.join(cells)} |")
 PY
-rm -f "$results"
+rm -f "$results" "$log"

@@ -26,35 +26,12 @@ load=target/release/user-load
 out=bench/results/playground-$(date -u +%Y%m%dT%H%M%SZ)
 mkdir -p "$out"
 
-free_port() {
-    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
-
-server_pid=""
-stop_server() {
-    if [ -n "$server_pid" ]; then
-        kill "$server_pid" 2>/dev/null || true
-        wait "$server_pid" 2>/dev/null || true
-        server_pid=""
-    fi
-}
+source bench/lib.sh
 trap stop_server EXIT
 
 # start PLAYGROUND: a fresh memory-store server; sets $addr.
 start() {
-    local port
-    port=$(free_port)
-    addr=127.0.0.1:$port
-    target/release/user-service --store memory --playground "$1" --addr "$addr" >>"$out/server.log" 2>&1 &
-    server_pid=$!
-    for _ in $(seq 100); do
-        if python3 -c "import socket; socket.create_connection(('127.0.0.1', $port), 0.2)" 2>/dev/null; then
-            return 0
-        fi
-        sleep 0.1
-    done
-    echo "the server did not start" >&2
-    return 1
+    start_server "$out/server.log" target/release/user-service --store memory --playground "$1"
 }
 
 echo "results in $out"

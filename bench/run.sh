@@ -32,41 +32,19 @@ mkdir -p "$out"
 if [ -z "${SERVERS:-}" ]; then
     SERVERS="user-service=target/release/user-service+--store+memory sink=$load+sink"
     [ -x bench/peers/go/grpc-go-server ] && SERVERS+=" grpc-go=bench/peers/go/grpc-go-server"
-    [ -x bench/peers/python/run-server ] && SERVERS+=" grpcio=bench/peers/python/run-server"
+    [ -x bench/peers/python/.venv/bin/python ] && SERVERS+=" grpcio=bench/peers/python/run-server"
 fi
 
-free_port() {
-    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
-
-server_pid=""
-stop_server() {
-    if [ -n "$server_pid" ]; then
-        kill "$server_pid" 2>/dev/null || true
-        wait "$server_pid" 2>/dev/null || true
-        server_pid=""
-    fi
-}
+source bench/lib.sh
 trap stop_server EXIT
 
-# start NAME COMMAND: a fresh server (empty store); sets $addr.
+# start NAME COMMAND: a fresh server (empty store), its log in
+# $out/NAME.server.log; sets $addr.
 start() {
     local name=$1 command=${2//+/ }
-    local port
-    port=$(free_port)
-    addr=127.0.0.1:$port
+    : >"$out/$name.server.log"
     # shellcheck disable=SC2086 # the command is words
-    $command --addr "$addr" >"$out/$name.server.log" 2>&1 &
-    server_pid=$!
-    for _ in $(seq 100); do
-        if python3 -c "import socket; socket.create_connection(('127.0.0.1', $port), 0.2)" 2>/dev/null; then
-            return 0
-        fi
-        sleep 0.1
-    done
-    echo "$name did not start" >&2
-    cat "$out/$name.server.log" >&2
-    return 1
+    start_server "$out/$name.server.log" $command
 }
 
 rss_mib() {
