@@ -161,14 +161,15 @@ impl Targets {
     }
 
     /// Why `target` cannot take load, from one health Check on each of
-    /// its connections; `None` when every one answers and none says
-    /// NOT_SERVING. A server without the health service answers
+    /// its connections; `None` when every one answers SERVING. A server without the health service answers
     /// UNIMPLEMENTED, which proves the connection and is taken as serving.
     async fn unfit(&self, target: usize) -> Option<String> {
         for transport in &self.states[target].transports {
             match check_health(transport.clone(), CONNECT_TIMEOUT).await {
                 Ok(Serving::Yes) => {}
-                Ok(Serving::No) => return Some("its health Check answered NOT_SERVING".to_owned()),
+                Ok(Serving::No) => {
+                    return Some("its health Check did not answer SERVING".to_owned());
+                }
                 Err(Some(status)) if !is_transport_failure(&status) => {}
                 Err(Some(status)) => {
                     return Some(format!("its health Check: {}", describe(&status)));

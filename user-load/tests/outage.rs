@@ -12,6 +12,12 @@ use std::future::Future;
 use common::*;
 use serde_json::Value;
 use test_support::postgres::{TestSchema, skip_without_database};
+use tonic::{Request, Response, Status, Streaming};
+use tonic_health::ServingStatus;
+use user_service::proto::{
+    self,
+    user_service_server::{UserService, UserServiceServer},
+};
 
 /// OK AddUser calls a server has handled, from its metrics.
 async fn added(server: &Server) -> f64 {
@@ -219,6 +225,109 @@ async fn bulk_streams_ended_by_a_replica_shutting_down_are_not_reopened_to_it() 
     // The rows of its streams got no reply.
     assert!(report["rows_unconfirmed"].as_u64() >= Some(1), "{report}");
     assert_kinds_explain_failures(&report);
+}
+
+/// A server being drained: it ends every call UNAVAILABLE itself, and
+/// answers health Checks NOT_SERVING.
+struct Draining;
+
+fn draining() -> Status {
+    Status::unavailable("draining")
+}
+
+type Nothing<T> = futures::stream::Empty<Result<T, Status>>;
+
+#[tonic::async_trait]
+impl UserService for Draining {
+    async fn add_user(&self, _: Request<proto::User>) -> Result<Response<proto::Response>, Status> {
+        Err(draining())
+    }
+
+    async fn get_user(
+        &self,
+        _: Request<proto::GetUserRequest>,
+    ) -> Result<Response<proto::User>, Status> {
+        Err(draining())
+    }
+
+    type ListUsersStream = Nothing<proto::User>;
+
+    async fn list_users(
+        &self,
+        _: Request<proto::ListUsersRequest>,
+    ) -> Result<Response<Self::ListUsersStream>, Status> {
+        Err(draining())
+    }
+
+    async fn bulk_add_users(
+        &self,
+        _: Request<Streaming<proto::User>>,
+    ) -> Result<Response<proto::BulkAddUsersResponse>, Status> {
+        Err(draining())
+    }
+
+    type SyncUsersStream = Nothing<proto::SyncResponse>;
+
+    async fn sync_users(
+        &self,
+        _: Request<Streaming<proto::SyncRequest>>,
+    ) -> Result<Response<Self::SyncUsersStream>, Status> {
+        Err(draining())
+    }
+}
+
+/// Serves [`Draining`] on a free port of this process; its address.
+async fn start_draining() -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
+    let incoming = tonic::transport::server::TcpIncoming::from(listener);
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(health)
+            .add_service(UserServiceServer::new(Draining))
+            .serve_with_incoming(incoming),
+    );
+    addr
+}
+
+#[tokio::test]
+async fn a_target_that_ends_its_streams_and_is_not_serving_is_left_alone() {
+    // Its streams fail with a status from the server, not a failed
+    // connection: its health says it cannot take load, and it is down
+    // until it says SERVING, which it never does.
+    let live = Server::start(&[]);
+    let draining = start_draining().await;
+    let run = finish_async(spawn_load(&[
+        "bulk",
+        "--addr",
+        &format!("{},{draining}", live.addr),
+        "--concurrency",
+        "4",
+        "--duration",
+        "2s",
+        "--json",
+    ]))
+    .await;
+    assert_eq!(run.code, EXIT_FAILED, "{run:?}");
+    let report = run.json();
+    assert!((1..=2).contains(&aborted(&report, &draining)), "{report}");
+    let outages = target(&report, &draining)["outages"].clone();
+    assert_eq!(outages.as_array().unwrap().len(), 1, "{report}");
+    assert!(outages[0]["up_at_s"].is_null(), "{report}");
+    let cause = outages[0]["cause"].as_str().unwrap();
+    assert_eq!(
+        cause, "UNAVAILABLE: draining; then its health Check did not answer SERVING",
+        "{report}"
+    );
+    assert_eq!(aborted(&report, &live.addr), 0, "{report}");
+    assert!(
+        target(&report, &live.addr)["ok_calls"].as_u64() > Some(0),
+        "{report}"
+    );
 }
 
 #[tokio::test]
