@@ -50,7 +50,7 @@ use user_service::{
 };
 
 use crate::{
-    cli::{HostPort, TargetArgs},
+    cli::{ConnectArgs, HostPort, TargetArgs},
     stats::{describe, is_transport_failure},
 };
 
@@ -115,13 +115,24 @@ pub async fn connect(
     count: usize,
     timeout: Duration,
 ) -> Result<Vec<Connection>, SetupError> {
-    let tls = tls_config(target)?;
-    let headers = headers(target)?;
+    connect_to(&target.addr, &target.conn, count, timeout).await
+}
+
+/// Opens `count` connections spread round-robin over `addrs`, connected
+/// as `conn` says, and checks each with one call.
+pub async fn connect_to(
+    addrs: &[HostPort],
+    conn: &ConnectArgs,
+    count: usize,
+    timeout: Duration,
+) -> Result<Vec<Connection>, SetupError> {
+    let tls = tls_config(conn)?;
+    let headers = headers(conn)?;
     let mut connections = Vec::with_capacity(count);
     for i in 0..count {
-        let index = i % target.addr.len();
-        let addr = &target.addr[index];
-        let connector = Connector::new(addr, tls.as_ref(), target.cname.as_deref())?;
+        let index = i % addrs.len();
+        let addr = &addrs[index];
+        let connector = Connector::new(addr, tls.as_ref(), conn.cname.as_deref())?;
         let heard = connector.heard.clone();
         let endpoint = Endpoint::from_shared(format!("http://{addr}"))
             .map_err(|err| SetupError::Input(format!("--addr {addr}: {err}")))?
@@ -134,7 +145,7 @@ pub async fn connect(
             .await
             .map_err(|err| SetupError::Unreachable(connect_failure(addr, &err)))?;
         let transport = InterceptedService::new(channel, headers.clone());
-        probe(addr, target, transport.clone(), timeout, &heard).await?;
+        probe(addr, conn, transport.clone(), timeout, &heard).await?;
         connections.push(Connection {
             transport,
             target: index,
@@ -151,7 +162,7 @@ pub async fn connect(
 /// answers UNIMPLEMENTED, which proves the connection just as well.
 async fn probe(
     addr: &HostPort,
-    target: &TargetArgs,
+    target: &ConnectArgs,
     transport: Transport,
     timeout: Duration,
     heard: &AtomicU8,
@@ -326,7 +337,7 @@ enum ConnectFailure {
 }
 
 /// The `Headers` of `--header`, `--metadata` and `--auth-token-file`.
-fn headers(target: &TargetArgs) -> Result<Headers, SetupError> {
+fn headers(target: &ConnectArgs) -> Result<Headers, SetupError> {
     let mut headers: Vec<_> = target
         .headers
         .iter()
@@ -358,7 +369,7 @@ fn read_pem<T: PemObject>(what: &str, path: &Path) -> Result<Vec<T>, SetupError>
 
 /// The rustls configuration `--cacert`, `--skipTLS`, `--cert` and `--key`
 /// ask for; `None` for plaintext.
-fn tls_config(target: &TargetArgs) -> Result<Option<Arc<ClientConfig>>, SetupError> {
+fn tls_config(target: &ConnectArgs) -> Result<Option<Arc<ClientConfig>>, SetupError> {
     if target.cacert.is_none() && !target.skip_tls {
         return Ok(None);
     }

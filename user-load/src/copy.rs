@@ -20,10 +20,12 @@ use std::{process::ExitCode, time::Duration};
 
 use clap::Args;
 use tokio_stream::StreamExt;
-use tonic::transport::{Channel, Endpoint};
-use user_service::proto::{ListUsersRequest, User, user_service_client::UserServiceClient};
+use user_service::proto::{ListUsersRequest, User};
 
-use crate::cli::HostPort;
+use crate::{
+    cli::{ConnectArgs, HostPort},
+    connect::{self, Client, client_on},
+};
 
 /// Users per BulkAddUsers call. The server reports the first 100 failures
 /// of a call (its index, code and message): with at most 100 rows a call,
@@ -43,17 +45,26 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// reached or failed (as the load modes' "could not do its work").
 const EXIT_FAILED: u8 = 1;
 
+/// Exit status of flags that do not go together (as clap's own errors).
+const EXIT_USAGE: u8 = 2;
+
 #[derive(Debug, Clone, Args)]
 pub struct CopyArgs {
     /// The server to read every user from, HOST:PORT.
     #[arg(long, value_name = "HOST:PORT", value_parser = crate::cli::parse_host_port)]
     pub from: HostPort,
-    /// The server to add them to, HOST:PORT.
+    /// The server to add them to, HOST:PORT. The options below (TLS, the
+    /// token, metadata) apply to both servers.
     #[arg(long, value_name = "HOST:PORT", value_parser = crate::cli::parse_host_port)]
     pub to: HostPort,
     /// Start after this id (the report's last id read): resumes a copy.
     #[arg(long, value_name = "ID")]
     pub after_id: Option<String>,
+
+    /// TLS, the token and metadata: the same for both servers, as for two
+    /// servers of one deployment.
+    #[command(flatten)]
+    pub conn: ConnectArgs,
 }
 
 /// What a copy did.
@@ -106,6 +117,10 @@ impl Copied {
 
 /// Runs `user-load copy`: the report on stdout, the exit status.
 pub fn main(runtime: &tokio::runtime::Runtime, args: &CopyArgs) -> ExitCode {
+    if let Err(message) = args.conn.check() {
+        eprintln!("user-load copy: {message}");
+        return ExitCode::from(EXIT_USAGE);
+    }
     let copied = runtime.block_on(copy(args));
     print!("{}", copied.render(args));
     if copied.failed == 0 && copied.stopped.is_none() {
@@ -119,15 +134,13 @@ pub fn main(runtime: &tokio::runtime::Runtime, args: &CopyArgs) -> ExitCode {
     ExitCode::from(EXIT_FAILED)
 }
 
-async fn connect(addr: &HostPort) -> Result<UserServiceClient<Channel>, String> {
-    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|err| format!("{addr}: {err}"))?
-        .connect_timeout(CALL_TIMEOUT);
-    let channel = endpoint
-        .connect()
+/// A client of the server at `addr`, its connection checked with a health
+/// Check, as the load modes connect.
+async fn connect(addr: &HostPort, conn: &ConnectArgs) -> Result<Client, String> {
+    let mut connections = connect::connect_to(std::slice::from_ref(addr), conn, 1, CALL_TIMEOUT)
         .await
-        .map_err(|err| format!("cannot connect to {addr}: {err}"))?;
-    Ok(UserServiceClient::new(channel))
+        .map_err(|err| err.to_string())?;
+    Ok(client_on(connections.remove(0).transport))
 }
 
 /// Copies every user of `args.from` after `args.after_id` into `args.to`.
@@ -136,7 +149,10 @@ pub async fn copy(args: &CopyArgs) -> Copied {
         last_id: args.after_id.clone(),
         ..Copied::default()
     };
-    let (mut from, mut to) = match (connect(&args.from).await, connect(&args.to).await) {
+    let (mut from, mut to) = match (
+        connect(&args.from, &args.conn).await,
+        connect(&args.to, &args.conn).await,
+    ) {
         (Ok(from), Ok(to)) => (from, to),
         (Err(err), _) | (_, Err(err)) => {
             copied.stopped = Some(err);
@@ -191,7 +207,7 @@ pub async fn copy(args: &CopyArgs) -> Copied {
 /// only a call that failed as a whole is an error (the copy stops there,
 /// and `last_id` stays before the batch).
 async fn add(
-    to: &mut UserServiceClient<Channel>,
+    to: &mut Client,
     addr: &HostPort,
     batch: Vec<User>,
     copied: &mut Copied,

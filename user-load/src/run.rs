@@ -140,6 +140,7 @@ pub async fn run(plan: Plan) -> Result<Report, SetupError> {
         verify,
         token_file: plan
             .target
+            .conn
             .auth_token_file
             .as_ref()
             .map(|p| p.display().to_string()),

@@ -362,3 +362,58 @@ fn the_html_report_renders_with_its_totals_and_no_console_error() {
         std::fs::copy(&screenshot, keep).unwrap();
     }
 }
+
+#[test]
+fn copy_speaks_tls_and_sends_the_token_to_both_servers() {
+    let pki = Pki::new().files();
+    let (ca, token) = (pki.path("ca.pem"), pki.path("token"));
+    let secured = [
+        "--tls-cert",
+        &pki.path("server.pem"),
+        "--tls-key",
+        &pki.path("server.key"),
+        "--auth-token-file",
+        &token,
+    ];
+    let (from, to) = (Server::start(&secured), Server::start(&secured));
+    let run = load(&[
+        "add",
+        "--addr",
+        &from.addr,
+        "-n",
+        "50",
+        "--cacert",
+        &ca,
+        "--auth-token-file",
+        &token,
+    ]);
+    assert_eq!(run.code, 0, "{run:?}");
+    let copy = |extra: &[&str]| {
+        let mut args = vec!["copy", "--from", &from.addr, "--to", &to.addr];
+        args.extend(extra);
+        load(&args)
+    };
+
+    // Plaintext to a TLS server: stopped before anything is read.
+    let run = copy(&[]);
+    assert_failed(&run, EXIT_FAILED, &["copy stopped", "TLS", "--cacert"]);
+    assert!(run.stdout.contains("read 0, added 0, failed 0"), "{run:?}");
+    // Flags that contradict each other are refused as a usage error.
+    let run = copy(&["--cacert", &ca, "--skipTLS"]);
+    assert_failed(&run, EXIT_USAGE, &["--skipTLS"]);
+
+    let run = copy(&["--cacert", &ca, "--auth-token-file", &token]);
+    assert_eq!(run.code, 0, "{run:?}");
+    assert!(
+        run.stdout.contains("read 50, added 50, failed 0"),
+        "{run:?}"
+    );
+    // Every id is there now: copied again, each is refused as existing.
+    let run = copy(&["--cacert", &ca, "--auth-token-file", &token]);
+    assert_failed(&run, EXIT_FAILED, &["50 users not copied"]);
+    assert!(
+        run.stdout.contains("read 50, added 0, failed 50"),
+        "{run:?}"
+    );
+    assert!(run.stdout.contains("AlreadyExists"), "{run:?}");
+}

@@ -87,8 +87,23 @@ pub struct TargetArgs {
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     pub connections: Option<u32>,
 
+    #[command(flatten)]
+    pub conn: ConnectArgs,
+
+    /// Start the load at this time rather than at once (after connecting
+    /// and any --prefill): RFC 3339 (2030-06-01T12:00:00Z) or Unix seconds.
+    /// Generators on several machines given the same time start together;
+    /// `user-load merge` then makes one report of their --json reports.
+    #[arg(long, value_name = "TIME", value_parser = parse_start_at)]
+    pub start_at: Option<SystemTime>,
+}
+
+/// How to connect to a server: TLS, the token and metadata sent with
+/// every call.
+#[derive(Debug, Clone, Args)]
+pub struct ConnectArgs {
     /// Speak TLS, checking the server's certificate against this CA
-    /// certificate (PEM). Without --cacert or --skipTLS the generator speaks
+    /// certificate (PEM). Without --cacert or --skipTLS user-load speaks
     /// plaintext.
     #[arg(long, value_name = "FILE")]
     pub cacert: Option<PathBuf>,
@@ -131,13 +146,38 @@ pub struct TargetArgs {
     /// Metadata sent with every call, as ghz's `-m '{"name": "value"}'`.
     #[arg(short = 'm', long = "metadata", value_name = "JSON", value_parser = parse_metadata)]
     pub metadata: Vec<Metadata>,
+}
 
-    /// Start the load at this time rather than at once (after connecting
-    /// and any --prefill): RFC 3339 (2030-06-01T12:00:00Z) or Unix seconds.
-    /// Generators on several machines given the same time start together;
-    /// `user-load merge` then makes one report of their --json reports.
-    #[arg(long, value_name = "TIME", value_parser = parse_start_at)]
-    pub start_at: Option<SystemTime>,
+impl ConnectArgs {
+    /// The checks that involve several of these flags.
+    pub fn check(&self) -> Result<(), String> {
+        let tls = self.cacert.is_some() || self.skip_tls;
+        if !tls && self.cert.is_some() {
+            return Err(
+                "--cert is for TLS: give the server's CA with --cacert, or --skipTLS".to_owned(),
+            );
+        }
+        if !tls && self.cname.is_some() {
+            return Err(
+                "--cname is for TLS: give the server's CA with --cacert, or --skipTLS".to_owned(),
+            );
+        }
+        if self.cacert.is_some() && self.skip_tls {
+            return Err(
+                "--cacert checks the server's certificate and --skipTLS does not: give one"
+                    .to_owned(),
+            );
+        }
+        let authorization = self
+            .headers
+            .iter()
+            .chain(self.metadata.iter().flat_map(|m| &m.0))
+            .any(|h| h.key.as_str() == "authorization");
+        if authorization && self.auth_token_file.is_some() {
+            return Err("both --auth-token-file and an authorization header: give one".to_owned());
+        }
+        Ok(())
+    }
 }
 
 /// What the report is written as, and when the run counts as failed.

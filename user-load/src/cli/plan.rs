@@ -285,32 +285,7 @@ fn pace(mut plan: Plan, pace: &PaceArgs) -> Result<Plan, clap::Error> {
 /// them.
 fn finish(mut plan: Plan) -> Result<Plan, clap::Error> {
     let target = &plan.target;
-    let tls = target.cacert.is_some() || target.skip_tls;
-    if !tls && target.cert.is_some() {
-        return Err(usage(
-            "--cert is for TLS: give the server's CA with --cacert, or --skipTLS",
-        ));
-    }
-    if !tls && target.cname.is_some() {
-        return Err(usage(
-            "--cname is for TLS: give the server's CA with --cacert, or --skipTLS",
-        ));
-    }
-    if target.cacert.is_some() && target.skip_tls {
-        return Err(usage(
-            "--cacert checks the server's certificate and --skipTLS does not: give one",
-        ));
-    }
-    let authorization = target
-        .headers
-        .iter()
-        .chain(target.metadata.iter().flat_map(|m| &m.0))
-        .any(|h| h.key.as_str() == "authorization");
-    if authorization && target.auth_token_file.is_some() {
-        return Err(usage(
-            "both --auth-token-file and an authorization header: give one",
-        ));
-    }
+    target.conn.check().map_err(usage)?;
     let targets = target.addr.len();
     plan.connections = match target.connections {
         None => targets,

@@ -308,8 +308,8 @@ fn plans_take_defaults_and_schedules() {
     assert!(p.target.start_at.is_some());
 
     let p = plan("add -H x-a:b -m {\"x-c\":\"d\"}");
-    assert_eq!(p.target.headers[0].key.as_str(), "x-a");
-    assert_eq!(p.target.metadata[0].0[0].value, "d");
+    assert_eq!(p.target.conn.headers[0].key.as_str(), "x-a");
+    assert_eq!(p.target.conn.metadata[0].0[0].value, "d");
 }
 
 #[test]
