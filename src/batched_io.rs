@@ -5,11 +5,12 @@
 //! queued, then flushes. A call that has to wait (on a database, say) is
 //! finished by its own task, so under load the connection task is woken,
 //! writes one or two replies and flushes, over and over: one `writev` per
-//! reply or two, and as many reads and wake-ups on the client's side. Deferring the flush by one turn of the
-//! scheduler lets the other calls that are about to finish queue their
-//! replies too, and one write carries them all. This is the "flush
-//! consolidation" that Netty offers as a handler, and what grpc-go's writer
-//! does by writing only when it has nothing left to batch.
+//! reply or two, and as many reads and wake-ups on the client's side.
+//! Deferring the flush by one turn of the scheduler lets the other calls
+//! that are about to finish queue their replies too, and one write carries
+//! them all. This is the "flush consolidation" that Netty offers as a
+//! handler, and what grpc-go's writer does by writing only when it has
+//! nothing left to batch.
 //!
 //! The delay is one pass over the tasks already ready to run (microseconds),
 //! never a timer: an idle server flushes at once. It is taken only while the

@@ -223,8 +223,9 @@ impl Stats {
         self.calls - self.ok
     }
 
+    /// One error that is not a failed unit.
     pub fn error(&mut self, message: impl Into<String>) {
-        self.errors.add(message.into(), 1);
+        self.error_count(message.into(), 1);
     }
 
     /// `count` of one kind of error that is not a failed unit.
